@@ -1,0 +1,82 @@
+//! Progress events of a run, broadcast to the CLI (and later the server).
+
+use serde::Serialize;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    RunStarted {
+        run_id: Arc<str>,
+        /// How many nodes this run needs (cached ones included).
+        nodes: usize,
+    },
+    NodeStarted {
+        run_id: Arc<str>,
+        node: Arc<str>,
+        node_type: Arc<str>,
+    },
+    NodeCached {
+        run_id: Arc<str>,
+        node: Arc<str>,
+    },
+    NodeProgress {
+        run_id: Arc<str>,
+        node: Arc<str>,
+        value: u64,
+        max: u64,
+    },
+    NodeFinished {
+        run_id: Arc<str>,
+        node: Arc<str>,
+        millis: u64,
+    },
+    NodeFailed {
+        run_id: Arc<str>,
+        node: Arc<str>,
+        error: String,
+    },
+    /// Not run because something it needs failed.
+    NodeSkipped {
+        run_id: Arc<str>,
+        node: Arc<str>,
+        because: Arc<str>,
+    },
+    RunFinished {
+        run_id: Arc<str>,
+        ok: bool,
+        failed: usize,
+    },
+    RunCancelled {
+        run_id: Arc<str>,
+    },
+}
+
+impl Event {
+    pub fn run_id(&self) -> &str {
+        match self {
+            Event::RunStarted { run_id, .. }
+            | Event::NodeStarted { run_id, .. }
+            | Event::NodeCached { run_id, .. }
+            | Event::NodeProgress { run_id, .. }
+            | Event::NodeFinished { run_id, .. }
+            | Event::NodeFailed { run_id, .. }
+            | Event::NodeSkipped { run_id, .. }
+            | Event::RunFinished { run_id, .. }
+            | Event::RunCancelled { run_id } => run_id,
+        }
+    }
+
+    /// The node an event is about, if any.
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            Event::NodeStarted { node, .. }
+            | Event::NodeCached { node, .. }
+            | Event::NodeProgress { node, .. }
+            | Event::NodeFinished { node, .. }
+            | Event::NodeFailed { node, .. }
+            | Event::NodeSkipped { node, .. } => Some(node),
+            _ => None,
+        }
+    }
+}

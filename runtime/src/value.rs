@@ -1,0 +1,306 @@
+//! Values that flow along edges.
+
+use crate::types::PortType;
+use candle_core::Tensor;
+use std::any::Any;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Text embeddings `[batch, tokens, dim]` with their attention mask `[batch, tokens]`.
+#[derive(Clone, Debug)]
+pub struct Conditioning {
+    pub embeddings: Tensor,
+    pub mask: Tensor,
+}
+
+/// An opaque, shared model handle (a loaded T5, a DiT, a scheduler …).
+#[derive(Clone)]
+pub struct Handle {
+    pub kind: PortType,
+    /// Approximate resident size, so the output cache can account for it.
+    pub bytes: usize,
+    inner: Arc<dyn Any + Send + Sync>,
+}
+
+impl Handle {
+    pub fn new<T: Any + Send + Sync>(kind: PortType, bytes: usize, inner: T) -> Handle {
+        Handle {
+            kind,
+            bytes,
+            inner: Arc::new(inner),
+        }
+    }
+
+    pub fn downcast<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.inner.downcast_ref::<T>()
+    }
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Handle<{}>", self.kind)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Value {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    /// Also carries `Enum` values.
+    String(String),
+    Path(PathBuf),
+    List(Vec<Value>),
+    Tensor(Tensor),
+    Latents(Tensor),
+    /// f32 `[batch, height, width, channels]`, values in 0..=1.
+    Image(Tensor),
+    Conditioning(Conditioning),
+    Handle(Handle),
+}
+
+impl Value {
+    /// A short name of the value's shape of data, for error messages.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Value::Int(_) => "Int",
+            Value::Float(_) => "Float",
+            Value::Bool(_) => "Bool",
+            Value::String(_) => "String",
+            Value::Path(_) => "Path",
+            Value::List(_) => "List",
+            Value::Tensor(_) => "Tensor",
+            Value::Latents(_) => "Latents",
+            Value::Image(_) => "Image",
+            Value::Conditioning(_) => "Conditioning",
+            Value::Handle(_) => "Handle",
+        }
+    }
+
+    /// Whether this value is a valid instance of `ty` (after [`Value::coerce`]).
+    pub fn matches(&self, ty: &PortType) -> bool {
+        match (self, ty) {
+            (Value::Int(_), PortType::Int) => true,
+            (Value::Float(_), PortType::Float) => true,
+            (Value::Bool(_), PortType::Bool) => true,
+            (Value::String(_), PortType::String) => true,
+            (Value::String(s), PortType::Enum(choices)) => choices.contains(s),
+            (Value::Path(_), PortType::Path) => true,
+            (Value::List(items), PortType::List(item)) => items.iter().all(|v| v.matches(item)),
+            (v, PortType::Scalar) => v.is_scalar(),
+            (Value::Tensor(_), PortType::Tensor) => true,
+            (Value::Latents(_), PortType::Latents) => true,
+            (Value::Image(_), PortType::Image) => true,
+            (Value::Conditioning(_), PortType::Conditioning) => true,
+            (Value::Handle(h), ty) => &h.kind == ty,
+            _ => false,
+        }
+    }
+
+    pub fn is_scalar(&self) -> bool {
+        matches!(
+            self,
+            Value::Int(_) | Value::Float(_) | Value::Bool(_) | Value::String(_) | Value::Path(_)
+        )
+    }
+
+    /// Applies the conversions that [`PortType::accepts`] allows, so a node always
+    /// receives exactly the type it declared.
+    pub fn coerce(self, ty: &PortType) -> Result<Value, Value> {
+        if self.matches(ty) {
+            return Ok(self);
+        }
+        match (self, ty) {
+            (Value::Int(i), PortType::Float) => Ok(Value::Float(i as f64)),
+            (Value::String(s), PortType::Path) => Ok(Value::Path(PathBuf::from(s))),
+            (Value::Latents(t), PortType::Tensor) => Ok(Value::Tensor(t)),
+            (Value::List(items), PortType::List(item)) => {
+                let mut out = Vec::with_capacity(items.len());
+                let mut iter = items.into_iter();
+                for v in iter.by_ref() {
+                    match v.coerce(item) {
+                        Ok(v) => out.push(v),
+                        Err(bad) => {
+                            out.push(bad);
+                            out.extend(iter);
+                            return Err(Value::List(out));
+                        }
+                    }
+                }
+                Ok(Value::List(out))
+            }
+            (other, _) => Err(other),
+        }
+    }
+
+    /// Renders a scalar for string interpolation (`"out/${params.seed}.png"`).
+    pub fn to_text(&self) -> Option<String> {
+        Some(match self {
+            Value::Int(i) => i.to_string(),
+            Value::Float(f) => f.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::String(s) => s.clone(),
+            Value::Path(p) => p.display().to_string(),
+            _ => return None,
+        })
+    }
+
+    /// Approximate memory held, for the byte-bounded output cache.
+    pub fn approx_bytes(&self) -> usize {
+        fn tensor_bytes(t: &Tensor) -> usize {
+            t.elem_count() * t.dtype().size_in_bytes()
+        }
+        match self {
+            Value::String(s) => s.len() + 24,
+            Value::Path(p) => p.as_os_str().len() + 24,
+            Value::List(items) => items.iter().map(Value::approx_bytes).sum::<usize>() + 24,
+            Value::Tensor(t) | Value::Latents(t) | Value::Image(t) => tensor_bytes(t),
+            Value::Conditioning(c) => tensor_bytes(&c.embeddings) + tensor_bytes(&c.mask),
+            Value::Handle(h) => h.bytes,
+            Value::Int(_) | Value::Float(_) | Value::Bool(_) => 8,
+        }
+    }
+
+    /// Feeds a literal (scalar or list) into a cache-key hasher. Tensors and
+    /// handles never come from literals: their identity is their producer's key.
+    pub(crate) fn hash_literal(&self, h: &mut blake3::Hasher) {
+        match self {
+            Value::Int(i) => {
+                h.update(b"i");
+                h.update(&i.to_le_bytes());
+            }
+            Value::Float(f) => {
+                h.update(b"f");
+                h.update(&f.to_bits().to_le_bytes());
+            }
+            Value::Bool(b) => {
+                h.update(if *b { b"T" } else { b"F" });
+            }
+            Value::String(s) => {
+                h.update(b"s");
+                h.update(&(s.len() as u64).to_le_bytes());
+                h.update(s.as_bytes());
+            }
+            Value::Path(p) => {
+                let s = p.to_string_lossy();
+                h.update(b"p");
+                h.update(&(s.len() as u64).to_le_bytes());
+                h.update(s.as_bytes());
+            }
+            Value::List(items) => {
+                h.update(b"[");
+                h.update(&(items.len() as u64).to_le_bytes());
+                for v in items {
+                    v.hash_literal(h);
+                }
+            }
+            other => {
+                h.update(b"?");
+                h.update(other.kind_name().as_bytes());
+            }
+        }
+    }
+
+    pub fn as_int(&self) -> Option<i64> {
+        match self {
+            Value::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+
+    pub fn as_float(&self) -> Option<f64> {
+        match self {
+            Value::Float(f) => Some(*f),
+            Value::Int(i) => Some(*i as f64),
+            _ => None,
+        }
+    }
+
+    /// A JSON rendering of scalars and lists, for catalogs and summaries.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value as J;
+        match self {
+            Value::Int(i) => J::from(*i),
+            Value::Float(f) => J::from(*f),
+            Value::Bool(b) => J::from(*b),
+            Value::String(s) => J::from(s.as_str()),
+            Value::Path(p) => J::from(p.display().to_string()),
+            Value::List(items) => J::Array(items.iter().map(Value::to_json).collect()),
+            Value::Tensor(t) | Value::Latents(t) | Value::Image(t) => {
+                J::from(format!("{} {:?} {:?}", self.kind_name(), t.dtype(), t.dims()))
+            }
+            Value::Conditioning(c) => J::from(format!("Conditioning {:?}", c.embeddings.dims())),
+            Value::Handle(h) => J::from(format!("{h:?}")),
+        }
+    }
+}
+
+/// Converts a literal written in a workflow (or a declared default) into a value
+/// of the port's type. Errors describe what was expected.
+pub fn literal_to_value(lit: &serde_json::Value, ty: &PortType) -> Result<Value, String> {
+    use serde_json::Value as J;
+    let got = || match lit {
+        J::Null => "null".to_string(),
+        J::Bool(b) => format!("bool {b}"),
+        J::Number(n) => format!("number {n}"),
+        J::String(s) => format!("string {s:?}"),
+        J::Array(_) => "a list".to_string(),
+        J::Object(_) => "a mapping".to_string(),
+    };
+    let mismatch = || Err(format!("expected {ty}, found {}", got()));
+    match ty {
+        PortType::Int => match lit {
+            J::Number(n) => match n.as_i64() {
+                Some(i) => Ok(Value::Int(i)),
+                None => mismatch(),
+            },
+            _ => mismatch(),
+        },
+        PortType::Float => match lit {
+            J::Number(n) => n.as_f64().map(Value::Float).ok_or_else(|| got()),
+            _ => mismatch(),
+        },
+        PortType::Bool => match lit {
+            J::Bool(b) => Ok(Value::Bool(*b)),
+            _ => mismatch(),
+        },
+        PortType::String => match lit {
+            J::String(s) => Ok(Value::String(s.clone())),
+            _ => mismatch(),
+        },
+        PortType::Path => match lit {
+            J::String(s) if !s.is_empty() => Ok(Value::Path(PathBuf::from(s))),
+            _ => mismatch(),
+        },
+        PortType::Enum(choices) => match lit {
+            J::String(s) if choices.contains(s) => Ok(Value::String(s.clone())),
+            J::String(s) => Err(format!(
+                "{s:?} is not one of the choices: {}",
+                choices.join(", ")
+            )),
+            _ => mismatch(),
+        },
+        PortType::Scalar => match lit {
+            J::Bool(b) => Ok(Value::Bool(*b)),
+            J::Number(n) => Ok(n
+                .as_i64()
+                .map(Value::Int)
+                .unwrap_or_else(|| Value::Float(n.as_f64().unwrap_or(f64::NAN)))),
+            J::String(s) => Ok(Value::String(s.clone())),
+            _ => mismatch(),
+        },
+        PortType::List(item) => match lit {
+            J::Array(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| literal_to_value(v, item).map_err(|e| format!("item {i}: {e}")))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Value::List),
+            _ => mismatch(),
+        },
+        _ => Err(format!(
+            "a {ty} cannot be written as a literal: connect it to a node output"
+        )),
+    }
+}
