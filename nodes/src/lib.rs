@@ -1,0 +1,38 @@
+//! pixart-flow's built-in nodes. Each module declares its nodes in one place
+//! (a `NodeSpec` built in the node's constructor) and implements them.
+
+pub mod fsutil;
+pub mod image_io;
+pub mod literal;
+pub mod math;
+pub mod noise;
+pub mod tensor_io;
+pub mod text;
+
+use pixart_runtime::registry::{Registry, RegistryError};
+use pixart_runtime::Node;
+use std::sync::Arc;
+
+/// Every built-in node, one instance each.
+pub fn builtin_nodes() -> Vec<Arc<dyn Node>> {
+    let mut nodes: Vec<Arc<dyn Node>> = Vec::new();
+    nodes.extend(literal::nodes());
+    nodes.extend(math::nodes());
+    nodes.extend(text::nodes());
+    nodes.extend(tensor_io::nodes());
+    nodes.extend(image_io::nodes());
+    nodes.extend(noise::nodes());
+    nodes
+}
+
+pub fn register_builtins(registry: &mut Registry) -> Result<(), RegistryError> {
+    builtin_nodes().into_iter().try_for_each(|n| registry.register(n))
+}
+
+/// A registry holding the built-in nodes.
+pub fn builtin_registry() -> Registry {
+    let mut registry = Registry::new();
+    // Built-in declarations are checked by the tests; a failure here is a bug of ours.
+    register_builtins(&mut registry).expect("built-in node declarations are valid");
+    registry
+}

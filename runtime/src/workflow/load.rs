@@ -1,8 +1,8 @@
 //! Loading a workflow: YAML → validated [`Workflow`], reporting every finding at once.
 
 use super::diagnostics::{Diagnostic, DiagnosticKind as K, Span, WorkflowError};
-use super::positions::Positions;
 use super::template::{self, Part};
+use super::yaml::{self, YNode, YValue};
 use super::{Binding, EdgeInfo, Param, Piece, PlannedNode, Workflow};
 use crate::node::Node;
 use crate::registry::{closest, LookupError, Registry};
@@ -10,7 +10,6 @@ use crate::spec::{is_identifier, InputSpec, NodeSpec};
 use crate::types::PortType;
 use crate::value::{literal_to_value, Value};
 use petgraph::graph::{DiGraph, NodeIndex};
-use serde_yaml::Value as Yaml;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
@@ -53,7 +52,7 @@ pub fn load_workflow(
 ) -> Result<Workflow, WorkflowError> {
     let mut loader = Loader {
         registry,
-        pos: Positions::default(),
+        declared_params: HashSet::new(),
         diags: Vec::new(),
     };
     let result = loader.load(source, opts);
@@ -74,13 +73,16 @@ pub fn load_workflow(
 
 struct Loader<'a> {
     registry: &'a Registry,
-    pos: Positions,
+    /// Every declared param name, including those whose declaration failed
+    /// (references to them are not reported a second time).
+    declared_params: HashSet<String>,
     diags: Vec<Diagnostic>,
 }
 
 /// A parameter declaration, before overrides.
 struct ParamDecl {
     name: String,
+    span: Span,
     ty: PortType,
     default: Option<Value>,
     range: InputSpec,
@@ -90,8 +92,9 @@ struct ParamDecl {
 /// A node entry after its type was resolved.
 struct Entry<'y> {
     id: String,
+    span: Span,
     node: Option<Arc<dyn Node>>,
-    inputs: Option<&'y serde_yaml::Mapping>,
+    inputs: Option<&'y [(YNode, YNode)]>,
 }
 
 impl<'a> Loader<'a> {
@@ -100,27 +103,22 @@ impl<'a> Loader<'a> {
     }
 
     fn load(&mut self, source: &str, opts: &LoadOptions) -> Option<Workflow> {
-        let doc: Yaml = match serde_yaml::from_str(source) {
-            Ok(doc) => doc,
+        let doc = match yaml::parse(source) {
+            Ok(Some(doc)) => doc,
+            Ok(None) => {
+                self.push(Diagnostic::error(K::Schema, "the workflow file is empty"));
+                return None;
+            }
             Err(e) => {
-                let mut message = e.to_string();
-                if let Some(cut) = message.find(" at line ") {
-                    message.truncate(cut);
-                }
-                let span = e.location().map(|l| Span {
-                    line: l.line(),
-                    column: l.column(),
-                });
-                self.push(Diagnostic::error(K::Syntax, format!("not valid YAML: {message}")).at(span));
+                self.push(Diagnostic::error(K::Syntax, format!("not valid YAML: {}", e.message)).at(Some(e.span)));
                 return None;
             }
         };
-        self.pos = Positions::index(source);
-        let Some(top) = doc.as_mapping() else {
-            self.push(Diagnostic::error(
-                K::Schema,
-                "a workflow is a YAML mapping with `version: 1` and `nodes:`",
-            ));
+        let Some(top) = doc.as_map() else {
+            self.push(
+                Diagnostic::error(K::Schema, "a workflow is a YAML mapping with `version: 1` and `nodes:`")
+                    .at(Some(doc.span)),
+            );
             return None;
         };
 
@@ -128,9 +126,9 @@ impl<'a> Loader<'a> {
         let mut params_yaml = None;
         let mut nodes_yaml = None;
         let mut version_seen = false;
-        for (key, value) in top {
-            let Some(key) = key.as_str() else {
-                self.push(Diagnostic::error(K::Schema, "top-level keys must be strings"));
+        for (key_node, value) in top {
+            let Some(key) = key_node.as_str() else {
+                self.push(Diagnostic::error(K::Schema, "top-level keys must be strings").at(Some(key_node.span)));
                 continue;
             };
             match key {
@@ -140,9 +138,9 @@ impl<'a> Loader<'a> {
                         self.push(
                             Diagnostic::error(
                                 K::Schema,
-                                format!("unsupported workflow format version {}", yaml_text(value)),
+                                format!("unsupported workflow format version {}", value.text()),
                             )
-                            .at(self.pos.value(&["version"]))
+                            .at(Some(value.span))
                             .help("this pixart reads `version: 1`"),
                         );
                     }
@@ -153,7 +151,7 @@ impl<'a> Loader<'a> {
                 "description" | "ui" => {}
                 other => {
                     let mut d = Diagnostic::error(K::Schema, format!("unknown top-level key `{other}`"))
-                        .at(self.pos.key(&[other]));
+                        .at(Some(key_node.span));
                     if let Some(s) = closest(other, TOP_KEYS.iter().copied()) {
                         d = d.help(format!("did you mean `{s}`?"));
                     }
@@ -166,17 +164,19 @@ impl<'a> Loader<'a> {
         }
 
         let decls = self.param_decls(params_yaml);
-        let params = self.apply_overrides(decls, &opts.overrides);
+        let (params, param_spans): (Vec<Param>, Vec<Span>) =
+            self.apply_overrides(decls, &opts.overrides).into_iter().unzip();
 
-        let Some(nodes_map) = nodes_yaml.and_then(Yaml::as_mapping) else {
-            let span = nodes_yaml.and(self.pos.value(&["nodes"]));
+        let Some(nodes_map) = nodes_yaml.and_then(YNode::as_map) else {
+            let span = nodes_yaml.map(|n| n.span);
             self.push(
                 Diagnostic::error(K::Schema, "`nodes:` must be a mapping from node id to node")
                     .at(span),
             );
             return None;
         };
-        let entries = self.node_entries(nodes_map);
+        let nodes_span = nodes_yaml.map_or(doc.span, |n| n.span);
+        let entries = self.node_entries(nodes_map, nodes_span);
         let ids: HashMap<&str, usize> = entries
             .iter()
             .enumerate()
@@ -193,15 +193,14 @@ impl<'a> Loader<'a> {
                 type_id: Arc::from(node.spec().id()),
                 node: node.clone(),
                 inputs,
-                span: self.pos.key(&["nodes", &entry.id]),
+                span: Some(entry.span),
             });
         }
 
-        for p in &params {
+        for (p, span) in params.iter().zip(&param_spans) {
             if !used_params.contains(p.name.as_str()) {
                 self.push(
-                    Diagnostic::warning(K::UnusedParam, format!("param `{}` is never used", p.name))
-                        .at(self.pos.key(&["params", &p.name])),
+                    Diagnostic::warning(K::UnusedParam, format!("param `{}` is never used", p.name)).at(Some(*span)),
                 );
             }
         }
@@ -228,92 +227,88 @@ impl<'a> Loader<'a> {
         })
     }
 
-    fn param_decls(&mut self, yaml: Option<&Yaml>) -> Vec<ParamDecl> {
-        let Some(yaml) = yaml else { return Vec::new() };
-        if yaml.is_null() {
+    fn param_decls(&mut self, yaml: Option<&YNode>) -> Vec<ParamDecl> {
+        let Some(yaml) = yaml.filter(|y| !y.is_null()) else {
             return Vec::new();
-        }
-        let Some(map) = yaml.as_mapping() else {
+        };
+        let Some(map) = yaml.as_map() else {
             self.push(
                 Diagnostic::error(K::Schema, "`params:` must be a mapping from name to declaration")
-                    .at(self.pos.value(&["params"])),
+                    .at(Some(yaml.span)),
             );
             return Vec::new();
         };
         let mut decls = Vec::new();
         for (key, decl) in map {
-            let name = yaml_text(key);
-            let key_span = self.pos.key(&["params", &name]);
+            let name = key.text();
             if !is_identifier(&name) || name == "params" {
                 self.push(
                     Diagnostic::error(K::InvalidValue, format!("`{name}` is not a valid param name"))
-                        .at(key_span)
+                        .at(Some(key.span))
                         .help("use letters, digits, '_' and '-', starting with a letter"),
                 );
                 continue;
             }
-            if let Some(d) = self.param_decl(&name, decl) {
+            self.declared_params.insert(name.clone());
+            if let Some(d) = self.param_decl(&name, key.span, decl) {
                 decls.push(d);
             }
         }
         decls
     }
 
-    fn param_decl(&mut self, name: &str, decl: &Yaml) -> Option<ParamDecl> {
-        let span = |pos: &Positions, sub: &str| pos.value(&["params", name, sub]);
+    fn param_decl(&mut self, name: &str, key_span: Span, decl: &YNode) -> Option<ParamDecl> {
         let err = |kind, msg: String| Diagnostic::error(kind, msg).port(name);
-        let Some(map) = decl.as_mapping() else {
+        let Some(map) = decl.as_map() else {
             // Shorthand `seed: 3`: the type follows the value.
-            let (ty, value) = match decl {
-                Yaml::Bool(b) => (PortType::Bool, Value::Bool(*b)),
-                Yaml::Number(n) if n.is_i64() => (PortType::Int, Value::Int(n.as_i64().unwrap_or(0))),
-                Yaml::Number(n) => (PortType::Float, Value::Float(n.as_f64().unwrap_or(f64::NAN))),
-                Yaml::String(s) => (PortType::String, Value::String(s.clone())),
+            let (ty, value) = match &decl.value {
+                YValue::Bool(b) => (PortType::Bool, Value::Bool(*b)),
+                YValue::Int(i) => (PortType::Int, Value::Int(*i)),
+                YValue::Float(f) => (PortType::Float, Value::Float(*f)),
+                YValue::Str(s) => (PortType::String, Value::String(s.clone())),
                 _ => {
                     self.push(
                         err(K::Schema, format!("param `{name}`: write `{{type: …, default: …}}` or a scalar default"))
-                            .at(self.pos.value(&["params", name])),
+                            .at(Some(decl.span)),
                     );
                     return None;
                 }
             };
             return Some(ParamDecl {
                 name: name.to_string(),
+                span: key_span,
                 range: InputSpec::new(name, ty.clone()),
                 ty,
                 default: Some(value),
                 description: String::new(),
             });
         };
-        for key in map.keys() {
-            let k = yaml_text(key);
+        for (key, _) in map {
+            let k = key.text();
             if !PARAM_KEYS.contains(&k.as_str()) {
-                let mut d = err(K::Schema, format!("param `{name}`: unknown key `{k}`"))
-                    .at(self.pos.key(&["params", name, &k]));
+                let mut d = err(K::Schema, format!("param `{name}`: unknown key `{k}`")).at(Some(key.span));
                 if let Some(s) = closest(&k, PARAM_KEYS.iter().copied()) {
                     d = d.help(format!("did you mean `{s}`?"));
                 }
                 self.push(d);
             }
         }
-        let choices = match map.get("choices") {
+        let choices = match decl.get("choices") {
             None => None,
-            Some(Yaml::Sequence(items)) => Some(items.iter().map(yaml_text).collect::<Vec<_>>()),
-            Some(_) => {
-                self.push(
-                    err(K::Schema, format!("param `{name}`: `choices` must be a list"))
-                        .at(span(&self.pos, "choices")),
-                );
+            Some(YNode { value: YValue::Seq(items), .. }) => Some(items.iter().map(YNode::text).collect::<Vec<_>>()),
+            Some(other) => {
+                self.push(err(K::Schema, format!("param `{name}`: `choices` must be a list")).at(Some(other.span)));
                 None
             }
         };
-        let type_name = match map.get("type") {
-            Some(t) => yaml_text(t),
+        let type_node = decl.get("type");
+        let type_name = match type_node {
+            Some(t) => t.text(),
             None if choices.is_some() => "enum".to_string(),
             None => {
                 self.push(
                     err(K::Schema, format!("param `{name}` has no `type`"))
-                        .at(self.pos.key(&["params", name]))
+                        .at(Some(key_span))
                         .help(format!("one of: {}", PortType::PARAM_TYPE_NAMES.join(", "))),
                 );
                 return None;
@@ -327,46 +322,42 @@ impl<'a> Loader<'a> {
             };
             self.push(
                 err(K::Schema, format!("param `{name}`: unknown type `{type_name}`"))
-                    .at(span(&self.pos, "type"))
+                    .at(type_node.map(|t| t.span))
                     .help(help),
             );
             return None;
         };
         let mut range = InputSpec::new(name, ty.clone());
         for (bound, slot) in [("min", &mut range.min), ("max", &mut range.max)] {
-            if let Some(v) = map.get(bound) {
+            if let Some(v) = decl.get(bound) {
                 match v.as_f64() {
                     Some(x) => *slot = Some(x),
-                    None => self.push(
-                        err(K::Schema, format!("param `{name}`: `{bound}` must be a number"))
-                            .at(span(&self.pos, bound)),
-                    ),
+                    None => self.push(err(K::Schema, format!("param `{name}`: `{bound}` must be a number")).at(Some(v.span))),
                 }
             }
         }
         let mut default = None;
-        if let Some(d) = map.get("default") {
-            let checked = to_json(d)
+        if let Some(d) = decl.get("default") {
+            let checked = d
+                .to_json()
                 .and_then(|j| literal_to_value(&j, &ty))
                 .and_then(|v| range.check_range(&v).map(|_| v));
             match checked {
                 Ok(v) => default = Some(v),
-                Err(e) => self.push(
-                    err(K::InvalidValue, format!("param `{name}`: default {e}"))
-                        .at(span(&self.pos, "default")),
-                ),
+                Err(e) => self.push(err(K::InvalidValue, format!("param `{name}`: default {e}")).at(Some(d.span))),
             }
         }
         Some(ParamDecl {
             name: name.to_string(),
+            span: key_span,
             ty,
             default,
             range,
-            description: map.get("description").map(yaml_text).unwrap_or_default(),
+            description: decl.get("description").map(YNode::text).unwrap_or_default(),
         })
     }
 
-    fn apply_overrides(&mut self, decls: Vec<ParamDecl>, overrides: &[(String, String)]) -> Vec<Param> {
+    fn apply_overrides(&mut self, decls: Vec<ParamDecl>, overrides: &[(String, String)]) -> Vec<(Param, Span)> {
         let mut values: HashMap<String, Value> = HashMap::new();
         for (key, text) in overrides {
             let Some(decl) = decls.iter().find(|d| &d.name == key) else {
@@ -387,10 +378,7 @@ impl<'a> Loader<'a> {
                     } else {
                         K::InvalidValue
                     };
-                    self.push(
-                        Diagnostic::error(kind, format!("--set {key}={text}: {e}"))
-                            .at(self.pos.key(&["params", key])),
-                    );
+                    self.push(Diagnostic::error(kind, format!("--set {key}={text}: {e}")).at(Some(decl.span)));
                 }
             }
         }
@@ -398,18 +386,21 @@ impl<'a> Loader<'a> {
         for decl in decls {
             let value = values.remove(decl.name.as_str()).or(decl.default);
             match value {
-                Some(value) => params.push(Param {
-                    name: decl.name,
-                    ty: decl.ty,
-                    value,
-                    description: decl.description,
-                }),
+                Some(value) => params.push((
+                    Param {
+                        name: decl.name,
+                        ty: decl.ty,
+                        value,
+                        description: decl.description,
+                    },
+                    decl.span,
+                )),
                 None => self.push(
                     Diagnostic::error(
                         K::MissingInput,
                         format!("param `{}` has no default and was not set", decl.name),
                     )
-                    .at(self.pos.key(&["params", &decl.name]))
+                    .at(Some(decl.span))
                     .help(format!("pass `--set {}=…` or give it a `default:`", decl.name)),
                 ),
             }
@@ -417,77 +408,81 @@ impl<'a> Loader<'a> {
         params
     }
 
-    fn node_entries<'y>(&mut self, map: &'y serde_yaml::Mapping) -> Vec<Entry<'y>> {
+    fn node_entries<'y>(&mut self, map: &'y [(YNode, YNode)], nodes_span: Span) -> Vec<Entry<'y>> {
         if map.is_empty() {
-            self.push(Diagnostic::error(K::Schema, "`nodes:` is empty").at(self.pos.key(&["nodes"])));
+            self.push(Diagnostic::error(K::Schema, "`nodes:` is empty").at(Some(nodes_span)));
         }
-        let mut entries = Vec::new();
+        let mut entries = Vec::with_capacity(map.len());
         for (key, body) in map {
-            let id = yaml_text(key);
-            let key_span = self.pos.key(&["nodes", &id]);
+            let id = key.text();
+            let span = key.span;
             if !is_identifier(&id) || id == "params" {
                 self.push(
                     Diagnostic::error(K::InvalidValue, format!("`{id}` is not a valid node id"))
-                        .at(key_span)
+                        .at(Some(span))
                         .help("node ids use letters, digits, '_' and '-', start with a letter, and `params` is reserved"),
                 );
                 continue;
             }
-            let Some(body) = body.as_mapping() else {
+            let Some(fields) = body.as_map() else {
                 self.push(
                     Diagnostic::error(K::Schema, "a node is a mapping with `type:` and `inputs:`")
-                        .at(key_span)
+                        .at(Some(span))
                         .node(&id),
                 );
-                entries.push(Entry { id, node: None, inputs: None });
+                entries.push(Entry { id, span, node: None, inputs: None });
                 continue;
             };
-            for k in body.keys() {
-                let k = yaml_text(k);
-                if !NODE_KEYS.contains(&k.as_str()) {
-                    let mut d = Diagnostic::error(K::Schema, format!("unknown key `{k}`"))
-                        .at(self.pos.key(&["nodes", &id, &k]))
+            for (k, _) in fields {
+                let k_text = k.text();
+                if !NODE_KEYS.contains(&k_text.as_str()) {
+                    let mut d = Diagnostic::error(K::Schema, format!("unknown key `{k_text}`"))
+                        .at(Some(k.span))
                         .node(&id);
-                    if let Some(s) = closest(&k, NODE_KEYS.iter().copied()) {
+                    if let Some(s) = closest(&k_text, NODE_KEYS.iter().copied()) {
                         d = d.help(format!("did you mean `{s}`?"));
                     }
                     self.push(d);
                 }
             }
-            let node = match body.get("type").and_then(Yaml::as_str) {
-                None => {
+            let node = match body.get("type") {
+                Some(t) if t.as_str().is_some() => self.resolve_type(&id, t),
+                _ => {
                     self.push(
-                        Diagnostic::error(K::Schema, "missing `type:`")
-                            .at(key_span)
+                        Diagnostic::error(K::Schema, "missing `type:` (a node type name)")
+                            .at(Some(span))
                             .node(&id)
                             .help("e.g. `type: noise.gaussian`; `pixart nodes` lists the types"),
                     );
                     None
                 }
-                Some(type_name) => self.resolve_type(&id, type_name),
             };
             let inputs = match body.get("inputs") {
-                None | Some(Yaml::Null) => None,
-                Some(Yaml::Mapping(m)) => Some(m),
-                Some(_) => {
-                    self.push(
-                        Diagnostic::error(K::Schema, "`inputs:` must be a mapping from port to value")
-                            .at(self.pos.value(&["nodes", &id, "inputs"]))
-                            .node(&id),
-                    );
-                    None
-                }
+                None => None,
+                Some(n) if n.is_null() => None,
+                Some(n) => match n.as_map() {
+                    Some(m) => Some(m),
+                    None => {
+                        self.push(
+                            Diagnostic::error(K::Schema, "`inputs:` must be a mapping from port to value")
+                                .at(Some(n.span))
+                                .node(&id),
+                        );
+                        None
+                    }
+                },
             };
-            entries.push(Entry { id, node, inputs });
+            entries.push(Entry { id, span, node, inputs });
         }
         entries
     }
 
-    fn resolve_type(&mut self, id: &str, type_name: &str) -> Option<Arc<dyn Node>> {
+    fn resolve_type(&mut self, id: &str, type_node: &YNode) -> Option<Arc<dyn Node>> {
+        let type_name = type_node.as_str().unwrap_or_default();
         match self.registry.lookup(type_name) {
             Ok(node) => Some(node),
             Err(e) => {
-                let span = self.pos.value(&["nodes", id, "type"]);
+                let span = Some(type_node.span);
                 let d = match e {
                     LookupError::UnknownType { suggestion } => {
                         let d = Diagnostic::error(K::UnknownNodeType, format!("unknown node type `{type_name}`"));
@@ -523,7 +518,7 @@ impl<'a> Loader<'a> {
         let id = entry.id.as_str();
         let mut bindings: Vec<Option<Binding>> = vec![None; spec.inputs.len()];
         for (key, value) in entry.inputs.into_iter().flatten() {
-            let port = yaml_text(key);
+            let port = key.text();
             let Some(idx) = spec.input_index(&port) else {
                 let names = spec.inputs.iter().map(|i| i.name.as_str());
                 let help = match closest(&port, names.clone()) {
@@ -532,7 +527,7 @@ impl<'a> Loader<'a> {
                 };
                 self.push(
                     Diagnostic::error(K::UnknownPort, format!("{} has no input `{port}`", spec.id()))
-                        .at(self.pos.key(&["nodes", id, "inputs", &port]))
+                        .at(Some(key.span))
                         .node(id)
                         .port(&port)
                         .help(help),
@@ -542,7 +537,7 @@ impl<'a> Loader<'a> {
             let cx = BindCx {
                 id,
                 input: &spec.inputs[idx],
-                span: self.pos.value(&["nodes", id, "inputs", &port]),
+                span: Some(value.span),
                 entries,
                 ids,
                 params,
@@ -557,13 +552,16 @@ impl<'a> Loader<'a> {
                 None => match input.default_value() {
                     Some(Ok(v)) => Binding::Literal(v),
                     Some(Err(_)) | None => {
-                        if input.required && entry.inputs.is_none_or(|m| !m.contains_key(input.name.as_str())) {
+                        let written = entry
+                            .inputs
+                            .is_some_and(|m| m.iter().any(|(k, _)| k.as_str() == Some(input.name.as_str())));
+                        if input.required && !written {
                             self.push(
                                 Diagnostic::error(
                                     K::MissingInput,
                                     format!("required input `{}` ({}) is not given", input.name, input.ty),
                                 )
-                                .at(self.pos.key(&["nodes", id]))
+                                .at(Some(entry.span))
                                 .node(id)
                                 .port(&input.name),
                             );
@@ -576,7 +574,7 @@ impl<'a> Loader<'a> {
     }
 
     /// Binds one written value to an input; `None` after reporting an error.
-    fn bind(&mut self, cx: &BindCx, value: &Yaml, used_params: &mut HashSet<String>) -> Option<Binding> {
+    fn bind(&mut self, cx: &BindCx, value: &YNode, used_params: &mut HashSet<String>) -> Option<Binding> {
         let input = cx.input;
         if let Some(text) = value.as_str().filter(|s| s.contains('$')) {
             let parts = match template::parse(text) {
@@ -604,12 +602,12 @@ impl<'a> Loader<'a> {
             }
             return self.bind_template(cx, parts, used_params);
         }
-        if let Yaml::Sequence(_) = value {
+        if let YValue::Seq(_) = value.value {
             // Lists may hold params: `shape: [1, 4, "${params.h}", "${params.w}"]`.
             let json = self.substitute_params(cx, value, used_params)?;
             return self.literal(cx, &json, None).map(Binding::Literal);
         }
-        match to_json(value) {
+        match value.to_json() {
             Ok(json) => self.literal(cx, &json, None).map(Binding::Literal),
             Err(e) => {
                 self.push(cx.error(K::InvalidValue, e));
@@ -685,16 +683,12 @@ impl<'a> Loader<'a> {
                     d = d.help(format!("did you mean `${{params.{s}}}`?"));
                 }
                 // A param that failed its own checks is already reported.
-                if !self.pos_has_param(name) {
+                if !self.declared_params.contains(name) {
                     self.push(d);
                 }
                 None
             }
         }
-    }
-
-    fn pos_has_param(&self, name: &str) -> bool {
-        self.pos.key(&["params", name]).is_some()
     }
 
     /// A whole-value `${params.x}`: the param's typed value, checked like a literal.
@@ -750,14 +744,14 @@ impl<'a> Loader<'a> {
     }
 
     /// Replaces `${params.x}` inside a YAML list by the params' values.
-    fn substitute_params(&mut self, cx: &BindCx, value: &Yaml, used: &mut HashSet<String>) -> Option<serde_json::Value> {
-        match value {
-            Yaml::Sequence(items) => items
+    fn substitute_params(&mut self, cx: &BindCx, value: &YNode, used: &mut HashSet<String>) -> Option<serde_json::Value> {
+        match &value.value {
+            YValue::Seq(items) => items
                 .iter()
                 .map(|v| self.substitute_params(cx, v, used))
                 .collect::<Option<Vec<_>>>()
                 .map(serde_json::Value::Array),
-            Yaml::String(s) if s.contains('$') => {
+            YValue::Str(s) if s.contains('$') => {
                 let parts = match template::parse(s) {
                     Ok(p) => p,
                     Err(e) => {
@@ -788,7 +782,7 @@ impl<'a> Loader<'a> {
                 }
                 Some(serde_json::Value::String(text))
             }
-            other => match to_json(other) {
+            _ => match value.to_json() {
                 Ok(j) => Some(j),
                 Err(e) => {
                     self.push(cx.error(K::InvalidValue, e));
@@ -923,20 +917,6 @@ impl BindCx<'_, '_> {
             .at(self.span)
             .node(self.id)
             .port(&self.input.name)
-    }
-}
-
-fn to_json(value: &Yaml) -> Result<serde_json::Value, String> {
-    serde_json::to_value(value).map_err(|e| format!("unsupported value: {e}"))
-}
-
-fn yaml_text(value: &Yaml) -> String {
-    match value {
-        Yaml::String(s) => s.clone(),
-        Yaml::Number(n) => n.to_string(),
-        Yaml::Bool(b) => b.to_string(),
-        Yaml::Null => "null".to_string(),
-        other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
     }
 }
 

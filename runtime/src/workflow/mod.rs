@@ -3,7 +3,7 @@
 
 pub mod diagnostics;
 mod load;
-mod positions;
+mod yaml;
 pub mod template;
 
 pub use diagnostics::{Diagnostic, DiagnosticKind, Severity, Span, WorkflowError};

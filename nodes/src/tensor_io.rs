@@ -1,0 +1,128 @@
+//! Tensors to and from safetensors files.
+
+use crate::fsutil::{atomic_write, file_fingerprint};
+use pixart_runtime::candle_core::safetensors::Load;
+use pixart_runtime::candle_core::Device;
+use pixart_runtime::registry::closest;
+use pixart_runtime::{Inputs, InputSpec, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value};
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub struct LoadTensor {
+    spec: NodeSpec,
+}
+
+impl LoadTensor {
+    pub fn new() -> LoadTensor {
+        LoadTensor {
+            spec: NodeSpec::new("tensor.load", 1)
+                .category("tensor")
+                .describe("Reads one tensor from a .safetensors file (relative paths from the base directory).")
+                .input(InputSpec::new("path", PortType::Path))
+                .input(
+                    InputSpec::new("key", PortType::String)
+                        .optional()
+                        .describe("Tensor name; may be left out when the file holds one tensor."),
+                )
+                .output("tensor", PortType::Tensor, "The tensor, in its stored dtype."),
+        }
+    }
+}
+
+impl Default for LoadTensor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Node for LoadTensor {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn fingerprint(&self, ctx: &NodeContext, inputs: &Inputs) -> Option<String> {
+        file_fingerprint(&ctx.input_path(inputs.path("path").ok()?))
+    }
+
+    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let path = ctx.input_path(inputs.path("path")?);
+        let bytes = std::fs::read(&path).map_err(|e| NodeError::io(&path, e))?;
+        let file = SafeTensors::deserialize(&bytes)
+            .map_err(|e| NodeError::msg(format!("{}: not a readable safetensors file: {e}", path.display())))?;
+        let mut names = file.names();
+        names.sort_unstable();
+        let key = match inputs.get("key") {
+            Some(Value::String(k)) => k.clone(),
+            _ if names.len() == 1 => names[0].to_string(),
+            _ => {
+                return Err(NodeError::input(
+                    "key",
+                    format!("{} holds {} tensors: say which ({})", path.display(), names.len(), names.join(", ")),
+                ))
+            }
+        };
+        let view = file.tensor(&key).map_err(|_| {
+            let hint = closest(&key, names.iter().copied())
+                .map(|c| format!("; did you mean `{c}`?"))
+                .unwrap_or_else(|| format!("; it has: {}", names.join(", ")));
+            NodeError::input("key", format!("{} has no tensor `{key}`{hint}", path.display()))
+        })?;
+        let tensor = view
+            .load(&Device::Cpu)
+            .map_err(|e| NodeError::msg(format!("{}: tensor `{key}`: {e}", path.display())))?;
+        Ok(Outputs::one("tensor", Value::Tensor(tensor)))
+    }
+}
+
+pub struct SaveTensor {
+    spec: NodeSpec,
+}
+
+impl SaveTensor {
+    pub fn new() -> SaveTensor {
+        SaveTensor {
+            spec: NodeSpec::new("tensor.save", 1)
+                .category("tensor")
+                .describe(
+                    "Writes a tensor to a .safetensors file (relative paths under the output directory), \
+                     atomically; the run's parameters go into the file's metadata.",
+                )
+                .input(InputSpec::new("tensor", PortType::Tensor))
+                .input(InputSpec::new("path", PortType::Path))
+                .input(InputSpec::new("key", PortType::String).default("tensor"))
+                .output("path", PortType::Path, "The file written.")
+                .output_node(),
+        }
+    }
+}
+
+impl Default for SaveTensor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Node for SaveTensor {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let tensor = inputs.tensor("tensor")?;
+        let key = inputs.str("key")?;
+        if key.is_empty() {
+            return Err(NodeError::input("key", "must not be empty"));
+        }
+        let path = ctx.output_path(inputs.path("path")?);
+        let metadata = HashMap::from([("pixart.params".to_string(), ctx.params().to_string())]);
+        let bytes = safetensors::serialize([(key, tensor)], Some(metadata))
+            .map_err(|e| NodeError::msg(format!("cannot serialise the tensor: {e}")))?;
+        atomic_write(&path, &bytes)?;
+        Ok(Outputs::one("path", Value::Path(path)))
+    }
+}
+
+pub fn nodes() -> Vec<Arc<dyn Node>> {
+    vec![Arc::new(LoadTensor::new()), Arc::new(SaveTensor::new())]
+}

@@ -1,0 +1,278 @@
+//! Subcommands.
+
+use crate::progress::ProgressView;
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use pixart_runtime::executor::{CachePolicy, Executor, NodeStatus, RunOptions};
+use pixart_runtime::workflow::{load_workflow_file, Workflow, WorkflowError};
+use pixart_runtime::{export, CancellationToken, Registry, Value};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "pixart", version, about = "pixart-flow: run PixArt-α text-to-image workflows")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a workflow.
+    Run {
+        /// The workflow YAML file.
+        workflow: PathBuf,
+        /// Override a parameter: --set seed=3 (repeatable).
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        /// Directory that relative output paths are written under.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Run only what these nodes need (repeatable); default: every output node.
+        #[arg(long = "target", value_name = "NODE")]
+        targets: Vec<String>,
+        /// How many nodes may run at once (default: the number of CPUs).
+        #[arg(long)]
+        jobs: Option<usize>,
+    },
+    /// Check a workflow without running it; exit 1 with every error found.
+    Validate {
+        workflow: PathBuf,
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the node types: inputs (types, defaults, ranges, choices) and outputs.
+    Nodes {
+        /// Print the catalog as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a workflow's graph.
+    Graph {
+        workflow: PathBuf,
+        #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
+        format: GraphFormat,
+    },
+    /// Measure the runtime's own overhead per node (validation and execution).
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Dot,
+    Mermaid,
+}
+
+pub fn registry() -> Registry {
+    pixart_nodes::builtin_registry()
+}
+
+pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run {
+            workflow,
+            set,
+            out,
+            targets,
+            jobs,
+        } => run(&workflow, &set, out, targets, jobs).await,
+        Command::Validate { workflow, set, json } => validate(&workflow, &set, json),
+        Command::Nodes { json } => nodes(json),
+        Command::Graph { workflow, format } => {
+            let wf = match load(&workflow, &[])? {
+                Ok(wf) => wf,
+                Err(code) => return Ok(code),
+            };
+            emit(&match format {
+                    GraphFormat::Dot => export::to_dot(&wf),
+                GraphFormat::Mermaid => export::to_mermaid(&wf),
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => crate::bench::run(args).await,
+    }
+}
+
+fn parse_sets(set: &[String]) -> Result<Vec<(String, String)>> {
+    set.iter()
+        .map(|s| match s.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+            _ => bail!("--set {s:?}: write NAME=VALUE"),
+        })
+        .collect()
+}
+
+/// Loads a workflow, printing its findings; `Err(exit code)` when it is invalid.
+fn load(path: &Path, set: &[String]) -> Result<Result<Workflow, ExitCode>> {
+    let overrides = parse_sets(set)?;
+    match load_workflow_file(path, &registry(), &overrides) {
+        Ok(wf) => {
+            for w in &wf.warnings {
+                eprintln!("{w}");
+            }
+            Ok(Ok(wf))
+        }
+        Err(e) => {
+            eprint!("{e}");
+            Ok(Err(ExitCode::FAILURE))
+        }
+    }
+}
+
+fn validate(path: &Path, set: &[String], json: bool) -> Result<ExitCode> {
+    let overrides = parse_sets(set)?;
+    let result = load_workflow_file(path, &registry(), &overrides);
+    if json {
+        let (ok, diagnostics) = match &result {
+            Ok(wf) => (true, wf.warnings.clone()),
+            Err(WorkflowError { diagnostics }) => (false, diagnostics.clone()),
+        };
+        emit(&format!("{}\n", serde_json::to_string_pretty(&serde_json::json!({ "ok": ok, "diagnostics": diagnostics }))?));
+        return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    }
+    match result {
+        Ok(wf) => {
+            let mut out = String::new();
+            for w in &wf.warnings {
+                let _ = writeln!(out, "{w}");
+            }
+            let _ = writeln!(
+                out,
+                "{}: ok ({} nodes, {} edges)",
+                path.display(),
+                wf.nodes.len(),
+                wf.graph.edge_count()
+            );
+            emit(&out);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            emit(&e.to_string());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn nodes(json: bool) -> Result<ExitCode> {
+    let registry = registry();
+    let catalog = registry.catalog();
+    if json {
+        emit(&format!("{}\n", serde_json::to_string_pretty(&catalog)?));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut out = String::new();
+    let mut category = None;
+    for spec in catalog {
+        if category != Some(spec.category.as_str()) {
+            category = Some(spec.category.as_str());
+            let _ = writeln!(out, "\n[{}]", spec.category);
+        }
+        let mut flags = Vec::new();
+        if spec.output_node {
+            flags.push("output");
+        }
+        if !spec.deterministic {
+            flags.push("not cached");
+        }
+        let flags = if flags.is_empty() { String::new() } else { format!(" ({})", flags.join(", ")) };
+        let _ = writeln!(out, "{}{flags}\n    {}", spec.id(), spec.description);
+        for i in &spec.inputs {
+            let mut line = format!("    in  {}: {}", i.name, i.ty);
+            if let Some(d) = &i.default {
+                line.push_str(&format!(" = {d}"));
+            } else if !i.required {
+                line.push_str(" (optional)");
+            }
+            match (i.min, i.max) {
+                (Some(lo), Some(hi)) => line.push_str(&format!(" [{lo}..{hi}]")),
+                (Some(lo), None) => line.push_str(&format!(" [>= {lo}]")),
+                (None, Some(hi)) => line.push_str(&format!(" [<= {hi}]")),
+                _ => {}
+            }
+            let _ = writeln!(out, "{line}");
+        }
+        for o in &spec.outputs {
+            let _ = writeln!(out, "    out {}: {}", o.name, o.ty);
+        }
+    }
+    emit(&out);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(path: &Path, set: &[String], out: PathBuf, targets: Vec<String>, jobs: Option<usize>) -> Result<ExitCode> {
+    let wf = match load(path, set)? {
+        Ok(wf) => wf,
+        Err(code) => return Ok(code),
+    };
+    let mut executor = Executor::new(CachePolicy::None);
+    if let Some(jobs) = jobs {
+        executor = executor.with_max_parallel(jobs);
+    }
+    let cancel = CancellationToken::new();
+    let on_interrupt = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: cancelling the run (finished outputs are kept)");
+            on_interrupt.cancel();
+        }
+    });
+    let view = ProgressView::start(&executor, &wf);
+    let opts = RunOptions {
+        targets,
+        out_dir: out,
+        base_dir: PathBuf::from("."),
+        cancel,
+        run_id: None,
+    };
+    let report = executor.run(&wf, opts).await.context("cannot start the run")?;
+    view.finish().await;
+
+    let executed = report.count(|s| matches!(s, NodeStatus::Executed { .. }));
+    let cached = report.count(|s| matches!(s, NodeStatus::Cached));
+    println!(
+        "{} nodes: {executed} executed, {cached} cached, {} failed, in {:.2?}",
+        report.nodes.len(),
+        report.failures.len(),
+        report.elapsed
+    );
+    for n in &report.nodes {
+        if !wf.node_index(&n.id).is_some_and(|i| wf.nodes[i].node.spec().output_node) {
+            continue;
+        }
+        for (name, value) in &n.outputs {
+            println!("  {}.{name}: {}", n.id, describe(value));
+        }
+    }
+    for f in &report.failures {
+        eprintln!("error: node `{}` ({}) failed: {}", f.node, f.node_type, f.message);
+        if !f.lost_outputs.is_empty() {
+            eprintln!("  not produced: {}", f.lost_outputs.join(", "));
+        }
+    }
+    Ok(if report.cancelled {
+        eprintln!("run cancelled");
+        ExitCode::from(130)
+    } else if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn describe(value: &Value) -> String {
+    match value {
+        Value::List(items) => items.iter().map(describe).collect::<Vec<_>>().join(", "),
+        other => other.to_text().unwrap_or_else(|| other.to_json().to_string()),
+    }
+}
+
+/// Writes to stdout; a closed pipe (`pixart nodes | head`) ends output quietly.
+fn emit(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush());
+}
