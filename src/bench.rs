@@ -6,7 +6,9 @@ use anyhow::Result;
 use clap::{Args, ValueEnum};
 use pixart_runtime::executor::{CachePolicy, Executor, RunOptions};
 use pixart_runtime::workflow::{load_workflow, LoadOptions};
-use pixart_runtime::{Inputs, InputSpec, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Registry, Value};
+use pixart_runtime::{
+    InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Registry, Value,
+};
 use std::fmt::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -106,9 +108,15 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     let mut registry = Registry::new();
     registry.register(Arc::new(NoOp::new("bench.noop", true)))?;
     registry.register(Arc::new(NoOp::new("bench.noop_thread", false)))?;
-    println!("pixart bench: {n} no-op nodes, shape {:?}, median of {repeat}", args.shape);
+    println!(
+        "pixart bench: {n} no-op nodes, shape {:?}, median of {repeat}",
+        args.shape
+    );
     println!("{:<44} {:>12} {:>12}", "phase", "total", "per node");
-    for (node_type, label) in [("bench.noop", "inline"), ("bench.noop_thread", "worker thread")] {
+    for (node_type, label) in [
+        ("bench.noop", "inline"),
+        ("bench.noop_thread", "worker thread"),
+    ] {
         let yaml = workflow_yaml(n, args.shape, node_type);
         let mut validate = Vec::new();
         let mut cold = Vec::new();

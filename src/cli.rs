@@ -12,7 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "pixart", version, about = "pixart-flow: run PixArt-α text-to-image workflows")]
+#[command(
+    name = "pixart",
+    version,
+    about = "pixart-flow: run PixArt-α text-to-image workflows"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -81,7 +85,11 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             targets,
             jobs,
         } => run(&workflow, &set, out, targets, jobs).await,
-        Command::Validate { workflow, set, json } => validate(&workflow, &set, json),
+        Command::Validate {
+            workflow,
+            set,
+            json,
+        } => validate(&workflow, &set, json),
         Command::Nodes { json } => nodes(json),
         Command::Graph { workflow, format } => {
             let wf = match load(&workflow, &[])? {
@@ -89,7 +97,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             emit(&match format {
-                    GraphFormat::Dot => export::to_dot(&wf),
+                GraphFormat::Dot => export::to_dot(&wf),
                 GraphFormat::Mermaid => export::to_mermaid(&wf),
             });
             Ok(ExitCode::SUCCESS)
@@ -132,8 +140,17 @@ fn validate(path: &Path, set: &[String], json: bool) -> Result<ExitCode> {
             Ok(wf) => (true, wf.warnings.clone()),
             Err(WorkflowError { diagnostics }) => (false, diagnostics.clone()),
         };
-        emit(&format!("{}\n", serde_json::to_string_pretty(&serde_json::json!({ "ok": ok, "diagnostics": diagnostics }))?));
-        return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+        emit(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "ok": ok, "diagnostics": diagnostics })
+            )?
+        ));
+        return Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
     }
     match result {
         Ok(wf) => {
@@ -179,7 +196,11 @@ fn nodes(json: bool) -> Result<ExitCode> {
         if !spec.deterministic {
             flags.push("not cached");
         }
-        let flags = if flags.is_empty() { String::new() } else { format!(" ({})", flags.join(", ")) };
+        let flags = if flags.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", flags.join(", "))
+        };
         let _ = writeln!(out, "{}{flags}\n    {}", spec.id(), spec.description);
         for i in &spec.inputs {
             let mut line = format!("    in  {}: {}", i.name, i.ty);
@@ -204,7 +225,13 @@ fn nodes(json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run(path: &Path, set: &[String], out: PathBuf, targets: Vec<String>, jobs: Option<usize>) -> Result<ExitCode> {
+async fn run(
+    path: &Path,
+    set: &[String],
+    out: PathBuf,
+    targets: Vec<String>,
+    jobs: Option<usize>,
+) -> Result<ExitCode> {
     let wf = match load(path, set)? {
         Ok(wf) => wf,
         Err(code) => return Ok(code),
@@ -229,7 +256,10 @@ async fn run(path: &Path, set: &[String], out: PathBuf, targets: Vec<String>, jo
         cancel,
         run_id: None,
     };
-    let report = executor.run(&wf, opts).await.context("cannot start the run")?;
+    let report = executor
+        .run(&wf, opts)
+        .await
+        .context("cannot start the run")?;
     view.finish().await;
 
     let executed = report.count(|s| matches!(s, NodeStatus::Executed { .. }));
@@ -241,7 +271,10 @@ async fn run(path: &Path, set: &[String], out: PathBuf, targets: Vec<String>, jo
         report.elapsed
     );
     for n in &report.nodes {
-        if !wf.node_index(&n.id).is_some_and(|i| wf.nodes[i].node.spec().output_node) {
+        if !wf
+            .node_index(&n.id)
+            .is_some_and(|i| wf.nodes[i].node.spec().output_node)
+        {
             continue;
         }
         for (name, value) in &n.outputs {
@@ -249,7 +282,10 @@ async fn run(path: &Path, set: &[String], out: PathBuf, targets: Vec<String>, jo
         }
     }
     for f in &report.failures {
-        eprintln!("error: node `{}` ({}) failed: {}", f.node, f.node_type, f.message);
+        eprintln!(
+            "error: node `{}` ({}) failed: {}",
+            f.node, f.node_type, f.message
+        );
         if !f.lost_outputs.is_empty() {
             eprintln!("  not produced: {}", f.lost_outputs.join(", "));
         }
@@ -267,12 +303,16 @@ async fn run(path: &Path, set: &[String], out: PathBuf, targets: Vec<String>, jo
 fn describe(value: &Value) -> String {
     match value {
         Value::List(items) => items.iter().map(describe).collect::<Vec<_>>().join(", "),
-        other => other.to_text().unwrap_or_else(|| other.to_json().to_string()),
+        other => other
+            .to_text()
+            .unwrap_or_else(|| other.to_json().to_string()),
     }
 }
 
 /// Writes to stdout; a closed pipe (`pixart nodes | head`) ends output quietly.
 fn emit(text: &str) {
     let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush());
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush());
 }

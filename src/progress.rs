@@ -30,8 +30,9 @@ impl ProgressView {
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             overall.set_prefix("run");
-            let node_style = ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({eta})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar());
+            let node_style =
+                ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({eta})")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar());
             let mut bars: HashMap<String, ProgressBar> = HashMap::new();
             loop {
                 let event = match events.recv().await {
@@ -41,8 +42,12 @@ impl ProgressView {
                 };
                 match event {
                     Event::RunStarted { nodes, .. } => overall.set_length(nodes as u64),
-                    Event::NodeStarted { node, .. } => overall.set_message(format!("running {node}")),
-                    Event::NodeProgress { node, value, max, .. } => {
+                    Event::NodeStarted { node, .. } => {
+                        overall.set_message(format!("running {node}"))
+                    }
+                    Event::NodeProgress {
+                        node, value, max, ..
+                    } => {
                         let bar = bars.entry(node.to_string()).or_insert_with(|| {
                             let bar = multi.add(ProgressBar::new(max));
                             bar.set_style(node_style.clone());

@@ -4,13 +4,18 @@
 mod common;
 
 use common::{line_of, registry};
-use pixart_runtime::workflow::{load_workflow, Diagnostic, DiagnosticKind as K, LoadOptions, Severity};
+use pixart_runtime::workflow::{
+    load_workflow, Diagnostic, DiagnosticKind as K, LoadOptions, Severity,
+};
 use pixart_runtime::Registry;
 
 fn findings(yaml: &str, reg: &Registry, overrides: &[(&str, &str)]) -> Vec<Diagnostic> {
     let opts = LoadOptions {
         file_name: Some("wf.yaml".into()),
-        overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        overrides: overrides
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     };
     match load_workflow(yaml, reg, &opts) {
         Ok(wf) => wf.warnings,
@@ -21,7 +26,10 @@ fn findings(yaml: &str, reg: &Registry, overrides: &[(&str, &str)]) -> Vec<Diagn
 /// The only error of a workflow, which must be of `kind`.
 fn only_error(yaml: &str, kind: K) -> Diagnostic {
     let (reg, _) = registry();
-    let errors: Vec<_> = findings(yaml, &reg, &[]).into_iter().filter(|d| d.is_error()).collect();
+    let errors: Vec<_> = findings(yaml, &reg, &[])
+        .into_iter()
+        .filter(|d| d.is_error())
+        .collect();
     assert_eq!(errors.len(), 1, "expected one error, got {errors:#?}");
     let e = errors.into_iter().next().unwrap();
     assert_eq!(e.kind, kind, "{e}");
@@ -69,7 +77,10 @@ fn unknown_node_type_suggests_the_closest_name() {
 fn unknown_version_lists_the_available_ones() {
     let yaml = NOISE.replace("type: noise.gaussian", "type: noise.gaussian@7");
     let e = only_error(&yaml, K::UnknownNodeType);
-    assert!(e.help.as_deref().unwrap().contains("available versions: 1"), "{e}");
+    assert!(
+        e.help.as_deref().unwrap().contains("available versions: 1"),
+        "{e}"
+    );
     let pinned = NOISE.replace("type: noise.gaussian", "type: noise.gaussian@1");
     let (reg, _) = registry();
     assert!(findings(&pinned, &reg, &[]).is_empty());
@@ -80,9 +91,15 @@ fn unknown_port_names_node_and_port() {
     let yaml = NOISE.replace("seed: \"${params.seed}\"}", "sed: \"${params.seed}\"}");
     let (reg, _) = registry();
     let all = findings(&yaml, &reg, &[]);
-    let e = all.iter().find(|d| d.kind == K::UnknownPort).expect("unknown port reported");
+    let e = all
+        .iter()
+        .find(|d| d.kind == K::UnknownPort)
+        .expect("unknown port reported");
     assert_eq!(e.line, Some(line_of(&yaml, "sed:")));
-    assert_eq!((e.node.as_deref(), e.port.as_deref()), (Some("noise"), Some("sed")));
+    assert_eq!(
+        (e.node.as_deref(), e.port.as_deref()),
+        (Some("noise"), Some("sed"))
+    );
     assert!(e.help.as_deref().unwrap().contains("`seed`"), "{e}");
 }
 
@@ -97,7 +114,10 @@ fn missing_required_input() {
 
 #[test]
 fn type_mismatch_across_an_edge_names_both_types() {
-    let yaml = NOISE.replace("path: \"out/noise-${params.seed}.safetensors\"", "path: \"${noise.tensor}\"");
+    let yaml = NOISE.replace(
+        "path: \"out/noise-${params.seed}.safetensors\"",
+        "path: \"${noise.tensor}\"",
+    );
     let yaml = yaml.replace("seed: {type: int, default: 0, min: 0}", "seed: 0");
     let (reg, _) = registry();
     let e = findings(&yaml, &reg, &[])
@@ -105,8 +125,14 @@ fn type_mismatch_across_an_edge_names_both_types() {
         .find(|d| d.kind == K::TypeMismatch)
         .expect("type mismatch");
     assert_eq!(e.line, Some(line_of(&yaml, "path: \"${noise.tensor}")));
-    assert_eq!((e.node.as_deref(), e.port.as_deref()), (Some("save"), Some("path")));
-    assert!(e.message.contains("Tensor") && e.message.contains("Path"), "{e}");
+    assert_eq!(
+        (e.node.as_deref(), e.port.as_deref()),
+        (Some("save"), Some("path"))
+    );
+    assert!(
+        e.message.contains("Tensor") && e.message.contains("Path"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -124,7 +150,10 @@ nodes:
   i: {type: math.int, inputs: {a: \"${f.result}\", b: 2}}
 ";
     let e = only_error(narrow, K::TypeMismatch);
-    assert!(e.message.contains("Float") && e.message.contains("Int"), "{e}");
+    assert!(
+        e.message.contains("Float") && e.message.contains("Int"),
+        "{e}"
+    );
     assert_eq!(e.line, Some(4));
     // A literal float where an int is expected is refused too.
     let literal = "version: 1\nnodes:\n  i: {type: math.int, inputs: {a: 1.5, b: 2}}\n";
@@ -134,10 +163,9 @@ nodes:
 
 #[test]
 fn literal_out_of_range() {
-    let yaml = NOISE.replace("seed: \"${params.seed}\"}", "seed: -1}").replace(
-        "params:\n  seed: {type: int, default: 0, min: 0}\n",
-        "",
-    );
+    let yaml = NOISE
+        .replace("seed: \"${params.seed}\"}", "seed: -1}")
+        .replace("params:\n  seed: {type: int, default: 0, min: 0}\n", "");
     let yaml = yaml.replace("-${params.seed}", "");
     let e = only_error(&yaml, K::OutOfRange);
     assert_eq!(e.line, Some(line_of(&yaml, "seed: -1")));
@@ -150,7 +178,10 @@ fn literal_out_of_range() {
 
 #[test]
 fn literal_not_in_choices() {
-    let yaml = NOISE.replace("seed: \"${params.seed}\"}", "seed: \"${params.seed}\", dtype: f64}");
+    let yaml = NOISE.replace(
+        "seed: \"${params.seed}\"}",
+        "seed: \"${params.seed}\", dtype: f64}",
+    );
     let e = only_error(&yaml, K::NotInChoices);
     assert!(e.message.contains("f32, f16, bf16"), "{e}");
     assert_eq!(e.port.as_deref(), Some("dtype"));
@@ -160,7 +191,10 @@ fn literal_not_in_choices() {
 fn reference_to_missing_node_or_output() {
     let yaml = NOISE.replace("${noise.tensor}", "${nois.tensor}");
     let e = only_error(&yaml, K::MissingReference);
-    assert!(e.help.as_deref().unwrap().contains("${noise.tensor}"), "{e}");
+    assert!(
+        e.help.as_deref().unwrap().contains("${noise.tensor}"),
+        "{e}"
+    );
     assert_eq!(e.line, Some(line_of(&yaml, "nois.tensor")));
     let yaml = NOISE.replace("${noise.tensor}", "${noise.tensr}");
     let e = only_error(&yaml, K::MissingReference);
@@ -168,8 +202,14 @@ fn reference_to_missing_node_or_output() {
     let yaml = NOISE.replace("seed: \"${params.seed}\"", "seed: \"${params.sed}\"");
     let (reg, _) = registry();
     let all = findings(&yaml, &reg, &[]);
-    let e = all.iter().find(|d| d.kind == K::MissingReference).expect("missing param reported");
-    assert_eq!((e.node.as_deref(), e.port.as_deref()), (Some("noise"), Some("seed")));
+    let e = all
+        .iter()
+        .find(|d| d.kind == K::MissingReference)
+        .expect("missing param reported");
+    assert_eq!(
+        (e.node.as_deref(), e.port.as_deref()),
+        (Some("noise"), Some("seed"))
+    );
     assert!(e.help.as_deref().unwrap().contains("params.seed"), "{e}");
 }
 
@@ -184,7 +224,10 @@ nodes:
   e: {type: test.output, inputs: {a: \"${c.out}\"}}
 ";
     let (reg, _) = registry();
-    let cycles: Vec<_> = findings(yaml, &reg, &[]).into_iter().filter(|d| d.kind == K::Cycle).collect();
+    let cycles: Vec<_> = findings(yaml, &reg, &[])
+        .into_iter()
+        .filter(|d| d.kind == K::Cycle)
+        .collect();
     assert_eq!(cycles.len(), 2, "{cycles:#?}");
     assert!(cycles[0].message.contains("a → b → c → a"), "{}", cycles[0]);
     assert_eq!(cycles[0].line, Some(3));
@@ -253,7 +296,12 @@ fn params_are_typed_and_overridable() {
     let required = NOISE.replace("{type: int, default: 0, min: 0}", "{type: int, min: 0}");
     let e = findings(&required, &reg, &[]);
     assert_eq!(e[0].kind, K::MissingInput);
-    assert!(common::load_with(&required, &reg, &[("seed", "1")]).params[0].value.as_int() == Some(1));
+    assert!(
+        common::load_with(&required, &reg, &[("seed", "1")]).params[0]
+            .value
+            .as_int()
+            == Some(1)
+    );
 
     // Params feed list items and the type of the input decides.
     let yaml = "version: 1
@@ -263,7 +311,9 @@ nodes:
 ";
     let wf = common::load(yaml, &reg);
     match &wf.nodes[0].inputs[0] {
-        pixart_runtime::workflow::Binding::Literal(v) => assert_eq!(v.to_json().to_string(), "[1,4,16,8]"),
+        pixart_runtime::workflow::Binding::Literal(v) => {
+            assert_eq!(v.to_json().to_string(), "[1,4,16,8]")
+        }
         other => panic!("{other:?}"),
     }
     // A float param into an int input is a type mismatch, named as such.
@@ -277,14 +327,23 @@ fn schema_errors_name_the_key() {
     let yaml = "version: 1\nnodez: {}\n";
     let (reg, _) = registry();
     let all = findings(yaml, &reg, &[]);
-    assert!(all.iter().any(|d| d.kind == K::Schema && d.line == Some(2) && d.help.as_deref() == Some("did you mean `nodes`?")), "{all:#?}");
+    assert!(
+        all.iter().any(|d| d.kind == K::Schema
+            && d.line == Some(2)
+            && d.help.as_deref() == Some("did you mean `nodes`?")),
+        "{all:#?}"
+    );
     let yaml = "version: 2\nnodes:\n  a: {type: literal.int, inputs: {value: 1}}\n";
     let e = only_error(yaml, K::Schema);
     assert_eq!(e.line, Some(1));
     let yaml = "version: 1\nnodes:\n  a: {type: literal.int, input: {value: 1}}\n";
     let (reg, _) = registry();
     let all = findings(yaml, &reg, &[]);
-    assert!(all.iter().any(|d| d.kind == K::Schema && d.help.as_deref() == Some("did you mean `inputs`?")), "{all:#?}");
+    assert!(
+        all.iter()
+            .any(|d| d.kind == K::Schema && d.help.as_deref() == Some("did you mean `inputs`?")),
+        "{all:#?}"
+    );
     let yaml = "version: 1\nnodes:\n  bad.id: {type: literal.int, inputs: {value: 1}}\n";
     let e = only_error(yaml, K::InvalidValue);
     assert_eq!(e.line, Some(3));
@@ -312,5 +371,8 @@ nodes:
   m: {type: math.int, inputs: {a: \"1${n.result}\", b: 3}}
 ";
     let e = only_error(text_into_int, K::TypeMismatch);
-    assert!(e.message.contains("String") && e.message.contains("Int"), "{e}");
+    assert!(
+        e.message.contains("String") && e.message.contains("Int"),
+        "{e}"
+    );
 }

@@ -6,7 +6,9 @@
 
 use crate::fsutil::{atomic_write, file_fingerprint};
 use pixart_runtime::candle_core::{DType, Device, Tensor};
-use pixart_runtime::{Inputs, InputSpec, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value};
+use pixart_runtime::{
+    InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -69,7 +71,9 @@ impl Node for LoadImage {
             .with_guessed_format()
             .map_err(|e| NodeError::io(&path, e))?
             .decode()
-            .map_err(|e| NodeError::msg(format!("{}: cannot decode the image: {e}", path.display())))?;
+            .map_err(|e| {
+                NodeError::msg(format!("{}: cannot decode the image: {e}", path.display()))
+            })?;
         let (w, h) = (decoded.width() as usize, decoded.height() as usize);
         let (bytes, channels) = match inputs.str("mode")? {
             "rgba" => (decoded.to_rgba8().into_raw(), 4),
@@ -114,7 +118,10 @@ impl Default for SaveImage {
 
 /// Rounds 0..1 floats to bytes as diffusers does (`(x * 255).round()` after clamping).
 pub fn to_bytes(image: &Tensor) -> Result<Vec<u8>, NodeError> {
-    let data = image.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let data = image
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     Ok(data
         .into_iter()
         .map(|x| (x.clamp(0.0, 1.0) * 255.0).round() as u8)
@@ -152,8 +159,14 @@ fn batch_path(path: &Path, index: usize, batch: usize) -> PathBuf {
     if batch == 1 {
         return path.to_path_buf();
     }
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let ext = path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
     path.with_file_name(format!("{stem}-{index:04}.{ext}"))
 }
 
@@ -227,7 +240,10 @@ impl Node for TensorToImage {
             t = t.unsqueeze(0)?;
         }
         if t.rank() != 4 {
-            return Err(NodeError::input("tensor", format!("expected rank 3 or 4, got shape {:?}", t.dims())));
+            return Err(NodeError::input(
+                "tensor",
+                format!("expected rank 3 or 4, got shape {:?}", t.dims()),
+            ));
         }
         if inputs.str("layout")? == "nchw" {
             t = t.permute((0, 2, 3, 1))?;
@@ -250,7 +266,9 @@ impl ImageToTensor {
         ImageToTensor {
             spec: NodeSpec::new("image.to_tensor", 1)
                 .category("image")
-                .describe("An image batch as a plain f32 tensor in the chosen layout and value range.")
+                .describe(
+                    "An image batch as a plain f32 tensor in the chosen layout and value range.",
+                )
                 .input(InputSpec::new("image", PortType::Image))
                 .input(InputSpec::new("layout", enum_of(LAYOUTS)).default("nchw"))
                 .input(InputSpec::new("range", enum_of(RANGES)).default("minus_one_one"))

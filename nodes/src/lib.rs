@@ -26,7 +26,9 @@ pub fn builtin_nodes() -> Vec<Arc<dyn Node>> {
 }
 
 pub fn register_builtins(registry: &mut Registry) -> Result<(), RegistryError> {
-    builtin_nodes().into_iter().try_for_each(|n| registry.register(n))
+    builtin_nodes()
+        .into_iter()
+        .try_for_each(|n| registry.register(n))
 }
 
 /// A registry holding the built-in nodes.

@@ -1,6 +1,8 @@
 //! Constants as nodes: one value fanned out to several inputs, or a widget in the editor.
 
-use pixart_runtime::{Inputs, InputSpec, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType};
+use pixart_runtime::{
+    InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType,
+};
 use std::sync::Arc;
 
 pub struct Literal {

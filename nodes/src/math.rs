@@ -1,6 +1,8 @@
 //! Arithmetic on ints and floats. Errors instead of overflow, NaN or infinity.
 
-use pixart_runtime::{Inputs, InputSpec, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value};
+use pixart_runtime::{
+    InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
+};
 use std::sync::Arc;
 
 const INT_OPS: &[&str] = &["add", "sub", "mul", "div", "mod", "min", "max", "pow"];
@@ -54,17 +56,26 @@ pub fn int_op(op: &str, a: i64, b: i64) -> Result<i64, String> {
         "div" => {
             nonzero()?;
             let q = a.checked_div(b).ok_or_else(overflow)?;
-            Ok(if (a % b != 0) && ((a < 0) != (b < 0)) { q - 1 } else { q })
+            Ok(if (a % b != 0) && ((a < 0) != (b < 0)) {
+                q - 1
+            } else {
+                q
+            })
         }
         "mod" => {
             nonzero()?;
             let r = a.checked_rem(b).ok_or_else(overflow)?;
-            Ok(if r != 0 && ((r < 0) != (b < 0)) { r + b } else { r })
+            Ok(if r != 0 && ((r < 0) != (b < 0)) {
+                r + b
+            } else {
+                r
+            })
         }
         "min" => Ok(a.min(b)),
         "max" => Ok(a.max(b)),
         "pow" => {
-            let e = u32::try_from(b).map_err(|_| format!("{a} pow {b}: the exponent must be 0..=4294967295"))?;
+            let e = u32::try_from(b)
+                .map_err(|_| format!("{a} pow {b}: the exponent must be 0..=4294967295"))?;
             a.checked_pow(e).ok_or_else(overflow)
         }
         other => Err(format!("unknown operation `{other}`")),
@@ -77,7 +88,8 @@ impl Node for IntMath {
     }
 
     fn run(&self, _ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
-        let r = int_op(inputs.str("op")?, inputs.int("a")?, inputs.int("b")?).map_err(NodeError::msg)?;
+        let r = int_op(inputs.str("op")?, inputs.int("a")?, inputs.int("b")?)
+            .map_err(NodeError::msg)?;
         Ok(Outputs::one("result", Value::Int(r)))
     }
 }
@@ -134,7 +146,8 @@ impl Node for FloatMath {
     }
 
     fn run(&self, _ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
-        let r = float_op(inputs.str("op")?, inputs.float("a")?, inputs.float("b")?).map_err(NodeError::msg)?;
+        let r = float_op(inputs.str("op")?, inputs.float("a")?, inputs.float("b")?)
+            .map_err(NodeError::msg)?;
         Ok(Outputs::one("result", Value::Float(r)))
     }
 }

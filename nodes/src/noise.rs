@@ -5,7 +5,9 @@
 //! (not the platform's libm, whose last bits differ between systems).
 
 use pixart_runtime::candle_core::{DType, Device, Tensor};
-use pixart_runtime::{Inputs, InputSpec, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value};
+use pixart_runtime::{
+    InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
+};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use std::sync::Arc;
@@ -53,8 +55,11 @@ impl GaussianNoise {
                 )
                 .input(InputSpec::new("seed", PortType::Int).default(0).min(0.0))
                 .input(
-                    InputSpec::new("dtype", PortType::Enum(vec!["f32".into(), "f16".into(), "bf16".into()]))
-                        .default("f32"),
+                    InputSpec::new(
+                        "dtype",
+                        PortType::Enum(vec!["f32".into(), "f16".into(), "bf16".into()]),
+                    )
+                    .default("f32"),
                 )
                 .output("tensor", PortType::Tensor, "The noise."),
         }
@@ -83,7 +88,9 @@ impl Node for GaussianNoise {
         if dims.is_empty() {
             return Err(NodeError::input("shape", "give at least one dimension"));
         }
-        let count = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+        let count = dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
         let count = match count {
             Some(c) if c <= MAX_ELEMENTS => c as usize,
             _ => {
@@ -94,7 +101,8 @@ impl Node for GaussianNoise {
             }
         };
         let seed = inputs.int("seed")?;
-        let seed = u64::try_from(seed).map_err(|_| NodeError::input("seed", "must be at least 0"))?;
+        let seed =
+            u64::try_from(seed).map_err(|_| NodeError::input("seed", "must be at least 0"))?;
         let dtype = match inputs.str("dtype")? {
             "f16" => DType::F16,
             "bf16" => DType::BF16,

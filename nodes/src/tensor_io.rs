@@ -4,7 +4,9 @@ use crate::fsutil::{atomic_write, file_fingerprint};
 use pixart_runtime::candle_core::safetensors::Load;
 use pixart_runtime::candle_core::Device;
 use pixart_runtime::registry::closest;
-use pixart_runtime::{Inputs, InputSpec, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value};
+use pixart_runtime::{
+    InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
+};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,8 +50,12 @@ impl Node for LoadTensor {
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
         let path = ctx.input_path(inputs.path("path")?);
         let bytes = std::fs::read(&path).map_err(|e| NodeError::io(&path, e))?;
-        let file = SafeTensors::deserialize(&bytes)
-            .map_err(|e| NodeError::msg(format!("{}: not a readable safetensors file: {e}", path.display())))?;
+        let file = SafeTensors::deserialize(&bytes).map_err(|e| {
+            NodeError::msg(format!(
+                "{}: not a readable safetensors file: {e}",
+                path.display()
+            ))
+        })?;
         let mut names = file.names();
         names.sort_unstable();
         let key = match inputs.get("key") {
@@ -58,7 +64,12 @@ impl Node for LoadTensor {
             _ => {
                 return Err(NodeError::input(
                     "key",
-                    format!("{} holds {} tensors: say which ({})", path.display(), names.len(), names.join(", ")),
+                    format!(
+                        "{} holds {} tensors: say which ({})",
+                        path.display(),
+                        names.len(),
+                        names.join(", ")
+                    ),
                 ))
             }
         };
@@ -66,7 +77,10 @@ impl Node for LoadTensor {
             let hint = closest(&key, names.iter().copied())
                 .map(|c| format!("; did you mean `{c}`?"))
                 .unwrap_or_else(|| format!("; it has: {}", names.join(", ")));
-            NodeError::input("key", format!("{} has no tensor `{key}`{hint}", path.display()))
+            NodeError::input(
+                "key",
+                format!("{} has no tensor `{key}`{hint}", path.display()),
+            )
         })?;
         let tensor = view
             .load(&Device::Cpu)

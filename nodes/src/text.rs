@@ -1,7 +1,9 @@
 //! Strings: formatting and saving text.
 
 use crate::fsutil::atomic_write;
-use pixart_runtime::{Inputs, InputSpec, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value};
+use pixart_runtime::{
+    InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
+};
 use std::sync::Arc;
 
 const SLOTS: &[&str] = &["a", "b", "c", "d"];
@@ -18,12 +20,17 @@ impl Format {
                 "Fills `{a}`…`{d}` in a template with the given values; `{a:.2}` rounds a number \
                  to 2 decimals; `{{` and `}}` write braces.",
             )
-            .input(InputSpec::new("template", PortType::String).describe("Text with {a} … {d} placeholders."));
+            .input(
+                InputSpec::new("template", PortType::String)
+                    .describe("Text with {a} … {d} placeholders."),
+            );
         for slot in SLOTS {
             spec = spec.input(InputSpec::new(slot, PortType::Scalar).optional());
         }
         Format {
-            spec: spec.output("text", PortType::String, "The filled-in template.").inline(),
+            spec: spec
+                .output("text", PortType::String, "The filled-in template.")
+                .inline(),
         }
     }
 }
@@ -35,7 +42,10 @@ impl Default for Format {
 }
 
 /// Fills `template`; `lookup` gives the value of a placeholder name.
-pub fn format_template(template: &str, lookup: impl Fn(&str) -> Option<Value>) -> Result<String, String> {
+pub fn format_template(
+    template: &str,
+    lookup: impl Fn(&str) -> Option<Value>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(template.len());
     let mut chars = template.chars().peekable();
     while let Some(c) = chars.next() {
@@ -55,14 +65,19 @@ pub fn format_template(template: &str, lookup: impl Fn(&str) -> Option<Value>) -
                     match chars.next() {
                         Some('}') => break,
                         Some(c) => field.push(c),
-                        None => return Err("unterminated `{` in template (write `{{` for a brace)".into()),
+                        None => {
+                            return Err(
+                                "unterminated `{` in template (write `{{` for a brace)".into()
+                            )
+                        }
                     }
                 }
                 let (name, format) = match field.split_once(':') {
                     Some((n, f)) => (n.trim(), Some(f.trim())),
                     None => (field.trim(), None),
                 };
-                let value = lookup(name).ok_or_else(|| format!("placeholder `{{{name}}}` has no value"))?;
+                let value =
+                    lookup(name).ok_or_else(|| format!("placeholder `{{{name}}}` has no value"))?;
                 match format {
                     None => out.push_str(&value.to_text().unwrap_or_default()),
                     Some(f) => {
@@ -70,9 +85,9 @@ pub fn format_template(template: &str, lookup: impl Fn(&str) -> Option<Value>) -
                             .strip_prefix('.')
                             .and_then(|d| d.parse().ok())
                             .ok_or_else(|| format!("format `{f}` in `{{{field}}}`: only `.N` (decimals) is supported"))?;
-                        let x = value
-                            .as_float()
-                            .ok_or_else(|| format!("`{{{field}}}`: decimals apply to numbers only"))?;
+                        let x = value.as_float().ok_or_else(|| {
+                            format!("`{{{field}}}`: decimals apply to numbers only")
+                        })?;
                         out.push_str(&format!("{x:.digits$}"));
                     }
                 }
@@ -90,7 +105,10 @@ impl Node for Format {
 
     fn run(&self, _ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
         let text = format_template(inputs.str("template")?, |name| {
-            SLOTS.contains(&name).then(|| inputs.get(name).cloned()).flatten()
+            SLOTS
+                .contains(&name)
+                .then(|| inputs.get(name).cloned())
+                .flatten()
         })
         .map_err(|e| NodeError::input("template", e))?;
         Ok(Outputs::one("text", Value::String(text)))
@@ -156,7 +174,9 @@ mod tests {
             format_template("{c} #{a}: {b:.2} {{x}}", lookup).unwrap(),
             "cat #3: 0.12 {x}"
         );
-        assert!(format_template("{d}", lookup).unwrap_err().contains("`{d}`"));
+        assert!(format_template("{d}", lookup)
+            .unwrap_err()
+            .contains("`{d}`"));
         assert!(format_template("{a", lookup).is_err());
         assert!(format_template("a}", lookup).is_err());
         assert!(format_template("{c:.2}", lookup).is_err());

@@ -5,9 +5,15 @@ use petgraph::visit::EdgeRef;
 
 /// `digraph` with one box per node (`id` and `type`) and labelled data edges.
 pub fn to_dot(wf: &Workflow) -> String {
-    let mut out = String::from("digraph workflow {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n");
+    let mut out = String::from(
+        "digraph workflow {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n",
+    );
     for n in &wf.nodes {
-        let style = if n.node.spec().output_node { ", style=bold" } else { "" };
+        let style = if n.node.spec().output_node {
+            ", style=bold"
+        } else {
+            ""
+        };
         out.push_str(&format!(
             "  \"{}\" [label=\"{}\\n{}\"{style}];\n",
             n.id,
@@ -34,7 +40,12 @@ pub fn to_dot(wf: &Workflow) -> String {
 pub fn to_mermaid(wf: &Workflow) -> String {
     let mut out = String::from("flowchart LR\n");
     for n in &wf.nodes {
-        out.push_str(&format!("  {}[\"{}<br/>{}\"]\n", n.id, escape(&n.id), escape(&n.type_id)));
+        out.push_str(&format!(
+            "  {}[\"{}<br/>{}\"]\n",
+            n.id,
+            escape(&n.id),
+            escape(&n.type_id)
+        ));
     }
     for e in wf.graph.edge_references() {
         let (from, to) = (&wf.nodes[e.source().index()], &wf.nodes[e.target().index()]);

@@ -178,9 +178,9 @@ impl Inputs {
                 .input_index(name)
                 .ok_or_else(|| NodeError::input(name, "no such input"))?;
             let ty = &spec.inputs[idx].ty;
-            let value = value
-                .coerce(ty)
-                .map_err(|v| NodeError::input(name, format!("expected {ty}, got {}", v.kind_name())))?;
+            let value = value.coerce(ty).map_err(|v| {
+                NodeError::input(name, format!("expected {ty}, got {}", v.kind_name()))
+            })?;
             values[idx] = Some(value);
         }
         Ok(Inputs { node, values })
@@ -292,7 +292,10 @@ impl Inputs {
     pub fn handle<T: Send + Sync + 'static>(&self, name: &str) -> Result<&T, NodeError> {
         match self.required(name)? {
             Value::Handle(h) => h.downcast::<T>().ok_or_else(|| {
-                NodeError::input(name, format!("this {} handle was made by another node family", h.kind))
+                NodeError::input(
+                    name,
+                    format!("this {} handle was made by another node family", h.kind),
+                )
             }),
             v => Err(Self::wrong(name, "a model handle", v)),
         }

@@ -114,7 +114,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
         row[0] = i + 1;
         for (j, cb) in b.iter().enumerate() {
             let above = row[j + 1];
-            row[j + 1] = (above + 1).min(row[j] + 1).min(diagonal + usize::from(ca != *cb));
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
             diagonal = above;
         }
     }
@@ -128,7 +130,10 @@ mod tests {
     #[test]
     fn suggestions_are_close_typos() {
         let names = ["noise.gaussian", "tensor.save", "tensor.load"];
-        assert_eq!(closest("noise.gausian", names).as_deref(), Some("noise.gaussian"));
+        assert_eq!(
+            closest("noise.gausian", names).as_deref(),
+            Some("noise.gaussian")
+        );
         assert_eq!(closest("tensor.sav", names).as_deref(), Some("tensor.save"));
         assert_eq!(closest("vae.decode", names), None);
     }

@@ -219,10 +219,14 @@ impl NodeSpec {
         let mut seen = std::collections::HashSet::new();
         for input in &self.inputs {
             if !is_identifier(&input.name) || !seen.insert(input.name.as_str()) {
-                return Err(format!("{}: bad or repeated input name {:?}", self.name, input.name));
+                return Err(format!(
+                    "{}: bad or repeated input name {:?}",
+                    self.name, input.name
+                ));
             }
             if let Some(default) = input.default_value() {
-                let value = default.map_err(|e| format!("{}: default of {}: {e}", self.name, input.name))?;
+                let value = default
+                    .map_err(|e| format!("{}: default of {}: {e}", self.name, input.name))?;
                 input
                     .check_range(&value)
                     .map_err(|e| format!("{}: default of {}: {e}", self.name, input.name))?;
@@ -231,7 +235,10 @@ impl NodeSpec {
         let mut seen = std::collections::HashSet::new();
         for output in &self.outputs {
             if !is_identifier(&output.name) || !seen.insert(output.name.as_str()) {
-                return Err(format!("{}: bad or repeated output name {:?}", self.name, output.name));
+                return Err(format!(
+                    "{}: bad or repeated output name {:?}",
+                    self.name, output.name
+                ));
             }
         }
         Ok(())

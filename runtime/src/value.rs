@@ -227,9 +227,12 @@ impl Value {
             Value::String(s) => J::from(s.as_str()),
             Value::Path(p) => J::from(p.display().to_string()),
             Value::List(items) => J::Array(items.iter().map(Value::to_json).collect()),
-            Value::Tensor(t) | Value::Latents(t) | Value::Image(t) => {
-                J::from(format!("{} {:?} {:?}", self.kind_name(), t.dtype(), t.dims()))
-            }
+            Value::Tensor(t) | Value::Latents(t) | Value::Image(t) => J::from(format!(
+                "{} {:?} {:?}",
+                self.kind_name(),
+                t.dtype(),
+                t.dims()
+            )),
             Value::Conditioning(c) => J::from(format!("Conditioning {:?}", c.embeddings.dims())),
             Value::Handle(h) => J::from(format!("{h:?}")),
         }
@@ -258,7 +261,7 @@ pub fn literal_to_value(lit: &serde_json::Value, ty: &PortType) -> Result<Value,
             _ => mismatch(),
         },
         PortType::Float => match lit {
-            J::Number(n) => n.as_f64().map(Value::Float).ok_or_else(|| got()),
+            J::Number(n) => n.as_f64().map(Value::Float).ok_or_else(got),
             _ => mismatch(),
         },
         PortType::Bool => match lit {

@@ -4,7 +4,8 @@
 
 use pixart_runtime::workflow::{load_workflow, LoadOptions};
 use pixart_runtime::{
-    Event, Inputs, InputSpec, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Registry, Value, Workflow,
+    Event, InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Registry,
+    Value, Workflow,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
@@ -41,7 +42,10 @@ impl Rendezvous {
         let mut arrived = self.arrived.lock().unwrap();
         *arrived += 1;
         self.cv.notify_all();
-        let (guard, result) = self.cv.wait_timeout_while(arrived, timeout, |a| *a < n).unwrap();
+        let (guard, result) = self
+            .cv
+            .wait_timeout_while(arrived, timeout, |a| *a < n)
+            .unwrap();
         drop(guard);
         !result.timed_out()
     }
@@ -85,7 +89,9 @@ impl Node for TestNode {
                 if r.wait(2, Duration::from_secs(10)) {
                     Ok(Outputs::one("out", Value::Int(get("a"))))
                 } else {
-                    Err(NodeError::msg("the other branch never ran at the same time"))
+                    Err(NodeError::msg(
+                        "the other branch never ran at the same time",
+                    ))
                 }
             }
             Behaviour::UntilCancelled => {
@@ -149,7 +155,10 @@ pub fn load(yaml: &str, reg: &Registry) -> Workflow {
 pub fn load_with(yaml: &str, reg: &Registry, overrides: &[(&str, &str)]) -> Workflow {
     let opts = LoadOptions {
         file_name: Some("test.yaml".into()),
-        overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        overrides: overrides
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     };
     match load_workflow(yaml, reg, &opts) {
         Ok(wf) => wf,

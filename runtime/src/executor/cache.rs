@@ -18,9 +18,7 @@ pub enum CachePolicy {
 
 impl Default for CachePolicy {
     fn default() -> Self {
-        CachePolicy::Lru {
-            max_bytes: 2 << 30,
-        }
+        CachePolicy::Lru { max_bytes: 2 << 30 }
     }
 }
 
@@ -79,7 +77,9 @@ impl OutputCache {
         self.by_age.insert(self.clock, key);
         self.bytes += bytes;
         while self.bytes > max_bytes {
-            let Some((_, oldest)) = self.by_age.pop_first() else { break };
+            let Some((_, oldest)) = self.by_age.pop_first() else {
+                break;
+            };
             if let Some(e) = self.entries.remove(&oldest) {
                 self.bytes -= e.bytes;
             }
@@ -129,7 +129,10 @@ mod tests {
         assert!(c.get(&[1; 32]).is_some());
         assert!(c.bytes() <= 600);
         c.insert([5; 32], val(10_000));
-        assert!(c.get(&[5; 32]).is_none(), "larger than the whole cache: not kept");
+        assert!(
+            c.get(&[5; 32]).is_none(),
+            "larger than the whole cache: not kept"
+        );
     }
 
     #[test]

@@ -53,11 +53,17 @@ impl Default for RunOptions {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum NodeStatus {
-    Executed { duration: Duration },
+    Executed {
+        duration: Duration,
+    },
     Cached,
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
     /// Not run: an upstream node failed.
-    Skipped { because: String },
+    Skipped {
+        because: String,
+    },
     Cancelled,
 }
 
@@ -179,7 +185,11 @@ impl Executor {
         let started = Instant::now();
         let needed = wf.needed(&opts.targets).map_err(RunError::Target)?;
         let run_no = self.runs.fetch_add(1, Ordering::Relaxed);
-        let run_id: Arc<str> = Arc::from(opts.run_id.clone().unwrap_or_else(|| format!("run-{run_no}")));
+        let run_id: Arc<str> = Arc::from(
+            opts.run_id
+                .clone()
+                .unwrap_or_else(|| format!("run-{run_no}")),
+        );
         let shared = Arc::new(RunShared {
             run_id: run_id.clone(),
             cancel: opts.cancel.clone(),
@@ -230,7 +240,13 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    fn new(exec: &'a Executor, wf: &'a Workflow, needed: Vec<bool>, shared: Arc<RunShared>, run_no: u64) -> Run<'a> {
+    fn new(
+        exec: &'a Executor,
+        wf: &'a Workflow,
+        needed: Vec<bool>,
+        shared: Arc<RunShared>,
+        run_no: u64,
+    ) -> Run<'a> {
         let n = wf.nodes.len();
         let waiting: Vec<usize> = (0..n).map(|i| wf.upstream(i).len()).collect();
         let ready = (0..n).filter(|&i| needed[i] && waiting[i] == 0).collect();
@@ -349,7 +365,12 @@ impl<'a> Run<'a> {
                 Binding::Edge { from, output } => {
                     let v = self.upstream_value(*from, *output);
                     let v = v.coerce(&input.ty).map_err(|v| {
-                        format!("input `{}` expects {}, but received {}", input.name, input.ty, v.kind_name())
+                        format!(
+                            "input `{}` expects {}, but received {}",
+                            input.name,
+                            input.ty,
+                            v.kind_name()
+                        )
                     })?;
                     Some(v)
                 }
@@ -365,7 +386,10 @@ impl<'a> Run<'a> {
                         }
                     }
                     let v = Value::String(text).coerce(&input.ty).map_err(|_| {
-                        format!("input `{}`: interpolated text cannot become {}", input.name, input.ty)
+                        format!(
+                            "input `{}`: interpolated text cannot become {}",
+                            input.name, input.ty
+                        )
                     })?;
                     input
                         .check_range(&v)
@@ -462,9 +486,12 @@ impl<'a> Run<'a> {
                 return Err(format!("node produced an undeclared output `{name}`"));
             };
             let ty = &spec.outputs[idx].ty;
-            let value = value
-                .coerce(ty)
-                .map_err(|v| format!("output `{name}` is declared {ty} but the node produced {}", v.kind_name()))?;
+            let value = value.coerce(ty).map_err(|v| {
+                format!(
+                    "output `{name}` is declared {ty} but the node produced {}",
+                    v.kind_name()
+                )
+            })?;
             if slots[idx].replace(value).is_some() {
                 return Err(format!("node produced output `{name}` twice"));
             }
@@ -523,7 +550,13 @@ impl<'a> Run<'a> {
                     because: planned.id.clone(),
                 });
             }
-            lost.extend(down.node.spec().outputs.iter().map(|o| format!("{}.{}", down.id, o.name)));
+            lost.extend(
+                down.node
+                    .spec()
+                    .outputs
+                    .iter()
+                    .map(|o| format!("{}.{}", down.id, o.name)),
+            );
         }
         self.status[i] = Some(NodeStatus::Failed {
             message: message.clone(),

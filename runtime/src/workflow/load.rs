@@ -110,14 +110,20 @@ impl<'a> Loader<'a> {
                 return None;
             }
             Err(e) => {
-                self.push(Diagnostic::error(K::Syntax, format!("not valid YAML: {}", e.message)).at(Some(e.span)));
+                self.push(
+                    Diagnostic::error(K::Syntax, format!("not valid YAML: {}", e.message))
+                        .at(Some(e.span)),
+                );
                 return None;
             }
         };
         let Some(top) = doc.as_map() else {
             self.push(
-                Diagnostic::error(K::Schema, "a workflow is a YAML mapping with `version: 1` and `nodes:`")
-                    .at(Some(doc.span)),
+                Diagnostic::error(
+                    K::Schema,
+                    "a workflow is a YAML mapping with `version: 1` and `nodes:`",
+                )
+                .at(Some(doc.span)),
             );
             return None;
         };
@@ -128,7 +134,10 @@ impl<'a> Loader<'a> {
         let mut version_seen = false;
         for (key_node, value) in top {
             let Some(key) = key_node.as_str() else {
-                self.push(Diagnostic::error(K::Schema, "top-level keys must be strings").at(Some(key_node.span)));
+                self.push(
+                    Diagnostic::error(K::Schema, "top-level keys must be strings")
+                        .at(Some(key_node.span)),
+                );
                 continue;
             };
             match key {
@@ -150,8 +159,9 @@ impl<'a> Loader<'a> {
                 "nodes" => nodes_yaml = Some(value),
                 "description" | "ui" => {}
                 other => {
-                    let mut d = Diagnostic::error(K::Schema, format!("unknown top-level key `{other}`"))
-                        .at(Some(key_node.span));
+                    let mut d =
+                        Diagnostic::error(K::Schema, format!("unknown top-level key `{other}`"))
+                            .at(Some(key_node.span));
                     if let Some(s) = closest(other, TOP_KEYS.iter().copied()) {
                         d = d.help(format!("did you mean `{s}`?"));
                     }
@@ -160,12 +170,17 @@ impl<'a> Loader<'a> {
             }
         }
         if !version_seen {
-            self.push(Diagnostic::error(K::Schema, "missing `version: 1`").at(Some(Span { line: 1, column: 1 })));
+            self.push(
+                Diagnostic::error(K::Schema, "missing `version: 1`")
+                    .at(Some(Span { line: 1, column: 1 })),
+            );
         }
 
         let decls = self.param_decls(params_yaml);
-        let (params, param_spans): (Vec<Param>, Vec<Span>) =
-            self.apply_overrides(decls, &opts.overrides).into_iter().unzip();
+        let (params, param_spans): (Vec<Param>, Vec<Span>) = self
+            .apply_overrides(decls, &opts.overrides)
+            .into_iter()
+            .unzip();
 
         let Some(nodes_map) = nodes_yaml.and_then(YNode::as_map) else {
             let span = nodes_yaml.map(|n| n.span);
@@ -187,7 +202,14 @@ impl<'a> Loader<'a> {
         let mut planned = Vec::with_capacity(entries.len());
         for entry in &entries {
             let Some(node) = &entry.node else { continue };
-            let inputs = self.bind_inputs(entry, node.spec(), &entries, &ids, &params, &mut used_params);
+            let inputs = self.bind_inputs(
+                entry,
+                node.spec(),
+                &entries,
+                &ids,
+                &params,
+                &mut used_params,
+            );
             planned.push(PlannedNode {
                 id: Arc::from(entry.id.as_str()),
                 type_id: Arc::from(node.spec().id()),
@@ -200,7 +222,11 @@ impl<'a> Loader<'a> {
         for (p, span) in params.iter().zip(&param_spans) {
             if !used_params.contains(p.name.as_str()) {
                 self.push(
-                    Diagnostic::warning(K::UnusedParam, format!("param `{}` is never used", p.name)).at(Some(*span)),
+                    Diagnostic::warning(
+                        K::UnusedParam,
+                        format!("param `{}` is never used", p.name),
+                    )
+                    .at(Some(*span)),
                 );
             }
         }
@@ -233,8 +259,11 @@ impl<'a> Loader<'a> {
         };
         let Some(map) = yaml.as_map() else {
             self.push(
-                Diagnostic::error(K::Schema, "`params:` must be a mapping from name to declaration")
-                    .at(Some(yaml.span)),
+                Diagnostic::error(
+                    K::Schema,
+                    "`params:` must be a mapping from name to declaration",
+                )
+                .at(Some(yaml.span)),
             );
             return Vec::new();
         };
@@ -243,9 +272,12 @@ impl<'a> Loader<'a> {
             let name = key.text();
             if !is_identifier(&name) || name == "params" {
                 self.push(
-                    Diagnostic::error(K::InvalidValue, format!("`{name}` is not a valid param name"))
-                        .at(Some(key.span))
-                        .help("use letters, digits, '_' and '-', starting with a letter"),
+                    Diagnostic::error(
+                        K::InvalidValue,
+                        format!("`{name}` is not a valid param name"),
+                    )
+                    .at(Some(key.span))
+                    .help("use letters, digits, '_' and '-', starting with a letter"),
                 );
                 continue;
             }
@@ -286,7 +318,8 @@ impl<'a> Loader<'a> {
         for (key, _) in map {
             let k = key.text();
             if !PARAM_KEYS.contains(&k.as_str()) {
-                let mut d = err(K::Schema, format!("param `{name}`: unknown key `{k}`")).at(Some(key.span));
+                let mut d =
+                    err(K::Schema, format!("param `{name}`: unknown key `{k}`")).at(Some(key.span));
                 if let Some(s) = closest(&k, PARAM_KEYS.iter().copied()) {
                     d = d.help(format!("did you mean `{s}`?"));
                 }
@@ -295,9 +328,18 @@ impl<'a> Loader<'a> {
         }
         let choices = match decl.get("choices") {
             None => None,
-            Some(YNode { value: YValue::Seq(items), .. }) => Some(items.iter().map(YNode::text).collect::<Vec<_>>()),
+            Some(YNode {
+                value: YValue::Seq(items),
+                ..
+            }) => Some(items.iter().map(YNode::text).collect::<Vec<_>>()),
             Some(other) => {
-                self.push(err(K::Schema, format!("param `{name}`: `choices` must be a list")).at(Some(other.span)));
+                self.push(
+                    err(
+                        K::Schema,
+                        format!("param `{name}`: `choices` must be a list"),
+                    )
+                    .at(Some(other.span)),
+                );
                 None
             }
         };
@@ -321,9 +363,12 @@ impl<'a> Loader<'a> {
                 format!("one of: {}", PortType::PARAM_TYPE_NAMES.join(", "))
             };
             self.push(
-                err(K::Schema, format!("param `{name}`: unknown type `{type_name}`"))
-                    .at(type_node.map(|t| t.span))
-                    .help(help),
+                err(
+                    K::Schema,
+                    format!("param `{name}`: unknown type `{type_name}`"),
+                )
+                .at(type_node.map(|t| t.span))
+                .help(help),
             );
             return None;
         };
@@ -332,7 +377,13 @@ impl<'a> Loader<'a> {
             if let Some(v) = decl.get(bound) {
                 match v.as_f64() {
                     Some(x) => *slot = Some(x),
-                    None => self.push(err(K::Schema, format!("param `{name}`: `{bound}` must be a number")).at(Some(v.span))),
+                    None => self.push(
+                        err(
+                            K::Schema,
+                            format!("param `{name}`: `{bound}` must be a number"),
+                        )
+                        .at(Some(v.span)),
+                    ),
                 }
             }
         }
@@ -344,7 +395,9 @@ impl<'a> Loader<'a> {
                 .and_then(|v| range.check_range(&v).map(|_| v));
             match checked {
                 Ok(v) => default = Some(v),
-                Err(e) => self.push(err(K::InvalidValue, format!("param `{name}`: default {e}")).at(Some(d.span))),
+                Err(e) => self.push(
+                    err(K::InvalidValue, format!("param `{name}`: default {e}")).at(Some(d.span)),
+                ),
             }
         }
         Some(ParamDecl {
@@ -357,18 +410,26 @@ impl<'a> Loader<'a> {
         })
     }
 
-    fn apply_overrides(&mut self, decls: Vec<ParamDecl>, overrides: &[(String, String)]) -> Vec<(Param, Span)> {
+    fn apply_overrides(
+        &mut self,
+        decls: Vec<ParamDecl>,
+        overrides: &[(String, String)],
+    ) -> Vec<(Param, Span)> {
         let mut values: HashMap<String, Value> = HashMap::new();
         for (key, text) in overrides {
             let Some(decl) = decls.iter().find(|d| &d.name == key) else {
-                let mut d = Diagnostic::error(K::InvalidValue, format!("--set {key}: this workflow has no param `{key}`"));
+                let mut d = Diagnostic::error(
+                    K::InvalidValue,
+                    format!("--set {key}: this workflow has no param `{key}`"),
+                );
                 if let Some(s) = closest(key, decls.iter().map(|d| d.name.as_str())) {
                     d = d.help(format!("did you mean `{s}`?"));
                 }
                 self.push(d);
                 continue;
             };
-            match parse_override(text, &decl.ty).and_then(|v| decl.range.check_range(&v).map(|_| v)) {
+            match parse_override(text, &decl.ty).and_then(|v| decl.range.check_range(&v).map(|_| v))
+            {
                 Ok(v) => {
                     values.insert(decl.name.clone(), v);
                 }
@@ -378,7 +439,10 @@ impl<'a> Loader<'a> {
                     } else {
                         K::InvalidValue
                     };
-                    self.push(Diagnostic::error(kind, format!("--set {key}={text}: {e}")).at(Some(decl.span)));
+                    self.push(
+                        Diagnostic::error(kind, format!("--set {key}={text}: {e}"))
+                            .at(Some(decl.span)),
+                    );
                 }
             }
         }
@@ -401,7 +465,10 @@ impl<'a> Loader<'a> {
                         format!("param `{}` has no default and was not set", decl.name),
                     )
                     .at(Some(decl.span))
-                    .help(format!("pass `--set {}=…` or give it a `default:`", decl.name)),
+                    .help(format!(
+                        "pass `--set {}=…` or give it a `default:`",
+                        decl.name
+                    )),
                 ),
             }
         }
@@ -430,7 +497,12 @@ impl<'a> Loader<'a> {
                         .at(Some(span))
                         .node(&id),
                 );
-                entries.push(Entry { id, span, node: None, inputs: None });
+                entries.push(Entry {
+                    id,
+                    span,
+                    node: None,
+                    inputs: None,
+                });
                 continue;
             };
             for (k, _) in fields {
@@ -464,15 +536,23 @@ impl<'a> Loader<'a> {
                     Some(m) => Some(m),
                     None => {
                         self.push(
-                            Diagnostic::error(K::Schema, "`inputs:` must be a mapping from port to value")
-                                .at(Some(n.span))
-                                .node(&id),
+                            Diagnostic::error(
+                                K::Schema,
+                                "`inputs:` must be a mapping from port to value",
+                            )
+                            .at(Some(n.span))
+                            .node(&id),
                         );
                         None
                     }
                 },
             };
-            entries.push(Entry { id, span, node, inputs });
+            entries.push(Entry {
+                id,
+                span,
+                node,
+                inputs,
+            });
         }
         entries
     }
@@ -485,7 +565,10 @@ impl<'a> Loader<'a> {
                 let span = Some(type_node.span);
                 let d = match e {
                     LookupError::UnknownType { suggestion } => {
-                        let d = Diagnostic::error(K::UnknownNodeType, format!("unknown node type `{type_name}`"));
+                        let d = Diagnostic::error(
+                            K::UnknownNodeType,
+                            format!("unknown node type `{type_name}`"),
+                        );
                         match suggestion {
                             Some(s) => d.help(format!("did you mean `{s}`?")),
                             None => d.help("`pixart nodes` lists the node types"),
@@ -497,7 +580,11 @@ impl<'a> Loader<'a> {
                     )
                     .help(format!(
                         "available versions: {}",
-                        available.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+                        available
+                            .iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )),
                 };
                 self.push(d.at(span).node(id));
@@ -523,14 +610,21 @@ impl<'a> Loader<'a> {
                 let names = spec.inputs.iter().map(|i| i.name.as_str());
                 let help = match closest(&port, names.clone()) {
                     Some(s) => format!("did you mean `{s}`?"),
-                    None => format!("{} has inputs: {}", spec.id(), names.collect::<Vec<_>>().join(", ")),
+                    None => format!(
+                        "{} has inputs: {}",
+                        spec.id(),
+                        names.collect::<Vec<_>>().join(", ")
+                    ),
                 };
                 self.push(
-                    Diagnostic::error(K::UnknownPort, format!("{} has no input `{port}`", spec.id()))
-                        .at(Some(key.span))
-                        .node(id)
-                        .port(&port)
-                        .help(help),
+                    Diagnostic::error(
+                        K::UnknownPort,
+                        format!("{} has no input `{port}`", spec.id()),
+                    )
+                    .at(Some(key.span))
+                    .node(id)
+                    .port(&port)
+                    .help(help),
                 );
                 continue;
             };
@@ -552,14 +646,18 @@ impl<'a> Loader<'a> {
                 None => match input.default_value() {
                     Some(Ok(v)) => Binding::Literal(v),
                     Some(Err(_)) | None => {
-                        let written = entry
-                            .inputs
-                            .is_some_and(|m| m.iter().any(|(k, _)| k.as_str() == Some(input.name.as_str())));
+                        let written = entry.inputs.is_some_and(|m| {
+                            m.iter()
+                                .any(|(k, _)| k.as_str() == Some(input.name.as_str()))
+                        });
                         if input.required && !written {
                             self.push(
                                 Diagnostic::error(
                                     K::MissingInput,
-                                    format!("required input `{}` ({}) is not given", input.name, input.ty),
+                                    format!(
+                                        "required input `{}` ({}) is not given",
+                                        input.name, input.ty
+                                    ),
                                 )
                                 .at(Some(entry.span))
                                 .node(id)
@@ -574,7 +672,12 @@ impl<'a> Loader<'a> {
     }
 
     /// Binds one written value to an input; `None` after reporting an error.
-    fn bind(&mut self, cx: &BindCx, value: &YNode, used_params: &mut HashSet<String>) -> Option<Binding> {
+    fn bind(
+        &mut self,
+        cx: &BindCx,
+        value: &YNode,
+        used_params: &mut HashSet<String>,
+    ) -> Option<Binding> {
         let input = cx.input;
         if let Some(text) = value.as_str().filter(|s| s.contains('$')) {
             let parts = match template::parse(text) {
@@ -593,7 +696,10 @@ impl<'a> Loader<'a> {
                     if !input.ty.accepts(&ty) {
                         self.push(cx.error(
                             K::TypeMismatch,
-                            format!("`{scope}.{name}` is {ty}, but input `{}` expects {}", input.name, input.ty),
+                            format!(
+                                "`{scope}.{name}` is {ty}, but input `{}` expects {}",
+                                input.name, input.ty
+                            ),
                         ));
                         return None;
                     }
@@ -627,10 +733,12 @@ impl<'a> Loader<'a> {
         for part in parts {
             match part {
                 Part::Text(t) => pieces.push(Piece::Text(t)),
-                Part::Ref { scope, name } if scope == "params" => match self.param_ref(cx, &name, used_params) {
-                    Some(p) => pieces.push(Piece::Text(p.value.to_text().unwrap_or_default())),
-                    None => ok = false,
-                },
+                Part::Ref { scope, name } if scope == "params" => {
+                    match self.param_ref(cx, &name, used_params) {
+                        Some(p) => pieces.push(Piece::Text(p.value.to_text().unwrap_or_default())),
+                        None => ok = false,
+                    }
+                }
                 Part::Ref { scope, name } => match self.output_ref(cx, &scope, &name) {
                     Some((_, _, ty)) if !ty.is_scalar() => {
                         self.push(cx.error(
@@ -664,14 +772,22 @@ impl<'a> Loader<'a> {
         if !(ty.accepts(&PortType::String) || matches!(ty, PortType::Enum(_))) {
             self.push(cx.error(
                 K::TypeMismatch,
-                format!("interpolated text is a String, but input `{}` expects {ty}", cx.input.name),
+                format!(
+                    "interpolated text is a String, but input `{}` expects {ty}",
+                    cx.input.name
+                ),
             ));
             return None;
         }
         Some(Binding::Template(pieces))
     }
 
-    fn param_ref<'p>(&mut self, cx: &BindCx<'_, 'p>, name: &str, used: &mut HashSet<String>) -> Option<&'p Param> {
+    fn param_ref<'p>(
+        &mut self,
+        cx: &BindCx<'_, 'p>,
+        name: &str,
+        used: &mut HashSet<String>,
+    ) -> Option<&'p Param> {
         match cx.params.iter().find(|p| p.name == name) {
             Some(p) => {
                 used.insert(p.name.clone());
@@ -697,7 +813,10 @@ impl<'a> Loader<'a> {
         if !ty.accepts(&param.ty) {
             self.push(cx.error(
                 K::TypeMismatch,
-                format!("param `{}` is {}, but input `{}` expects {ty}", param.name, param.ty, cx.input.name),
+                format!(
+                    "param `{}` is {}, but input `{}` expects {ty}",
+                    param.name, param.ty, cx.input.name
+                ),
             ));
             return None;
         }
@@ -712,7 +831,12 @@ impl<'a> Loader<'a> {
         self.check_range(cx, value, Some(&param.name))
     }
 
-    fn output_ref(&mut self, cx: &BindCx, scope: &str, name: &str) -> Option<(usize, usize, PortType)> {
+    fn output_ref(
+        &mut self,
+        cx: &BindCx,
+        scope: &str,
+        name: &str,
+    ) -> Option<(usize, usize, PortType)> {
         let Some(&from) = cx.ids.get(scope) else {
             let mut d = cx.error(K::MissingReference, format!("there is no node `{scope}`"));
             if let Some(s) = closest(scope, cx.ids.keys().copied()) {
@@ -735,8 +859,11 @@ impl<'a> Loader<'a> {
                     None => format!("{} has outputs: {}", spec.id(), outputs.join(", ")),
                 };
                 self.push(
-                    cx.error(K::MissingReference, format!("node `{scope}` ({}) has no output `{name}`", spec.id()))
-                        .help(help),
+                    cx.error(
+                        K::MissingReference,
+                        format!("node `{scope}` ({}) has no output `{name}`", spec.id()),
+                    )
+                    .help(help),
                 );
                 None
             }
@@ -744,7 +871,12 @@ impl<'a> Loader<'a> {
     }
 
     /// Replaces `${params.x}` inside a YAML list by the params' values.
-    fn substitute_params(&mut self, cx: &BindCx, value: &YNode, used: &mut HashSet<String>) -> Option<serde_json::Value> {
+    fn substitute_params(
+        &mut self,
+        cx: &BindCx,
+        value: &YNode,
+        used: &mut HashSet<String>,
+    ) -> Option<serde_json::Value> {
         match &value.value {
             YValue::Seq(items) => items
                 .iter()
@@ -768,9 +900,13 @@ impl<'a> Loader<'a> {
                 for part in parts {
                     match part {
                         Part::Text(t) => text.push_str(&t),
-                        Part::Ref { scope, name } if scope == "params" => {
-                            text.push_str(&self.param_ref(cx, &name, used)?.value.to_text().unwrap_or_default())
-                        }
+                        Part::Ref { scope, name } if scope == "params" => text.push_str(
+                            &self
+                                .param_ref(cx, &name, used)?
+                                .value
+                                .to_text()
+                                .unwrap_or_default(),
+                        ),
                         Part::Ref { scope, name } => {
                             self.push(cx.error(
                                 K::InvalidValue,
@@ -793,7 +929,12 @@ impl<'a> Loader<'a> {
     }
 
     /// Converts a literal to the input's type and checks range and choices.
-    fn literal(&mut self, cx: &BindCx, json: &serde_json::Value, via_param: Option<&str>) -> Option<Value> {
+    fn literal(
+        &mut self,
+        cx: &BindCx,
+        json: &serde_json::Value,
+        via_param: Option<&str>,
+    ) -> Option<Value> {
         match literal_to_value(json, &cx.input.ty) {
             Ok(v) => self.check_range(cx, v, via_param),
             Err(e) => {
@@ -801,7 +942,9 @@ impl<'a> Loader<'a> {
                     (PortType::Enum(_), serde_json::Value::String(_)) => K::NotInChoices,
                     _ => K::TypeMismatch,
                 };
-                let via = via_param.map(|p| format!(" (from param `{p}`)")).unwrap_or_default();
+                let via = via_param
+                    .map(|p| format!(" (from param `{p}`)"))
+                    .unwrap_or_default();
                 self.push(cx.error(kind, format!("{e}{via}")));
                 None
             }
@@ -817,7 +960,9 @@ impl<'a> Loader<'a> {
                 } else {
                     K::OutOfRange
                 };
-                let via = via_param.map(|p| format!(" (from param `{p}`)")).unwrap_or_default();
+                let via = via_param
+                    .map(|p| format!(" (from param `{p}`)"))
+                    .unwrap_or_default();
                 self.push(cx.error(kind, format!("{e}{via}")));
                 None
             }
@@ -832,7 +977,11 @@ impl<'a> Loader<'a> {
         for (to, node) in nodes.iter().enumerate() {
             for (input, binding) in node.inputs.iter().enumerate() {
                 let mut add = |from: usize, output: usize| {
-                    graph.add_edge(NodeIndex::new(from), NodeIndex::new(to), EdgeInfo { output, input });
+                    graph.add_edge(
+                        NodeIndex::new(from),
+                        NodeIndex::new(to),
+                        EdgeInfo { output, input },
+                    );
                 };
                 match binding {
                     Binding::Edge { from, output } => add(*from, *output),
@@ -858,10 +1007,13 @@ impl<'a> Loader<'a> {
             let names: Vec<&str> = path.iter().map(|&i| &*nodes[i].id).collect();
             let first = path[0];
             self.push(
-                Diagnostic::error(K::Cycle, format!("the workflow has a cycle: {}", names.join(" → ")))
-                    .at(nodes[first].span)
-                    .node(&nodes[first].id)
-                    .help("a node cannot depend on its own output, directly or through others"),
+                Diagnostic::error(
+                    K::Cycle,
+                    format!("the workflow has a cycle: {}", names.join(" → ")),
+                )
+                .at(nodes[first].span)
+                .node(&nodes[first].id)
+                .help("a node cannot depend on its own output, directly or through others"),
             );
         }
         acyclic.then_some(graph)
@@ -933,7 +1085,10 @@ fn parse_override(text: &str, ty: &PortType) -> Result<Value, String> {
         },
         PortType::Path => Value::Path(text.into()),
         PortType::Enum(choices) if !choices.iter().any(|c| c == text) => {
-            return Err(format!("`{text}` is not one of the choices: {}", choices.join(", ")))
+            return Err(format!(
+                "`{text}` is not one of the choices: {}",
+                choices.join(", ")
+            ))
         }
         _ => Value::String(text.to_string()),
     })

@@ -3,8 +3,8 @@
 
 pub mod diagnostics;
 mod load;
-mod yaml;
 pub mod template;
+mod yaml;
 
 pub use diagnostics::{Diagnostic, DiagnosticKind, Severity, Span, WorkflowError};
 pub use load::{load_workflow, load_workflow_file, LoadOptions};
@@ -114,7 +114,9 @@ impl Workflow {
                     let hint = crate::registry::closest(t, self.nodes.iter().map(|n| &*n.id))
                         .map(|c| format!(" (did you mean `{c}`?)"))
                         .unwrap_or_default();
-                    return Err(format!("--target `{t}` is not a node of this workflow{hint}"));
+                    return Err(format!(
+                        "--target `{t}` is not a node of this workflow{hint}"
+                    ));
                 }
             }
         }

@@ -8,7 +8,10 @@
 pub enum Part {
     Text(String),
     /// `${scope.name}`: scope is `params` or a node id.
-    Ref { scope: String, name: String },
+    Ref {
+        scope: String,
+        name: String,
+    },
 }
 
 pub fn parse(s: &str) -> Result<Vec<Part>, String> {
@@ -30,7 +33,9 @@ pub fn parse(s: &str) -> Result<Vec<Part>, String> {
                 .split_once('.')
                 .filter(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains('.'))
                 .ok_or_else(|| {
-                    format!("reference `${{{inner}}}` must be `${{node.output}}` or `${{params.name}}`")
+                    format!(
+                        "reference `${{{inner}}}` must be `${{node.output}}` or `${{params.name}}`"
+                    )
                 })?;
             if !text.is_empty() {
                 parts.push(Part::Text(std::mem::take(&mut text)));
@@ -65,12 +70,22 @@ mod tests {
 
     #[test]
     fn parses_refs_text_and_escapes() {
-        assert_eq!(parse("${noise.tensor}").unwrap(), vec![r("noise", "tensor")]);
+        assert_eq!(
+            parse("${noise.tensor}").unwrap(),
+            vec![r("noise", "tensor")]
+        );
         assert_eq!(
             parse("out/${ params.seed }.png").unwrap(),
-            vec![Part::Text("out/".into()), r("params", "seed"), Part::Text(".png".into())]
+            vec![
+                Part::Text("out/".into()),
+                r("params", "seed"),
+                Part::Text(".png".into())
+            ]
         );
-        assert_eq!(parse("cost $5 $${x}").unwrap(), vec![Part::Text("cost $5 ${x}".into())]);
+        assert_eq!(
+            parse("cost $5 $${x}").unwrap(),
+            vec![Part::Text("cost $5 ${x}".into())]
+        );
         assert!(parse("${oops").is_err());
         assert!(parse("${nodot}").is_err());
         assert!(parse("${a.b.c}").is_err());

@@ -115,7 +115,9 @@ impl YNode {
                 .map(J::Number)
                 .ok_or_else(|| format!("{f} is not a usable number"))?,
             YValue::Str(s) => J::String(s.clone()),
-            YValue::Seq(items) => J::Array(items.iter().map(YNode::to_json).collect::<Result<_, _>>()?),
+            YValue::Seq(items) => {
+                J::Array(items.iter().map(YNode::to_json).collect::<Result<_, _>>()?)
+            }
             YValue::Map(entries) => J::Object(
                 entries
                     .iter()
@@ -168,7 +170,9 @@ impl Builder {
                     if let Some(first) = seen.insert(k.to_string(), key.span.line) {
                         if self.error.is_none() {
                             self.error = Some(ParseError {
-                                message: format!("duplicate key `{k}` (first written on line {first})"),
+                                message: format!(
+                                    "duplicate key `{k}` (first written on line {first})"
+                                ),
                                 span: key.span,
                             });
                         }
@@ -226,7 +230,8 @@ impl MarkedEventReceiver for Builder {
                     span: at,
                     value: YValue::Map(Vec::new()),
                 };
-                self.stack.push((Open::Map(node, None, HashMap::new()), anchor));
+                self.stack
+                    .push((Open::Map(node, None, HashMap::new()), anchor));
             }
             Event::SequenceEnd | Event::MappingEnd => {
                 if let Some((open, anchor)) = self.stack.pop() {
@@ -252,20 +257,40 @@ mod tests {
         let (key, _) = doc.get("nodes").unwrap().entry("noise").unwrap();
         assert_eq!(key.span, Span { line: 3, column: 3 });
         let noise = doc.get("nodes").unwrap().get("noise").unwrap();
-        assert_eq!(noise.get("type").unwrap().span, Span { line: 4, column: 11 });
+        assert_eq!(
+            noise.get("type").unwrap().span,
+            Span {
+                line: 4,
+                column: 11
+            }
+        );
         let inputs = noise.get("inputs").unwrap();
-        assert_eq!(inputs.get("seed").unwrap().span, Span { line: 5, column: 35 });
+        assert_eq!(
+            inputs.get("seed").unwrap().span,
+            Span {
+                line: 5,
+                column: 35
+            }
+        );
         assert_eq!(inputs.get("seed").unwrap().as_i64(), Some(3));
         assert_eq!(inputs.get("s").unwrap().as_str(), Some("5"));
         assert_eq!(inputs.get("f").unwrap().as_f64(), Some(0.5));
         assert!(matches!(inputs.get("b").unwrap().value, YValue::Bool(true)));
-        assert_eq!(inputs.get("shape").unwrap().to_json().unwrap().to_string(), "[1,4]");
+        assert_eq!(
+            inputs.get("shape").unwrap().to_json().unwrap().to_string(),
+            "[1,4]"
+        );
     }
 
     #[test]
     fn rejects_duplicate_keys_and_bad_syntax() {
         let e = parse("nodes:\n  a: 1\n  a: 2\n").unwrap_err();
-        assert!(e.message.contains("duplicate key `a` (first written on line 2)"), "{}", e.message);
+        assert!(
+            e.message
+                .contains("duplicate key `a` (first written on line 2)"),
+            "{}",
+            e.message
+        );
         assert_eq!(e.span.line, 3);
         let e = parse("a: [1, 2\n").unwrap_err();
         assert!(e.span.line >= 1);
@@ -274,6 +299,9 @@ mod tests {
     #[test]
     fn anchors_and_aliases_copy_values() {
         let doc = parse("a: &x [1, 2]\nb: *x\n").unwrap().unwrap();
-        assert_eq!(doc.get("b").unwrap().to_json().unwrap().to_string(), "[1,2]");
+        assert_eq!(
+            doc.get("b").unwrap().to_json().unwrap().to_string(),
+            "[1,2]"
+        );
     }
 }

@@ -1,0 +1,46 @@
+//! Every workflow shipped in `workflows/` validates and runs.
+
+use pixart_runtime::executor::{CachePolicy, Executor, RunOptions};
+use pixart_runtime::workflow::load_workflow_file;
+use std::path::PathBuf;
+
+fn shipped() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("workflows");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shipped_workflow_validates_without_warnings_and_runs() {
+    let reg = pixart_nodes::builtin_registry();
+    for file in shipped() {
+        let wf = load_workflow_file(&file, &reg, &[]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            wf.warnings.is_empty(),
+            "{}: {:?}",
+            file.display(),
+            wf.warnings
+        );
+        let out = tempfile::tempdir().unwrap();
+        let opts = RunOptions {
+            out_dir: out.path().into(),
+            ..RunOptions::default()
+        };
+        let report = Executor::new(CachePolicy::None)
+            .run(&wf, opts)
+            .await
+            .unwrap();
+        assert!(report.ok(), "{}: {:?}", file.display(), report.failures);
+        assert!(
+            std::fs::read_dir(out.path().join("out")).unwrap().count() > 0,
+            "{} wrote nothing",
+            file.display()
+        );
+    }
+}
