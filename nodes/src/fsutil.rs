@@ -1,6 +1,6 @@
 //! Files written by nodes appear whole or not at all.
 
-use pixart_runtime::NodeError;
+use pixart_runtime::{Inputs, NodeContext, NodeError};
 use std::io::Write;
 use std::path::Path;
 
@@ -33,10 +33,11 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
     })
 }
 
-/// Size and modification time of a file: cache-key material for loaders, so an
-/// edited file is read again.
-pub fn file_fingerprint(path: &Path) -> Option<String> {
-    let meta = std::fs::metadata(path).ok()?;
+/// Size and modification time of the file named by input `port`: cache-key
+/// material for loaders, so an edited file is read again.
+pub fn input_file_fingerprint(ctx: &NodeContext, inputs: &Inputs, port: &str) -> Option<String> {
+    let path = ctx.input_path(inputs.path(port).ok()?);
+    let meta = std::fs::metadata(&path).ok()?;
     let modified = meta
         .modified()
         .ok()

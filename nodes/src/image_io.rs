@@ -4,7 +4,7 @@
 //! An `Image` is an f32 tensor `[batch, height, width, channels]` in 0..=1 with
 //! 1 (grey), 3 (RGB) or 4 (RGBA) channels.
 
-use crate::fsutil::{atomic_write, file_fingerprint};
+use crate::fsutil::{atomic_write, input_file_fingerprint};
 use pixart_runtime::candle_core::{DType, Device, Tensor};
 use pixart_runtime::{
     InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
@@ -35,7 +35,7 @@ pub struct LoadImage {
 }
 
 impl LoadImage {
-    pub fn new() -> LoadImage {
+    fn new() -> LoadImage {
         LoadImage {
             spec: NodeSpec::new("image.load", 1)
                 .category("image")
@@ -49,19 +49,13 @@ impl LoadImage {
     }
 }
 
-impl Default for LoadImage {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Node for LoadImage {
     fn spec(&self) -> &NodeSpec {
         &self.spec
     }
 
     fn fingerprint(&self, ctx: &NodeContext, inputs: &Inputs) -> Option<String> {
-        file_fingerprint(&ctx.input_path(inputs.path("path").ok()?))
+        input_file_fingerprint(ctx, inputs, "path")
     }
 
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
@@ -93,7 +87,7 @@ pub struct SaveImage {
 }
 
 impl SaveImage {
-    pub fn new() -> SaveImage {
+    fn new() -> SaveImage {
         SaveImage {
             spec: NodeSpec::new("image.save", 1)
                 .category("image")
@@ -107,12 +101,6 @@ impl SaveImage {
                 .output("paths", PortType::list_of(PortType::Path), "The files written.")
                 .output_node(),
         }
-    }
-}
-
-impl Default for SaveImage {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -206,7 +194,7 @@ pub struct TensorToImage {
 }
 
 impl TensorToImage {
-    pub fn new() -> TensorToImage {
+    fn new() -> TensorToImage {
         TensorToImage {
             spec: NodeSpec::new("image.from_tensor", 1)
                 .category("image")
@@ -220,12 +208,6 @@ impl TensorToImage {
                 .input(InputSpec::new("range", enum_of(RANGES)).default("minus_one_one"))
                 .output("image", PortType::Image, "[B, H, W, C] in 0..1"),
         }
-    }
-}
-
-impl Default for TensorToImage {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -262,7 +244,7 @@ pub struct ImageToTensor {
 }
 
 impl ImageToTensor {
-    pub fn new() -> ImageToTensor {
+    fn new() -> ImageToTensor {
         ImageToTensor {
             spec: NodeSpec::new("image.to_tensor", 1)
                 .category("image")
@@ -274,12 +256,6 @@ impl ImageToTensor {
                 .input(InputSpec::new("range", enum_of(RANGES)).default("minus_one_one"))
                 .output("tensor", PortType::Tensor, "The pixels."),
         }
-    }
-}
-
-impl Default for ImageToTensor {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

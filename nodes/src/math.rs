@@ -17,7 +17,7 @@ pub struct IntMath {
 }
 
 impl IntMath {
-    pub fn new() -> IntMath {
+    fn new() -> IntMath {
         IntMath {
             spec: NodeSpec::new("math.int", 1)
                 .category("math")
@@ -31,12 +31,6 @@ impl IntMath {
                 .output("result", PortType::Int, "a op b")
                 .inline(),
         }
-    }
-}
-
-impl Default for IntMath {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -99,7 +93,7 @@ pub struct FloatMath {
 }
 
 impl FloatMath {
-    pub fn new() -> FloatMath {
+    fn new() -> FloatMath {
         FloatMath {
             spec: NodeSpec::new("math.float", 1)
                 .category("math")
@@ -110,12 +104,6 @@ impl FloatMath {
                 .output("result", PortType::Float, "a op b")
                 .inline(),
         }
-    }
-}
-
-impl Default for FloatMath {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

@@ -40,7 +40,7 @@ pub struct GaussianNoise {
 }
 
 impl GaussianNoise {
-    pub fn new() -> GaussianNoise {
+    fn new() -> GaussianNoise {
         GaussianNoise {
             spec: NodeSpec::new("noise.gaussian", 1)
                 .category("latent")
@@ -63,12 +63,6 @@ impl GaussianNoise {
                 )
                 .output("tensor", PortType::Tensor, "The noise."),
         }
-    }
-}
-
-impl Default for GaussianNoise {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

@@ -1,6 +1,6 @@
 //! Tensors to and from safetensors files.
 
-use crate::fsutil::{atomic_write, file_fingerprint};
+use crate::fsutil::{atomic_write, input_file_fingerprint};
 use pixart_runtime::candle_core::safetensors::Load;
 use pixart_runtime::candle_core::Device;
 use pixart_runtime::registry::closest;
@@ -16,7 +16,7 @@ pub struct LoadTensor {
 }
 
 impl LoadTensor {
-    pub fn new() -> LoadTensor {
+    fn new() -> LoadTensor {
         LoadTensor {
             spec: NodeSpec::new("tensor.load", 1)
                 .category("tensor")
@@ -32,19 +32,13 @@ impl LoadTensor {
     }
 }
 
-impl Default for LoadTensor {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Node for LoadTensor {
     fn spec(&self) -> &NodeSpec {
         &self.spec
     }
 
     fn fingerprint(&self, ctx: &NodeContext, inputs: &Inputs) -> Option<String> {
-        file_fingerprint(&ctx.input_path(inputs.path("path").ok()?))
+        input_file_fingerprint(ctx, inputs, "path")
     }
 
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
@@ -94,7 +88,7 @@ pub struct SaveTensor {
 }
 
 impl SaveTensor {
-    pub fn new() -> SaveTensor {
+    fn new() -> SaveTensor {
         SaveTensor {
             spec: NodeSpec::new("tensor.save", 1)
                 .category("tensor")
@@ -108,12 +102,6 @@ impl SaveTensor {
                 .output("path", PortType::Path, "The file written.")
                 .output_node(),
         }
-    }
-}
-
-impl Default for SaveTensor {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

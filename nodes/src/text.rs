@@ -13,7 +13,7 @@ pub struct Format {
 }
 
 impl Format {
-    pub fn new() -> Format {
+    fn new() -> Format {
         let mut spec = NodeSpec::new("string.format", 1)
             .category("text")
             .describe(
@@ -32,12 +32,6 @@ impl Format {
                 .output("text", PortType::String, "The filled-in template.")
                 .inline(),
         }
-    }
-}
-
-impl Default for Format {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -120,7 +114,7 @@ pub struct SaveText {
 }
 
 impl SaveText {
-    pub fn new() -> SaveText {
+    fn new() -> SaveText {
         SaveText {
             spec: NodeSpec::new("text.save", 1)
                 .category("text")
@@ -130,12 +124,6 @@ impl SaveText {
                 .output("path", PortType::Path, "The file written.")
                 .output_node(),
         }
-    }
-}
-
-impl Default for SaveText {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
