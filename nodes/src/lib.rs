@@ -5,6 +5,7 @@ pub mod fsutil;
 pub mod image_io;
 pub mod literal;
 pub mod math;
+pub mod models;
 pub mod noise;
 pub mod tensor_io;
 pub mod text;

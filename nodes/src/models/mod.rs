@@ -1,0 +1,7 @@
+//! The models behind the PixArt-α nodes, on candle. One file a model; each has a
+//! `Config` read from the checkpoint's `config.json` and modules named after the
+//! checkpoint's weight prefixes.
+
+pub mod pixart;
+pub mod t5;
+pub mod weights;

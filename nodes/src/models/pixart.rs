@@ -1,0 +1,564 @@
+//! The PixArt-α transformer (diffusers' `PixArtTransformer2DModel`; hub configs may
+//! say `Transformer2DModel` with `norm_type: ada_norm_single`), and the conversion
+//! of the official `.pth` checkpoints to its weight names.
+//!
+//! Patch embedding with a 2-D sin-cos position embedding recomputed for the current
+//! grid → adaLN-single (one timestep MLP shared by all blocks, optional size and
+//! aspect-ratio micro-conditions) → caption projection → blocks (self-attention,
+//! masked cross-attention, MLP) → final layer → unpatchify. Output channels: ε then
+//! the learned variance interpolation.
+
+use super::weights::{LoadError, Weights};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{conv2d, linear, linear_b, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Config {
+    #[serde(rename = "_class_name", default)]
+    pub class_name: Option<String>,
+    pub num_attention_heads: usize,
+    pub attention_head_dim: usize,
+    #[serde(default = "default_in")]
+    pub in_channels: usize,
+    #[serde(default)]
+    pub out_channels: Option<usize>,
+    pub num_layers: usize,
+    pub sample_size: usize,
+    #[serde(default = "default_patch")]
+    pub patch_size: usize,
+    #[serde(default)]
+    pub caption_channels: Option<usize>,
+    #[serde(default)]
+    pub cross_attention_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "default_true")]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub interpolation_scale: Option<f64>,
+    #[serde(default)]
+    pub use_additional_conditions: Option<bool>,
+    #[serde(default)]
+    pub norm_type: Option<String>,
+}
+
+fn default_in() -> usize {
+    4
+}
+fn default_patch() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Config {
+    pub fn hidden(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    /// diffusers: on when `sample_size == 128` (the 1024 multi-scale model) unless set.
+    pub fn additional_conditions(&self) -> bool {
+        self.use_additional_conditions.unwrap_or(self.sample_size == 128)
+    }
+
+    pub fn interpolation_scale(&self) -> f64 {
+        self.interpolation_scale
+            .unwrap_or((self.sample_size / 64).max(1) as f64)
+    }
+
+    /// Refuses configs of other transformer families.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if let Some(norm) = &self.norm_type {
+            if norm != "ada_norm_single" {
+                return Err(format!(
+                    "norm_type {norm:?}: not a PixArt transformer (PixArt uses ada_norm_single)"
+                ));
+            }
+        }
+        if let Some(class) = &self.class_name {
+            if class != "PixArtTransformer2DModel" && class != "Transformer2DModel" {
+                return Err(format!("_class_name {class:?} is not a PixArt transformer"));
+            }
+        }
+        if self.hidden() % 4 != 0 {
+            return Err("the hidden size must divide by 4 (2-D sin-cos position embedding)".into());
+        }
+        if self.additional_conditions() && self.hidden() % 3 != 0 {
+            return Err("the hidden size must divide by 3 (size and aspect-ratio conditions)".into());
+        }
+        Ok(())
+    }
+}
+
+/// PyTorch's `nn.LayerNorm(elementwise_affine=False)`, statistics in f32.
+fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    centred.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
+}
+
+/// `get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0)`:
+/// `[cos(t·f), sin(t·f)]` with `f_i = 10000^(-i/128)`, in f32.
+pub fn timestep_sinusoid(t: &Tensor, channels: usize) -> Result<Tensor> {
+    let half = channels / 2;
+    let ln = -(10000f64.ln()) as f32;
+    let freqs: Vec<f32> = (0..half).map(|i| (ln * i as f32 / half as f32).exp()).collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+    let args = t.to_dtype(DType::F32)?.reshape(((), 1))?.broadcast_mul(&freqs)?;
+    Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)
+}
+
+/// The 2-D sin-cos position embedding of diffusers' `get_2d_sincos_pos_embed`:
+/// `[h·w, dim]`, rows in patch order; the first half encodes the column, the
+/// second the row. Grid coordinates in f32, the rest in f64.
+pub fn sincos_2d(dim: usize, grid_h: usize, grid_w: usize, base_size: f64, interpolation_scale: f64) -> Vec<f32> {
+    let coord = |i: usize, n: usize| i as f32 / (n as f64 / base_size) as f32 / interpolation_scale as f32;
+    let quarter = dim / 4;
+    let omega: Vec<f64> = (0..quarter)
+        .map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64))
+        .collect();
+    let mut out = Vec::with_capacity(grid_h * grid_w * dim);
+    for row in 0..grid_h {
+        for col in 0..grid_w {
+            for pos in [coord(col, grid_w) as f64, coord(row, grid_h) as f64] {
+                out.extend(omega.iter().map(|w| (pos * w).sin() as f32));
+                out.extend(omega.iter().map(|w| (pos * w).cos() as f32));
+            }
+        }
+    }
+    out
+}
+
+/// Linear → SiLU → Linear, diffusers' `TimestepEmbedding`.
+struct Mlp2 {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl Mlp2 {
+    fn new(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
+        Ok(Mlp2 {
+            linear_1: linear(d_in, d_out, vb.pp("linear_1"))?,
+            linear_2: linear(d_out, d_out, vb.pp("linear_2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+    }
+}
+
+/// `adaln_single`: the shared timestep (and micro-condition) embedding and the
+/// one linear layer producing all blocks' shift/scale/gate.
+struct AdaLnSingle {
+    timestep_embedder: Mlp2,
+    resolution_embedder: Option<Mlp2>,
+    aspect_ratio_embedder: Option<Mlp2>,
+    linear: Linear,
+}
+
+/// Micro-conditions of the multi-scale model: the (binned) image size in pixels
+/// `[batch, 2]` as (height, width), and height/width `[batch, 1]`.
+pub struct SizeConditions<'a> {
+    pub resolution: &'a Tensor,
+    pub aspect_ratio: &'a Tensor,
+}
+
+impl AdaLnSingle {
+    fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let d = cfg.hidden();
+        let emb = vb.pp("emb");
+        let (resolution_embedder, aspect_ratio_embedder) = if cfg.additional_conditions() {
+            (
+                Some(Mlp2::new(emb.pp("resolution_embedder"), 256, d / 3)?),
+                Some(Mlp2::new(emb.pp("aspect_ratio_embedder"), 256, d / 3)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(AdaLnSingle {
+            timestep_embedder: Mlp2::new(emb.pp("timestep_embedder"), 256, d)?,
+            resolution_embedder,
+            aspect_ratio_embedder,
+            linear: linear(d, 6 * d, vb.pp("linear"))?,
+        })
+    }
+
+    /// Returns (the 6·D modulation, the embedded timestep).
+    fn forward(&self, t: &Tensor, sizes: Option<&SizeConditions>, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let batch = t.dim(0)?;
+        let mut emb = self.timestep_embedder.forward(&timestep_sinusoid(t, 256)?.to_dtype(dtype)?)?;
+        if let (Some(res_mlp), Some(ar_mlp)) = (&self.resolution_embedder, &self.aspect_ratio_embedder) {
+            let Some(sizes) = sizes else {
+                candle_core::bail!("this transformer needs the resolution and aspect-ratio conditions");
+            };
+            let res = res_mlp
+                .forward(&timestep_sinusoid(&sizes.resolution.flatten_all()?, 256)?.to_dtype(dtype)?)?
+                .reshape((batch, ()))?;
+            let ar = ar_mlp
+                .forward(&timestep_sinusoid(&sizes.aspect_ratio.flatten_all()?, 256)?.to_dtype(dtype)?)?
+                .reshape((batch, ()))?;
+            emb = (emb + Tensor::cat(&[res, ar], 1)?)?;
+        }
+        Ok((self.linear.forward(&emb.silu()?)?, emb))
+    }
+}
+
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, cfg: &Config, kv_dim: usize) -> Result<Self> {
+        let d = cfg.hidden();
+        let bias = cfg.attention_bias;
+        Ok(Attention {
+            to_q: linear_b(d, d, bias, vb.pp("to_q"))?,
+            to_k: linear_b(kv_dim, d, bias, vb.pp("to_k"))?,
+            to_v: linear_b(kv_dim, d, bias, vb.pp("to_v"))?,
+            to_out: linear(d, d, vb.pp("to_out.0"))?,
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.attention_head_dim,
+        })
+    }
+
+    fn heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        x.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+    }
+
+    /// `bias`: additive `[batch, 1, 1, keys]` (masked cross-attention) or none.
+    fn forward(&self, x: &Tensor, context: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let q = self.heads(&self.to_q.forward(x)?)?;
+        let k = self.heads(&self.to_k.forward(context)?)?;
+        let v = self.heads(&self.to_v.forward(context)?)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        self.to_out.forward(&out)
+    }
+}
+
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, d: usize) -> Result<Self> {
+        Ok(FeedForward {
+            proj: linear(d, 4 * d, vb.pp("net.0.proj"))?,
+            out: linear(4 * d, d, vb.pp("net.2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.out.forward(&self.proj.forward(x)?.gelu()?)
+    }
+}
+
+struct Block {
+    scale_shift_table: Tensor,
+    attn1: Attention,
+    attn2: Attention,
+    ff: FeedForward,
+    eps: f64,
+}
+
+impl Block {
+    fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let d = cfg.hidden();
+        Ok(Block {
+            scale_shift_table: vb.get((6, d), "scale_shift_table")?,
+            attn1: Attention::new(vb.pp("attn1"), cfg, d)?,
+            attn2: Attention::new(vb.pp("attn2"), cfg, cfg.cross_attention_dim.unwrap_or(d))?,
+            ff: FeedForward::new(vb.pp("ff"), d)?,
+            eps: cfg.norm_eps,
+        })
+    }
+
+    /// `t6`: `[batch, 6·D]` from adaLN-single.
+    fn forward(&self, x: &Tensor, t6: &Tensor, text: &Tensor, text_bias: Option<&Tensor>) -> Result<Tensor> {
+        let (b, _, d) = x.dims3()?;
+        let mods = self.scale_shift_table.unsqueeze(0)?.broadcast_add(&t6.reshape((b, 6, d))?)?;
+        let m = |i: usize| mods.narrow(1, i, 1);
+        let (shift_msa, scale_msa, gate_msa) = (m(0)?, m(1)?, m(2)?);
+        let (shift_mlp, scale_mlp, gate_mlp) = (m(3)?, m(4)?, m(5)?);
+
+        let h = modulate(&layer_norm(x, self.eps)?, &shift_msa, &scale_msa)?;
+        let x = (x + gate_msa.broadcast_mul(&self.attn1.forward(&h, &h, None)?)?)?;
+        let x = (&x + self.attn2.forward(&x, text, text_bias)?)?;
+        let h = modulate(&layer_norm(&x, self.eps)?, &shift_mlp, &scale_mlp)?;
+        x + gate_mlp.broadcast_mul(&self.ff.forward(&h)?)?
+    }
+}
+
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+}
+
+pub struct PixArtTransformer {
+    proj: Conv2d,
+    adaln_single: AdaLnSingle,
+    caption_linear_1: Linear,
+    caption_linear_2: Linear,
+    blocks: Vec<Block>,
+    scale_shift_table: Tensor,
+    proj_out: Linear,
+    cfg: Config,
+    dtype: DType,
+    device: Device,
+}
+
+impl PixArtTransformer {
+    pub fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        cfg.check().map_err(candle_core::Error::msg)?;
+        let d = cfg.hidden();
+        let p = cfg.patch_size;
+        let conv_cfg = Conv2dConfig {
+            stride: p,
+            ..Default::default()
+        };
+        let caption = vb.pp("caption_projection");
+        let caption_channels = cfg.caption_channels.unwrap_or(4096);
+        Ok(PixArtTransformer {
+            proj: conv2d(cfg.in_channels, d, p, conv_cfg, vb.pp("pos_embed.proj"))?,
+            adaln_single: AdaLnSingle::new(vb.pp("adaln_single"), cfg)?,
+            caption_linear_1: linear(caption_channels, d, caption.pp("linear_1"))?,
+            caption_linear_2: linear(d, d, caption.pp("linear_2"))?,
+            blocks: (0..cfg.num_layers)
+                .map(|i| Block::new(vb.pp(format!("transformer_blocks.{i}")), cfg))
+                .collect::<Result<_>>()?,
+            scale_shift_table: vb.get((2, d), "scale_shift_table")?,
+            proj_out: linear(d, p * p * cfg.out_channels(), vb.pp("proj_out"))?,
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `x` latents `[B, C, H, W]`, `t` timesteps `[B]`, `text` T5 features
+    /// `[B, L, caption_channels]`, `text_mask` `[B, L]` (1 keep, 0 pad) →
+    /// `[B, out_channels, H, W]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        text: &Tensor,
+        text_mask: Option<&Tensor>,
+        sizes: Option<&SizeConditions>,
+    ) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let p = self.cfg.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        let d = self.cfg.hidden();
+        let x = x.to_dtype(self.dtype)?;
+
+        let tokens = self.proj.forward(&x)?.flatten_from(2)?.transpose(1, 2)?; // [B, gh·gw, D]
+        let base = (self.cfg.sample_size / p) as f64;
+        let pos = sincos_2d(d, gh, gw, base, self.cfg.interpolation_scale());
+        let pos = Tensor::from_vec(pos, (1, gh * gw, d), &self.device)?.to_dtype(self.dtype)?;
+        let mut x = tokens.broadcast_add(&pos)?;
+
+        let (t6, embedded_t) = self.adaln_single.forward(t, sizes, self.dtype)?;
+        let text = text.to_dtype(self.dtype)?;
+        let text = self
+            .caption_linear_2
+            .forward(&self.caption_linear_1.forward(&text)?.gelu()?)?;
+        let text_bias = match text_mask {
+            Some(m) => Some(((1.0 - m.to_dtype(DType::F32)?)? * -10000.0)?.to_dtype(self.dtype)?.unsqueeze(1)?.unsqueeze(1)?),
+            None => None,
+        };
+        for block in &self.blocks {
+            x = block.forward(&x, &t6, &text, text_bias.as_ref())?;
+        }
+
+        let mods = self.scale_shift_table.unsqueeze(0)?.broadcast_add(&embedded_t.unsqueeze(1)?)?;
+        let (shift, scale) = (mods.narrow(1, 0, 1)?, mods.narrow(1, 1, 1)?);
+        let x = modulate(&layer_norm(&x, self.cfg.norm_eps)?, &shift, &scale)?;
+        let x = self.proj_out.forward(&x)?; // [B, gh·gw, p·p·C]
+        let c = self.cfg.out_channels();
+        x.reshape((b, gh, gw, p, p, c))?
+            .permute((0, 5, 1, 3, 2, 4))?
+            .reshape((b, c, gh * p, gw * p))
+    }
+}
+
+/// Renames an official PixArt-α state dict (`x_embedder`, `t_block`, fused
+/// `attn.qkv` / `cross_attn.kv_linear`, …) to diffusers' names in place. Returns the
+/// learned null caption `y_embedder.y_embedding` when present. The stored
+/// `pos_embed` is dropped: it is recomputed for every grid.
+pub fn convert_official(w: &mut Weights) -> std::result::Result<Option<Tensor>, LoadError> {
+    let location = w.location();
+    let err = |m: String| LoadError::Model {
+        what: "official PixArt checkpoint".into(),
+        location: location.clone(),
+        message: m,
+    };
+    let renames = [
+        ("x_embedder.proj", "pos_embed.proj"),
+        ("t_embedder.mlp.0", "adaln_single.emb.timestep_embedder.linear_1"),
+        ("t_embedder.mlp.2", "adaln_single.emb.timestep_embedder.linear_2"),
+        ("t_block.1", "adaln_single.linear"),
+        ("csize_embedder.mlp.0", "adaln_single.emb.resolution_embedder.linear_1"),
+        ("csize_embedder.mlp.2", "adaln_single.emb.resolution_embedder.linear_2"),
+        ("ar_embedder.mlp.0", "adaln_single.emb.aspect_ratio_embedder.linear_1"),
+        ("ar_embedder.mlp.2", "adaln_single.emb.aspect_ratio_embedder.linear_2"),
+        ("y_embedder.y_proj.fc1", "caption_projection.linear_1"),
+        ("y_embedder.y_proj.fc2", "caption_projection.linear_2"),
+        ("final_layer.linear", "proj_out"),
+    ];
+    let names: Vec<String> = w.names().map(str::to_string).collect();
+    if !names.iter().any(|n| n.starts_with("x_embedder.")) {
+        return Err(err("no `x_embedder.proj.weight`: not an official PixArt-α checkpoint".into()));
+    }
+    let null_caption = w.remove("y_embedder.y_embedding");
+    w.remove("pos_embed");
+    for name in names {
+        let Some(t) = w.remove(&name) else { continue };
+        if let Some((from, to)) = renames.iter().find(|(from, _)| name.starts_with(&format!("{from}."))) {
+            w.insert(format!("{to}{}", &name[from.len()..]), t);
+            continue;
+        }
+        if name == "final_layer.scale_shift_table" {
+            w.insert("scale_shift_table", t);
+            continue;
+        }
+        let Some(rest) = name.strip_prefix("blocks.") else {
+            w.insert(name, t); // unknown: left for the loader to ignore or report
+            continue;
+        };
+        let (i, field) = rest.split_once('.').ok_or_else(|| err(format!("unexpected tensor {name}")))?;
+        let block = format!("transformer_blocks.{i}");
+        let split = |t: &Tensor, parts: usize| -> std::result::Result<Vec<Tensor>, LoadError> {
+            t.chunk(parts, 0)
+                .map_err(|e| err(format!("{name}: {e}")))
+                .and_then(|c| {
+                    if c.len() == parts {
+                        Ok(c)
+                    } else {
+                        Err(err(format!("{name}: cannot split into {parts}")))
+                    }
+                })
+        };
+        let kind = field.rsplit('.').next().unwrap_or(""); // weight | bias
+        match field {
+            "scale_shift_table" => w.insert(format!("{block}.scale_shift_table"), t),
+            f if f.starts_with("attn.qkv.") => {
+                for (part, x) in ["to_q", "to_k", "to_v"].iter().zip(split(&t, 3)?) {
+                    w.insert(format!("{block}.attn1.{part}.{kind}"), x.contiguous().map_err(|e| err(e.to_string()))?);
+                }
+            }
+            f if f.starts_with("attn.proj.") => w.insert(format!("{block}.attn1.to_out.0.{kind}"), t),
+            f if f.starts_with("cross_attn.q_linear.") => w.insert(format!("{block}.attn2.to_q.{kind}"), t),
+            f if f.starts_with("cross_attn.kv_linear.") => {
+                for (part, x) in ["to_k", "to_v"].iter().zip(split(&t, 2)?) {
+                    w.insert(format!("{block}.attn2.{part}.{kind}"), x.contiguous().map_err(|e| err(e.to_string()))?);
+                }
+            }
+            f if f.starts_with("cross_attn.proj.") => w.insert(format!("{block}.attn2.to_out.0.{kind}"), t),
+            f if f.starts_with("mlp.fc1.") => w.insert(format!("{block}.ff.net.0.proj.{kind}"), t),
+            f if f.starts_with("mlp.fc2.") => w.insert(format!("{block}.ff.net.2.{kind}"), t),
+            _ => w.insert(name.clone(), t),
+        }
+    }
+    Ok(null_caption)
+}
+
+/// A transformer config for an official checkpoint without `config.json`, read off
+/// the tensor shapes. Official models use 72-dimensional heads (XL/2: 1152 = 16 × 72).
+pub fn infer_official_config(w: &Weights, pos_embed_tokens: Option<usize>) -> std::result::Result<Config, String> {
+    let shape = |n: &str| w.get(n).map(|t| t.dims().to_vec()).ok_or_else(|| format!("missing tensor {n}"));
+    let proj = shape("pos_embed.proj.weight")?; // [D, C, p, p]
+    let (d, c_in, p) = (proj[0], proj[1], proj[2]);
+    if d % 72 != 0 {
+        return Err(format!(
+            "hidden size {d} is not a multiple of 72, so the head count cannot be inferred: put the \
+             transformer's config.json next to the checkpoint"
+        ));
+    }
+    let out = shape("proj_out.weight")?[0] / (p * p);
+    let layers = (0..)
+        .take_while(|i| w.contains(&format!("transformer_blocks.{i}.scale_shift_table")))
+        .count();
+    let caption = shape("caption_projection.linear_1.weight")?[1];
+    let tokens = pos_embed_tokens.ok_or("the checkpoint has no pos_embed to tell its sample size; add a config.json")?;
+    let side = (tokens as f64).sqrt() as usize;
+    Ok(Config {
+        class_name: None,
+        num_attention_heads: d / 72,
+        attention_head_dim: 72,
+        in_channels: c_in,
+        out_channels: Some(out),
+        num_layers: layers,
+        sample_size: side * p,
+        patch_size: p,
+        caption_channels: Some(caption),
+        cross_attention_dim: Some(d),
+        norm_eps: 1e-6,
+        attention_bias: true,
+        interpolation_scale: None,
+        use_additional_conditions: Some(w.contains("adaln_single.emb.resolution_embedder.linear_1.weight")),
+        norm_type: Some("ada_norm_single".into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sincos_first_half_encodes_columns() {
+        // 2×3 grid, dim 8: row-major tokens; token (row 1, col 2).
+        let e = sincos_2d(8, 2, 3, 2.0, 1.0);
+        let token = &e[(3 + 2) * 8..(3 + 2) * 8 + 8];
+        let col = 2.0f64 / (3.0 / 2.0);
+        let row = 1.0f64 / (2.0 / 2.0);
+        let want = [
+            col.sin(),
+            (col / 100.0).sin(),
+            col.cos(),
+            (col / 100.0).cos(),
+            row.sin(),
+            (row / 100.0).sin(),
+            row.cos(),
+            (row / 100.0).cos(),
+        ];
+        for (g, w) in token.iter().zip(want) {
+            assert!((*g as f64 - w).abs() < 1e-6, "{token:?} vs {want:?}");
+        }
+    }
+}

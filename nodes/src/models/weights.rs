@@ -1,0 +1,263 @@
+//! Reading checkpoints: safetensors files (single or sharded with an index) and
+//! PyTorch `.pth` pickles, into named tensors of the requested dtype and device.
+//! Every failure names the file and, where there is one, the tensor.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{what} in {location}: {message}")]
+    Model {
+        what: String,
+        location: String,
+        message: String,
+    },
+}
+
+impl LoadError {
+    pub fn file(path: &Path, message: impl std::fmt::Display) -> LoadError {
+        LoadError::File {
+            path: path.to_path_buf(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Named tensors from one or more files, already in the target dtype and device.
+pub struct Weights {
+    tensors: HashMap<String, Tensor>,
+    files: Vec<PathBuf>,
+    dtype: DType,
+    device: Device,
+}
+
+impl Weights {
+    /// The safetensors weights of a component folder: `<stem>.safetensors`, or the
+    /// shards listed in `<stem>.safetensors.index.json`.
+    pub fn from_folder(dir: &Path, stems: &[&str], dtype: DType, device: &Device) -> Result<Weights, LoadError> {
+        for stem in stems {
+            let single = dir.join(format!("{stem}.safetensors"));
+            if single.is_file() {
+                return Weights::from_safetensors(&[single], dtype, device);
+            }
+            let index = dir.join(format!("{stem}.safetensors.index.json"));
+            if index.is_file() {
+                return Weights::from_safetensors(&shards(&index)?, dtype, device);
+            }
+        }
+        Err(LoadError::file(
+            dir,
+            format!(
+                "no weights: expected {}",
+                stems
+                    .iter()
+                    .map(|s| format!("{s}.safetensors or {s}.safetensors.index.json"))
+                    .collect::<Vec<_>>()
+                    .join(", or ")
+            ),
+        ))
+    }
+
+    pub fn from_safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Weights, LoadError> {
+        let mut tensors = HashMap::new();
+        for file in files {
+            let loaded = candle_core::safetensors::load(file, &Device::Cpu)
+                .map_err(|e| LoadError::file(file, format!("not a readable safetensors file: {e}")))?;
+            for (name, t) in loaded {
+                let t = convert(t, dtype, device).map_err(|e| LoadError::file(file, format!("tensor {name}: {e}")))?;
+                tensors.insert(name, t);
+            }
+        }
+        Ok(Weights {
+            tensors,
+            files: files.to_vec(),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// A PyTorch checkpoint; tensors under `key` (e.g. `state_dict`) when present.
+    pub fn from_pth(file: &Path, key: Option<&str>, dtype: DType, device: &Device) -> Result<Weights, LoadError> {
+        let read = |k| candle_core::pickle::read_all_with_key(file, k);
+        let list = match key {
+            Some(k) => read(Some(k)).or_else(|_| read(None)),
+            None => read(None),
+        }
+        .map_err(|e| LoadError::file(file, format!("not a readable PyTorch checkpoint: {e}")))?;
+        if list.is_empty() {
+            return Err(LoadError::file(file, "the checkpoint holds no tensors"));
+        }
+        let mut tensors = HashMap::new();
+        for (name, t) in list {
+            let t = convert(t, dtype, device).map_err(|e| LoadError::file(file, format!("tensor {name}: {e}")))?;
+            tensors.insert(name, t);
+        }
+        Ok(Weights {
+            tensors,
+            files: vec![file.to_path_buf()],
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Tensor> {
+        self.tensors.remove(name)
+    }
+
+    pub fn insert(&mut self, name: impl Into<String>, t: Tensor) {
+        self.tensors.insert(name.into(), t);
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Where the tensors came from, for messages.
+    pub fn location(&self) -> String {
+        match self.files.as_slice() {
+            [one] => one.display().to_string(),
+            many => {
+                let dir = many
+                    .first()
+                    .and_then(|f| f.parent())
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default();
+                format!("{dir} ({} files)", many.len())
+            }
+        }
+    }
+
+    /// A VarBuilder over these tensors; shape mismatches and missing names become
+    /// candle errors that [`Weights::model_error`] puts in context.
+    pub fn var_builder(&self) -> VarBuilder<'static> {
+        VarBuilder::from_tensors(self.tensors.clone(), self.dtype, &self.device)
+    }
+
+    pub fn model_error(&self, what: &str, e: candle_core::Error) -> LoadError {
+        LoadError::Model {
+            what: what.to_string(),
+            location: self.location(),
+            message: e.to_string(),
+        }
+    }
+}
+
+fn convert(t: Tensor, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    // Integer buffers (position ids and the like) keep their type.
+    let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
+    t.to_device(device)
+}
+
+/// The shard files named by a `*.safetensors.index.json` (`weight_map`).
+fn shards(index: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let text = std::fs::read_to_string(index).map_err(|e| LoadError::file(index, e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| LoadError::file(index, format!("not valid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| LoadError::file(index, "no `weight_map` object"))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|v| v.as_str())
+        .map(|f| dir.join(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+        return Err(LoadError::file(index, format!("lists {} which does not exist", missing.display())));
+    }
+    Ok(files)
+}
+
+/// Reads a component's `config.json` into its config struct.
+pub fn read_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T, LoadError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| LoadError::file(&path, e))?;
+    parse_json(&path, &text)
+}
+
+/// JSON as diffusers writes it: `Infinity`, `-Infinity` and `NaN` are accepted
+/// (they are not JSON, but diffusers' configs contain them).
+pub fn parse_json<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, LoadError> {
+    let cleaned = replace_non_json_numbers(text);
+    serde_json::from_str(&cleaned).map_err(|e| LoadError::file(path, format!("invalid config: {e}")))
+}
+
+fn replace_non_json_numbers(text: &str) -> String {
+    // Outside strings only: the tokens become large finite numbers or null.
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        }
+        let replaced = [("-Infinity", "-1e308"), ("Infinity", "1e308"), ("NaN", "null")]
+            .iter()
+            .find(|(token, _)| rest.starts_with(token));
+        match replaced {
+            Some((token, with)) => {
+                out.push_str(with);
+                rest = &rest[token.len()..];
+            }
+            None => {
+                out.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diffusers_non_json_numbers_are_read() {
+        #[derive(serde::Deserialize)]
+        struct C {
+            lambda_min_clipped: f64,
+            name: String,
+        }
+        let c: C = parse_json(Path::new("x"), r#"{"lambda_min_clipped": -Infinity, "name": "NaN -Infinity"}"#).unwrap();
+        assert!(c.lambda_min_clipped < -1e300);
+        assert_eq!(c.name, "NaN -Infinity");
+    }
+}
