@@ -4,4 +4,5 @@
 
 pub mod pixart;
 pub mod t5;
+pub mod vae;
 pub mod weights;

@@ -1,0 +1,221 @@
+//! Samplers for PixArt-α: DPM-Solver++ (the pipeline's default), DDIM, and the
+//! official IDDPM ancestral sampler that uses the learned variance.
+//!
+//! A [`SchedulerConfig`] comes from `scheduler_config.json` (or a scheduler node);
+//! [`SchedulerConfig::start`] gives a [`Sampler`] holding the state of one sampling
+//! run.
+
+mod ddim;
+mod dpm_solver;
+mod iddpm;
+
+pub use ddim::Ddim;
+pub use dpm_solver::DpmSolverPP;
+pub use iddpm::Iddpm;
+
+use candle_core::{Result, Tensor};
+use serde::Deserialize;
+
+/// The training noise schedule and the solver settings, as diffusers' configs
+/// write them (unknown keys are ignored, missing ones take diffusers' defaults).
+#[derive(Clone, Debug, Deserialize)]
+pub struct SchedulerConfig {
+    #[serde(rename = "_class_name", default = "default_class")]
+    pub class_name: String,
+    #[serde(default = "default_train_steps")]
+    pub num_train_timesteps: usize,
+    #[serde(default = "default_beta_start")]
+    pub beta_start: f64,
+    #[serde(default = "default_beta_end")]
+    pub beta_end: f64,
+    #[serde(default = "default_beta_schedule")]
+    pub beta_schedule: String,
+    #[serde(default = "default_prediction")]
+    pub prediction_type: String,
+    #[serde(default = "default_order")]
+    pub solver_order: usize,
+    #[serde(default = "default_algorithm")]
+    pub algorithm_type: String,
+    #[serde(default = "default_solver_type")]
+    pub solver_type: String,
+    #[serde(default = "yes")]
+    pub lower_order_final: bool,
+    #[serde(default = "default_spacing")]
+    pub timestep_spacing: String,
+    #[serde(default)]
+    pub steps_offset: usize,
+    #[serde(default)]
+    pub final_sigmas_type: Option<String>,
+    #[serde(default)]
+    pub use_karras_sigmas: bool,
+    #[serde(default)]
+    pub thresholding: bool,
+    /// DDIM only.
+    #[serde(default = "yes")]
+    pub clip_sample: bool,
+    #[serde(default = "one")]
+    pub clip_sample_range: f64,
+    #[serde(default = "yes")]
+    pub set_alpha_to_one: bool,
+}
+
+fn default_class() -> String {
+    "DPMSolverMultistepScheduler".into()
+}
+fn default_train_steps() -> usize {
+    1000
+}
+fn default_beta_start() -> f64 {
+    1e-4
+}
+fn default_beta_end() -> f64 {
+    0.02
+}
+fn default_beta_schedule() -> String {
+    "linear".into()
+}
+fn default_prediction() -> String {
+    "epsilon".into()
+}
+fn default_order() -> usize {
+    2
+}
+fn default_algorithm() -> String {
+    "dpmsolver++".into()
+}
+fn default_solver_type() -> String {
+    "midpoint".into()
+}
+fn default_spacing() -> String {
+    "linspace".into()
+}
+fn yes() -> bool {
+    true
+}
+fn one() -> f64 {
+    1.0
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("all fields have defaults")
+    }
+}
+
+/// The samplers a workflow can name.
+pub const SAMPLER_NAMES: &[&str] = &["dpm_solver++", "ddim", "iddpm"];
+
+impl SchedulerConfig {
+    /// The sampler a diffusers config names by its class.
+    pub fn default_sampler(&self) -> &'static str {
+        match self.class_name.as_str() {
+            "DDIMScheduler" => "ddim",
+            _ => "dpm_solver++",
+        }
+    }
+
+    /// Checks what this implementation supports, with a clear message otherwise.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.beta_schedule != "linear" && self.beta_schedule != "scaled_linear" {
+            return Err(format!("beta_schedule {:?} is not supported (linear, scaled_linear)", self.beta_schedule));
+        }
+        if self.prediction_type != "epsilon" {
+            return Err(format!("prediction_type {:?} is not supported (epsilon)", self.prediction_type));
+        }
+        if self.use_karras_sigmas || self.thresholding {
+            return Err("Karras sigmas and thresholding are not supported".into());
+        }
+        Ok(())
+    }
+
+    /// diffusers' `betas` (float32) and their cumulative product (accumulated in
+    /// double, stored in float32, as torch.cumprod on the CPU does).
+    pub fn alphas_cumprod(&self) -> Vec<f32> {
+        let n = self.num_train_timesteps;
+        let betas: Vec<f32> = match self.beta_schedule.as_str() {
+            "scaled_linear" => linspace_f32(self.beta_start.sqrt() as f32, self.beta_end.sqrt() as f32, n)
+                .into_iter()
+                .map(|b| b * b)
+                .collect(),
+            _ => linspace_f32(self.beta_start as f32, self.beta_end as f32, n),
+        };
+        let mut acc = 1f64;
+        betas
+            .iter()
+            .map(|b| {
+                acc *= f64::from(1.0 - b);
+                acc as f32
+            })
+            .collect()
+    }
+
+    pub fn start(&self, sampler: &str, steps: usize) -> std::result::Result<Box<dyn Sampler>, String> {
+        self.check()?;
+        if steps == 0 || steps > self.num_train_timesteps {
+            return Err(format!("steps must be 1..={}", self.num_train_timesteps));
+        }
+        Ok(match sampler {
+            "dpm_solver++" => Box::new(DpmSolverPP::new(self, steps)?),
+            "ddim" => Box::new(Ddim::new(self, steps)),
+            "iddpm" => Box::new(Iddpm::new(self, steps)),
+            other => return Err(format!("unknown sampler {other:?}; one of {}", SAMPLER_NAMES.join(", "))),
+        })
+    }
+}
+
+/// torch.linspace in float32: from both ends towards the middle.
+fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (n - 1) as f32;
+    let half = n / 2;
+    (0..n)
+        .map(|i| {
+            if i < half {
+                start + step * i as f32
+            } else {
+                end - step * (n - 1 - i) as f32
+            }
+        })
+        .collect()
+}
+
+/// One sampling run's state.
+pub trait Sampler: Send {
+    /// The model's timesteps, in sampling order.
+    fn timesteps(&self) -> &[f64];
+
+    /// What the initial noise is multiplied by.
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    /// Whether `step` wants the variance half of a learned-σ output (8 channels)
+    /// rather than only ε.
+    fn uses_variance(&self) -> bool {
+        false
+    }
+
+    /// Whether the next step draws fresh noise (ancestral samplers).
+    fn needs_noise(&self) -> bool {
+        false
+    }
+
+    /// Advances one step: `model_output` at `timesteps()[i]` for the current `sample`.
+    fn step(&mut self, model_output: &Tensor, sample: &Tensor, noise: Option<&Tensor>) -> Result<Tensor>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linspace_matches_torch_endpoints() {
+        let v = linspace_f32(1e-4, 0.02, 1000);
+        assert_eq!(v[0], 1e-4f32);
+        assert_eq!(v[999], 0.02f32);
+        let ac = SchedulerConfig::default().alphas_cumprod();
+        assert!((ac[999] - 4.035e-5).abs() < 1e-7, "{}", ac[999]);
+    }
+}
