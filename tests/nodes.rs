@@ -21,7 +21,8 @@ async fn run_in(wf: &Workflow, dir: &Path) -> RunReport {
 
 fn tensor(report: &RunReport, node: &str, output: &str) -> Tensor {
     match report.output(node, output) {
-        Some(Value::Tensor(t) | Value::Image(t) | Value::Latents(t)) => t.clone(),
+        Some(Value::Tensor(t) | Value::Image(t)) => t.clone(),
+        Some(Value::Latents(l)) => l.tensor.clone(),
         other => panic!("{node}.{output}: {other:?}"),
     }
 }

@@ -7,6 +7,7 @@ pub mod literal;
 pub mod math;
 pub mod models;
 pub mod noise;
+pub mod pixart;
 pub mod schedulers;
 pub mod tensor_io;
 pub mod text;

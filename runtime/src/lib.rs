@@ -17,7 +17,7 @@ pub use node::{Inputs, Node, NodeContext, NodeError, Outputs};
 pub use registry::Registry;
 pub use spec::{InputSpec, NodeSpec, OutputSpec};
 pub use types::PortType;
-pub use value::{Conditioning, Handle, Value};
+pub use value::{Conditioning, Handle, Latents, Value};
 pub use workflow::{load_workflow, load_workflow_file, LoadOptions, Workflow, WorkflowError};
 
 /// Re-exported so nodes and tests use the same tensor type as the runtime.

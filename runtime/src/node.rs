@@ -2,7 +2,7 @@
 
 use crate::events::Event;
 use crate::spec::NodeSpec;
-use crate::value::{Conditioning, Value};
+use crate::value::{Conditioning, Latents, Value};
 use candle_core::Tensor;
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
@@ -262,14 +262,15 @@ impl Inputs {
 
     pub fn tensor(&self, name: &str) -> Result<&Tensor, NodeError> {
         match self.required(name)? {
-            Value::Tensor(t) | Value::Latents(t) => Ok(t),
+            Value::Tensor(t) => Ok(t),
+            Value::Latents(l) => Ok(&l.tensor),
             v => Err(Self::wrong(name, "Tensor", v)),
         }
     }
 
-    pub fn latents(&self, name: &str) -> Result<&Tensor, NodeError> {
+    pub fn latents(&self, name: &str) -> Result<&Latents, NodeError> {
         match self.required(name)? {
-            Value::Latents(t) => Ok(t),
+            Value::Latents(l) => Ok(l),
             v => Err(Self::wrong(name, "Latents", v)),
         }
     }

@@ -14,6 +14,25 @@ pub struct Conditioning {
     pub mask: Tensor,
 }
 
+/// Latents `[batch, channels, height, width]` in the model's (scaled) latent space.
+#[derive(Clone, Debug)]
+pub struct Latents {
+    pub tensor: Tensor,
+    /// The pixel size (height, width) the decoded image should finally have, when
+    /// it differs from the latents' own size times the VAE factor (a sampler that
+    /// generated at a binned resolution sets it; the decoder resizes and crops).
+    pub image_size: Option<(usize, usize)>,
+}
+
+impl Latents {
+    pub fn new(tensor: Tensor) -> Latents {
+        Latents {
+            tensor,
+            image_size: None,
+        }
+    }
+}
+
 /// An opaque, shared model handle (a loaded T5, a DiT, a scheduler …).
 #[derive(Clone)]
 pub struct Handle {
@@ -25,11 +44,12 @@ pub struct Handle {
 
 impl Handle {
     pub fn new<T: Any + Send + Sync>(kind: PortType, bytes: usize, inner: T) -> Handle {
-        Handle {
-            kind,
-            bytes,
-            inner: Arc::new(inner),
-        }
+        Handle::shared(kind, bytes, Arc::new(inner))
+    }
+
+    /// A handle to an object that is already shared (e.g. held by a model cache).
+    pub fn shared<T: Any + Send + Sync>(kind: PortType, bytes: usize, inner: Arc<T>) -> Handle {
+        Handle { kind, bytes, inner }
     }
 
     pub fn downcast<T: Any + Send + Sync>(&self) -> Option<&T> {
@@ -53,7 +73,7 @@ pub enum Value {
     Path(PathBuf),
     List(Vec<Value>),
     Tensor(Tensor),
-    Latents(Tensor),
+    Latents(Latents),
     /// f32 `[batch, height, width, channels]`, values in 0..=1.
     Image(Tensor),
     Conditioning(Conditioning),
@@ -114,7 +134,7 @@ impl Value {
         match (self, ty) {
             (Value::Int(i), PortType::Float) => Ok(Value::Float(i as f64)),
             (Value::String(s), PortType::Path) => Ok(Value::Path(PathBuf::from(s))),
-            (Value::Latents(t), PortType::Tensor) => Ok(Value::Tensor(t)),
+            (Value::Latents(l), PortType::Tensor) => Ok(Value::Tensor(l.tensor)),
             (Value::List(items), PortType::List(item)) => {
                 let mut out = Vec::with_capacity(items.len());
                 let mut iter = items.into_iter();
@@ -155,7 +175,8 @@ impl Value {
             Value::String(s) => s.len() + 24,
             Value::Path(p) => p.as_os_str().len() + 24,
             Value::List(items) => items.iter().map(Value::approx_bytes).sum::<usize>() + 24,
-            Value::Tensor(t) | Value::Latents(t) | Value::Image(t) => tensor_bytes(t),
+            Value::Tensor(t) | Value::Image(t) => tensor_bytes(t),
+            Value::Latents(l) => tensor_bytes(&l.tensor),
             Value::Conditioning(c) => tensor_bytes(&c.embeddings) + tensor_bytes(&c.mask),
             Value::Handle(h) => h.bytes,
             Value::Int(_) | Value::Float(_) | Value::Bool(_) => 8,
@@ -227,12 +248,14 @@ impl Value {
             Value::String(s) => J::from(s.as_str()),
             Value::Path(p) => J::from(p.display().to_string()),
             Value::List(items) => J::Array(items.iter().map(Value::to_json).collect()),
-            Value::Tensor(t) | Value::Latents(t) | Value::Image(t) => J::from(format!(
-                "{} {:?} {:?}",
-                self.kind_name(),
-                t.dtype(),
-                t.dims()
-            )),
+            Value::Tensor(t) | Value::Image(t) | Value::Latents(Latents { tensor: t, .. }) => {
+                J::from(format!(
+                    "{} {:?} {:?}",
+                    self.kind_name(),
+                    t.dtype(),
+                    t.dims()
+                ))
+            }
             Value::Conditioning(c) => J::from(format!("Conditioning {:?}", c.embeddings.dims())),
             Value::Handle(h) => J::from(format!("{h:?}")),
         }

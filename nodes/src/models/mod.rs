@@ -2,7 +2,9 @@
 //! `Config` read from the checkpoint's `config.json` and modules named after the
 //! checkpoint's weight prefixes.
 
+pub mod cache;
 pub mod pixart;
 pub mod t5;
+pub mod tokenizer;
 pub mod vae;
 pub mod weights;

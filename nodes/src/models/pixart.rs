@@ -67,7 +67,8 @@ impl Config {
 
     /// diffusers: on when `sample_size == 128` (the 1024 multi-scale model) unless set.
     pub fn additional_conditions(&self) -> bool {
-        self.use_additional_conditions.unwrap_or(self.sample_size == 128)
+        self.use_additional_conditions
+            .unwrap_or(self.sample_size == 128)
     }
 
     pub fn interpolation_scale(&self) -> f64 {
@@ -89,11 +90,13 @@ impl Config {
                 return Err(format!("_class_name {class:?} is not a PixArt transformer"));
             }
         }
-        if self.hidden() % 4 != 0 {
+        if !self.hidden().is_multiple_of(4) {
             return Err("the hidden size must divide by 4 (2-D sin-cos position embedding)".into());
         }
-        if self.additional_conditions() && self.hidden() % 3 != 0 {
-            return Err("the hidden size must divide by 3 (size and aspect-ratio conditions)".into());
+        if self.additional_conditions() && !self.hidden().is_multiple_of(3) {
+            return Err(
+                "the hidden size must divide by 3 (size and aspect-ratio conditions)".into(),
+            );
         }
         Ok(())
     }
@@ -105,7 +108,9 @@ fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.to_dtype(DType::F32)?;
     let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    centred.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
+    centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .to_dtype(dtype)
 }
 
 /// `get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0)`:
@@ -113,17 +118,29 @@ fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
 pub fn timestep_sinusoid(t: &Tensor, channels: usize) -> Result<Tensor> {
     let half = channels / 2;
     let ln = -(10000f64.ln()) as f32;
-    let freqs: Vec<f32> = (0..half).map(|i| (ln * i as f32 / half as f32).exp()).collect();
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (ln * i as f32 / half as f32).exp())
+        .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
-    let args = t.to_dtype(DType::F32)?.reshape(((), 1))?.broadcast_mul(&freqs)?;
+    let args = t
+        .to_dtype(DType::F32)?
+        .reshape(((), 1))?
+        .broadcast_mul(&freqs)?;
     Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)
 }
 
 /// The 2-D sin-cos position embedding of diffusers' `get_2d_sincos_pos_embed`:
 /// `[h·w, dim]`, rows in patch order; the first half encodes the column, the
 /// second the row. Grid coordinates in f32, the rest in f64.
-pub fn sincos_2d(dim: usize, grid_h: usize, grid_w: usize, base_size: f64, interpolation_scale: f64) -> Vec<f32> {
-    let coord = |i: usize, n: usize| i as f32 / (n as f64 / base_size) as f32 / interpolation_scale as f32;
+pub fn sincos_2d(
+    dim: usize,
+    grid_h: usize,
+    grid_w: usize,
+    base_size: f64,
+    interpolation_scale: f64,
+) -> Vec<f32> {
+    let coord =
+        |i: usize, n: usize| i as f32 / (n as f64 / base_size) as f32 / interpolation_scale as f32;
     let quarter = dim / 4;
     let omega: Vec<f64> = (0..quarter)
         .map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64))
@@ -196,18 +213,33 @@ impl AdaLnSingle {
     }
 
     /// Returns (the 6·D modulation, the embedded timestep).
-    fn forward(&self, t: &Tensor, sizes: Option<&SizeConditions>, dtype: DType) -> Result<(Tensor, Tensor)> {
+    fn forward(
+        &self,
+        t: &Tensor,
+        sizes: Option<&SizeConditions>,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
         let batch = t.dim(0)?;
-        let mut emb = self.timestep_embedder.forward(&timestep_sinusoid(t, 256)?.to_dtype(dtype)?)?;
-        if let (Some(res_mlp), Some(ar_mlp)) = (&self.resolution_embedder, &self.aspect_ratio_embedder) {
+        let mut emb = self
+            .timestep_embedder
+            .forward(&timestep_sinusoid(t, 256)?.to_dtype(dtype)?)?;
+        if let (Some(res_mlp), Some(ar_mlp)) =
+            (&self.resolution_embedder, &self.aspect_ratio_embedder)
+        {
             let Some(sizes) = sizes else {
-                candle_core::bail!("this transformer needs the resolution and aspect-ratio conditions");
+                candle_core::bail!(
+                    "this transformer needs the resolution and aspect-ratio conditions"
+                );
             };
             let res = res_mlp
-                .forward(&timestep_sinusoid(&sizes.resolution.flatten_all()?, 256)?.to_dtype(dtype)?)?
+                .forward(
+                    &timestep_sinusoid(&sizes.resolution.flatten_all()?, 256)?.to_dtype(dtype)?,
+                )?
                 .reshape((batch, ()))?;
             let ar = ar_mlp
-                .forward(&timestep_sinusoid(&sizes.aspect_ratio.flatten_all()?, 256)?.to_dtype(dtype)?)?
+                .forward(
+                    &timestep_sinusoid(&sizes.aspect_ratio.flatten_all()?, 256)?.to_dtype(dtype)?,
+                )?
                 .reshape((batch, ()))?;
             emb = (emb + Tensor::cat(&[res, ar], 1)?)?;
         }
@@ -240,7 +272,9 @@ impl Attention {
 
     fn heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
-        x.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        x.reshape((b, n, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
     }
 
     /// `bias`: additive `[batch, 1, 1, keys]` (masked cross-attention) or none.
@@ -299,9 +333,18 @@ impl Block {
     }
 
     /// `t6`: `[batch, 6·D]` from adaLN-single.
-    fn forward(&self, x: &Tensor, t6: &Tensor, text: &Tensor, text_bias: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        t6: &Tensor,
+        text: &Tensor,
+        text_bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, _, d) = x.dims3()?;
-        let mods = self.scale_shift_table.unsqueeze(0)?.broadcast_add(&t6.reshape((b, 6, d))?)?;
+        let mods = self
+            .scale_shift_table
+            .unsqueeze(0)?
+            .broadcast_add(&t6.reshape((b, 6, d))?)?;
         let m = |i: usize| mods.narrow(1, i, 1);
         let (shift_msa, scale_msa, gate_msa) = (m(0)?, m(1)?, m(2)?);
         let (shift_mlp, scale_mlp, gate_mlp) = (m(3)?, m(4)?, m(5)?);
@@ -399,14 +442,22 @@ impl PixArtTransformer {
             .caption_linear_2
             .forward(&self.caption_linear_1.forward(&text)?.gelu()?)?;
         let text_bias = match text_mask {
-            Some(m) => Some(((1.0 - m.to_dtype(DType::F32)?)? * -10000.0)?.to_dtype(self.dtype)?.unsqueeze(1)?.unsqueeze(1)?),
+            Some(m) => Some(
+                ((1.0 - m.to_dtype(DType::F32)?)? * -10000.0)?
+                    .to_dtype(self.dtype)?
+                    .unsqueeze(1)?
+                    .unsqueeze(1)?,
+            ),
             None => None,
         };
         for block in &self.blocks {
             x = block.forward(&x, &t6, &text, text_bias.as_ref())?;
         }
 
-        let mods = self.scale_shift_table.unsqueeze(0)?.broadcast_add(&embedded_t.unsqueeze(1)?)?;
+        let mods = self
+            .scale_shift_table
+            .unsqueeze(0)?
+            .broadcast_add(&embedded_t.unsqueeze(1)?)?;
         let (shift, scale) = (mods.narrow(1, 0, 1)?, mods.narrow(1, 1, 1)?);
         let x = modulate(&layer_norm(&x, self.cfg.norm_eps)?, &shift, &scale)?;
         let x = self.proj_out.forward(&x)?; // [B, gh·gw, p·p·C]
@@ -430,26 +481,49 @@ pub fn convert_official(w: &mut Weights) -> std::result::Result<Option<Tensor>, 
     };
     let renames = [
         ("x_embedder.proj", "pos_embed.proj"),
-        ("t_embedder.mlp.0", "adaln_single.emb.timestep_embedder.linear_1"),
-        ("t_embedder.mlp.2", "adaln_single.emb.timestep_embedder.linear_2"),
+        (
+            "t_embedder.mlp.0",
+            "adaln_single.emb.timestep_embedder.linear_1",
+        ),
+        (
+            "t_embedder.mlp.2",
+            "adaln_single.emb.timestep_embedder.linear_2",
+        ),
         ("t_block.1", "adaln_single.linear"),
-        ("csize_embedder.mlp.0", "adaln_single.emb.resolution_embedder.linear_1"),
-        ("csize_embedder.mlp.2", "adaln_single.emb.resolution_embedder.linear_2"),
-        ("ar_embedder.mlp.0", "adaln_single.emb.aspect_ratio_embedder.linear_1"),
-        ("ar_embedder.mlp.2", "adaln_single.emb.aspect_ratio_embedder.linear_2"),
+        (
+            "csize_embedder.mlp.0",
+            "adaln_single.emb.resolution_embedder.linear_1",
+        ),
+        (
+            "csize_embedder.mlp.2",
+            "adaln_single.emb.resolution_embedder.linear_2",
+        ),
+        (
+            "ar_embedder.mlp.0",
+            "adaln_single.emb.aspect_ratio_embedder.linear_1",
+        ),
+        (
+            "ar_embedder.mlp.2",
+            "adaln_single.emb.aspect_ratio_embedder.linear_2",
+        ),
         ("y_embedder.y_proj.fc1", "caption_projection.linear_1"),
         ("y_embedder.y_proj.fc2", "caption_projection.linear_2"),
         ("final_layer.linear", "proj_out"),
     ];
     let names: Vec<String> = w.names().map(str::to_string).collect();
     if !names.iter().any(|n| n.starts_with("x_embedder.")) {
-        return Err(err("no `x_embedder.proj.weight`: not an official PixArt-α checkpoint".into()));
+        return Err(err(
+            "no `x_embedder.proj.weight`: not an official PixArt-α checkpoint".into(),
+        ));
     }
     let null_caption = w.remove("y_embedder.y_embedding");
     w.remove("pos_embed");
     for name in names {
         let Some(t) = w.remove(&name) else { continue };
-        if let Some((from, to)) = renames.iter().find(|(from, _)| name.starts_with(&format!("{from}."))) {
+        if let Some((from, to)) = renames
+            .iter()
+            .find(|(from, _)| name.starts_with(&format!("{from}.")))
+        {
             w.insert(format!("{to}{}", &name[from.len()..]), t);
             continue;
         }
@@ -461,7 +535,9 @@ pub fn convert_official(w: &mut Weights) -> std::result::Result<Option<Tensor>, 
             w.insert(name, t); // unknown: left for the loader to ignore or report
             continue;
         };
-        let (i, field) = rest.split_once('.').ok_or_else(|| err(format!("unexpected tensor {name}")))?;
+        let (i, field) = rest
+            .split_once('.')
+            .ok_or_else(|| err(format!("unexpected tensor {name}")))?;
         let block = format!("transformer_blocks.{i}");
         let split = |t: &Tensor, parts: usize| -> std::result::Result<Vec<Tensor>, LoadError> {
             t.chunk(parts, 0)
@@ -479,17 +555,29 @@ pub fn convert_official(w: &mut Weights) -> std::result::Result<Option<Tensor>, 
             "scale_shift_table" => w.insert(format!("{block}.scale_shift_table"), t),
             f if f.starts_with("attn.qkv.") => {
                 for (part, x) in ["to_q", "to_k", "to_v"].iter().zip(split(&t, 3)?) {
-                    w.insert(format!("{block}.attn1.{part}.{kind}"), x.contiguous().map_err(|e| err(e.to_string()))?);
+                    w.insert(
+                        format!("{block}.attn1.{part}.{kind}"),
+                        x.contiguous().map_err(|e| err(e.to_string()))?,
+                    );
                 }
             }
-            f if f.starts_with("attn.proj.") => w.insert(format!("{block}.attn1.to_out.0.{kind}"), t),
-            f if f.starts_with("cross_attn.q_linear.") => w.insert(format!("{block}.attn2.to_q.{kind}"), t),
+            f if f.starts_with("attn.proj.") => {
+                w.insert(format!("{block}.attn1.to_out.0.{kind}"), t)
+            }
+            f if f.starts_with("cross_attn.q_linear.") => {
+                w.insert(format!("{block}.attn2.to_q.{kind}"), t)
+            }
             f if f.starts_with("cross_attn.kv_linear.") => {
                 for (part, x) in ["to_k", "to_v"].iter().zip(split(&t, 2)?) {
-                    w.insert(format!("{block}.attn2.{part}.{kind}"), x.contiguous().map_err(|e| err(e.to_string()))?);
+                    w.insert(
+                        format!("{block}.attn2.{part}.{kind}"),
+                        x.contiguous().map_err(|e| err(e.to_string()))?,
+                    );
                 }
             }
-            f if f.starts_with("cross_attn.proj.") => w.insert(format!("{block}.attn2.to_out.0.{kind}"), t),
+            f if f.starts_with("cross_attn.proj.") => {
+                w.insert(format!("{block}.attn2.to_out.0.{kind}"), t)
+            }
             f if f.starts_with("mlp.fc1.") => w.insert(format!("{block}.ff.net.0.proj.{kind}"), t),
             f if f.starts_with("mlp.fc2.") => w.insert(format!("{block}.ff.net.2.{kind}"), t),
             _ => w.insert(name.clone(), t),
@@ -500,8 +588,15 @@ pub fn convert_official(w: &mut Weights) -> std::result::Result<Option<Tensor>, 
 
 /// A transformer config for an official checkpoint without `config.json`, read off
 /// the tensor shapes. Official models use 72-dimensional heads (XL/2: 1152 = 16 × 72).
-pub fn infer_official_config(w: &Weights, pos_embed_tokens: Option<usize>) -> std::result::Result<Config, String> {
-    let shape = |n: &str| w.get(n).map(|t| t.dims().to_vec()).ok_or_else(|| format!("missing tensor {n}"));
+pub fn infer_official_config(
+    w: &Weights,
+    pos_embed_tokens: Option<usize>,
+) -> std::result::Result<Config, String> {
+    let shape = |n: &str| {
+        w.get(n)
+            .map(|t| t.dims().to_vec())
+            .ok_or_else(|| format!("missing tensor {n}"))
+    };
     let proj = shape("pos_embed.proj.weight")?; // [D, C, p, p]
     let (d, c_in, p) = (proj[0], proj[1], proj[2]);
     if d % 72 != 0 {
@@ -515,7 +610,8 @@ pub fn infer_official_config(w: &Weights, pos_embed_tokens: Option<usize>) -> st
         .take_while(|i| w.contains(&format!("transformer_blocks.{i}.scale_shift_table")))
         .count();
     let caption = shape("caption_projection.linear_1.weight")?[1];
-    let tokens = pos_embed_tokens.ok_or("the checkpoint has no pos_embed to tell its sample size; add a config.json")?;
+    let tokens = pos_embed_tokens
+        .ok_or("the checkpoint has no pos_embed to tell its sample size; add a config.json")?;
     let side = (tokens as f64).sqrt() as usize;
     Ok(Config {
         class_name: None,
@@ -531,7 +627,9 @@ pub fn infer_official_config(w: &Weights, pos_embed_tokens: Option<usize>) -> st
         norm_eps: 1e-6,
         attention_bias: true,
         interpolation_scale: None,
-        use_additional_conditions: Some(w.contains("adaln_single.emb.resolution_embedder.linear_1.weight")),
+        use_additional_conditions: Some(
+            w.contains("adaln_single.emb.resolution_embedder.linear_1.weight"),
+        ),
         norm_type: Some("ada_norm_single".into()),
     })
 }

@@ -53,9 +53,11 @@ impl Config {
         let name = if self.feed_forward_proj == "gated-gelu" {
             "gelu_new".to_string()
         } else {
-            self.dense_act_fn
-                .clone()
-                .unwrap_or_else(|| self.feed_forward_proj.trim_start_matches("gated-").to_string())
+            self.dense_act_fn.clone().unwrap_or_else(|| {
+                self.feed_forward_proj
+                    .trim_start_matches("gated-")
+                    .to_string()
+            })
         };
         match name.as_str() {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
@@ -103,7 +105,9 @@ impl RmsNorm {
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
         let variance = x32.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = x32.broadcast_div(&(variance + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        let normed = x32
+            .broadcast_div(&(variance + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
         normed.broadcast_mul(&self.weight)
     }
 }
@@ -143,7 +147,9 @@ impl SelfAttention {
 
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
-        x.reshape((b, l, self.heads, self.d_kv))?.transpose(1, 2)?.contiguous()
+        x.reshape((b, l, self.heads, self.d_kv))?
+            .transpose(1, 2)?
+            .contiguous()
     }
 
     /// `bias`: position bias plus mask, `[batch or 1, heads, len, len]`. T5 does not
@@ -153,9 +159,15 @@ impl SelfAttention {
         let q = self.split_heads(&self.q.forward(x)?)?;
         let k = self.split_heads(&self.k.forward(x)?)?;
         let v = self.split_heads(&self.v.forward(x)?)?;
-        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?.broadcast_add(bias)?;
+        let scores = q
+            .matmul(&k.t()?)?
+            .to_dtype(DType::F32)?
+            .broadcast_add(bias)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, self.heads * self.d_kv))?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, l, self.heads * self.d_kv))?;
         self.o.forward(&out)
     }
 }
@@ -255,7 +267,11 @@ impl T5Encoder {
         Ok(T5Encoder {
             embed,
             blocks,
-            final_norm: RmsNorm::new(enc.pp("final_layer_norm"), cfg.d_model, cfg.layer_norm_epsilon)?,
+            final_norm: RmsNorm::new(
+                enc.pp("final_layer_norm"),
+                cfg.d_model,
+                cfg.layer_norm_epsilon,
+            )?,
             cfg: cfg.clone(),
             device: vb.device().clone(),
         })
@@ -275,9 +291,11 @@ impl T5Encoder {
         let (_, len) = input_ids.dims2()?;
         let mut x = self.embed.forward(input_ids)?;
         let bias = self.position_bias(len)?; // [1, heads, len, len]
-        // Padding keys get the most negative f32, as transformers' extended mask.
+                                             // Padding keys get the most negative f32, as transformers' extended mask.
         let mask = mask.to_dtype(DType::F32)?;
-        let mask_bias = ((1.0 - mask)? * f64::from(f32::MIN))?.unsqueeze(1)?.unsqueeze(1)?;
+        let mask_bias = ((1.0 - mask)? * f64::from(f32::MIN))?
+            .unsqueeze(1)?
+            .unsqueeze(1)?;
         let bias = bias.broadcast_add(&mask_bias)?;
         for block in &self.blocks {
             x = block.forward(&x, &bias)?;
@@ -297,7 +315,11 @@ impl T5Encoder {
             })
             .collect();
         let buckets = Tensor::from_vec(buckets, (len, len), &self.device)?;
-        let table = match &self.blocks.first().and_then(|b| b.attn.relative_attention_bias.as_ref()) {
+        let table = match &self
+            .blocks
+            .first()
+            .and_then(|b| b.attn.relative_attention_bias.as_ref())
+        {
             Some(t) => t.forward(&buckets)?,
             None => candle_core::bail!("T5: the first block has no relative_attention_bias"),
         };
@@ -316,7 +338,8 @@ fn relative_bucket(relative: i64, num_buckets: usize, max_distance: usize) -> us
         bucket += n;
     } else {
         // As transformers: f32 log over the f64 log of the ratio, truncated towards zero.
-        let ratio = (n as f32 / max_exact as f32).ln() / (max_distance as f64 / max_exact as f64).ln() as f32;
+        let ratio = (n as f32 / max_exact as f32).ln()
+            / (max_distance as f64 / max_exact as f64).ln() as f32;
         let large = max_exact + (ratio * (half - max_exact) as f32) as usize;
         bucket += large.min(half - 1);
     }
@@ -330,9 +353,24 @@ mod tests {
     #[test]
     fn buckets_match_transformers() {
         // Values of transformers' T5Attention._relative_position_bucket(…, True, 32, 128).
-        let cases = [(0, 0), (1, 17), (-1, 1), (7, 23), (8, 24), (-8, 8), (12, 25), (100, 31), (-200, 15), (500, 31)];
+        let cases = [
+            (0, 0),
+            (1, 17),
+            (-1, 1),
+            (7, 23),
+            (8, 24),
+            (-8, 8),
+            (12, 25),
+            (100, 31),
+            (-200, 15),
+            (500, 31),
+        ];
         for (rel, want) in cases {
-            assert_eq!(relative_bucket(rel, 32, 128), want, "relative position {rel}");
+            assert_eq!(
+                relative_bucket(rel, 32, 128),
+                want,
+                "relative position {rel}"
+            );
         }
     }
 }

@@ -67,8 +67,15 @@ impl Config {
         if self.block_out_channels.is_empty() {
             return Err("block_out_channels is empty".into());
         }
-        if let Some(bad) = self.block_out_channels.iter().find(|c| *c % self.norm_num_groups != 0) {
-            return Err(format!("{bad} channels do not divide into {} groups", self.norm_num_groups));
+        if let Some(bad) = self
+            .block_out_channels
+            .iter()
+            .find(|c| *c % self.norm_num_groups != 0)
+        {
+            return Err(format!(
+                "{bad} channels do not divide into {} groups",
+                self.norm_num_groups
+            ));
         }
         Ok(())
     }
@@ -95,7 +102,13 @@ struct ResnetBlock {
 impl ResnetBlock {
     fn new(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Result<Self> {
         let conv_shortcut = if c_in != c_out {
-            Some(conv2d(c_in, c_out, 1, Default::default(), vb.pp("conv_shortcut"))?)
+            Some(conv2d(
+                c_in,
+                c_out,
+                1,
+                Default::default(),
+                vb.pp("conv_shortcut"),
+            )?)
         } else {
             None
         };
@@ -147,13 +160,20 @@ impl AttentionBlock {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let n = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?;
+        let n = self
+            .group_norm
+            .forward(x)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?;
         let q = self.to_q.forward(&n)?;
         let k = self.to_k.forward(&n)?;
         let v = self.to_v.forward(&n)?;
         let dtype = q.dtype();
         // diffusers upcasts the softmax of the VAE's attention.
-        let scores = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? / (c as f64).sqrt())?;
+        let scores = (q
+            .to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+            / (c as f64).sqrt())?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
         let out = self.to_out.forward(&probs.matmul(&v)?)?;
         x + out.transpose(1, 2)?.reshape((b, c, h, w))?
@@ -216,7 +236,14 @@ impl Encoder {
         for (i, &c_out) in ch.iter().enumerate() {
             let vb = vb.pp(format!("down_blocks.{i}"));
             let resnets = (0..cfg.layers_per_block)
-                .map(|j| ResnetBlock::new(vb.pp(format!("resnets.{j}")), if j == 0 { c_in } else { c_out }, c_out, g))
+                .map(|j| {
+                    ResnetBlock::new(
+                        vb.pp(format!("resnets.{j}")),
+                        if j == 0 { c_in } else { c_out },
+                        c_out,
+                        g,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             let downsample = if i + 1 < ch.len() {
                 let cfg = Conv2dConfig {
@@ -227,7 +254,10 @@ impl Encoder {
             } else {
                 None
             };
-            down.push(DownBlock { resnets, downsample });
+            down.push(DownBlock {
+                resnets,
+                downsample,
+            });
             c_in = c_out;
         }
         let last = *ch.last().unwrap_or(&ch[0]);
@@ -248,7 +278,11 @@ impl Encoder {
             }
             if let Some(conv) = &block.downsample {
                 // diffusers pads right and bottom by one, then a stride-2 3×3 conv.
-                x = conv.forward(&x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?)?;
+                x = conv.forward(&x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(
+                    D::Minus2,
+                    0,
+                    1,
+                )?)?;
             }
         }
         let x = self.mid.forward(&x)?;
@@ -273,7 +307,14 @@ impl Decoder {
         for (i, &c_out) in reversed.iter().enumerate() {
             let vb = vb.pp(format!("up_blocks.{i}"));
             let resnets = (0..=cfg.layers_per_block)
-                .map(|j| ResnetBlock::new(vb.pp(format!("resnets.{j}")), if j == 0 { c_prev } else { c_out }, c_out, g))
+                .map(|j| {
+                    ResnetBlock::new(
+                        vb.pp(format!("resnets.{j}")),
+                        if j == 0 { c_prev } else { c_out },
+                        c_out,
+                        g,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             let upsample = if i + 1 < reversed.len() {
                 Some(conv3(vb.pp("upsamplers.0.conv"), c_out, c_out)?)
@@ -343,12 +384,24 @@ impl AutoencoderKl {
             encoder: Encoder::new(vb.pp("encoder"), cfg)?,
             decoder: Decoder::new(vb.pp("decoder"), cfg)?,
             quant_conv: if cfg.use_quant_conv {
-                Some(conv2d(2 * l, 2 * l, 1, Default::default(), vb.pp("quant_conv"))?)
+                Some(conv2d(
+                    2 * l,
+                    2 * l,
+                    1,
+                    Default::default(),
+                    vb.pp("quant_conv"),
+                )?)
             } else {
                 None
             },
             post_quant_conv: if cfg.use_post_quant_conv {
-                Some(conv2d(l, l, 1, Default::default(), vb.pp("post_quant_conv"))?)
+                Some(conv2d(
+                    l,
+                    l,
+                    1,
+                    Default::default(),
+                    vb.pp("post_quant_conv"),
+                )?)
             } else {
                 None
             },

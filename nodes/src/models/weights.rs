@@ -39,7 +39,12 @@ pub struct Weights {
 impl Weights {
     /// The safetensors weights of a component folder: `<stem>.safetensors`, or the
     /// shards listed in `<stem>.safetensors.index.json`.
-    pub fn from_folder(dir: &Path, stems: &[&str], dtype: DType, device: &Device) -> Result<Weights, LoadError> {
+    pub fn from_folder(
+        dir: &Path,
+        stems: &[&str],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Weights, LoadError> {
         for stem in stems {
             let single = dir.join(format!("{stem}.safetensors"));
             if single.is_file() {
@@ -63,13 +68,19 @@ impl Weights {
         ))
     }
 
-    pub fn from_safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Weights, LoadError> {
+    pub fn from_safetensors(
+        files: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Weights, LoadError> {
         let mut tensors = HashMap::new();
         for file in files {
-            let loaded = candle_core::safetensors::load(file, &Device::Cpu)
-                .map_err(|e| LoadError::file(file, format!("not a readable safetensors file: {e}")))?;
+            let loaded = candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| {
+                LoadError::file(file, format!("not a readable safetensors file: {e}"))
+            })?;
             for (name, t) in loaded {
-                let t = convert(t, dtype, device).map_err(|e| LoadError::file(file, format!("tensor {name}: {e}")))?;
+                let t = convert(t, dtype, device)
+                    .map_err(|e| LoadError::file(file, format!("tensor {name}: {e}")))?;
                 tensors.insert(name, t);
             }
         }
@@ -82,7 +93,12 @@ impl Weights {
     }
 
     /// A PyTorch checkpoint; tensors under `key` (e.g. `state_dict`) when present.
-    pub fn from_pth(file: &Path, key: Option<&str>, dtype: DType, device: &Device) -> Result<Weights, LoadError> {
+    pub fn from_pth(
+        file: &Path,
+        key: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Weights, LoadError> {
         let read = |k| candle_core::pickle::read_all_with_key(file, k);
         let list = match key {
             Some(k) => read(Some(k)).or_else(|_| read(None)),
@@ -94,7 +110,8 @@ impl Weights {
         }
         let mut tensors = HashMap::new();
         for (name, t) in list {
-            let t = convert(t, dtype, device).map_err(|e| LoadError::file(file, format!("tensor {name}: {e}")))?;
+            let t = convert(t, dtype, device)
+                .map_err(|e| LoadError::file(file, format!("tensor {name}: {e}")))?;
             tensors.insert(name, t);
         }
         Ok(Weights {
@@ -165,15 +182,19 @@ impl Weights {
 
 fn convert(t: Tensor, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
     // Integer buffers (position ids and the like) keep their type.
-    let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
+    let t = if t.dtype().is_float() {
+        t.to_dtype(dtype)?
+    } else {
+        t
+    };
     t.to_device(device)
 }
 
 /// The shard files named by a `*.safetensors.index.json` (`weight_map`).
 fn shards(index: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let text = std::fs::read_to_string(index).map_err(|e| LoadError::file(index, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| LoadError::file(index, format!("not valid JSON: {e}")))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| LoadError::file(index, format!("not valid JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -187,7 +208,10 @@ fn shards(index: &Path) -> Result<Vec<PathBuf>, LoadError> {
     files.sort();
     files.dedup();
     if let Some(missing) = files.iter().find(|f| !f.is_file()) {
-        return Err(LoadError::file(index, format!("lists {} which does not exist", missing.display())));
+        return Err(LoadError::file(
+            index,
+            format!("lists {} which does not exist", missing.display()),
+        ));
     }
     Ok(files)
 }
@@ -203,7 +227,8 @@ pub fn read_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T, Load
 /// (they are not JSON, but diffusers' configs contain them).
 pub fn parse_json<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, LoadError> {
     let cleaned = replace_non_json_numbers(text);
-    serde_json::from_str(&cleaned).map_err(|e| LoadError::file(path, format!("invalid config: {e}")))
+    serde_json::from_str(&cleaned)
+        .map_err(|e| LoadError::file(path, format!("invalid config: {e}")))
 }
 
 fn replace_non_json_numbers(text: &str) -> String {
@@ -228,9 +253,13 @@ fn replace_non_json_numbers(text: &str) -> String {
         if c == '"' {
             in_string = true;
         }
-        let replaced = [("-Infinity", "-1e308"), ("Infinity", "1e308"), ("NaN", "null")]
-            .iter()
-            .find(|(token, _)| rest.starts_with(token));
+        let replaced = [
+            ("-Infinity", "-1e308"),
+            ("Infinity", "1e308"),
+            ("NaN", "null"),
+        ]
+        .iter()
+        .find(|(token, _)| rest.starts_with(token));
         match replaced {
             Some((token, with)) => {
                 out.push_str(with);
@@ -256,7 +285,11 @@ mod tests {
             lambda_min_clipped: f64,
             name: String,
         }
-        let c: C = parse_json(Path::new("x"), r#"{"lambda_min_clipped": -Infinity, "name": "NaN -Infinity"}"#).unwrap();
+        let c: C = parse_json(
+            Path::new("x"),
+            r#"{"lambda_min_clipped": -Infinity, "name": "NaN -Infinity"}"#,
+        )
+        .unwrap();
         assert!(c.lambda_min_clipped < -1e300);
         assert_eq!(c.name, "NaN -Infinity");
     }

@@ -24,17 +24,26 @@ impl Ddim {
                 .collect(),
             "trailing" => {
                 let ratio = n as f64 / steps as f64;
-                (0..steps).map(|i| (n as f64 - i as f64 * ratio).round() as usize - 1).collect()
+                (0..steps)
+                    .map(|i| (n as f64 - i as f64 * ratio).round() as usize - 1)
+                    .collect()
             }
             _ => {
                 let ratio = n / steps;
-                (0..steps).rev().map(|i| i * ratio + cfg.steps_offset).collect()
+                (0..steps)
+                    .rev()
+                    .map(|i| i * ratio + cfg.steps_offset)
+                    .collect()
             }
         };
         let alphas_cumprod = cfg.alphas_cumprod();
         Ddim {
             timesteps: ts.iter().map(|&t| t as f64).collect(),
-            final_alpha_cumprod: if cfg.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] },
+            final_alpha_cumprod: if cfg.set_alpha_to_one {
+                1.0
+            } else {
+                alphas_cumprod[0]
+            },
             alphas_cumprod,
             step_size: n / steps,
             clip: cfg.clip_sample.then_some(cfg.clip_sample_range),

@@ -29,7 +29,11 @@ fn timesteps_for(cfg: &SchedulerConfig, steps: usize) -> std::result::Result<Vec
             .collect(),
         "leading" => {
             let ratio = n / (steps + 1);
-            (0..=steps).rev().take(steps).map(|i| i * ratio + cfg.steps_offset).collect()
+            (0..=steps)
+                .rev()
+                .take(steps)
+                .map(|i| i * ratio + cfg.steps_offset)
+                .collect()
         }
         "trailing" => {
             let ratio = n as f64 / steps as f64;
@@ -44,10 +48,16 @@ fn timesteps_for(cfg: &SchedulerConfig, steps: usize) -> std::result::Result<Vec
 impl DpmSolverPP {
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> std::result::Result<Self, String> {
         if cfg.algorithm_type != "dpmsolver++" {
-            return Err(format!("algorithm_type {:?} is not supported (dpmsolver++)", cfg.algorithm_type));
+            return Err(format!(
+                "algorithm_type {:?} is not supported (dpmsolver++)",
+                cfg.algorithm_type
+            ));
         }
         if !(1..=2).contains(&cfg.solver_order) {
-            return Err(format!("solver_order {} is not supported (1 or 2)", cfg.solver_order));
+            return Err(format!(
+                "solver_order {} is not supported (1 or 2)",
+                cfg.solver_order
+            ));
         }
         let ac = cfg.alphas_cumprod();
         let all_sigmas: Vec<f32> = ac.iter().map(|a| ((1.0 - a) / a).sqrt()).collect();

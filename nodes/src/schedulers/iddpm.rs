@@ -44,7 +44,13 @@ impl Iddpm {
         // The original builds its betas with numpy's float64 linspace.
         let step = (cfg.beta_end - cfg.beta_start) / (n - 1).max(1) as f64;
         let base_betas: Vec<f64> = (0..n)
-            .map(|i| if i + 1 == n { cfg.beta_end } else { i as f64 * step + cfg.beta_start })
+            .map(|i| {
+                if i + 1 == n {
+                    cfg.beta_end
+                } else {
+                    i as f64 * step + cfg.beta_start
+                }
+            })
             .collect();
         let mut base_ac = Vec::with_capacity(n);
         let mut acc = 1.0;
@@ -66,18 +72,30 @@ impl Iddpm {
             acc *= 1.0 - b;
             ac.push(acc);
         }
-        let ac_prev: Vec<f64> = std::iter::once(1.0).chain(ac[..k - 1].iter().copied()).collect();
-        let post_var: Vec<f64> = (0..k).map(|i| betas[i] * (1.0 - ac_prev[i]) / (1.0 - ac[i])).collect();
+        let ac_prev: Vec<f64> = std::iter::once(1.0)
+            .chain(ac[..k - 1].iter().copied())
+            .collect();
+        let post_var: Vec<f64> = (0..k)
+            .map(|i| betas[i] * (1.0 - ac_prev[i]) / (1.0 - ac[i]))
+            .collect();
         // log of the posterior variance, its first entry (zero) replaced by the second.
         let min_log: Vec<f64> = (0..k)
-            .map(|i| if i == 0 && k > 1 { post_var[1] } else { post_var[i] })
+            .map(|i| {
+                if i == 0 && k > 1 {
+                    post_var[1]
+                } else {
+                    post_var[i]
+                }
+            })
             .map(f64::ln)
             .collect();
         Iddpm {
             timesteps: use_steps.iter().rev().map(|&t| t as f64).collect(),
             recip_ac: ac.iter().map(|a| (1.0 / a).sqrt()).collect(),
             recipm1_ac: ac.iter().map(|a| (1.0 / a - 1.0).sqrt()).collect(),
-            coef1: (0..k).map(|i| betas[i] * ac_prev[i].sqrt() / (1.0 - ac[i])).collect(),
+            coef1: (0..k)
+                .map(|i| betas[i] * ac_prev[i].sqrt() / (1.0 - ac[i]))
+                .collect(),
             coef2: (0..k)
                 .map(|i| (1.0 - ac_prev[i]) * (1.0 - betas[i]).sqrt() / (1.0 - ac[i]))
                 .collect(),
@@ -106,7 +124,12 @@ impl Sampler for Iddpm {
         self.index < self.timesteps.len() && self.k() != 0
     }
 
-    fn step(&mut self, model_output: &Tensor, x: &Tensor, noise: Option<&Tensor>) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        x: &Tensor,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
         if self.index >= self.timesteps.len() {
             candle_core::bail!("IDDPM: more steps than timesteps");
         }

@@ -117,10 +117,16 @@ impl SchedulerConfig {
     /// Checks what this implementation supports, with a clear message otherwise.
     pub fn check(&self) -> std::result::Result<(), String> {
         if self.beta_schedule != "linear" && self.beta_schedule != "scaled_linear" {
-            return Err(format!("beta_schedule {:?} is not supported (linear, scaled_linear)", self.beta_schedule));
+            return Err(format!(
+                "beta_schedule {:?} is not supported (linear, scaled_linear)",
+                self.beta_schedule
+            ));
         }
         if self.prediction_type != "epsilon" {
-            return Err(format!("prediction_type {:?} is not supported (epsilon)", self.prediction_type));
+            return Err(format!(
+                "prediction_type {:?} is not supported (epsilon)",
+                self.prediction_type
+            ));
         }
         if self.use_karras_sigmas || self.thresholding {
             return Err("Karras sigmas and thresholding are not supported".into());
@@ -133,10 +139,14 @@ impl SchedulerConfig {
     pub fn alphas_cumprod(&self) -> Vec<f32> {
         let n = self.num_train_timesteps;
         let betas: Vec<f32> = match self.beta_schedule.as_str() {
-            "scaled_linear" => linspace_f32(self.beta_start.sqrt() as f32, self.beta_end.sqrt() as f32, n)
-                .into_iter()
-                .map(|b| b * b)
-                .collect(),
+            "scaled_linear" => linspace_f32(
+                self.beta_start.sqrt() as f32,
+                self.beta_end.sqrt() as f32,
+                n,
+            )
+            .into_iter()
+            .map(|b| b * b)
+            .collect(),
             _ => linspace_f32(self.beta_start as f32, self.beta_end as f32, n),
         };
         let mut acc = 1f64;
@@ -149,7 +159,11 @@ impl SchedulerConfig {
             .collect()
     }
 
-    pub fn start(&self, sampler: &str, steps: usize) -> std::result::Result<Box<dyn Sampler>, String> {
+    pub fn start(
+        &self,
+        sampler: &str,
+        steps: usize,
+    ) -> std::result::Result<Box<dyn Sampler>, String> {
         self.check()?;
         if steps == 0 || steps > self.num_train_timesteps {
             return Err(format!("steps must be 1..={}", self.num_train_timesteps));
@@ -158,7 +172,12 @@ impl SchedulerConfig {
             "dpm_solver++" => Box::new(DpmSolverPP::new(self, steps)?),
             "ddim" => Box::new(Ddim::new(self, steps)),
             "iddpm" => Box::new(Iddpm::new(self, steps)),
-            other => return Err(format!("unknown sampler {other:?}; one of {}", SAMPLER_NAMES.join(", "))),
+            other => {
+                return Err(format!(
+                    "unknown sampler {other:?}; one of {}",
+                    SAMPLER_NAMES.join(", ")
+                ))
+            }
         })
     }
 }
@@ -203,7 +222,12 @@ pub trait Sampler: Send {
     }
 
     /// Advances one step: `model_output` at `timesteps()[i]` for the current `sample`.
-    fn step(&mut self, model_output: &Tensor, sample: &Tensor, noise: Option<&Tensor>) -> Result<Tensor>;
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        sample: &Tensor,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor>;
 }
 
 #[cfg(test)]

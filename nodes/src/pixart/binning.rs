@@ -1,0 +1,152 @@
+//! Resolution binning of diffusers' PixArtAlphaPipeline: a requested size snaps to
+//! the nearest aspect-ratio bin of the model's resolution, the image is generated
+//! there, then resized (bilinear) and centre-cropped back to the requested size.
+
+use candle_core::{Device, Result, Tensor};
+
+/// diffusers' `ASPECT_RATIO_1024_BIN`, in its order (ties go to the first):
+/// (ratio as written, height, width). The 512 and 256 tables are this one halved
+/// and quartered.
+const BINS_1024: &[(&str, usize, usize)] = &[
+    ("0.25", 512, 2048),
+    ("0.28", 512, 1856),
+    ("0.32", 576, 1792),
+    ("0.33", 576, 1728),
+    ("0.35", 576, 1664),
+    ("0.4", 640, 1600),
+    ("0.42", 640, 1536),
+    ("0.48", 704, 1472),
+    ("0.5", 704, 1408),
+    ("0.52", 704, 1344),
+    ("0.57", 768, 1344),
+    ("0.6", 768, 1280),
+    ("0.68", 832, 1216),
+    ("0.72", 832, 1152),
+    ("0.78", 896, 1152),
+    ("0.82", 896, 1088),
+    ("0.88", 960, 1088),
+    ("0.94", 960, 1024),
+    ("1.0", 1024, 1024),
+    ("1.07", 1024, 960),
+    ("1.13", 1088, 960),
+    ("1.21", 1088, 896),
+    ("1.29", 1152, 896),
+    ("1.38", 1152, 832),
+    ("1.46", 1216, 832),
+    ("1.67", 1280, 768),
+    ("1.75", 1344, 768),
+    ("2.0", 1408, 704),
+    ("2.09", 1472, 704),
+    ("2.4", 1536, 640),
+    ("2.5", 1600, 640),
+    ("3.0", 1728, 576),
+    ("4.0", 2048, 512),
+];
+
+/// The bin table for a transformer's `sample_size` (latent side): 128 → 1024 px,
+/// 64 → 512, 32 → 256, as diffusers chooses; other sizes have no bins.
+pub fn bins_for(sample_size: usize) -> Option<Vec<(f64, usize, usize)>> {
+    let divisor = match sample_size {
+        128 => 1,
+        64 => 2,
+        32 => 4,
+        _ => return None,
+    };
+    Some(
+        BINS_1024
+            .iter()
+            .map(|(r, h, w)| (r.parse().unwrap_or(1.0), h / divisor, w / divisor))
+            .collect(),
+    )
+}
+
+/// `classify_height_width_bin`: the bin whose ratio is closest to height/width.
+pub fn classify(height: usize, width: usize, bins: &[(f64, usize, usize)]) -> (usize, usize) {
+    let ratio = height as f64 / width as f64;
+    let mut best = bins[0];
+    for bin in bins {
+        if (bin.0 - ratio).abs() < (best.0 - ratio).abs() {
+            best = *bin;
+        }
+    }
+    (best.1, best.2)
+}
+
+/// `F.interpolate(mode="bilinear", align_corners=False)` on `[B, C, H, W]`.
+pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if (h, w) == (out_h, out_w) {
+        return Ok(x.clone());
+    }
+    let dtype = x.dtype();
+    let data = x
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let taps = |n_in: usize, n_out: usize| -> Vec<(usize, usize, f32)> {
+        let scale = n_in as f32 / n_out as f32;
+        (0..n_out)
+            .map(|o| {
+                let src = ((o as f32 + 0.5) * scale - 0.5).max(0.0);
+                let i0 = (src as usize).min(n_in - 1);
+                let i1 = (i0 + 1).min(n_in - 1);
+                (i0, i1, src - i0 as f32)
+            })
+            .collect()
+    };
+    let (ty, tx) = (taps(h, out_h), taps(w, out_w));
+    let mut out = Vec::with_capacity(b * c * out_h * out_w);
+    for plane in data.chunks_exact(h * w) {
+        for &(y0, y1, ly) in &ty {
+            for &(x0, x1, lx) in &tx {
+                let top = (1.0 - lx) * plane[y0 * w + x0] + lx * plane[y0 * w + x1];
+                let bottom = (1.0 - lx) * plane[y1 * w + x0] + lx * plane[y1 * w + x1];
+                out.push((1.0 - ly) * top + ly * bottom);
+            }
+        }
+    }
+    Tensor::from_vec(out, (b, c, out_h, out_w), &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(x.device())
+}
+
+/// `resize_and_crop_tensor`: scale to cover the target, then crop the centre.
+pub fn resize_and_crop(x: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if (h, w) == (height, width) {
+        return Ok(x.clone());
+    }
+    let ratio = (height as f64 / h as f64).max(width as f64 / w as f64);
+    let (rh, rw) = ((h as f64 * ratio) as usize, (w as f64 * ratio) as usize);
+    let resized = resize_bilinear(x, rh, rw)?;
+    let (top, left) = ((rh - height) / 2, (rw - width) / 2);
+    resized.narrow(2, top, height)?.narrow(3, left, width)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snaps_to_the_nearest_ratio() {
+        let bins = bins_for(64).unwrap();
+        assert_eq!(classify(512, 512, &bins), (512, 512));
+        assert_eq!(classify(200, 304, &bins_for(32).unwrap()), (208, 304)); // 0.658 → bin 0.68
+    }
+
+    #[test]
+    fn bilinear_matches_torch_on_a_ramp() {
+        // torch: F.interpolate(arange(4.).view(1,1,1,4), size=(1,8), mode="bilinear")
+        let x = Tensor::new(&[0f32, 1., 2., 3.], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 1, 4))
+            .unwrap();
+        let y = resize_bilinear(&x, 1, 8)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(y, [0.0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.0]);
+    }
+}

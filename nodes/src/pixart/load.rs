@@ -1,0 +1,231 @@
+//! Loading PixArt-α components from the layouts real checkpoints come in: a
+//! diffusers pipeline folder (`model_index.json` + component folders), a single
+//! component folder, or an official `.pth` transformer checkpoint. Loaded models go
+//! through the shared model cache.
+
+use crate::models::cache;
+use crate::models::pixart::{self, PixArtTransformer};
+use crate::models::t5::{self, T5Encoder};
+use crate::models::tokenizer::T5Tokenizer;
+use crate::models::vae::{self, AutoencoderKl};
+use crate::models::weights::{read_config, LoadError, Weights};
+use crate::schedulers::SchedulerConfig;
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+/// A transformer with what sampling needs besides its weights.
+pub struct Denoiser {
+    pub model: PixArtTransformer,
+    /// The official checkpoints' learned null caption (`y_embedding`,
+    /// `[tokens, caption_channels]`), used as the negative when none is given.
+    pub null_caption: Option<Tensor>,
+}
+
+/// A scheduler configuration with the sampler chosen to run it.
+#[derive(Clone, Debug)]
+pub struct SchedulerChoice {
+    pub config: SchedulerConfig,
+    pub sampler: String,
+}
+
+/// The device `auto` means: set once by the CLI's `--device`, CPU otherwise.
+pub fn set_default_device(name: &str) {
+    let _ = DEFAULT_DEVICE.set(name.to_string());
+}
+
+static DEFAULT_DEVICE: OnceLock<String> = OnceLock::new();
+
+pub fn device(name: &str) -> Result<Device, String> {
+    let name = match name {
+        "auto" => DEFAULT_DEVICE.get().map(String::as_str).unwrap_or("cpu"),
+        other => other,
+    };
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).map_err(|e| {
+            format!("cannot use CUDA: {e} (build pixart with `--features cuda` on a machine with the CUDA toolkit)")
+        }),
+        other => Err(format!("unknown device {other:?} (cpu, cuda)")),
+    }
+}
+
+pub fn dtype(name: &str) -> Result<DType, String> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("unknown dtype {other:?} (f32, f16, bf16)")),
+    }
+}
+
+fn device_key(d: &Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        other => format!("{:?}", other.location()),
+    }
+}
+
+/// Cache key: what, where (canonical path + modification time), dtype, device.
+fn key(kind: &str, path: &Path, dtype: DType, device: &Device) -> String {
+    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let stamp = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{kind}|{}|{stamp}|{dtype:?}|{}",
+        canonical.display(),
+        device_key(device)
+    )
+}
+
+fn tensor_bytes(w: &Weights) -> usize {
+    w.names()
+        .filter_map(|n| w.get(n))
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum()
+}
+
+/// The component folders of a diffusers pipeline folder (`model_index.json`).
+pub struct PipelineFolder {
+    pub root: PathBuf,
+}
+
+impl PipelineFolder {
+    pub fn open(root: &Path) -> Result<PipelineFolder, LoadError> {
+        let index = root.join("model_index.json");
+        if !index.is_file() {
+            return Err(LoadError::file(
+                root,
+                "not a diffusers pipeline folder (no model_index.json); load components with their own nodes",
+            ));
+        }
+        let text = std::fs::read_to_string(&index).map_err(|e| LoadError::file(&index, e))?;
+        let json: serde_json::Value = crate::models::weights::parse_json(&index, &text)?;
+        let class = json
+            .get("_class_name")
+            .and_then(|c| c.as_str())
+            .unwrap_or("");
+        if !class.starts_with("PixArt") {
+            return Err(LoadError::file(
+                &index,
+                format!("a {class:?} pipeline, not PixArt-α"),
+            ));
+        }
+        for part in [
+            "tokenizer",
+            "text_encoder",
+            "transformer",
+            "vae",
+            "scheduler",
+        ] {
+            if json.get(part).is_none() || !root.join(part).is_dir() {
+                return Err(LoadError::file(
+                    &index,
+                    format!("the pipeline has no `{part}` component folder"),
+                ));
+            }
+        }
+        Ok(PipelineFolder {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn part(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
+
+pub fn tokenizer(dir: &Path) -> Result<Arc<T5Tokenizer>, LoadError> {
+    cache::get_or_load(&key("tokenizer", dir, DType::U8, &Device::Cpu), || {
+        T5Tokenizer::from_folder(dir).map(|t| (t, 1 << 20))
+    })
+}
+
+pub fn text_encoder(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<Arc<T5Encoder>, LoadError> {
+    cache::get_or_load(&key("t5", dir, dtype, device), || {
+        let cfg: t5::Config = read_config(dir)?;
+        let w = Weights::from_folder(dir, &["model", "pytorch_model"], dtype, device)?;
+        let model =
+            T5Encoder::new(w.var_builder(), &cfg).map_err(|e| w.model_error("T5 encoder", e))?;
+        Ok((model, tensor_bytes(&w)))
+    })
+}
+
+pub fn vae(dir: &Path, dtype: DType, device: &Device) -> Result<Arc<AutoencoderKl>, LoadError> {
+    cache::get_or_load(&key("vae", dir, dtype, device), || {
+        let cfg: vae::Config = read_config(dir)?;
+        let w = Weights::from_folder(dir, &["diffusion_pytorch_model", "model"], dtype, device)?;
+        let model =
+            AutoencoderKl::new(w.var_builder(), &cfg).map_err(|e| w.model_error("VAE", e))?;
+        Ok((model, tensor_bytes(&w)))
+    })
+}
+
+pub fn scheduler(dir: &Path) -> Result<SchedulerChoice, LoadError> {
+    let path = dir.join("scheduler_config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| LoadError::file(&path, e))?;
+    let config: SchedulerConfig = crate::models::weights::parse_json(&path, &text)?;
+    config.check().map_err(|e| LoadError::file(&path, e))?;
+    Ok(SchedulerChoice {
+        sampler: config.default_sampler().to_string(),
+        config,
+    })
+}
+
+/// A transformer from a diffusers folder, a `.safetensors` file, or an official
+/// `.pth` checkpoint (its `config.json`, if any, sits next to it).
+pub fn transformer(path: &Path, dtype: DType, device: &Device) -> Result<Arc<Denoiser>, LoadError> {
+    cache::get_or_load(&key("transformer", path, dtype, device), || {
+        let (mut w, config_dir) = if path.is_dir() {
+            let w =
+                Weights::from_folder(path, &["diffusion_pytorch_model", "model"], dtype, device)?;
+            (w, Some(path.to_path_buf()))
+        } else if path.is_file() {
+            let w = match path.extension().and_then(|e| e.to_str()) {
+                Some("safetensors") => {
+                    Weights::from_safetensors(&[path.to_path_buf()], dtype, device)?
+                }
+                _ => Weights::from_pth(path, Some("state_dict"), dtype, device)?,
+            };
+            (
+                w,
+                path.parent()
+                    .map(Path::to_path_buf)
+                    .filter(|d| d.join("config.json").is_file()),
+            )
+        } else {
+            return Err(LoadError::file(path, "no such file or folder"));
+        };
+        let official = w.contains("x_embedder.proj.weight");
+        let pos_tokens = w
+            .get("pos_embed")
+            .map(|t| t.elem_count() / t.dims().last().copied().unwrap_or(1));
+        let null_caption = if official {
+            pixart::convert_official(&mut w)?
+        } else {
+            None
+        };
+        let cfg: pixart::Config = match &config_dir {
+            Some(dir) => read_config(dir)?,
+            None => pixart::infer_official_config(&w, pos_tokens)
+                .map_err(|e| LoadError::file(path, e))?,
+        };
+        let model = PixArtTransformer::new(w.var_builder(), &cfg)
+            .map_err(|e| w.model_error("PixArt transformer", e))?;
+        let bytes = tensor_bytes(&w);
+        Ok((
+            Denoiser {
+                model,
+                null_caption,
+            },
+            bytes,
+        ))
+    })
+}

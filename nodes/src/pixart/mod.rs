@@ -1,0 +1,5 @@
+//! PixArt-α text-to-image: loading, sampling, and the nodes.
+
+pub mod binning;
+pub mod load;
+pub mod sample;

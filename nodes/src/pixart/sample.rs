@@ -1,0 +1,192 @@
+//! The denoising loop of PixArtAlphaPipeline: classifier-free guidance on a batch
+//! [negative, positive], `u + g·(c − u)` on all output channels, ε (or, for IDDPM,
+//! ε and the variance) to the sampler; micro-conditions from the (binned) size.
+
+use super::binning;
+use super::load::Denoiser;
+use crate::models::pixart::SizeConditions;
+use crate::noise::gaussian;
+use crate::schedulers::Sampler;
+use candle_core::{DType, Device, Result, Tensor};
+use pixart_runtime::Conditioning;
+
+/// Pixels per latent: every PixArt-α VAE (Stable Diffusion's) downsamples by 8.
+pub const VAE_SCALE: usize = 8;
+
+pub struct Request<'a> {
+    pub positive: &'a Conditioning,
+    /// `None`: the checkpoint's learned null caption (official checkpoints).
+    pub negative: Option<&'a Conditioning>,
+    pub guidance: f64,
+    pub width: usize,
+    pub height: usize,
+    pub seed: u64,
+    /// Starting noise `[B, C, h, w]`; drawn from `seed` when absent.
+    pub latents: Option<Tensor>,
+    pub resolution_binning: bool,
+}
+
+/// The generation size: the request, or its aspect-ratio bin.
+pub fn generation_size(
+    den: &Denoiser,
+    width: usize,
+    height: usize,
+    binning: bool,
+) -> std::result::Result<(usize, usize), String> {
+    let cfg = den.model.config();
+    if binning {
+        if let Some(bins) = binning::bins_for(cfg.sample_size) {
+            return Ok(binning::classify(height, width, &bins));
+        }
+        return Err(format!(
+            "resolution binning has no bins for sample_size {} (32, 64, 128); set resolution_binning: false",
+            cfg.sample_size
+        ));
+    }
+    let multiple = VAE_SCALE * cfg.patch_size;
+    if !width.is_multiple_of(multiple) || !height.is_multiple_of(multiple) {
+        return Err(format!(
+            "width and height must be multiples of {multiple} without resolution binning"
+        ));
+    }
+    Ok((height, width))
+}
+
+/// Text features for the batch [negative, positive] (or just positive without
+/// guidance), with their masks.
+fn text_batch(
+    den: &Denoiser,
+    req: &Request,
+    cfg_on: bool,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let pos = req.positive.embeddings.to_device(device)?;
+    let pos_mask = req.positive.mask.to_device(device)?.to_dtype(DType::F32)?;
+    if !cfg_on {
+        return Ok((pos, pos_mask));
+    }
+    let (neg, neg_mask) = match (req.negative, &den.null_caption) {
+        (Some(n), _) => (n.embeddings.to_device(device)?, n.mask.to_device(device)?.to_dtype(DType::F32)?),
+        // The official sampler gives the null caption the positive prompt's mask.
+        (None, Some(null)) => (null.unsqueeze(0)?.to_dtype(pos.dtype())?, pos_mask.clone()),
+        (None, None) => candle_core::bail!(
+            "guidance > 1 needs a negative conditioning (this checkpoint has no learned null caption)"
+        ),
+    };
+    if neg.dims() != pos.dims() {
+        candle_core::bail!(
+            "negative and positive conditionings differ in shape: {:?} vs {:?} (encode both with the same max_length)",
+            neg.dims(),
+            pos.dims()
+        );
+    }
+    Ok((
+        Tensor::cat(&[&neg, &pos], 0)?,
+        Tensor::cat(&[&neg_mask, &pos_mask], 0)?,
+    ))
+}
+
+/// Runs the sampler; `on_step(i, n)` is called after each step and may stop the
+/// run by returning an error (cancellation). Returns the final latents.
+pub fn sample(
+    den: &Denoiser,
+    sampler: &mut dyn Sampler,
+    req: &Request,
+    mut on_step: impl FnMut(usize, usize) -> Result<()>,
+) -> Result<Tensor> {
+    let model = &den.model;
+    let device = model.device().clone();
+    let cfg = model.config();
+    let (height, width) = generation_size(den, req.width, req.height, req.resolution_binning)
+        .map_err(candle_core::Error::msg)?;
+    let (lh, lw) = (height / VAE_SCALE, width / VAE_SCALE);
+    let channels = cfg.in_channels;
+    let mut x = match &req.latents {
+        Some(l) => {
+            let dims = l.dims();
+            if dims.len() != 4 || dims[1] != channels || dims[2] != lh || dims[3] != lw {
+                candle_core::bail!("given latents have shape {dims:?}; this request needs [B, {channels}, {lh}, {lw}]");
+            }
+            l.to_device(&device)?.to_dtype(DType::F32)?
+        }
+        None => Tensor::from_vec(
+            gaussian(req.seed, channels * lh * lw),
+            (1, channels, lh, lw),
+            &device,
+        )?,
+    };
+    x = (x * sampler.init_noise_sigma())?;
+    let batch = x.dim(0)?;
+    let cfg_on = req.guidance > 1.0;
+    let (text, mask) = text_batch(den, req, cfg_on, &device)?;
+    // Several images of one prompt: each prompt row repeated per image.
+    let (text, mask) = (repeat_each(&text, batch)?, repeat_each(&mask, batch)?);
+    let model_batch = if cfg_on { 2 * batch } else { batch };
+    let sizes = if cfg.additional_conditions() {
+        let res: Vec<f32> = (0..model_batch)
+            .flat_map(|_| [height as f32, width as f32])
+            .collect();
+        let ar: Vec<f32> = vec![(height as f64 / width as f64) as f32; model_batch];
+        Some((
+            Tensor::from_vec(res, (model_batch, 2), &device)?,
+            Tensor::from_vec(ar, (model_batch, 1), &device)?,
+        ))
+    } else {
+        None
+    };
+    let timesteps = sampler.timesteps().to_vec();
+    for (i, &t) in timesteps.iter().enumerate() {
+        let input = if cfg_on {
+            Tensor::cat(&[&x, &x], 0)?
+        } else {
+            x.clone()
+        };
+        let tvec = Tensor::full(t as f32, model_batch, &device)?;
+        let size_cond = sizes.as_ref().map(|(r, a)| SizeConditions {
+            resolution: r,
+            aspect_ratio: a,
+        });
+        let out = model
+            .forward(&input, &tvec, &text, Some(&mask), size_cond.as_ref())?
+            .to_dtype(DType::F32)?;
+        let guided = if cfg_on {
+            let u = out.narrow(0, 0, batch)?;
+            let c = out.narrow(0, batch, batch)?;
+            (&u + ((c - &u)? * req.guidance)?)?
+        } else {
+            out
+        };
+        let learned_sigma = guided.dim(1)? == 2 * channels;
+        let model_output = if learned_sigma && !sampler.uses_variance() {
+            guided.narrow(1, 0, channels)?
+        } else {
+            guided
+        };
+        let noise = if sampler.needs_noise() {
+            let n = x.elem_count();
+            let seed = req
+                .seed
+                .wrapping_add(1 + i as u64)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            Some(Tensor::from_vec(gaussian(seed, n), x.dims(), &device)?)
+        } else {
+            None
+        };
+        x = sampler.step(&model_output, &x, noise.as_ref())?;
+        on_step(i + 1, timesteps.len())?;
+    }
+    Ok(x)
+}
+
+/// `[a, b]` → `[a, a, …, b, b, …]`, each row `copies` times.
+fn repeat_each(t: &Tensor, copies: usize) -> Result<Tensor> {
+    if copies == 1 {
+        return Ok(t.clone());
+    }
+    let mut rows = Vec::with_capacity(t.dim(0)? * copies);
+    for i in 0..t.dim(0)? {
+        let row = t.narrow(0, i, 1)?;
+        rows.extend(std::iter::repeat_n(row, copies));
+    }
+    Tensor::cat(&rows, 0)
+}

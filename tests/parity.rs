@@ -1,0 +1,366 @@
+//! Reference parity: every model component against the Python reference
+//! (diffusers 0.42.1 / transformers 5.24) on the tiny random-weight fixtures that
+//! `tests/fixtures/generate.py` builds. Tolerances are relative to each reference
+//! tensor's largest magnitude.
+
+use pixart_nodes::models::pixart::SizeConditions;
+use pixart_nodes::models::tokenizer::T5Tokenizer;
+use pixart_nodes::pixart::binning::resize_and_crop;
+use pixart_nodes::pixart::load;
+use pixart_nodes::pixart::sample::{sample, Request};
+use pixart_nodes::schedulers::SchedulerConfig;
+use pixart_runtime::candle_core::{DType, Device, Tensor};
+use pixart_runtime::Conditioning;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn reference(name: &str) -> HashMap<String, Tensor> {
+    let path = fixtures().join("reference").join(name);
+    pixart_runtime::candle_core::safetensors::load(&path, &Device::Cpu).unwrap()
+}
+
+fn get<'a>(r: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
+    r.get(key)
+        .unwrap_or_else(|| panic!("reference has no {key}"))
+}
+
+/// max |got − want| / max |want|
+fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims(), "shapes differ");
+    let got = got.to_dtype(DType::F32).unwrap();
+    let want = want.to_dtype(DType::F32).unwrap();
+    let diff = (got - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1e-12);
+    diff / scale
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
+    let e = rel_err(got, want);
+    assert!(e <= tol, "{what}: relative error {e:e} > {tol:e}");
+}
+
+fn ids_u32(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::U32).unwrap()
+}
+
+#[test]
+fn tokenizer_ids_are_exact_from_tokenizer_json_and_from_spiece_model() {
+    let cases: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("reference/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = fixtures().join("tiny-pixart/tokenizer");
+    let fast = T5Tokenizer::from_folder(&dir).unwrap();
+    // The same folder without tokenizer.json: built from spiece.model.
+    let only_spm = tempfile::tempdir().unwrap();
+    for f in [
+        "spiece.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        std::fs::copy(dir.join(f), only_spm.path().join(f)).unwrap();
+    }
+    let slow = T5Tokenizer::from_folder(only_spm.path()).unwrap();
+    assert_eq!(fast.vocab_size(), slow.vocab_size());
+    for case in &cases {
+        let text = case["text"].as_str().unwrap();
+        let want_ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+        let want_mask: Vec<u32> = serde_json::from_value(case["attention_mask"].clone()).unwrap();
+        for (which, tok) in [("tokenizer.json", &fast), ("spiece.model", &slow)] {
+            let got = tok.encode(text, 120).unwrap();
+            assert_eq!(got.ids, want_ids, "{which}: {text:?}");
+            assert_eq!(got.mask, want_mask, "{which}: {text:?}");
+        }
+    }
+}
+
+#[test]
+fn t5_encoder_with_mask_matches_transformers() {
+    let r = reference("t5.safetensors");
+    let enc = load::text_encoder(
+        &fixtures().join("tiny-pixart/text_encoder"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let out = enc
+        .forward(&ids_u32(get(&r, "input_ids")), get(&r, "attention_mask"))
+        .unwrap();
+    assert_close(
+        "T5 last_hidden_state",
+        &out,
+        get(&r, "last_hidden_state"),
+        1e-4,
+    );
+}
+
+fn run_transformer(den: &load::Denoiser, r: &HashMap<String, Tensor>, case: &str) -> Tensor {
+    let k = |n: &str| get(r, &format!("{case}.{n}")).clone();
+    let (res, ar) = (
+        r.get(&format!("{case}.resolution")),
+        r.get(&format!("{case}.aspect_ratio")),
+    );
+    let sizes = match (res, ar) {
+        (Some(resolution), Some(aspect_ratio)) => Some(SizeConditions {
+            resolution,
+            aspect_ratio,
+        }),
+        _ => None,
+    };
+    den.model
+        .forward(
+            &k("x"),
+            &k("t"),
+            &k("text"),
+            Some(&k("mask")),
+            sizes.as_ref(),
+        )
+        .unwrap()
+}
+
+#[test]
+fn transformer_forward_matches_diffusers_square_wide_and_multiscale() {
+    let r = reference("transformer.safetensors");
+    let den = load::transformer(
+        &fixtures().join("tiny-pixart/transformer"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    for case in ["square", "wide"] {
+        assert_close(
+            case,
+            &run_transformer(&den, &r, case),
+            get(&r, &format!("{case}.out")),
+            1e-4,
+        );
+    }
+    let ms = load::transformer(
+        &fixtures().join("tiny-pixart-ms/transformer"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(ms.model.config().additional_conditions());
+    assert_close(
+        "ms",
+        &run_transformer(&ms, &r, "ms"),
+        get(&r, "ms.out"),
+        1e-4,
+    );
+}
+
+#[test]
+fn official_pth_checkpoints_equal_the_diffusers_ones() {
+    let r = reference("transformer.safetensors");
+    let nulls = reference("y_embedding.safetensors");
+    for (pth, config_dir, case, null_key) in [
+        (
+            "tiny-pixart-official.pth",
+            "tiny-pixart/transformer",
+            "square",
+            "y_embedding",
+        ),
+        (
+            "tiny-pixart-ms-official.pth",
+            "tiny-pixart-ms/transformer",
+            "ms",
+            "ms.y_embedding",
+        ),
+    ] {
+        // A tiny model's head count cannot be read off its shapes: its config.json
+        // sits next to the checkpoint, as a user would place it.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(fixtures().join(pth), dir.path().join(pth)).unwrap();
+        std::fs::copy(
+            fixtures().join(config_dir).join("config.json"),
+            dir.path().join("config.json"),
+        )
+        .unwrap();
+        let den = load::transformer(&dir.path().join(pth), DType::F32, &Device::Cpu).unwrap();
+        assert_close(
+            pth,
+            &run_transformer(&den, &r, case),
+            get(&r, &format!("{case}.out")),
+            1e-4,
+        );
+        let null = den.null_caption.as_ref().expect("the learned null caption");
+        assert_close("y_embedding", null, get(&nulls, null_key), 0.0);
+    }
+    // Without a config, a hidden size that is not a multiple of 72 is a clear error.
+    let lonely = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures().join("tiny-pixart-official.pth"),
+        lonely.path().join("m.pth"),
+    )
+    .unwrap();
+    let err = load::transformer(&lonely.path().join("m.pth"), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("config.json"), "{err}");
+}
+
+#[test]
+fn vae_encode_and_decode_match_diffusers() {
+    let r = reference("vae.safetensors");
+    let vae = load::vae(
+        &fixtures().join("tiny-pixart/vae"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let post = vae.encode(get(&r, "encode.image")).unwrap();
+    assert_close("posterior mean", &post.mean, get(&r, "encode.mean"), 1e-4);
+    assert_close(
+        "posterior logvar",
+        &post.logvar,
+        get(&r, "encode.logvar"),
+        1e-4,
+    );
+    let image = vae.decode(get(&r, "decode.latents")).unwrap();
+    assert_close("decode", &image, get(&r, "decode.image"), 1e-4);
+}
+
+fn scheduler_config() -> SchedulerConfig {
+    load::scheduler(&fixtures().join("tiny-pixart/scheduler"))
+        .unwrap()
+        .config
+}
+
+fn check_sampler(file: &str, sampler: &str, steps: usize) {
+    let r = reference(file);
+    let mut s = scheduler_config().start(sampler, steps).unwrap();
+    let want_t: Vec<i64> = get(&r, "timesteps").to_vec1().unwrap();
+    let got_t: Vec<i64> = s.timesteps().iter().map(|&t| t as i64).collect();
+    assert_eq!(got_t, want_t, "{sampler} timesteps");
+    let outputs = get(&r, "model_outputs");
+    let samples = get(&r, "samples");
+    let noises = r.get("noises");
+    let mut x = get(&r, "x0").clone();
+    for i in 0..steps {
+        let noise = noises.map(|n| n.get(i).unwrap());
+        let noise = if s.needs_noise() { noise } else { None };
+        x = s
+            .step(&outputs.get(i).unwrap(), &x, noise.as_ref())
+            .unwrap();
+        // Compare with the reference and continue from it, so each step is checked alone.
+        let want = samples.get(i).unwrap();
+        assert_close(&format!("{sampler} step {i}"), &x, &want, 1e-4);
+        x = want;
+    }
+}
+
+#[test]
+fn dpm_solver_pp_steps_match_diffusers() {
+    check_sampler("dpmsolver.safetensors", "dpm_solver++", 20);
+}
+
+#[test]
+fn ddim_steps_match_diffusers() {
+    check_sampler("ddim.safetensors", "ddim", 20);
+}
+
+#[test]
+fn iddpm_steps_match_the_official_sampler() {
+    check_sampler("iddpm.safetensors", "iddpm", 100);
+}
+
+fn conditioning(emb: &Tensor, mask: &Tensor) -> Conditioning {
+    Conditioning {
+        embeddings: emb.clone(),
+        mask: mask.to_dtype(DType::F32).unwrap(),
+    }
+}
+
+#[test]
+fn whole_pipeline_matches_diffusers() {
+    let r = reference("pipeline.safetensors");
+    let root = fixtures().join("tiny-pixart");
+    let dev = Device::Cpu;
+    let tok = load::tokenizer(&root.join("tokenizer")).unwrap();
+    let enc = load::text_encoder(&root.join("text_encoder"), DType::F32, &dev).unwrap();
+    let den = load::transformer(&root.join("transformer"), DType::F32, &dev).unwrap();
+    let vae = load::vae(&root.join("vae"), DType::F32, &dev).unwrap();
+    let choice = load::scheduler(&root.join("scheduler")).unwrap();
+
+    let encode = |text: &str| {
+        let e = tok.encode(text, 120).unwrap();
+        let ids = Tensor::from_vec(e.ids, (1, 120), &dev).unwrap();
+        let mask = Tensor::from_vec(e.mask, (1, 120), &dev)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        conditioning(&enc.forward(&ids, &mask).unwrap(), &mask)
+    };
+    let pos = encode("a small cactus with a happy face in the sahara desert");
+    let neg = encode("");
+    assert_close(
+        "prompt embeds",
+        &pos.embeddings,
+        get(&r, "square.prompt_embeds"),
+        1e-4,
+    );
+    assert_close(
+        "negative embeds",
+        &neg.embeddings,
+        get(&r, "square.negative_embeds"),
+        1e-4,
+    );
+
+    for (case, height, width) in [
+        ("square", 256, 256),
+        ("binned", 200, 304),
+        ("resized", 112, 152),
+    ] {
+        let req = Request {
+            positive: &pos,
+            negative: Some(&neg),
+            guidance: 4.5,
+            width,
+            height,
+            seed: 0,
+            latents: Some(get(&r, &format!("{case}.latents")).clone()),
+            resolution_binning: true,
+        };
+        let mut sampler = choice.config.start(&choice.sampler, 20).unwrap();
+        let latents = sample(&den, sampler.as_mut(), &req, |_, _| Ok(())).unwrap();
+        assert_close(
+            &format!("{case} final latents"),
+            &latents,
+            get(&r, &format!("{case}.final_latents")),
+            1e-3,
+        );
+        let decoded = vae
+            .decode(&(latents / vae.config().scaling_factor).unwrap())
+            .unwrap();
+        let decoded = resize_and_crop(&decoded, height, width).unwrap();
+        let image = ((decoded / 2.0).unwrap() + 0.5)
+            .unwrap()
+            .clamp(0f32, 1f32)
+            .unwrap();
+        assert_close(
+            &format!("{case} image"),
+            &image,
+            get(&r, &format!("{case}.image")),
+            1e-3,
+        );
+    }
+}
