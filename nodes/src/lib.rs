@@ -25,6 +25,7 @@ pub fn builtin_nodes() -> Vec<Arc<dyn Node>> {
     nodes.extend(tensor_io::nodes());
     nodes.extend(image_io::nodes());
     nodes.extend(noise::nodes());
+    nodes.extend(pixart::nodes::nodes());
     nodes
 }
 

@@ -2,7 +2,7 @@
 
 use crate::fsutil::{atomic_write, input_file_fingerprint};
 use pixart_runtime::candle_core::safetensors::Load;
-use pixart_runtime::candle_core::Device;
+use pixart_runtime::candle_core::{Device, Tensor};
 use pixart_runtime::registry::closest;
 use pixart_runtime::{
     InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
@@ -93,10 +93,12 @@ impl SaveTensor {
             spec: NodeSpec::new("tensor.save", 1)
                 .category("tensor")
                 .describe(
-                    "Writes a tensor to a .safetensors file (relative paths under the output directory), \
-                     atomically; the run's parameters go into the file's metadata.",
+                    "Writes tensor data to a .safetensors file (relative paths under the output directory), \
+                     atomically; the run's parameters go into the file's metadata. A Tensor or Latents is \
+                     stored under `key`; an Image as float [N, C, H, W] in 0..1; a Conditioning as \
+                     `key.embeddings` and `key.mask`.",
                 )
-                .input(InputSpec::new("tensor", PortType::Tensor))
+                .input(InputSpec::new("tensor", PortType::TensorLike))
                 .input(InputSpec::new("path", PortType::Path))
                 .input(InputSpec::new("key", PortType::String).default("tensor"))
                 .output("path", PortType::Path, "The file written.")
@@ -111,15 +113,33 @@ impl Node for SaveTensor {
     }
 
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
-        let tensor = inputs.tensor("tensor")?;
         let key = inputs.str("key")?;
         if key.is_empty() {
             return Err(NodeError::input("key", "must not be empty"));
         }
+        let named: Vec<(String, Tensor)> = match inputs.get("tensor") {
+            Some(Value::Tensor(t)) => vec![(key.to_string(), t.clone())],
+            Some(Value::Latents(l)) => vec![(key.to_string(), l.tensor.clone())],
+            Some(Value::Image(t)) => {
+                vec![(key.to_string(), t.permute((0, 3, 1, 2))?.contiguous()?)]
+            }
+            Some(Value::Conditioning(c)) => vec![
+                (format!("{key}.embeddings"), c.embeddings.clone()),
+                (format!("{key}.mask"), c.mask.clone()),
+            ],
+            other => {
+                let got = other.map_or("nothing", Value::kind_name);
+                return Err(NodeError::input(
+                    "tensor",
+                    format!("expected tensor data, got {got}"),
+                ));
+            }
+        };
         let path = ctx.output_path(inputs.path("path")?);
         let metadata = HashMap::from([("pixart.params".to_string(), ctx.params().to_string())]);
-        let bytes = safetensors::serialize([(key, tensor)], Some(metadata))
-            .map_err(|e| NodeError::msg(format!("cannot serialise the tensor: {e}")))?;
+        let bytes =
+            safetensors::serialize(named.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
+                .map_err(|e| NodeError::msg(format!("cannot serialise the tensor: {e}")))?;
         atomic_write(&path, &bytes)?;
         Ok(Outputs::one("path", Value::Path(path)))
     }

@@ -22,6 +22,9 @@ pub enum PortType {
     /// such as `string.format` that format whatever they are given.
     Scalar,
     Tensor,
+    /// Anything that is tensor data: a Tensor, Latents, an Image or a Conditioning
+    /// (for savers and inspectors).
+    TensorLike,
     /// A latent-space tensor `[batch, channels, height, width]`.
     Latents,
     /// An image batch: f32 tensor `[batch, height, width, channels]` in 0..=1.
@@ -80,6 +83,7 @@ impl PortType {
     /// - an `Enum` is accepted where a `String` is expected, or by an `Enum` whose
     ///   choices include all of its own;
     /// - `Latents` are accepted where a plain `Tensor` is expected (not the reverse);
+    /// - `TensorLike` accepts a Tensor, Latents, an Image or a Conditioning;
     /// - any scalar type is accepted by `Scalar`;
     /// - lists follow the rule of their items.
     ///
@@ -94,6 +98,7 @@ impl PortType {
             (String, Enum(_)) => true,
             (Enum(allowed), Enum(given)) => given.iter().all(|c| allowed.contains(c)),
             (Tensor, Latents) => true,
+            (TensorLike, Tensor | Latents | Image | Conditioning) => true,
             (Scalar, b) => b.is_scalar(),
             (List(a), List(b)) => a.accepts(b),
             _ => false,
@@ -132,6 +137,7 @@ impl fmt::Display for PortType {
                     Path => "Path",
                     Scalar => "Scalar",
                     Tensor => "Tensor",
+                    TensorLike => "TensorLike",
                     Latents => "Latents",
                     Image => "Image",
                     Conditioning => "Conditioning",

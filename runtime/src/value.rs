@@ -109,6 +109,10 @@ impl Value {
             (Value::Path(_), PortType::Path) => true,
             (Value::List(items), PortType::List(item)) => items.iter().all(|v| v.matches(item)),
             (v, PortType::Scalar) => v.is_scalar(),
+            (
+                Value::Tensor(_) | Value::Latents(_) | Value::Image(_) | Value::Conditioning(_),
+                PortType::TensorLike,
+            ) => true,
             (Value::Tensor(_), PortType::Tensor) => true,
             (Value::Latents(_), PortType::Latents) => true,
             (Value::Image(_), PortType::Image) => true,

@@ -2,4 +2,5 @@
 
 pub mod binning;
 pub mod load;
+pub mod nodes;
 pub mod sample;

@@ -1,0 +1,556 @@
+//! The PixArt-α nodes: loading, text encoding, sampling, VAE decoding and
+//! encoding, sampler choice.
+
+use super::binning::resize_and_crop;
+use super::load::{self, Denoiser, SchedulerChoice};
+use super::sample::{generation_size, sample, Request, VAE_SCALE};
+use crate::fsutil::input_file_fingerprint;
+use crate::models::t5::T5Encoder;
+use crate::models::tokenizer::T5Tokenizer;
+use crate::models::vae::AutoencoderKl;
+use crate::noise::gaussian;
+use crate::schedulers::{SchedulerConfig, SAMPLER_NAMES};
+use candle_core::{DType, Tensor};
+use pixart_runtime::{
+    Conditioning, Handle, InputSpec, Inputs, Latents, Node, NodeContext, NodeError, NodeSpec,
+    Outputs, PortType, Value,
+};
+use std::sync::Arc;
+
+fn choices(c: &[&str]) -> PortType {
+    PortType::Enum(c.iter().map(|s| s.to_string()).collect())
+}
+
+fn dtype_input() -> InputSpec {
+    InputSpec::new("dtype", choices(&["f32", "f16", "bf16"]))
+        .default("f32")
+        .describe("Weights and compute precision.")
+}
+
+fn device_input() -> InputSpec {
+    InputSpec::new("device", choices(&["auto", "cpu", "cuda"]))
+        .default("auto")
+        .describe("auto: what `pixart run --device` chose (cpu by default).")
+}
+
+fn load_err(e: impl std::fmt::Display) -> NodeError {
+    NodeError::msg(e)
+}
+
+fn dtype_device(inputs: &Inputs) -> Result<(DType, candle_core::Device), NodeError> {
+    let dtype = load::dtype(inputs.str("dtype")?).map_err(|e| NodeError::input("dtype", e))?;
+    let device = load::device(inputs.str("device")?).map_err(|e| NodeError::input("device", e))?;
+    Ok((dtype, device))
+}
+
+/// A handle to a model held by the model cache; its memory is accounted there,
+/// so the output cache counts it as free.
+fn handle<T: Send + Sync + 'static>(kind: PortType, bytes: usize, model: Arc<T>) -> Value {
+    Value::Handle(Handle::shared(kind, bytes, model))
+}
+
+pub struct LoadPipeline {
+    spec: NodeSpec,
+}
+
+impl LoadPipeline {
+    fn new() -> Self {
+        LoadPipeline {
+            spec: NodeSpec::new("pixart.load", 1)
+                .category("pixart")
+                .describe(
+                    "Loads a diffusers PixArt-α pipeline folder (model_index.json with tokenizer, \
+                     text_encoder, transformer, vae, scheduler). Models are shared between nodes and runs.",
+                )
+                .input(InputSpec::new("path", PortType::Path).describe("e.g. models/PixArt-XL-2-512x512"))
+                .input(dtype_input())
+                .input(device_input())
+                .input(
+                    InputSpec::new("transformer", PortType::Path)
+                        .optional()
+                        .describe("Use this transformer instead (folder, .safetensors or official .pth)."),
+                )
+                .output("tokenizer", PortType::Tokenizer, "T5 tokenizer")
+                .output("text_encoder", PortType::TextEncoder, "T5 encoder")
+                .output("transformer", PortType::Denoiser, "PixArt transformer")
+                .output("vae", PortType::Vae, "AutoencoderKL")
+                .output("scheduler", PortType::Scheduler, "the pipeline's scheduler"),
+        }
+    }
+}
+
+impl Node for LoadPipeline {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn fingerprint(&self, ctx: &NodeContext, inputs: &Inputs) -> Option<String> {
+        input_file_fingerprint(ctx, inputs, "path")
+    }
+
+    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let (dtype, device) = dtype_device(&inputs)?;
+        let root = ctx.input_path(inputs.path("path")?);
+        let folder = load::PipelineFolder::open(&root).map_err(load_err)?;
+        ctx.progress(0, 4);
+        let tok = load::tokenizer(&folder.part("tokenizer")).map_err(load_err)?;
+        let enc =
+            load::text_encoder(&folder.part("text_encoder"), dtype, &device).map_err(load_err)?;
+        ctx.check_cancelled()?;
+        ctx.progress(1, 4);
+        let transformer_path = match inputs.get("transformer") {
+            Some(Value::Path(p)) => ctx.input_path(p),
+            _ => folder.part("transformer"),
+        };
+        let den = load::transformer(&transformer_path, dtype, &device).map_err(load_err)?;
+        ctx.check_cancelled()?;
+        ctx.progress(2, 4);
+        let vae = load::vae(&folder.part("vae"), dtype, &device).map_err(load_err)?;
+        ctx.progress(3, 4);
+        let sched = load::scheduler(&folder.part("scheduler")).map_err(load_err)?;
+        ctx.progress(4, 4);
+        Ok(
+            Outputs::one("tokenizer", handle(PortType::Tokenizer, 1 << 20, tok))
+                .with("text_encoder", handle(PortType::TextEncoder, 0, enc))
+                .with("transformer", handle(PortType::Denoiser, 0, den))
+                .with("vae", handle(PortType::Vae, 0, vae))
+                .with(
+                    "scheduler",
+                    Value::Handle(Handle::new(PortType::Scheduler, 1024, sched)),
+                ),
+        )
+    }
+}
+
+pub struct LoadTransformer {
+    spec: NodeSpec,
+}
+
+impl LoadTransformer {
+    fn new() -> Self {
+        LoadTransformer {
+            spec: NodeSpec::new("transformer.load", 1)
+                .category("pixart")
+                .describe(
+                    "Loads a PixArt-α transformer alone: a diffusers folder (config.json + \
+                     diffusion_pytorch_model.safetensors), a .safetensors file, or an official .pth \
+                     checkpoint (with its learned null caption).",
+                )
+                .input(InputSpec::new("path", PortType::Path))
+                .input(dtype_input())
+                .input(device_input())
+                .output("transformer", PortType::Denoiser, "PixArt transformer"),
+        }
+    }
+}
+
+impl Node for LoadTransformer {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn fingerprint(&self, ctx: &NodeContext, inputs: &Inputs) -> Option<String> {
+        input_file_fingerprint(ctx, inputs, "path")
+    }
+
+    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let (dtype, device) = dtype_device(&inputs)?;
+        let den = load::transformer(&ctx.input_path(inputs.path("path")?), dtype, &device)
+            .map_err(load_err)?;
+        Ok(Outputs::one(
+            "transformer",
+            handle(PortType::Denoiser, 0, den),
+        ))
+    }
+}
+
+pub struct LoadT5 {
+    spec: NodeSpec,
+}
+
+impl LoadT5 {
+    fn new() -> Self {
+        LoadT5 {
+            spec: NodeSpec::new("t5.load", 1)
+                .category("pixart")
+                .describe("Loads a T5 encoder folder (config.json + safetensors, sharded or not) and a tokenizer folder.")
+                .input(InputSpec::new("path", PortType::Path).describe("The text_encoder folder."))
+                .input(InputSpec::new("tokenizer", PortType::Path).describe("The tokenizer folder."))
+                .input(dtype_input())
+                .input(device_input())
+                .output("tokenizer", PortType::Tokenizer, "T5 tokenizer")
+                .output("text_encoder", PortType::TextEncoder, "T5 encoder"),
+        }
+    }
+}
+
+impl Node for LoadT5 {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn fingerprint(&self, ctx: &NodeContext, inputs: &Inputs) -> Option<String> {
+        input_file_fingerprint(ctx, inputs, "path")
+    }
+
+    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let (dtype, device) = dtype_device(&inputs)?;
+        let tok = load::tokenizer(&ctx.input_path(inputs.path("tokenizer")?)).map_err(load_err)?;
+        let enc = load::text_encoder(&ctx.input_path(inputs.path("path")?), dtype, &device)
+            .map_err(load_err)?;
+        Ok(
+            Outputs::one("tokenizer", handle(PortType::Tokenizer, 1 << 20, tok))
+                .with("text_encoder", handle(PortType::TextEncoder, 0, enc)),
+        )
+    }
+}
+
+pub struct LoadVae {
+    spec: NodeSpec,
+}
+
+impl LoadVae {
+    fn new() -> Self {
+        LoadVae {
+            spec: NodeSpec::new("vae.load", 1)
+                .category("pixart")
+                .describe("Loads an AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors).")
+                .input(InputSpec::new("path", PortType::Path))
+                .input(dtype_input())
+                .input(device_input())
+                .output("vae", PortType::Vae, "AutoencoderKL"),
+        }
+    }
+}
+
+impl Node for LoadVae {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn fingerprint(&self, ctx: &NodeContext, inputs: &Inputs) -> Option<String> {
+        input_file_fingerprint(ctx, inputs, "path")
+    }
+
+    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let (dtype, device) = dtype_device(&inputs)?;
+        let vae =
+            load::vae(&ctx.input_path(inputs.path("path")?), dtype, &device).map_err(load_err)?;
+        Ok(Outputs::one("vae", handle(PortType::Vae, 0, vae)))
+    }
+}
+
+pub struct SelectScheduler {
+    spec: NodeSpec,
+}
+
+impl SelectScheduler {
+    fn new() -> Self {
+        SelectScheduler {
+            spec: NodeSpec::new("scheduler.select", 1)
+                .category("pixart")
+                .describe(
+                    "Chooses the sampler: dpm_solver++ (diffusers' default for PixArt, 20 steps), ddim, or \
+                     iddpm (the official 100-step ancestral sampler using the learned variance). Keeps the \
+                     noise schedule of `from` (default: PixArt's linear 1e-4…0.02 over 1000 steps).",
+                )
+                .input(InputSpec::new("name", choices(SAMPLER_NAMES)).default("dpm_solver++"))
+                .input(InputSpec::new("from", PortType::Scheduler).optional())
+                .output("scheduler", PortType::Scheduler, "the chosen sampler"),
+        }
+    }
+}
+
+impl Node for SelectScheduler {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn run(&self, _ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let config = match inputs.get("from") {
+            Some(_) => inputs.handle::<SchedulerChoice>("from")?.config.clone(),
+            None => SchedulerConfig::default(),
+        };
+        let choice = SchedulerChoice {
+            config,
+            sampler: inputs.str("name")?.to_string(),
+        };
+        Ok(Outputs::one(
+            "scheduler",
+            Value::Handle(Handle::new(PortType::Scheduler, 1024, choice)),
+        ))
+    }
+}
+
+pub struct EncodeText {
+    spec: NodeSpec,
+}
+
+impl EncodeText {
+    fn new() -> Self {
+        EncodeText {
+            spec: NodeSpec::new("t5.encode", 1)
+                .category("pixart")
+                .describe(
+                    "Encodes a prompt with T5 as PixArtAlphaPipeline does: lower-cased and stripped, \
+                     `</s>` appended, padded/truncated to max_length tokens, with the attention mask.",
+                )
+                .input(InputSpec::new("tokenizer", PortType::Tokenizer))
+                .input(InputSpec::new("encoder", PortType::TextEncoder))
+                .input(InputSpec::new("text", PortType::String))
+                .input(InputSpec::new("max_length", PortType::Int).default(120).min(1.0).max(512.0))
+                .output("conditioning", PortType::Conditioning, "embeddings [1, L, D] and mask [1, L]"),
+        }
+    }
+}
+
+impl Node for EncodeText {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn run(&self, _ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let tok = inputs.handle::<T5Tokenizer>("tokenizer")?;
+        let enc = inputs.handle::<T5Encoder>("encoder")?;
+        let len = inputs.int("max_length")? as usize;
+        let e = tok
+            .encode(inputs.str("text")?, len)
+            .map_err(|e| NodeError::input("text", e))?;
+        let device = enc.device();
+        let ids = Tensor::from_vec(e.ids, (1, len), device)?;
+        let mask = Tensor::from_vec(e.mask, (1, len), device)?.to_dtype(DType::F32)?;
+        let embeddings = enc.forward(&ids, &mask)?;
+        Ok(Outputs::one(
+            "conditioning",
+            Value::Conditioning(Conditioning { embeddings, mask }),
+        ))
+    }
+}
+
+pub struct Sample {
+    spec: NodeSpec,
+}
+
+impl Sample {
+    fn new() -> Self {
+        Sample {
+            spec: NodeSpec::new("pixart.sample", 1)
+                .category("pixart")
+                .describe(
+                    "Generates latents: classifier-free guidance on [negative, positive] (u + g·(c − u) on \
+                     all channels), the scheduler's sampler, micro-conditions for multi-scale models, \
+                     resolution binning (the decoder crops back to width × height). Without a negative, \
+                     the checkpoint's learned null caption is used. Seeds give the same noise on every \
+                     platform (not torch's).",
+                )
+                .input(InputSpec::new("transformer", PortType::Denoiser))
+                .input(InputSpec::new("scheduler", PortType::Scheduler))
+                .input(InputSpec::new("positive", PortType::Conditioning))
+                .input(InputSpec::new("negative", PortType::Conditioning).optional())
+                .input(InputSpec::new("steps", PortType::Int).default(20).min(1.0).max(1000.0))
+                .input(InputSpec::new("guidance", PortType::Float).default(4.5).min(0.0).max(100.0))
+                .input(InputSpec::new("width", PortType::Int).default(512).min(16.0).max(8192.0))
+                .input(InputSpec::new("height", PortType::Int).default(512).min(16.0).max(8192.0))
+                .input(InputSpec::new("seed", PortType::Int).default(0).min(0.0))
+                .input(
+                    InputSpec::new("latents", PortType::Tensor)
+                        .optional()
+                        .describe("Starting noise [B, 4, h, w] instead of drawing it from the seed."),
+                )
+                .input(InputSpec::new("resolution_binning", PortType::Bool).default(true))
+                .output("latents", PortType::Latents, "the denoised latents (scaled, as diffusers')"),
+        }
+    }
+}
+
+impl Node for Sample {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let den = inputs.handle::<Denoiser>("transformer")?;
+        let choice = inputs.handle::<SchedulerChoice>("scheduler")?;
+        let steps = inputs.int("steps")? as usize;
+        let mut sampler = choice
+            .config
+            .start(&choice.sampler, steps)
+            .map_err(|e| NodeError::input("scheduler", e))?;
+        let negative = match inputs.get("negative") {
+            Some(_) => Some(inputs.conditioning("negative")?),
+            None => None,
+        };
+        let (width, height) = (
+            inputs.int("width")? as usize,
+            inputs.int("height")? as usize,
+        );
+        let binning = inputs.bool("resolution_binning")?;
+        let generated = generation_size(den, width, height, binning)
+            .map_err(|e| NodeError::input("resolution_binning", e))?;
+        let req = Request {
+            positive: inputs.conditioning("positive")?,
+            negative,
+            guidance: inputs.float("guidance")?,
+            width,
+            height,
+            seed: inputs.int("seed")? as u64,
+            latents: inputs
+                .get("latents")
+                .map(|_| inputs.tensor("latents").cloned())
+                .transpose()?,
+            resolution_binning: binning,
+        };
+        let result = sample(den, sampler.as_mut(), &req, |i, n| {
+            ctx.progress(i as u64, n as u64);
+            if ctx.is_cancelled() {
+                candle_core::bail!("cancelled");
+            }
+            Ok(())
+        });
+        let latents = match result {
+            Ok(l) => l,
+            Err(_) if ctx.is_cancelled() => return Err(NodeError::Cancelled),
+            Err(e) => return Err(e.into()),
+        };
+        let image_size = (generated != (height, width)).then_some((height, width));
+        Ok(Outputs::one(
+            "latents",
+            Value::Latents(Latents {
+                tensor: latents,
+                image_size,
+            }),
+        ))
+    }
+}
+
+pub struct Decode {
+    spec: NodeSpec,
+}
+
+impl Decode {
+    fn new() -> Self {
+        Decode {
+            spec: NodeSpec::new("vae.decode", 1)
+                .category("pixart")
+                .describe(
+                    "Decodes latents to an image: latents / scaling_factor through the VAE decoder, \
+                     resized and centre-cropped to the size the sampler was asked for, (x/2 + 0.5) \
+                     clamped to 0..1.",
+                )
+                .input(InputSpec::new("vae", PortType::Vae))
+                .input(InputSpec::new("latents", PortType::Latents))
+                .output("image", PortType::Image, "[B, H, W, 3] in 0..1"),
+        }
+    }
+}
+
+impl Node for Decode {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let vae = inputs.handle::<AutoencoderKl>("vae")?;
+        let latents = inputs.latents("latents")?;
+        let cfg = vae.config();
+        let mut z = (&latents.tensor / cfg.scaling_factor)?;
+        if let Some(shift) = cfg.shift_factor {
+            z = (z + shift)?;
+        }
+        let mut frames = Vec::new();
+        let batch = z.dim(0)?;
+        for i in 0..batch {
+            ctx.check_cancelled()?;
+            let mut x = vae
+                .decode(&z.narrow(0, i, 1)?)?
+                .to_dtype(DType::F32)?
+                .to_device(&candle_core::Device::Cpu)?;
+            if let Some((h, w)) = latents.image_size {
+                x = resize_and_crop(&x, h, w)?;
+            }
+            frames.push(
+                ((x / 2.0)? + 0.5)?
+                    .clamp(0f32, 1f32)?
+                    .permute((0, 2, 3, 1))?,
+            );
+            ctx.progress(i as u64 + 1, batch as u64);
+        }
+        let image = Tensor::cat(&frames, 0)?.contiguous()?;
+        Ok(Outputs::one("image", Value::Image(image)))
+    }
+}
+
+pub struct Encode {
+    spec: NodeSpec,
+}
+
+impl Encode {
+    fn new() -> Self {
+        Encode {
+            spec: NodeSpec::new("vae.encode", 1)
+                .category("pixart")
+                .describe(
+                    "Encodes an image (0..1) to latents: the VAE posterior's sample (seeded) or mean, \
+                     times scaling_factor. Width and height must be multiples of 8.",
+                )
+                .input(InputSpec::new("vae", PortType::Vae))
+                .input(InputSpec::new("image", PortType::Image))
+                .input(InputSpec::new("mode", choices(&["sample", "mean"])).default("sample"))
+                .input(InputSpec::new("seed", PortType::Int).default(0).min(0.0))
+                .output("latents", PortType::Latents, "scaled latents"),
+        }
+    }
+}
+
+impl Node for Encode {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn run(&self, _ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let vae = inputs.handle::<AutoencoderKl>("vae")?;
+        let image = inputs.image("image")?;
+        let (_, h, w, c) = image.dims4()?;
+        if c != 3 || !h.is_multiple_of(VAE_SCALE) || !w.is_multiple_of(VAE_SCALE) {
+            return Err(NodeError::input(
+                "image",
+                format!("needs RGB with sides multiple of {VAE_SCALE}, got {w}×{h}×{c}"),
+            ));
+        }
+        let x = ((image.permute((0, 3, 1, 2))?.contiguous()? * 2.0)? - 1.0)?;
+        let post = vae.encode(&x)?;
+        let z = if inputs.str("mode")? == "mean" {
+            post.mean.clone()
+        } else {
+            let seed = inputs.int("seed")? as u64;
+            let noise = Tensor::from_vec(
+                gaussian(seed, post.mean.elem_count()),
+                post.mean.dims(),
+                post.mean.device(),
+            )?
+            .to_dtype(post.mean.dtype())?;
+            post.sample(&noise)?
+        };
+        let cfg = vae.config();
+        let mut z = z;
+        if let Some(shift) = cfg.shift_factor {
+            z = (z - shift)?;
+        }
+        let z = (z * cfg.scaling_factor)?;
+        Ok(Outputs::one("latents", Value::Latents(Latents::new(z))))
+    }
+}
+
+pub fn nodes() -> Vec<Arc<dyn Node>> {
+    vec![
+        Arc::new(LoadPipeline::new()),
+        Arc::new(LoadTransformer::new()),
+        Arc::new(LoadT5::new()),
+        Arc::new(LoadVae::new()),
+        Arc::new(SelectScheduler::new()),
+        Arc::new(EncodeText::new()),
+        Arc::new(Sample::new()),
+        Arc::new(Decode::new()),
+        Arc::new(Encode::new()),
+    ]
+}
