@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct BenchArgs {
+    /// What to measure: the runtime's per-node overhead, or one PixArt transformer
+    /// forward (the benchmark config; compare with scripts/bench_dit_torch.py).
+    #[arg(value_enum, default_value_t = Target::Runtime)]
+    target: Target,
     /// Nodes in the generated graph.
     #[arg(long, default_value_t = 10_000)]
     nodes: usize,
@@ -25,6 +29,12 @@ pub struct BenchArgs {
     /// Measured repetitions (the median is reported).
     #[arg(long, default_value_t = 5)]
     repeat: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum, Debug)]
+enum Target {
+    Runtime,
+    Dit,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -103,6 +113,9 @@ fn per_node(d: Duration, n: usize) -> f64 {
 }
 
 pub async fn run(args: BenchArgs) -> Result<ExitCode> {
+    if let Target::Dit = args.target {
+        return dit(args.repeat.max(1));
+    }
     let n = args.nodes.max(1);
     let repeat = args.repeat.max(1);
     let mut registry = Registry::new();
@@ -147,5 +160,52 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
             );
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One forward of a PixArt transformer with 12 layers, 6 heads × 64, 32×32 latents,
+/// patch 2, caption_channels 4096, batch 2 with 120 text tokens (20 and 120 valid),
+/// f32 on the CPU. Threads: RAYON_NUM_THREADS (default: all cores).
+fn dit(repeat: usize) -> Result<ExitCode> {
+    use pixart_nodes::models::pixart::{Config, PixArtTransformer};
+    use pixart_nodes::noise::gaussian;
+    use pixart_runtime::candle_core::{DType, Device, Tensor};
+
+    let cfg: Config = serde_json::from_value(serde_json::json!({
+        "num_attention_heads": 6, "attention_head_dim": 64, "in_channels": 4, "out_channels": 8,
+        "num_layers": 12, "sample_size": 32, "patch_size": 2, "caption_channels": 4096,
+        "cross_attention_dim": 384, "norm_type": "ada_norm_single"
+    }))?;
+    let dev = Device::Cpu;
+    let varmap = candle_nn::VarMap::new();
+    let model = PixArtTransformer::new(candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg)?;
+    for var in varmap.all_vars() {
+        let t = var.as_tensor();
+        let scale = 1.0 / (t.dims().last().copied().unwrap_or(1) as f32).sqrt();
+        let values: Vec<f32> = gaussian(t.elem_count() as u64, t.elem_count()).iter().map(|v| v * scale).collect();
+        var.set(&Tensor::from_vec(values, t.dims(), &dev)?)?;
+    }
+    let x = Tensor::from_vec(gaussian(1, 2 * 4 * 32 * 32), (2, 4, 32, 32), &dev)?;
+    let t = Tensor::new(&[999f32, 500.], &dev)?;
+    let text = Tensor::from_vec(gaussian(2, 2 * 120 * 4096), (2, 120, 4096), &dev)?;
+    let mask: Vec<f32> = (0..240).map(|i| if i < 20 || i >= 120 { 1.0 } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, (2, 120), &dev)?;
+    let threads = pixart_runtime::candle_core::utils::get_num_threads();
+    let mut times = Vec::new();
+    for i in 0..repeat + 2 {
+        let start = Instant::now();
+        let out = model.forward(&x, &t, &text, Some(&mask), None)?;
+        out.sum_all()?.to_scalar::<f32>()?;
+        if i >= 2 {
+            times.push(start.elapsed());
+        }
+    }
+    let min = *times.iter().min().unwrap_or(&Duration::ZERO);
+    let med = median(times);
+    println!(
+        "{{\"bench\": \"pixart_dit_forward\", \"threads\": {threads}, \"repeat\": {repeat}, \"median_ms\": {:.2}, \"min_ms\": {:.2}}}",
+        med.as_secs_f64() * 1e3,
+        min.as_secs_f64() * 1e3
+    );
     Ok(ExitCode::SUCCESS)
 }

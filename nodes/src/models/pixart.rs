@@ -8,6 +8,7 @@
 //! masked cross-attention, MLP) → final layer → unpatchify. Output channels: ε then
 //! the learned variance interpolation.
 
+use super::fast_ops::gelu;
 use super::weights::{LoadError, Weights};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{conv2d, linear, linear_b, Conv2d, Conv2dConfig, Linear, VarBuilder};
@@ -102,15 +103,26 @@ impl Config {
     }
 }
 
-/// PyTorch's `nn.LayerNorm(elementwise_affine=False)`, statistics in f32.
-fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    centred
-        .broadcast_div(&(var + eps)?.sqrt()?)?
-        .to_dtype(dtype)
+/// PyTorch's `nn.LayerNorm(elementwise_affine=False)`: candle's fused kernel with
+/// unit scale and zero shift, built once per model.
+struct LayerNorm {
+    ones: Tensor,
+    zeros: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(d: usize, eps: f64, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(LayerNorm {
+            ones: Tensor::ones(d, dtype, device)?,
+            zeros: Tensor::zeros(d, dtype, device)?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.ones, &self.zeros, self.eps as f32)
+    }
 }
 
 /// `get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0)`:
@@ -283,8 +295,9 @@ impl Attention {
         let q = self.heads(&self.to_q.forward(x)?)?;
         let k = self.heads(&self.to_k.forward(context)?)?;
         let v = self.heads(&self.to_v.forward(context)?)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        // Scaling q (tokens × head_dim) is cheaper than scaling the scores.
+        let q = (q * (1.0 / (self.head_dim as f64).sqrt()))?;
+        let mut scores = q.matmul(&k.t()?)?;
         if let Some(bias) = bias {
             scores = scores.broadcast_add(bias)?;
         }
@@ -308,7 +321,7 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out.forward(&self.proj.forward(x)?.gelu()?)
+        self.out.forward(&gelu(&self.proj.forward(x)?)?)
     }
 }
 
@@ -317,7 +330,7 @@ struct Block {
     attn1: Attention,
     attn2: Attention,
     ff: FeedForward,
-    eps: f64,
+    norm: LayerNorm,
 }
 
 impl Block {
@@ -328,7 +341,7 @@ impl Block {
             attn1: Attention::new(vb.pp("attn1"), cfg, d)?,
             attn2: Attention::new(vb.pp("attn2"), cfg, cfg.cross_attention_dim.unwrap_or(d))?,
             ff: FeedForward::new(vb.pp("ff"), d)?,
-            eps: cfg.norm_eps,
+            norm: LayerNorm::new(d, cfg.norm_eps, vb.dtype(), vb.device())?,
         })
     }
 
@@ -349,10 +362,10 @@ impl Block {
         let (shift_msa, scale_msa, gate_msa) = (m(0)?, m(1)?, m(2)?);
         let (shift_mlp, scale_mlp, gate_mlp) = (m(3)?, m(4)?, m(5)?);
 
-        let h = modulate(&layer_norm(x, self.eps)?, &shift_msa, &scale_msa)?;
+        let h = modulate(&self.norm.forward(x)?, &shift_msa, &scale_msa)?;
         let x = (x + gate_msa.broadcast_mul(&self.attn1.forward(&h, &h, None)?)?)?;
         let x = (&x + self.attn2.forward(&x, text, text_bias)?)?;
-        let h = modulate(&layer_norm(&x, self.eps)?, &shift_mlp, &scale_mlp)?;
+        let h = modulate(&self.norm.forward(&x)?, &shift_mlp, &scale_mlp)?;
         x + gate_mlp.broadcast_mul(&self.ff.forward(&h)?)?
     }
 }
@@ -368,6 +381,7 @@ pub struct PixArtTransformer {
     caption_linear_2: Linear,
     blocks: Vec<Block>,
     scale_shift_table: Tensor,
+    norm_out: LayerNorm,
     proj_out: Linear,
     cfg: Config,
     dtype: DType,
@@ -394,6 +408,7 @@ impl PixArtTransformer {
                 .map(|i| Block::new(vb.pp(format!("transformer_blocks.{i}")), cfg))
                 .collect::<Result<_>>()?,
             scale_shift_table: vb.get((2, d), "scale_shift_table")?,
+            norm_out: LayerNorm::new(d, cfg.norm_eps, vb.dtype(), vb.device())?,
             proj_out: linear(d, p * p * cfg.out_channels(), vb.pp("proj_out"))?,
             cfg: cfg.clone(),
             dtype: vb.dtype(),
@@ -440,7 +455,7 @@ impl PixArtTransformer {
         let text = text.to_dtype(self.dtype)?;
         let text = self
             .caption_linear_2
-            .forward(&self.caption_linear_1.forward(&text)?.gelu()?)?;
+            .forward(&gelu(&self.caption_linear_1.forward(&text)?)?)?;
         let text_bias = match text_mask {
             Some(m) => Some(
                 ((1.0 - m.to_dtype(DType::F32)?)? * -10000.0)?
@@ -459,7 +474,7 @@ impl PixArtTransformer {
             .unsqueeze(0)?
             .broadcast_add(&embedded_t.unsqueeze(1)?)?;
         let (shift, scale) = (mods.narrow(1, 0, 1)?, mods.narrow(1, 1, 1)?);
-        let x = modulate(&layer_norm(&x, self.cfg.norm_eps)?, &shift, &scale)?;
+        let x = modulate(&self.norm_out.forward(&x)?, &shift, &scale)?;
         let x = self.proj_out.forward(&x)?; // [B, gh·gw, p·p·C]
         let c = self.cfg.out_channels();
         x.reshape((b, gh, gw, p, p, c))?
