@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// Measured repetitions (the median is reported).
     #[arg(long, default_value_t = 5)]
     repeat: usize,
+    /// Device for `dit`: cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -114,7 +117,7 @@ fn per_node(d: Duration, n: usize) -> f64 {
 
 pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     if let Target::Dit = args.target {
-        return dit(args.repeat.max(1));
+        return dit(args.repeat.max(1), &args.device);
     }
     let n = args.nodes.max(1);
     let repeat = args.repeat.max(1);
@@ -166,29 +169,37 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
 /// One forward of a PixArt transformer with 12 layers, 6 heads × 64, 32×32 latents,
 /// patch 2, caption_channels 4096, batch 2 with 120 text tokens (20 and 120 valid),
 /// f32 on the CPU. Threads: RAYON_NUM_THREADS (default: all cores).
-fn dit(repeat: usize) -> Result<ExitCode> {
+fn dit(repeat: usize, device: &str) -> Result<ExitCode> {
     use pixart_nodes::models::pixart::{Config, PixArtTransformer};
     use pixart_nodes::noise::gaussian;
-    use pixart_runtime::candle_core::{DType, Device, Tensor};
+    use pixart_runtime::candle_core::{DType, Tensor};
 
     let cfg: Config = serde_json::from_value(serde_json::json!({
         "num_attention_heads": 6, "attention_head_dim": 64, "in_channels": 4, "out_channels": 8,
         "num_layers": 12, "sample_size": 32, "patch_size": 2, "caption_channels": 4096,
         "cross_attention_dim": 384, "norm_type": "ada_norm_single"
     }))?;
-    let dev = Device::Cpu;
+    let dev = pixart_nodes::pixart::load::device(device).map_err(anyhow::Error::msg)?;
     let varmap = candle_nn::VarMap::new();
-    let model = PixArtTransformer::new(candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg)?;
+    let model = PixArtTransformer::new(
+        candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        &cfg,
+    )?;
     for var in varmap.all_vars() {
         let t = var.as_tensor();
         let scale = 1.0 / (t.dims().last().copied().unwrap_or(1) as f32).sqrt();
-        let values: Vec<f32> = gaussian(t.elem_count() as u64, t.elem_count()).iter().map(|v| v * scale).collect();
+        let values: Vec<f32> = gaussian(t.elem_count() as u64, t.elem_count())
+            .iter()
+            .map(|v| v * scale)
+            .collect();
         var.set(&Tensor::from_vec(values, t.dims(), &dev)?)?;
     }
     let x = Tensor::from_vec(gaussian(1, 2 * 4 * 32 * 32), (2, 4, 32, 32), &dev)?;
     let t = Tensor::new(&[999f32, 500.], &dev)?;
     let text = Tensor::from_vec(gaussian(2, 2 * 120 * 4096), (2, 120, 4096), &dev)?;
-    let mask: Vec<f32> = (0..240).map(|i| if i < 20 || i >= 120 { 1.0 } else { 0.0 }).collect();
+    let mask: Vec<f32> = (0..240)
+        .map(|i| if (20..120).contains(&i) { 0.0 } else { 1.0 })
+        .collect();
     let mask = Tensor::from_vec(mask, (2, 120), &dev)?;
     let threads = pixart_runtime::candle_core::utils::get_num_threads();
     let mut times = Vec::new();
@@ -203,7 +214,7 @@ fn dit(repeat: usize) -> Result<ExitCode> {
     let min = *times.iter().min().unwrap_or(&Duration::ZERO);
     let med = median(times);
     println!(
-        "{{\"bench\": \"pixart_dit_forward\", \"threads\": {threads}, \"repeat\": {repeat}, \"median_ms\": {:.2}, \"min_ms\": {:.2}}}",
+        "{{\"bench\": \"pixart_dit_forward\", \"device\": \"{device}\", \"threads\": {threads}, \"repeat\": {repeat}, \"median_ms\": {:.2}, \"min_ms\": {:.2}}}",
         med.as_secs_f64() * 1e3,
         min.as_secs_f64() * 1e3
     );

@@ -40,6 +40,10 @@ enum Command {
         /// How many nodes may run at once (default: the number of CPUs).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Where model nodes with `device: auto` run: cpu, or cuda (needs a build
+        /// with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Check a workflow without running it; exit 1 with every error found.
     Validate {
@@ -84,7 +88,12 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             out,
             targets,
             jobs,
-        } => run(&workflow, &set, out, targets, jobs).await,
+            device,
+        } => {
+            pixart_nodes::pixart::load::device(&device).map_err(anyhow::Error::msg)?;
+            pixart_nodes::pixart::load::set_default_device(&device);
+            run(&workflow, &set, out, targets, jobs).await
+        }
         Command::Validate {
             workflow,
             set,

@@ -18,9 +18,20 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// `PIXART_TEST_DEVICE=cuda` runs the parity tests on the GPU (a `--features cuda`
+/// build; see scripts/gpu-check.sh). Default: the CPU.
+fn dev() -> Device {
+    match std::env::var("PIXART_TEST_DEVICE").as_deref() {
+        Ok("cuda") => {
+            Device::new_cuda(0).expect("PIXART_TEST_DEVICE=cuda needs a CUDA build and GPU")
+        }
+        _ => Device::Cpu,
+    }
+}
+
 fn reference(name: &str) -> HashMap<String, Tensor> {
     let path = fixtures().join("reference").join(name);
-    pixart_runtime::candle_core::safetensors::load(&path, &Device::Cpu).unwrap()
+    pixart_runtime::candle_core::safetensors::load(&path, &dev()).unwrap()
 }
 
 fn get<'a>(r: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
@@ -31,8 +42,16 @@ fn get<'a>(r: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
 /// max |got − want| / max |want|
 fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
     assert_eq!(got.dims(), want.dims(), "shapes differ");
-    let got = got.to_dtype(DType::F32).unwrap();
-    let want = want.to_dtype(DType::F32).unwrap();
+    let got = got
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    let want = want
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
     let diff = (got - &want)
         .unwrap()
         .abs()
@@ -98,7 +117,7 @@ fn t5_encoder_with_mask_matches_transformers() {
     let enc = load::text_encoder(
         &fixtures().join("tiny-pixart/text_encoder"),
         DType::F32,
-        &Device::Cpu,
+        &dev(),
     )
     .unwrap();
     let out = enc
@@ -142,7 +161,7 @@ fn transformer_forward_matches_diffusers_square_wide_and_multiscale() {
     let den = load::transformer(
         &fixtures().join("tiny-pixart/transformer"),
         DType::F32,
-        &Device::Cpu,
+        &dev(),
     )
     .unwrap();
     for case in ["square", "wide"] {
@@ -156,7 +175,7 @@ fn transformer_forward_matches_diffusers_square_wide_and_multiscale() {
     let ms = load::transformer(
         &fixtures().join("tiny-pixart-ms/transformer"),
         DType::F32,
-        &Device::Cpu,
+        &dev(),
     )
     .unwrap();
     assert!(ms.model.config().additional_conditions());
@@ -195,7 +214,7 @@ fn official_pth_checkpoints_equal_the_diffusers_ones() {
             dir.path().join("config.json"),
         )
         .unwrap();
-        let den = load::transformer(&dir.path().join(pth), DType::F32, &Device::Cpu).unwrap();
+        let den = load::transformer(&dir.path().join(pth), DType::F32, &dev()).unwrap();
         assert_close(
             pth,
             &run_transformer(&den, &r, case),
@@ -212,7 +231,7 @@ fn official_pth_checkpoints_equal_the_diffusers_ones() {
         lonely.path().join("m.pth"),
     )
     .unwrap();
-    let err = load::transformer(&lonely.path().join("m.pth"), DType::F32, &Device::Cpu)
+    let err = load::transformer(&lonely.path().join("m.pth"), DType::F32, &dev())
         .err()
         .unwrap();
     assert!(err.to_string().contains("config.json"), "{err}");
@@ -221,12 +240,7 @@ fn official_pth_checkpoints_equal_the_diffusers_ones() {
 #[test]
 fn vae_encode_and_decode_match_diffusers() {
     let r = reference("vae.safetensors");
-    let vae = load::vae(
-        &fixtures().join("tiny-pixart/vae"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let vae = load::vae(&fixtures().join("tiny-pixart/vae"), DType::F32, &dev()).unwrap();
     let post = vae.encode(get(&r, "encode.image")).unwrap();
     assert_close("posterior mean", &post.mean, get(&r, "encode.mean"), 1e-4);
     assert_close(
@@ -294,7 +308,7 @@ fn conditioning(emb: &Tensor, mask: &Tensor) -> Conditioning {
 fn whole_pipeline_matches_diffusers() {
     let r = reference("pipeline.safetensors");
     let root = fixtures().join("tiny-pixart");
-    let dev = Device::Cpu;
+    let dev = dev();
     let tok = load::tokenizer(&root.join("tokenizer")).unwrap();
     let enc = load::text_encoder(&root.join("text_encoder"), DType::F32, &dev).unwrap();
     let den = load::transformer(&root.join("transformer"), DType::F32, &dev).unwrap();

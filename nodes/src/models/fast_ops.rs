@@ -2,7 +2,9 @@
 //! calls (`tanhf`), written so the compiler vectorises them. Same formulas, f32
 //! rounding-level differences; other devices and dtypes use candle's own ops.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor,
+};
 
 /// e^x for f32 with ~1 ulp-level relative error: Cody–Waite reduction to
 /// r ∈ [−ln2/2, ln2/2], a degree-6 Taylor polynomial, and the exponent by bits.
@@ -12,7 +14,9 @@ fn exp_f32(x: f32) -> f32 {
     let k = (x * std::f32::consts::LOG2_E).round();
     let r = x - k * 0.693_145_75 - k * 1.428_606_8e-6;
     let p = 1.0
-        + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     p * f32::from_bits(((k as i32 + 127) << 23) as u32)
 }
 
@@ -52,8 +56,12 @@ impl CustomOp1 for GeluTanh {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
-            candle_core::bail!("gelu-tanh-fast: contiguous f32 only, got {:?}", storage.dtype());
+        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!(
+                "gelu-tanh-fast: contiguous f32 only, got {:?}",
+                storage.dtype()
+            );
         };
         let src = &data[start..end];
         let mut out = vec![0f32; src.len()];
@@ -91,9 +99,14 @@ mod tests {
     fn matches_the_tanh_formula() {
         for i in -2000..2000 {
             let x = i as f32 / 100.0;
-            let want = 0.5 * x as f64 * (1.0 + (0.797_884_560_8 * (x as f64 + 0.044715 * (x as f64).powi(3))).tanh());
+            let want = 0.5
+                * x as f64
+                * (1.0 + (0.797_884_560_8 * (x as f64 + 0.044715 * (x as f64).powi(3))).tanh());
             let got = gelu_tanh(x) as f64;
-            assert!((got - want).abs() <= 2e-6 * want.abs().max(1e-3), "x={x}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 2e-6 * want.abs().max(1e-3),
+                "x={x}: {got} vs {want}"
+            );
         }
         for x in [-100.0f32, -30.0, 0.0, 30.0, 100.0] {
             assert!(gelu_tanh(x).is_finite());
