@@ -14,8 +14,13 @@ use pixart_runtime::Conditioning;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// `PIXART_FIXTURES_DIR` overrides where the fixtures are (for a prebuilt test
+/// binary run on another machine, as scripts/gpu-check.sh does).
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    match std::env::var_os("PIXART_FIXTURES_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
 }
 
 /// `PIXART_TEST_DEVICE=cuda` runs the parity tests on the GPU (a `--features cuda`
