@@ -383,3 +383,92 @@ fn whole_pipeline_matches_diffusers() {
         );
     }
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn hub_layout_variants_load_unchanged() {
+    // The hub's PixArt configs name the class `Transformer2DModel`.
+    let dir = tempfile::tempdir().unwrap();
+    let tdir = dir.path().join("transformer");
+    copy_dir(&fixtures().join("tiny-pixart/transformer"), &tdir);
+    let cfg = std::fs::read_to_string(tdir.join("config.json")).unwrap();
+    let legacy = cfg.replace("\"PixArtTransformer2DModel\"", "\"Transformer2DModel\"");
+    assert_ne!(cfg, legacy);
+    std::fs::write(tdir.join("config.json"), legacy).unwrap();
+    let r = reference("transformer.safetensors");
+    let den = load::transformer(&tdir, DType::F32, &dev()).unwrap();
+    assert_close(
+        "legacy class name",
+        &run_transformer(&den, &r, "square"),
+        get(&r, "square.out"),
+        1e-4,
+    );
+
+    // Older T5 checkpoints store `encoder.embed_tokens.weight` instead of the tied `shared.weight`.
+    let edir = dir.path().join("text_encoder");
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for e in std::fs::read_dir(fixtures().join("tiny-pixart/text_encoder")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            tensors
+                .extend(pixart_runtime::candle_core::safetensors::load(&p, &Device::Cpu).unwrap());
+        }
+    }
+    let shared = tensors
+        .remove("shared.weight")
+        .expect("the fixture stores shared.weight");
+    tensors.insert("encoder.embed_tokens.weight".into(), shared);
+    std::fs::create_dir_all(&edir).unwrap();
+    pixart_runtime::candle_core::safetensors::save(&tensors, edir.join("model.safetensors"))
+        .unwrap();
+    std::fs::copy(
+        fixtures().join("tiny-pixart/text_encoder/config.json"),
+        edir.join("config.json"),
+    )
+    .unwrap();
+    let r = reference("t5.safetensors");
+    let enc = load::text_encoder(&edir, DType::F32, &dev()).unwrap();
+    let out = enc
+        .forward(&ids_u32(get(&r, "input_ids")), get(&r, "attention_mask"))
+        .unwrap();
+    assert_close(
+        "T5 with embed_tokens",
+        &out,
+        get(&r, "last_hidden_state"),
+        1e-4,
+    );
+}
+
+#[test]
+fn half_precision_stays_close_to_f32() {
+    let r = reference("transformer.safetensors");
+    let path = fixtures().join("tiny-pixart/transformer");
+    let mut dtypes = vec![(DType::F16, 1e-2)];
+    if dev().is_cpu() {
+        let err = load::transformer(&path, DType::BF16, &dev())
+            .err()
+            .expect("bf16 on the CPU is refused");
+        assert!(err.to_string().contains("bf16 needs a GPU"), "{err}");
+    } else {
+        dtypes.push((DType::BF16, 5e-2));
+    }
+    for (dtype, tol) in dtypes {
+        let den =
+            load::transformer(&fixtures().join("tiny-pixart/transformer"), dtype, &dev()).unwrap();
+        let out = run_transformer(&den, &r, "square");
+        assert_eq!(out.dtype(), dtype);
+        assert_close(
+            &format!("{dtype:?} transformer"),
+            &out,
+            get(&r, "square.out"),
+            tol,
+        );
+    }
+}

@@ -59,6 +59,17 @@ pub fn dtype(name: &str) -> Result<DType, String> {
     }
 }
 
+/// candle's CPU matmul has no bf16 kernel: refuse the pair up front.
+fn check_dtype_device(path: &Path, dtype: DType, device: &Device) -> Result<(), LoadError> {
+    if dtype == DType::BF16 && device.is_cpu() {
+        return Err(LoadError::file(
+            path,
+            "bf16 needs a GPU (candle's CPU matmul has no bf16 kernel); use f32 or f16 on the CPU",
+        ));
+    }
+    Ok(())
+}
+
 fn device_key(d: &Device) -> String {
     match d {
         Device::Cpu => "cpu".into(),
@@ -159,6 +170,7 @@ pub fn text_encoder(
 }
 
 pub fn vae(dir: &Path, dtype: DType, device: &Device) -> Result<Arc<AutoencoderKl>, LoadError> {
+    check_dtype_device(dir, dtype, device)?;
     cache::get_or_load(&key("vae", dir, dtype, device), || {
         let cfg: vae::Config = read_config(dir)?;
         let w = Weights::from_folder(dir, &["diffusion_pytorch_model", "model"], dtype, device)?;
@@ -182,6 +194,7 @@ pub fn scheduler(dir: &Path) -> Result<SchedulerChoice, LoadError> {
 /// A transformer from a diffusers folder, a `.safetensors` file, or an official
 /// `.pth` checkpoint (its `config.json`, if any, sits next to it).
 pub fn transformer(path: &Path, dtype: DType, device: &Device) -> Result<Arc<Denoiser>, LoadError> {
+    check_dtype_device(path, dtype, device)?;
     cache::get_or_load(&key("transformer", path, dtype, device), || {
         let (mut w, config_dir) = if path.is_dir() {
             let w =

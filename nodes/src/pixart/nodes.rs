@@ -24,7 +24,7 @@ fn choices(c: &[&str]) -> PortType {
 fn dtype_input() -> InputSpec {
     InputSpec::new("dtype", choices(&["f32", "f16", "bf16"]))
         .default("f32")
-        .describe("Weights and compute precision.")
+        .describe("Weights and compute precision (bf16: GPU only).")
 }
 
 fn device_input() -> InputSpec {
