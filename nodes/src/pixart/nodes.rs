@@ -10,7 +10,7 @@ use crate::models::tokenizer::T5Tokenizer;
 use crate::models::vae::AutoencoderKl;
 use crate::noise::gaussian;
 use crate::schedulers::{SchedulerConfig, SAMPLER_NAMES};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use pixart_runtime::{
     Conditioning, Handle, InputSpec, Inputs, Latents, Node, NodeContext, NodeError, NodeSpec,
     Outputs, PortType, Value,
@@ -49,37 +49,14 @@ fn handle<T: Send + Sync + 'static>(kind: PortType, bytes: usize, model: Arc<T>)
     Value::Handle(Handle::shared(kind, bytes, model))
 }
 
-pub struct LoadPipeline {
+/// A node that loads model components from a path: the declaration plus the one
+/// function that differs between loaders.
+struct ComponentLoader {
     spec: NodeSpec,
+    load: fn(&NodeContext, &Inputs, DType, &Device) -> Result<Outputs, NodeError>,
 }
 
-impl LoadPipeline {
-    fn new() -> Self {
-        LoadPipeline {
-            spec: NodeSpec::new("pixart.load", 1)
-                .category("pixart")
-                .describe(
-                    "Loads a diffusers PixArt-α pipeline folder (model_index.json with tokenizer, \
-                     text_encoder, transformer, vae, scheduler). Models are shared between nodes and runs.",
-                )
-                .input(InputSpec::new("path", PortType::Path).describe("e.g. models/PixArt-XL-2-512x512"))
-                .input(dtype_input())
-                .input(device_input())
-                .input(
-                    InputSpec::new("transformer", PortType::Path)
-                        .optional()
-                        .describe("Use this transformer instead (folder, .safetensors or official .pth)."),
-                )
-                .output("tokenizer", PortType::Tokenizer, "T5 tokenizer")
-                .output("text_encoder", PortType::TextEncoder, "T5 encoder")
-                .output("transformer", PortType::Denoiser, "PixArt transformer")
-                .output("vae", PortType::Vae, "AutoencoderKL")
-                .output("scheduler", PortType::Scheduler, "the pipeline's scheduler"),
-        }
-    }
-}
-
-impl Node for LoadPipeline {
+impl Node for ComponentLoader {
     fn spec(&self) -> &NodeSpec {
         &self.spec
     }
@@ -90,154 +67,144 @@ impl Node for LoadPipeline {
 
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
         let (dtype, device) = dtype_device(&inputs)?;
-        let root = ctx.input_path(inputs.path("path")?);
-        let folder = load::PipelineFolder::open(&root).map_err(load_err)?;
-        ctx.progress(0, 4);
-        let tok = load::tokenizer(&folder.part("tokenizer")).map_err(load_err)?;
-        let enc =
-            load::text_encoder(&folder.part("text_encoder"), dtype, &device).map_err(load_err)?;
-        ctx.check_cancelled()?;
-        ctx.progress(1, 4);
-        let transformer_path = match inputs.get("transformer") {
-            Some(Value::Path(p)) => ctx.input_path(p),
-            _ => folder.part("transformer"),
-        };
-        let den = load::transformer(&transformer_path, dtype, &device).map_err(load_err)?;
-        ctx.check_cancelled()?;
-        ctx.progress(2, 4);
-        let vae = load::vae(&folder.part("vae"), dtype, &device).map_err(load_err)?;
-        ctx.progress(3, 4);
-        let sched = load::scheduler(&folder.part("scheduler")).map_err(load_err)?;
-        ctx.progress(4, 4);
-        Ok(
-            Outputs::one("tokenizer", handle(PortType::Tokenizer, 1 << 20, tok))
-                .with("text_encoder", handle(PortType::TextEncoder, 0, enc))
-                .with("transformer", handle(PortType::Denoiser, 0, den))
-                .with("vae", handle(PortType::Vae, 0, vae))
-                .with(
-                    "scheduler",
-                    Value::Handle(Handle::new(PortType::Scheduler, 1024, sched)),
-                ),
-        )
+        (self.load)(ctx, &inputs, dtype, &device)
     }
 }
 
-pub struct LoadTransformer {
-    spec: NodeSpec,
+fn loader(name: &str, description: &str) -> NodeSpec {
+    NodeSpec::new(name, 1)
+        .category("pixart")
+        .describe(description)
+        .input(InputSpec::new("path", PortType::Path))
+        .input(dtype_input())
+        .input(device_input())
 }
 
-impl LoadTransformer {
-    fn new() -> Self {
-        LoadTransformer {
-            spec: NodeSpec::new("transformer.load", 1)
-                .category("pixart")
-                .describe(
-                    "Loads a PixArt-α transformer alone: a diffusers folder (config.json + \
-                     diffusion_pytorch_model.safetensors), a .safetensors file, or an official .pth \
-                     checkpoint (with its learned null caption).",
-                )
-                .input(InputSpec::new("path", PortType::Path))
-                .input(dtype_input())
-                .input(device_input())
-                .output("transformer", PortType::Denoiser, "PixArt transformer"),
-        }
-    }
+fn load_pipeline(
+    ctx: &NodeContext,
+    inputs: &Inputs,
+    dtype: DType,
+    device: &Device,
+) -> Result<Outputs, NodeError> {
+    let root = ctx.input_path(inputs.path("path")?);
+    let folder = load::PipelineFolder::open(&root).map_err(load_err)?;
+    ctx.progress(0, 4);
+    let tok = load::tokenizer(&folder.part("tokenizer")).map_err(load_err)?;
+    let enc = load::text_encoder(&folder.part("text_encoder"), dtype, device).map_err(load_err)?;
+    ctx.check_cancelled()?;
+    ctx.progress(1, 4);
+    let transformer_path = match inputs.get("transformer") {
+        Some(Value::Path(p)) => ctx.input_path(p),
+        _ => folder.part("transformer"),
+    };
+    let den = load::transformer(&transformer_path, dtype, device).map_err(load_err)?;
+    ctx.check_cancelled()?;
+    ctx.progress(2, 4);
+    let vae = load::vae(&folder.part("vae"), dtype, device).map_err(load_err)?;
+    ctx.progress(3, 4);
+    let sched = load::scheduler(&folder.part("scheduler")).map_err(load_err)?;
+    ctx.progress(4, 4);
+    Ok(
+        Outputs::one("tokenizer", handle(PortType::Tokenizer, 1 << 20, tok))
+            .with("text_encoder", handle(PortType::TextEncoder, 0, enc))
+            .with("transformer", handle(PortType::Denoiser, 0, den))
+            .with("vae", handle(PortType::Vae, 0, vae))
+            .with(
+                "scheduler",
+                Value::Handle(Handle::new(PortType::Scheduler, 1024, sched)),
+            ),
+    )
 }
 
-impl Node for LoadTransformer {
-    fn spec(&self) -> &NodeSpec {
-        &self.spec
-    }
-
-    fn fingerprint(&self, ctx: &NodeContext, inputs: &Inputs) -> Option<String> {
-        input_file_fingerprint(ctx, inputs, "path")
-    }
-
-    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
-        let (dtype, device) = dtype_device(&inputs)?;
-        let den = load::transformer(&ctx.input_path(inputs.path("path")?), dtype, &device)
-            .map_err(load_err)?;
-        Ok(Outputs::one(
-            "transformer",
-            handle(PortType::Denoiser, 0, den),
-        ))
-    }
+fn load_transformer(
+    ctx: &NodeContext,
+    inputs: &Inputs,
+    dtype: DType,
+    device: &Device,
+) -> Result<Outputs, NodeError> {
+    let den = load::transformer(&ctx.input_path(inputs.path("path")?), dtype, device)
+        .map_err(load_err)?;
+    Ok(Outputs::one(
+        "transformer",
+        handle(PortType::Denoiser, 0, den),
+    ))
 }
 
-pub struct LoadT5 {
-    spec: NodeSpec,
+fn load_t5(
+    ctx: &NodeContext,
+    inputs: &Inputs,
+    dtype: DType,
+    device: &Device,
+) -> Result<Outputs, NodeError> {
+    let tok = load::tokenizer(&ctx.input_path(inputs.path("tokenizer")?)).map_err(load_err)?;
+    let enc = load::text_encoder(&ctx.input_path(inputs.path("path")?), dtype, device)
+        .map_err(load_err)?;
+    Ok(
+        Outputs::one("tokenizer", handle(PortType::Tokenizer, 1 << 20, tok))
+            .with("text_encoder", handle(PortType::TextEncoder, 0, enc)),
+    )
 }
 
-impl LoadT5 {
-    fn new() -> Self {
-        LoadT5 {
-            spec: NodeSpec::new("t5.load", 1)
-                .category("pixart")
-                .describe("Loads a T5 encoder folder (config.json + safetensors, sharded or not) and a tokenizer folder.")
-                .input(InputSpec::new("path", PortType::Path).describe("The text_encoder folder."))
-                .input(InputSpec::new("tokenizer", PortType::Path).describe("The tokenizer folder."))
-                .input(dtype_input())
-                .input(device_input())
-                .output("tokenizer", PortType::Tokenizer, "T5 tokenizer")
-                .output("text_encoder", PortType::TextEncoder, "T5 encoder"),
-        }
-    }
+fn load_vae(
+    ctx: &NodeContext,
+    inputs: &Inputs,
+    dtype: DType,
+    device: &Device,
+) -> Result<Outputs, NodeError> {
+    let vae = load::vae(&ctx.input_path(inputs.path("path")?), dtype, device).map_err(load_err)?;
+    Ok(Outputs::one("vae", handle(PortType::Vae, 0, vae)))
 }
 
-impl Node for LoadT5 {
-    fn spec(&self) -> &NodeSpec {
-        &self.spec
-    }
-
-    fn fingerprint(&self, ctx: &NodeContext, inputs: &Inputs) -> Option<String> {
-        input_file_fingerprint(ctx, inputs, "path")
-    }
-
-    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
-        let (dtype, device) = dtype_device(&inputs)?;
-        let tok = load::tokenizer(&ctx.input_path(inputs.path("tokenizer")?)).map_err(load_err)?;
-        let enc = load::text_encoder(&ctx.input_path(inputs.path("path")?), dtype, &device)
-            .map_err(load_err)?;
-        Ok(
-            Outputs::one("tokenizer", handle(PortType::Tokenizer, 1 << 20, tok))
-                .with("text_encoder", handle(PortType::TextEncoder, 0, enc)),
-        )
-    }
-}
-
-pub struct LoadVae {
-    spec: NodeSpec,
-}
-
-impl LoadVae {
-    fn new() -> Self {
-        LoadVae {
-            spec: NodeSpec::new("vae.load", 1)
-                .category("pixart")
-                .describe("Loads an AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors).")
-                .input(InputSpec::new("path", PortType::Path))
-                .input(dtype_input())
-                .input(device_input())
-                .output("vae", PortType::Vae, "AutoencoderKL"),
-        }
-    }
-}
-
-impl Node for LoadVae {
-    fn spec(&self) -> &NodeSpec {
-        &self.spec
-    }
-
-    fn fingerprint(&self, ctx: &NodeContext, inputs: &Inputs) -> Option<String> {
-        input_file_fingerprint(ctx, inputs, "path")
-    }
-
-    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
-        let (dtype, device) = dtype_device(&inputs)?;
-        let vae =
-            load::vae(&ctx.input_path(inputs.path("path")?), dtype, &device).map_err(load_err)?;
-        Ok(Outputs::one("vae", handle(PortType::Vae, 0, vae)))
-    }
+fn loaders() -> Vec<ComponentLoader> {
+    vec![
+        ComponentLoader {
+            spec: loader(
+                "pixart.load",
+                "Loads a diffusers PixArt-α pipeline folder (model_index.json with tokenizer, \
+                 text_encoder, transformer, vae, scheduler). Models are shared between nodes and runs.",
+            )
+            .input(
+                InputSpec::new("transformer", PortType::Path)
+                    .optional()
+                    .describe("Use this transformer instead (folder, .safetensors or official .pth)."),
+            )
+            .output("tokenizer", PortType::Tokenizer, "T5 tokenizer")
+            .output("text_encoder", PortType::TextEncoder, "T5 encoder")
+            .output("transformer", PortType::Denoiser, "PixArt transformer")
+            .output("vae", PortType::Vae, "AutoencoderKL")
+            .output("scheduler", PortType::Scheduler, "the pipeline's scheduler"),
+            load: load_pipeline,
+        },
+        ComponentLoader {
+            spec: loader(
+                "transformer.load",
+                "Loads a PixArt-α transformer alone: a diffusers folder (config.json + \
+                 diffusion_pytorch_model.safetensors), a .safetensors file, or an official .pth \
+                 checkpoint (with its learned null caption).",
+            )
+            .output("transformer", PortType::Denoiser, "PixArt transformer"),
+            load: load_transformer,
+        },
+        ComponentLoader {
+            spec: loader(
+                "t5.load",
+                "Loads a T5 encoder folder (`path`: config.json + safetensors, sharded or not) and a \
+                 tokenizer folder.",
+            )
+            .input(InputSpec::new("tokenizer", PortType::Path).describe("The tokenizer folder."))
+            .output("tokenizer", PortType::Tokenizer, "T5 tokenizer")
+            .output("text_encoder", PortType::TextEncoder, "T5 encoder"),
+            load: load_t5,
+        },
+        ComponentLoader {
+            spec: loader(
+                "vae.load",
+                "Loads an AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors).",
+            )
+            .output("vae", PortType::Vae, "AutoencoderKL"),
+            load: load_vae,
+        },
+    ]
 }
 
 pub struct SelectScheduler {
@@ -542,15 +509,14 @@ impl Node for Encode {
 }
 
 pub fn nodes() -> Vec<Arc<dyn Node>> {
-    vec![
-        Arc::new(LoadPipeline::new()),
-        Arc::new(LoadTransformer::new()),
-        Arc::new(LoadT5::new()),
-        Arc::new(LoadVae::new()),
+    let mut nodes: Vec<Arc<dyn Node>> = Vec::new();
+    nodes.extend(loaders().into_iter().map(|l| Arc::new(l) as Arc<dyn Node>));
+    nodes.extend::<Vec<Arc<dyn Node>>>(vec![
         Arc::new(SelectScheduler::new()),
         Arc::new(EncodeText::new()),
         Arc::new(Sample::new()),
         Arc::new(Decode::new()),
         Arc::new(Encode::new()),
-    ]
+    ]);
+    nodes
 }
