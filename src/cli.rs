@@ -66,6 +66,27 @@ enum Command {
         #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
         format: GraphFormat,
     },
+    /// Serve the HTTP/WebSocket API (and, later, the browser editor).
+    Serve {
+        /// Address to bind; anything but loopback needs --allow-remote.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        #[arg(long, default_value_t = 8188)]
+        port: u16,
+        /// Outputs, uploads and the run history.
+        #[arg(long, default_value = "out")]
+        out: PathBuf,
+        /// Allow binding a non-loopback address (the API runs workflows that read
+        /// and write files: expose it only to people you trust).
+        #[arg(long)]
+        allow_remote: bool,
+        /// Runs executed at once.
+        #[arg(long, default_value_t = 1)]
+        parallel_runs: usize,
+        /// Where model nodes with `device: auto` run.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Measure the runtime's own overhead per node (validation and execution).
     Bench(crate::bench::BenchArgs),
 }
@@ -112,6 +133,40 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => crate::bench::run(args).await,
+        Command::Serve {
+            host,
+            port,
+            out,
+            allow_remote,
+            parallel_runs,
+            device,
+        } => {
+            if !host.is_loopback() && !allow_remote {
+                bail!("refusing to bind {host}: pass --allow-remote to serve beyond this machine");
+            }
+            if !host.is_loopback() {
+                eprintln!("warning: serving on {host}: anyone who can reach it can run workflows that read and write files here");
+            }
+            pixart_nodes::pixart::load::device(&device).map_err(anyhow::Error::msg)?;
+            pixart_nodes::pixart::load::set_default_device(&device);
+            let config = pixart_runtime::server::ServerConfig {
+                out_dir: out,
+                base_dir: PathBuf::from("."),
+                max_parallel_runs: parallel_runs,
+                ..Default::default()
+            };
+            let state = pixart_runtime::server::State::start(
+                registry(),
+                Executor::new(CachePolicy::default()),
+                config,
+            );
+            let addr = std::net::SocketAddr::new(host, port);
+            eprintln!("pixart serve: http://{addr}/api (OpenAPI at /api/openapi.json)");
+            warp::serve(pixart_runtime::server::routes(state))
+                .run(addr)
+                .await;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -73,6 +73,7 @@ impl ProgressView {
                     }
                     Event::NodeSkipped { .. } => overall.inc(1),
                     Event::RunFinished { .. } | Event::RunCancelled { .. } => break,
+                    Event::RunQueued { .. } => {}
                 }
             }
             for bar in bars.into_values() {

@@ -6,6 +6,10 @@ use std::sync::Arc;
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
+    /// Accepted by the server's queue, not started yet.
+    RunQueued {
+        run_id: Arc<str>,
+    },
     RunStarted {
         run_id: Arc<str>,
         /// How many nodes this run needs (cached ones included).
@@ -55,7 +59,8 @@ pub enum Event {
 impl Event {
     pub fn run_id(&self) -> &str {
         match self {
-            Event::RunStarted { run_id, .. }
+            Event::RunQueued { run_id }
+            | Event::RunStarted { run_id, .. }
             | Event::NodeStarted { run_id, .. }
             | Event::NodeCached { run_id, .. }
             | Event::NodeProgress { run_id, .. }

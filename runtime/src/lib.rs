@@ -6,6 +6,7 @@ pub mod executor;
 pub mod export;
 pub mod node;
 pub mod registry;
+pub mod server;
 pub mod spec;
 pub mod types;
 pub mod value;

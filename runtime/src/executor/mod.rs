@@ -154,6 +154,12 @@ impl Executor {
         self
     }
 
+    /// Sends an event to the executor's subscribers (the server adds its own,
+    /// e.g. a run being queued or cancelled before it started).
+    pub fn publish(&self, event: Event) {
+        self.emit(event);
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }

@@ -1,0 +1,310 @@
+//! The HTTP/WebSocket API (warp): node catalog, validation, a run queue with
+//! per-run cancel, history, output files by id, uploads, and an event stream.
+//! Documented in the README and served as OpenAPI at `/api/openapi.json`.
+
+mod state;
+
+pub use state::{
+    CancelError, OutputRecord, RunRecord, RunRequest, RunState, ServerConfig, State, SubmitError,
+};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use std::convert::Infallible;
+use std::sync::Arc;
+use warp::http::StatusCode;
+use warp::reply::{json, with_status, Response};
+use warp::{Filter, Rejection, Reply};
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    with_status(
+        json(&serde_json::json!({ "error": message.into() })),
+        status,
+    )
+    .into_response()
+}
+
+fn with_state(
+    state: Arc<State>,
+) -> impl Filter<Extract = (Arc<State>,), Error = Infallible> + Clone {
+    warp::any().map(move || state.clone())
+}
+
+/// A workflow body: JSON `{"workflow": "...", "params": {...}, "targets": [...]}`,
+/// or the YAML (or JSON) workflow itself.
+fn parse_request(body: &Bytes) -> Result<RunRequest, &'static str> {
+    let text = std::str::from_utf8(body).map_err(|_| "the body is not UTF-8")?;
+    if let Ok(req) = serde_json::from_str::<RunRequest>(text) {
+        return Ok(req);
+    }
+    Ok(RunRequest {
+        workflow: text.to_string(),
+        params: Default::default(),
+        targets: Vec::new(),
+    })
+}
+
+fn invalid(e: &crate::workflow::WorkflowError) -> Response {
+    with_status(
+        json(&serde_json::json!({ "ok": false, "diagnostics": e.diagnostics })),
+        StatusCode::BAD_REQUEST,
+    )
+    .into_response()
+}
+
+/// Every route of the API.
+pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    let api = warp::path("api");
+    let limit = warp::body::content_length_limit(4 << 20);
+
+    let nodes = api
+        .and(warp::path("nodes"))
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .map(|s: Arc<State>| json(&s.registry.catalog()).into_response());
+
+    let validate = api
+        .and(warp::path("validate"))
+        .and(warp::path::end())
+        .and(warp::post())
+        .and(limit)
+        .and(warp::body::bytes())
+        .and(with_state(state.clone()))
+        .map(|body: Bytes, s: Arc<State>| match parse_request(&body) {
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
+            Ok(req) => match s.validate(&req.workflow, &req.params) {
+                Ok(wf) => json(&serde_json::json!({ "ok": true, "diagnostics": wf.warnings }))
+                    .into_response(),
+                Err(e) => json(&serde_json::json!({ "ok": false, "diagnostics": e.diagnostics }))
+                    .into_response(),
+            },
+        });
+
+    let submit = api
+        .and(warp::path("runs"))
+        .and(warp::path::end())
+        .and(warp::post())
+        .and(limit)
+        .and(warp::body::bytes())
+        .and(with_state(state.clone()))
+        .map(|body: Bytes, s: Arc<State>| match parse_request(&body) {
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
+            Ok(req) => match s.submit(req) {
+                Ok(id) => with_status(
+                    json(&serde_json::json!({ "run_id": id })),
+                    StatusCode::ACCEPTED,
+                )
+                .into_response(),
+                Err(SubmitError::Invalid(e)) => invalid(&e),
+            },
+        });
+
+    let queue = api
+        .and(warp::path("runs"))
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .map(|s: Arc<State>| json(&s.queue()).into_response());
+
+    let run = api
+        .and(warp::path("runs"))
+        .and(warp::path::param::<String>())
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .map(|id: String, s: Arc<State>| match s.get(&id) {
+            Some(r) => json(&r).into_response(),
+            None => error(StatusCode::NOT_FOUND, format!("no run {id}")),
+        });
+
+    let cancel = api
+        .and(warp::path("runs"))
+        .and(warp::path::param::<String>())
+        .and(warp::path("cancel"))
+        .and(warp::path::end())
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .map(|id: String, s: Arc<State>| match s.cancel(&id) {
+            Ok(state) => json(&serde_json::json!({ "run_id": id, "state": state })).into_response(),
+            Err(CancelError::Unknown) => error(StatusCode::NOT_FOUND, format!("no run {id}")),
+            Err(CancelError::AlreadyDone(state)) => error(
+                StatusCode::CONFLICT,
+                format!(
+                    "run {id} is already {}",
+                    serde_json::to_value(state).unwrap_or_default()
+                ),
+            ),
+        });
+
+    let history = api
+        .and(warp::path("history"))
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .map(|s: Arc<State>| json(&s.history()).into_response());
+
+    // Files are fetched by the id the server gave them, never by a client path.
+    let file = api
+        .and(warp::path("files"))
+        .and(warp::path::param::<String>())
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .map(|id: String, s: Arc<State>| {
+            let Some(path) = s.file(&id) else {
+                return error(StatusCode::NOT_FOUND, "no such file");
+            };
+            match std::fs::read(&path) {
+                Ok(bytes) => warp::reply::with_header(bytes, "content-type", content_type(&path))
+                    .into_response(),
+                Err(_) => error(StatusCode::GONE, "the file is no longer there"),
+            }
+        });
+
+    let upload_limit = state.config.upload_limit;
+    let upload = api
+        .and(warp::path("uploads"))
+        .and(warp::path::end())
+        .and(warp::post())
+        .and(warp::body::content_length_limit(upload_limit))
+        .and(warp::body::bytes())
+        .and(with_state(state.clone()))
+        .map(|body: Bytes, s: Arc<State>| upload_image(&s, &body));
+
+    let events = api
+        .and(warp::path("events"))
+        .and(warp::path::end())
+        .and(warp::ws())
+        .and(with_state(state.clone()))
+        .map(|ws: warp::ws::Ws, s: Arc<State>| {
+            // Subscribe before the upgrade completes, so no event after it is missed.
+            let events = s.executor.subscribe();
+            ws.on_upgrade(move |socket| stream_events(socket, events))
+                .into_response()
+        });
+
+    let openapi = api
+        .and(warp::path("openapi.json"))
+        .and(warp::path::end())
+        .and(warp::get())
+        .map(|| {
+            warp::reply::with_header(OPENAPI, "content-type", "application/json").into_response()
+        });
+
+    nodes
+        .or(validate)
+        .unify()
+        .or(submit)
+        .unify()
+        .or(queue)
+        .unify()
+        .or(run)
+        .unify()
+        .or(cancel)
+        .unify()
+        .or(history)
+        .unify()
+        .or(file)
+        .unify()
+        .or(upload)
+        .unify()
+        .or(events)
+        .unify()
+        .or(openapi)
+        .unify()
+        .recover(recover)
+        .unify()
+}
+
+async fn recover(r: Rejection) -> Result<Response, Infallible> {
+    Ok(if r.is_not_found() {
+        error(StatusCode::NOT_FOUND, "no such endpoint")
+    } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
+        error(StatusCode::PAYLOAD_TOO_LARGE, "the body is too large")
+    } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
+        error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+    } else if r.find::<warp::reject::LengthRequired>().is_some() {
+        error(StatusCode::LENGTH_REQUIRED, "a Content-Length is required")
+    } else {
+        error(StatusCode::BAD_REQUEST, format!("{r:?}"))
+    })
+}
+
+fn content_type(path: &std::path::Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("json") => "application/json",
+        Some("txt") => "text/plain; charset=utf-8",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Stores an uploaded PNG or JPEG (checked by its signature, not by the name the
+/// client gives) under `out/uploads/`; returns its id and the path a workflow uses.
+fn upload_image(s: &State, body: &Bytes) -> Response {
+    let ext = if body.starts_with(b"\x89PNG\r\n\x1a\n") {
+        "png"
+    } else if body.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        "jpg"
+    } else {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "only PNG and JPEG images can be uploaded",
+        );
+    };
+    let name = format!("{}.{ext}", &blake3::hash(body).to_hex()[..24]);
+    let dir = s.config.out_dir.join("uploads");
+    let path = dir.join(&name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|_| std::fs::write(&tmp, body))
+        .and_then(|_| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot store the upload: {e}"),
+        );
+    }
+    let id = s.register_file(&path);
+    with_status(
+        json(&serde_json::json!({ "id": id, "path": path.display().to_string() })),
+        StatusCode::CREATED,
+    )
+    .into_response()
+}
+
+async fn stream_events(
+    socket: warp::ws::WebSocket,
+    mut events: tokio::sync::broadcast::Receiver<crate::Event>,
+) {
+    let (mut tx, mut rx) = socket.split();
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(e) => {
+                    let Ok(text) = serde_json::to_string(&e) else { continue };
+                    if tx.send(warp::ws::Message::text(text)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let note = serde_json::json!({ "event": "lagged", "missed": n }).to_string();
+                    if tx.send(warp::ws::Message::text(note)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            },
+            incoming = rx.next() => match incoming {
+                // A client that goes away does not cancel anything.
+                None | Some(Err(_)) => break,
+                Some(Ok(m)) if m.is_close() => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+const OPENAPI: &str = include_str!("openapi.json");

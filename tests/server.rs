@@ -1,0 +1,314 @@
+//! The HTTP/WebSocket API, driven through warp's test client (no sockets).
+
+mod common;
+
+use pixart_runtime::executor::{CachePolicy, Executor};
+use pixart_runtime::server::{routes, ServerConfig, State};
+use serde_json::Value as J;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use warp::http::StatusCode;
+
+fn server(out: &Path) -> Arc<State> {
+    let (reg, _) = common::registry();
+    let config = ServerConfig {
+        out_dir: out.to_path_buf(),
+        base_dir: out.to_path_buf(),
+        upload_limit: 4096,
+        ..ServerConfig::default()
+    };
+    State::start(reg, Executor::new(CachePolicy::default()), config)
+}
+
+async fn call(
+    state: &Arc<State>,
+    method: &str,
+    path: &str,
+    body: impl AsRef<[u8]>,
+) -> (StatusCode, J, Vec<u8>) {
+    let res = warp::test::request()
+        .method(method)
+        .path(path)
+        .body(body.as_ref())
+        .reply(&routes(state.clone()))
+        .await;
+    let bytes = res.body().to_vec();
+    let json = serde_json::from_slice(&bytes).unwrap_or(J::Null);
+    (res.status(), json, bytes)
+}
+
+async fn wait_done(state: &Arc<State>, id: &str) -> J {
+    for _ in 0..1000 {
+        let (status, run, _) = call(state, "GET", &format!("/api/runs/{id}"), "").await;
+        assert_eq!(status, StatusCode::OK, "{run}");
+        if ["finished", "failed", "cancelled"].contains(&run["state"].as_str().unwrap_or("")) {
+            return run;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("run {id} did not finish");
+}
+
+const SAVE: &str = "version: 1
+name: save-noise
+params: {seed: 1}
+nodes:
+  noise: {type: noise.gaussian, inputs: {shape: [2, 3], seed: \"${params.seed}\"}}
+  save: {type: tensor.save, inputs: {tensor: \"${noise.tensor}\", path: \"t/n-${params.seed}.safetensors\"}}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_validation_and_openapi() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let (status, nodes, _) = call(&s, "GET", "/api/nodes", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["name"] == "pixart.sample"));
+
+    let (_, ok, _) = call(&s, "POST", "/api/validate", SAVE).await;
+    assert_eq!(ok["ok"], true, "{ok}");
+    let (_, bad, _) = call(
+        &s,
+        "POST",
+        "/api/validate",
+        "version: 1\nnodes: {a: [1, 2}\n",
+    )
+    .await;
+    assert_eq!(
+        (bad["ok"].clone(), bad["diagnostics"][0]["kind"].clone()),
+        (J::Bool(false), J::from("syntax"))
+    );
+    assert_eq!(bad["diagnostics"][0]["line"], 2);
+    let unknown = SAVE.replace("noise.gaussian", "noise.gausian");
+    let (_, bad, _) = call(&s, "POST", "/api/validate", &unknown).await;
+    assert_eq!(bad["diagnostics"][0]["kind"], "unknown_node_type");
+    assert_eq!(bad["diagnostics"][0]["node"], "noise");
+    let mismatch = SAVE.replace(
+        "path: \"t/n-${params.seed}.safetensors\"",
+        "path: \"${noise.tensor}\"",
+    );
+    let body = serde_json::json!({ "workflow": mismatch, "params": {"seed": 4} }).to_string();
+    let (_, bad, _) = call(&s, "POST", "/api/validate", body).await;
+    assert_eq!(bad["diagnostics"][0]["kind"], "type_mismatch", "{bad}");
+    assert_eq!(bad["diagnostics"][0]["port"], "path");
+
+    let (status, spec, _) = call(&s, "GET", "/api/openapi.json", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(spec["paths"]["/api/runs/{id}/cancel"].is_object());
+    let (status, _, _) = call(&s, "GET", "/api/nope", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_is_queued_executed_kept_in_history_and_its_files_served_by_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let (status, bad, _) = call(
+        &s,
+        "POST",
+        "/api/runs",
+        SAVE.replace("noise.gaussian", "nope"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad["diagnostics"][0]["kind"], "unknown_node_type");
+
+    let body = serde_json::json!({ "workflow": SAVE, "params": {"seed": 7} }).to_string();
+    let (status, queued, _) = call(&s, "POST", "/api/runs", body).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let id = queued["run_id"].as_str().unwrap().to_string();
+    let run = wait_done(&s, &id).await;
+    assert_eq!(run["state"], "finished", "{run}");
+    assert_eq!(run["name"], "save-noise");
+    let file = run["outputs"][0]["files"][0].as_str().unwrap().to_string();
+    let (status, _, bytes) = call(&s, "GET", &format!("/api/files/{file}"), "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        bytes,
+        std::fs::read(dir.path().join("t/n-7.safetensors")).unwrap()
+    );
+
+    let (_, history, _) = call(&s, "GET", "/api/history", "").await;
+    assert_eq!(history[0]["id"], id.as_str());
+    let (_, queue, _) = call(&s, "GET", "/api/runs", "").await;
+    assert_eq!(queue.as_array().unwrap().len(), 0);
+
+    // Unknown ids; cancelling a finished run.
+    let (status, _, _) = call(&s, "GET", "/api/runs/r0-999", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = call(&s, "POST", "/api/runs/r0-999/cancel", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, msg, _) = call(&s, "POST", &format!("/api/runs/{id}/cancel"), "").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{msg}");
+
+    // A restarted server keeps the history and still serves the files.
+    let again = server(dir.path());
+    let (_, history, _) = call(&again, "GET", "/api/history", "").await;
+    assert_eq!(history[0]["id"], id.as_str());
+    let (status, _, _) = call(&again, "GET", &format!("/api/files/{file}"), "").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_cannot_be_reached_by_path() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("secret.txt"), "secret").unwrap();
+    let s = server(dir.path());
+    for path in [
+        "/api/files/..%2Fsecret.txt",
+        "/api/files/../secret.txt",
+        "/api/files/%2Fetc%2Fpasswd",
+        "/api/files//etc/passwd",
+        "/api/files/secret.txt",
+        "/api/files/..%252F..%252Fetc%252Fpasswd",
+    ] {
+        let (status, _, bytes) = call(&s, "GET", path, "").await;
+        assert!(
+            status == StatusCode::NOT_FOUND || status == StatusCode::BAD_REQUEST,
+            "{path}: {status}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains("secret\""),
+            "{path}"
+        );
+        assert_ne!(bytes, b"secret", "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_size_limited_and_type_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let png = pixart_nodes::image_io::encode_png(&[255, 0, 0, 0, 255, 0], 2, 1, 3, &[]).unwrap();
+    let (status, up, _) = call(&s, "POST", "/api/uploads", &png).await;
+    assert_eq!(status, StatusCode::CREATED, "{up}");
+    let path = up["path"].as_str().unwrap();
+    assert!(Path::new(path).starts_with(dir.path().join("uploads")));
+    let (status, _, bytes) = call(
+        &s,
+        "GET",
+        &format!("/api/files/{}", up["id"].as_str().unwrap()),
+        "",
+    )
+    .await;
+    assert_eq!((status, bytes), (StatusCode::OK, png.clone()));
+    // The uploaded image is usable by a workflow.
+    let wf = format!(
+        "version: 1\nnodes:\n  l: {{type: image.load, inputs: {{path: \"{path}\"}}}}\n  s: {{type: image.save, inputs: {{image: \"${{l.image}}\", path: again.png}}}}\n"
+    );
+    let (_, queued, _) = call(&s, "POST", "/api/runs", wf).await;
+    let run = wait_done(&s, queued["run_id"].as_str().unwrap()).await;
+    assert_eq!(run["state"], "finished", "{run}");
+
+    let (status, _, _) = call(&s, "POST", "/api/uploads", b"GIF89a not accepted").await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let mut big = png.clone();
+    big.resize(10_000, 0);
+    let (status, _, _) = call(&s, "POST", "/api/uploads", big).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_one_run_and_the_queue_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let slow = "version: 1\nnodes:\n  w: {type: test.until_cancelled}\n  o: {type: test.output, inputs: {a: \"${w.out}\"}}\n";
+    let (_, first, _) = call(&s, "POST", "/api/runs", slow).await;
+    let (_, second, _) = call(&s, "POST", "/api/runs", slow).await;
+    let (_, third, _) = call(&s, "POST", "/api/runs", SAVE).await;
+    let (first, second, third) = (
+        first["run_id"].as_str().unwrap().to_string(),
+        second["run_id"].as_str().unwrap().to_string(),
+        third["run_id"].as_str().unwrap().to_string(),
+    );
+    // The second is still queued (one run at a time): cancelling it never runs it.
+    let (status, c, _) = call(&s, "POST", &format!("/api/runs/{second}/cancel"), "").await;
+    assert_eq!(
+        (status, c["state"].clone()),
+        (StatusCode::OK, J::from("cancelled"))
+    );
+    // Wait until the first is running, then cancel it.
+    for _ in 0..500 {
+        let (_, r, _) = call(&s, "GET", &format!("/api/runs/{first}"), "").await;
+        if r["state"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    call(&s, "POST", &format!("/api/runs/{first}/cancel"), "").await;
+    assert_eq!(wait_done(&s, &first).await["state"], "cancelled");
+    assert_eq!(wait_done(&s, &second).await["state"], "cancelled");
+    assert_eq!(wait_done(&s, &third).await["state"], "finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_runs_from_several_clients_all_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let mut clients = Vec::new();
+    for client in 0..5 {
+        let s = s.clone();
+        clients.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..10 {
+                let seed = client * 10 + i;
+                let body =
+                    serde_json::json!({ "workflow": SAVE, "params": {"seed": seed} }).to_string();
+                let (status, q, _) = call(&s, "POST", "/api/runs", body).await;
+                assert_eq!(status, StatusCode::ACCEPTED);
+                ids.push(q["run_id"].as_str().unwrap().to_string());
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::new();
+    for c in clients {
+        ids.extend(c.await.unwrap());
+    }
+    assert_eq!(ids.len(), 50);
+    for id in &ids {
+        assert_eq!(wait_done(&s, id).await["state"], "finished");
+    }
+    for seed in 0..50 {
+        assert!(
+            dir.path().join(format!("t/n-{seed}.safetensors")).is_file(),
+            "seed {seed}"
+        );
+    }
+    let (_, history, _) = call(&s, "GET", "/api/history", "").await;
+    assert_eq!(history.as_array().unwrap().len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_follows_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let mut ws = warp::test::ws()
+        .path("/api/events")
+        .handshake(routes(s.clone()))
+        .await
+        .expect("handshake");
+    let (_, queued, _) = call(&s, "POST", "/api/runs", SAVE).await;
+    let id = queued["run_id"].as_str().unwrap().to_string();
+    let mut seen = Vec::new();
+    while !seen.iter().any(|e: &J| e["event"] == "run_finished") {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.recv())
+            .await
+            .expect("an event")
+            .unwrap();
+        let e: J = serde_json::from_str(msg.to_str().unwrap()).unwrap();
+        assert_eq!(e["run_id"], id.as_str());
+        seen.push(e);
+    }
+    let kinds: Vec<&str> = seen.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"run_queued"));
+    assert!(
+        kinds.contains(&"run_started") && kinds.contains(&"node_finished"),
+        "{kinds:?}"
+    );
+}
