@@ -16,11 +16,16 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
     let name = path
         .file_name()
         .ok_or_else(|| NodeError::msg(format!("{}: not a file path", path.display())))?;
+    // Unique per process and call, so concurrent writers of one target never share
+    // a temporary file (the last rename wins, whole).
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(
-        ".{}.{}.tmp",
+        ".{}.{}-{n}.tmp",
         name.to_string_lossy(),
         std::process::id()
     ));
+
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;

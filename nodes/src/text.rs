@@ -78,7 +78,8 @@ pub fn format_template(
                         let digits: usize = f
                             .strip_prefix('.')
                             .and_then(|d| d.parse().ok())
-                            .ok_or_else(|| format!("format `{f}` in `{{{field}}}`: only `.N` (decimals) is supported"))?;
+                            .filter(|d| *d <= 30)
+                            .ok_or_else(|| format!("format `{f}` in `{{{field}}}`: only `.N` with N ≤ 30 (decimals) is supported"))?;
                         let x = value.as_float().ok_or_else(|| {
                             format!("`{{{field}}}`: decimals apply to numbers only")
                         })?;

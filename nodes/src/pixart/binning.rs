@@ -117,7 +117,10 @@ pub fn resize_and_crop(x: &Tensor, height: usize, width: usize) -> Result<Tensor
         return Ok(x.clone());
     }
     let ratio = (height as f64 / h as f64).max(width as f64 / w as f64);
-    let (rh, rw) = ((h as f64 * ratio) as usize, (w as f64 * ratio) as usize);
+    // diffusers truncates (`int(h * ratio)`), which can land one pixel short of the
+    // target (480/832·832 = 479.99…): never resize below the crop.
+    let rh = ((h as f64 * ratio) as usize).max(height);
+    let rw = ((w as f64 * ratio) as usize).max(width);
     let resized = resize_bilinear(x, rh, rw)?;
     let (top, left) = ((rh - height) / 2, (rw - width) / 2);
     resized.narrow(2, top, height)?.narrow(3, left, width)
@@ -132,6 +135,22 @@ mod tests {
         let bins = bins_for(64).unwrap();
         assert_eq!(classify(512, 512, &bins), (512, 512));
         assert_eq!(classify(200, 304, &bins_for(32).unwrap()), (208, 304)); // 0.658 → bin 0.68
+    }
+
+    #[test]
+    fn crops_never_underflow() {
+        // 480×640 snaps to 416×576 on the 512 model; 416·(480/416) truncates to 479.
+        let x = Tensor::zeros((1, 3, 416, 576), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            resize_and_crop(&x, 480, 640).unwrap().dims(),
+            [1, 3, 480, 640]
+        );
+        for (h, w) in [(480, 640), (333, 777), (1000, 17)] {
+            let bins = bins_for(64).unwrap();
+            let (bh, bw) = classify(h, w, &bins);
+            let x = Tensor::zeros((1, 1, bh, bw), candle_core::DType::F32, &Device::Cpu).unwrap();
+            assert_eq!(resize_and_crop(&x, h, w).unwrap().dims(), [1, 1, h, w]);
+        }
     }
 
     #[test]

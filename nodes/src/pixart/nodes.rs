@@ -347,6 +347,12 @@ impl Node for Sample {
             Some(_) => Some(inputs.conditioning("negative")?),
             None => None,
         };
+        if negative.is_none() && den.null_caption.is_none() && inputs.float("guidance")? > 1.0 {
+            return Err(NodeError::input(
+                "negative",
+                "guidance > 1 needs a negative conditioning (this checkpoint has no learned null caption)",
+            ));
+        }
         let (width, height) = (
             inputs.int("width")? as usize,
             inputs.int("height")? as usize,

@@ -13,6 +13,9 @@ use pixart_runtime::Conditioning;
 /// Pixels per latent: every PixArt-α VAE (Stable Diffusion's) downsamples by 8.
 pub const VAE_SCALE: usize = 8;
 
+/// Attention over more tokens than this would need tens of GB for its scores.
+pub const MAX_TOKENS: usize = 16_384;
+
 pub struct Request<'a> {
     pub positive: &'a Conditioning,
     /// `None`: the checkpoint's learned null caption (official checkpoints).
@@ -100,6 +103,12 @@ pub fn sample(
     let (height, width) = generation_size(den, req.width, req.height, req.resolution_binning)
         .map_err(candle_core::Error::msg)?;
     let (lh, lw) = (height / VAE_SCALE, width / VAE_SCALE);
+    let tokens = (lh / cfg.patch_size) * (lw / cfg.patch_size);
+    if tokens > MAX_TOKENS {
+        candle_core::bail!(
+            "{width}×{height} is {tokens} transformer tokens; the limit is {MAX_TOKENS} (2048×2048 at patch 2)"
+        );
+    }
     let channels = cfg.in_channels;
     let mut x = match &req.latents {
         Some(l) => {
@@ -149,14 +158,22 @@ pub fn sample(
         let out = model
             .forward(&input, &tvec, &text, Some(&mask), size_cond.as_ref())?
             .to_dtype(DType::F32)?;
+        let learned_sigma = out.dim(1)? == 2 * channels;
         let guided = if cfg_on {
             let u = out.narrow(0, 0, batch)?;
             let c = out.narrow(0, batch, batch)?;
-            (&u + ((c - &u)? * req.guidance)?)?
+            if learned_sigma && sampler.uses_variance() {
+                // The official sampler guides ε only and takes the variance from the
+                // conditional half: guiding it could push (v+1)/2 outside [0, 1].
+                let (ue, ce) = (u.narrow(1, 0, channels)?, c.narrow(1, 0, channels)?);
+                let eps = (&ue + ((ce - &ue)? * req.guidance)?)?;
+                Tensor::cat(&[&eps, &c.narrow(1, channels, channels)?], 1)?
+            } else {
+                (&u + ((c - &u)? * req.guidance)?)?
+            }
         } else {
             out
         };
-        let learned_sigma = guided.dim(1)? == 2 * channels;
         let model_output = if learned_sigma && !sampler.uses_variance() {
             guided.narrow(1, 0, channels)?
         } else {

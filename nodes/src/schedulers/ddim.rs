@@ -18,8 +18,8 @@ impl Ddim {
         let n = cfg.num_train_timesteps;
         let ts: Vec<usize> = match cfg.timestep_spacing.as_str() {
             // DDIM's linspace has `steps` points (DPM-Solver's has steps + 1).
-            "linspace" => (0..steps)
-                .map(|i| ((n - 1) as f64 * i as f64 / (steps.max(2) - 1) as f64).round() as usize)
+            "linspace" => super::np_linspace_round(0.0, (n - 1) as f64, steps)
+                .into_iter()
                 .rev()
                 .collect(),
             "trailing" => {

@@ -22,8 +22,8 @@ pub struct DpmSolverPP {
 fn timesteps_for(cfg: &SchedulerConfig, steps: usize) -> std::result::Result<Vec<usize>, String> {
     let n = cfg.num_train_timesteps;
     Ok(match cfg.timestep_spacing.as_str() {
-        "linspace" => (0..=steps)
-            .map(|i| ((n - 1) as f64 * i as f64 / steps as f64).round() as usize)
+        "linspace" => super::np_linspace_round(0.0, (n - 1) as f64, steps + 1)
+            .into_iter()
             .rev()
             .take(steps)
             .collect(),
@@ -38,7 +38,7 @@ fn timesteps_for(cfg: &SchedulerConfig, steps: usize) -> std::result::Result<Vec
         "trailing" => {
             let ratio = n as f64 / steps as f64;
             (0..steps)
-                .map(|i| (n as f64 - i as f64 * ratio).round() as usize - 1)
+                .map(|i| (n as f64 - i as f64 * ratio).round_ties_even() as usize - 1)
                 .collect()
         }
         other => return Err(format!("timestep_spacing {other:?} is not supported")),
@@ -144,6 +144,9 @@ mod tests {
 
     #[test]
     fn pixart_timesteps() {
+        // numpy rounds half to even: 6 steps give 832 and 166, not 833 and 167.
+        let six = timesteps_for(&SchedulerConfig::default(), 6).unwrap();
+        assert_eq!(six, [999, 832, 666, 500, 333, 166]);
         let ts = timesteps_for(&SchedulerConfig::default(), 20).unwrap();
         assert_eq!(&ts[..3], &[999, 949, 899]);
         assert_eq!(&ts[9..12], &[549, 500, 450]);

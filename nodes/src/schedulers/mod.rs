@@ -171,6 +171,9 @@ impl SchedulerConfig {
         Ok(match sampler {
             "dpm_solver++" => Box::new(DpmSolverPP::new(self, steps)?),
             "ddim" => Box::new(Ddim::new(self, steps)),
+            "iddpm" if self.beta_schedule != "linear" => {
+                return Err("the IDDPM sampler uses the official linear schedule only".into())
+            }
             "iddpm" => Box::new(Iddpm::new(self, steps)),
             other => {
                 return Err(format!(
@@ -180,6 +183,26 @@ impl SchedulerConfig {
             }
         })
     }
+}
+
+/// `np.linspace(start, stop, n).round()` as integers: `i·step + start`, the last
+/// point exactly `stop`, rounded half to even as numpy does.
+pub(crate) fn np_linspace_round(start: f64, stop: f64, n: usize) -> Vec<usize> {
+    let step = if n > 1 {
+        (stop - start) / (n - 1) as f64
+    } else {
+        0.0
+    };
+    (0..n)
+        .map(|i| {
+            if i + 1 == n && n > 1 {
+                stop
+            } else {
+                i as f64 * step + start
+            }
+        })
+        .map(|x| x.round_ties_even().max(0.0) as usize)
+        .collect()
 }
 
 /// torch.linspace in float32: from both ends towards the middle.

@@ -378,6 +378,10 @@ impl<'a> Run<'a> {
                             v.kind_name()
                         )
                     })?;
+                    // Values computed upstream meet the same bounds as literals.
+                    input
+                        .check_range(&v)
+                        .map_err(|e| format!("input `{}`: {e}", input.name))?;
                     Some(v)
                 }
                 Binding::Template(pieces) => {
@@ -464,7 +468,10 @@ impl<'a> Run<'a> {
             Ok(outputs) => match self.check_outputs(i, outputs) {
                 Ok(outputs) => {
                     let outputs: Arc<[Value]> = Arc::from(outputs);
-                    if self.node(i).spec().cacheable() {
+                    // Model handles are owned by the nodes' model cache, which bounds
+                    // their memory; the output cache would keep them alive past it.
+                    let holds_model = outputs.iter().any(|v| matches!(v, Value::Handle(_)));
+                    if self.node(i).spec().cacheable() && !holds_model {
                         self.exec.lock_cache().insert(self.keys[i], outputs.clone());
                     }
                     self.emit(Event::NodeFinished {
