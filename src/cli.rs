@@ -153,6 +153,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 out_dir: out,
                 base_dir: PathBuf::from("."),
                 max_parallel_runs: parallel_runs,
+                allow_remote,
                 ..Default::default()
             };
             let state = pixart_runtime::server::State::start(
@@ -319,6 +320,7 @@ async fn run(
         base_dir: PathBuf::from("."),
         cancel,
         run_id: None,
+        confine_paths: false,
     };
     let report = executor
         .run(&wf, opts)

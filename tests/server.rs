@@ -21,18 +21,37 @@ fn server(out: &Path) -> Arc<State> {
     State::start(reg, Executor::new(CachePolicy::default()), config)
 }
 
+/// A request as the editor in a page served by this server would send it.
 async fn call(
     state: &Arc<State>,
     method: &str,
     path: &str,
     body: impl AsRef<[u8]>,
 ) -> (StatusCode, J, Vec<u8>) {
-    let res = warp::test::request()
-        .method(method)
-        .path(path)
-        .body(body.as_ref())
-        .reply(&routes(state.clone()))
-        .await;
+    let body = body.as_ref();
+    let ctype = if path == "/api/uploads" {
+        "image/png"
+    } else if body.starts_with(b"{") {
+        "application/json"
+    } else {
+        "application/yaml"
+    };
+    let headers = [("host", "127.0.0.1:8188"), ("content-type", ctype)];
+    send(state, method, path, body, &headers).await
+}
+
+async fn send(
+    state: &Arc<State>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    headers: &[(&str, &str)],
+) -> (StatusCode, J, Vec<u8>) {
+    let mut req = warp::test::request().method(method).path(path).body(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let res = req.reply(&routes(state.clone())).await;
     let bytes = res.body().to_vec();
     let json = serde_json::from_slice(&bytes).unwrap_or(J::Null);
     (res.status(), json, bytes)
@@ -125,7 +144,10 @@ async fn a_run_is_queued_executed_kept_in_history_and_its_files_served_by_id() {
     let run = wait_done(&s, &id).await;
     assert_eq!(run["state"], "finished", "{run}");
     assert_eq!(run["name"], "save-noise");
-    let file = run["outputs"][0]["files"][0].as_str().unwrap().to_string();
+    let file = run["outputs"][0]["files"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (status, _, bytes) = call(&s, "GET", &format!("/api/files/{file}"), "").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
@@ -188,7 +210,7 @@ async fn uploads_are_size_limited_and_type_checked() {
     let (status, up, _) = call(&s, "POST", "/api/uploads", &png).await;
     assert_eq!(status, StatusCode::CREATED, "{up}");
     let path = up["path"].as_str().unwrap();
-    assert!(Path::new(path).starts_with(dir.path().join("uploads")));
+    assert!(Path::new(path).starts_with(dir.path().join(".pixart/uploads")));
     let (status, _, bytes) = call(
         &s,
         "GET",
@@ -310,5 +332,84 @@ async fn the_event_stream_follows_a_run() {
     assert!(
         kinds.contains(&"run_started") && kinds.contains(&"node_finished"),
         "{kinds:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_site_requests_and_wrong_content_types_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let local = [
+        ("host", "127.0.0.1:8188"),
+        ("content-type", "application/yaml"),
+    ];
+    let (status, _, _) = send(&s, "POST", "/api/runs", SAVE.as_bytes(), &local).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    // A page on another site posting to the local server.
+    let evil = [
+        ("host", "127.0.0.1:8188"),
+        ("origin", "https://evil.example"),
+        ("content-type", "application/yaml"),
+    ];
+    let (status, _, _) = send(&s, "POST", "/api/runs", SAVE.as_bytes(), &evil).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // DNS rebinding: the browser thinks it talks to evil.example.
+    let rebound = [
+        ("host", "evil.example:8188"),
+        ("origin", "http://evil.example:8188"),
+        ("content-type", "application/yaml"),
+    ];
+    let (status, _, _) = send(&s, "GET", "/api/history", b"", &rebound).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Same origin is fine; a "simple" content type is not.
+    let same = [
+        ("host", "localhost:8188"),
+        ("origin", "http://localhost:8188"),
+        ("content-type", "application/yaml"),
+    ];
+    let (status, _, _) = send(&s, "POST", "/api/validate", SAVE.as_bytes(), &same).await;
+    assert_eq!(status, StatusCode::OK);
+    let plain = [("host", "localhost:8188"), ("content-type", "text/plain")];
+    let (status, _, _) = send(&s, "POST", "/api/runs", SAVE.as_bytes(), &plain).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_workflows_cannot_touch_files_outside_the_server_folders() {
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(root.path().join("outside.txt"), "keep").unwrap();
+    let s = server(&out);
+    let write = |path: &str| {
+        format!("version: 1\nnodes:\n  t: {{type: text.save, inputs: {{text: pwned, path: \"{path}\"}}}}\n")
+    };
+    let outside = root.path().join("outside.txt");
+    for path in [
+        "../outside.txt",
+        outside.to_str().unwrap(),
+        ".pixart/history.json",
+        "sub/../../outside.txt",
+    ] {
+        let (_, q, _) = call(&s, "POST", "/api/runs", write(path)).await;
+        let run = wait_done(&s, q["run_id"].as_str().unwrap()).await;
+        assert_eq!(run["state"], "failed", "{path}: {run}");
+    }
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "keep");
+    let read = "version: 1\nnodes:\n  l: {type: tensor.load, inputs: {path: /etc/passwd}}\n  s: {type: tensor.save, inputs: {tensor: \"${l.tensor}\", path: x.safetensors}}\n";
+    let (_, q, _) = call(&s, "POST", "/api/runs", read).await;
+    let run = wait_done(&s, q["run_id"].as_str().unwrap()).await;
+    assert!(
+        run["failures"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("inside the server's folders"),
+        "{run}"
+    );
+    // Inside the output folder is fine.
+    let (_, q, _) = call(&s, "POST", "/api/runs", write("notes/ok.txt")).await;
+    assert_eq!(
+        wait_done(&s, q["run_id"].as_str().unwrap()).await["state"],
+        "finished"
     );
 }

@@ -41,7 +41,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
 /// Size and modification time of the file named by input `port`: cache-key
 /// material for loaders, so an edited file is read again.
 pub fn input_file_fingerprint(ctx: &NodeContext, inputs: &Inputs, port: &str) -> Option<String> {
-    let path = ctx.input_path(inputs.path(port).ok()?);
+    let path = ctx.input_path(inputs.path(port).ok()?).ok()?;
     let meta = std::fs::metadata(&path).ok()?;
     let modified = meta
         .modified()

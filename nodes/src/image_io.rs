@@ -59,7 +59,7 @@ impl Node for LoadImage {
     }
 
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
-        let path = ctx.input_path(inputs.path("path")?);
+        let path = ctx.input_path(inputs.path("path")?)?;
         let decoded = image::ImageReader::open(&path)
             .map_err(|e| NodeError::io(&path, e))?
             .with_guessed_format()
@@ -166,7 +166,7 @@ impl Node for SaveImage {
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
         let image = inputs.image("image")?;
         let (batch, h, w, c) = image_dims(image)?;
-        let path = ctx.output_path(inputs.path("path")?);
+        let path = ctx.output_path(inputs.path("path")?)?;
         let bytes = to_bytes(image)?;
         let params = ctx.params().to_string();
         let texts = [

@@ -42,7 +42,7 @@ impl Node for LoadTensor {
     }
 
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
-        let path = ctx.input_path(inputs.path("path")?);
+        let path = ctx.input_path(inputs.path("path")?)?;
         let bytes = std::fs::read(&path).map_err(|e| NodeError::io(&path, e))?;
         let file = SafeTensors::deserialize(&bytes).map_err(|e| {
             NodeError::msg(format!(
@@ -135,7 +135,7 @@ impl Node for SaveTensor {
                 ));
             }
         };
-        let path = ctx.output_path(inputs.path("path")?);
+        let path = ctx.output_path(inputs.path("path")?)?;
         let metadata = HashMap::from([("pixart.params".to_string(), ctx.params().to_string())]);
         let bytes =
             safetensors::serialize(named.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))

@@ -86,7 +86,7 @@ fn load_pipeline(
     dtype: DType,
     device: &Device,
 ) -> Result<Outputs, NodeError> {
-    let root = ctx.input_path(inputs.path("path")?);
+    let root = ctx.input_path(inputs.path("path")?)?;
     let folder = load::PipelineFolder::open(&root).map_err(load_err)?;
     ctx.progress(0, 4);
     let tok = load::tokenizer(&folder.part("tokenizer")).map_err(load_err)?;
@@ -94,7 +94,7 @@ fn load_pipeline(
     ctx.check_cancelled()?;
     ctx.progress(1, 4);
     let transformer_path = match inputs.get("transformer") {
-        Some(Value::Path(p)) => ctx.input_path(p),
+        Some(Value::Path(p)) => ctx.input_path(p)?,
         _ => folder.part("transformer"),
     };
     let den = load::transformer(&transformer_path, dtype, device).map_err(load_err)?;
@@ -122,7 +122,7 @@ fn load_transformer(
     dtype: DType,
     device: &Device,
 ) -> Result<Outputs, NodeError> {
-    let den = load::transformer(&ctx.input_path(inputs.path("path")?), dtype, device)
+    let den = load::transformer(&ctx.input_path(inputs.path("path")?)?, dtype, device)
         .map_err(load_err)?;
     Ok(Outputs::one(
         "transformer",
@@ -136,8 +136,8 @@ fn load_t5(
     dtype: DType,
     device: &Device,
 ) -> Result<Outputs, NodeError> {
-    let tok = load::tokenizer(&ctx.input_path(inputs.path("tokenizer")?)).map_err(load_err)?;
-    let enc = load::text_encoder(&ctx.input_path(inputs.path("path")?), dtype, device)
+    let tok = load::tokenizer(&ctx.input_path(inputs.path("tokenizer")?)?).map_err(load_err)?;
+    let enc = load::text_encoder(&ctx.input_path(inputs.path("path")?)?, dtype, device)
         .map_err(load_err)?;
     Ok(
         Outputs::one("tokenizer", handle(PortType::Tokenizer, 1 << 20, tok))
@@ -151,7 +151,7 @@ fn load_vae(
     dtype: DType,
     device: &Device,
 ) -> Result<Outputs, NodeError> {
-    let vae = load::vae(&ctx.input_path(inputs.path("path")?), dtype, device).map_err(load_err)?;
+    let vae = load::vae(&ctx.input_path(inputs.path("path")?)?, dtype, device).map_err(load_err)?;
     Ok(Outputs::one("vae", handle(PortType::Vae, 0, vae)))
 }
 

@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub base_dir: PathBuf,
     pub cancel: CancellationToken,
     pub run_id: Option<String>,
+    /// Refuse file paths outside `base_dir` / `out_dir` (for untrusted workflows).
+    pub confine_paths: bool,
 }
 
 impl Default for RunOptions {
@@ -47,6 +49,7 @@ impl Default for RunOptions {
             base_dir: PathBuf::from("."),
             cancel: CancellationToken::new(),
             run_id: None,
+            confine_paths: false,
         }
     }
 }
@@ -204,6 +207,7 @@ impl Executor {
             base_dir: opts.base_dir.clone(),
             workflow_source: wf.source.clone(),
             params: wf.params_json(),
+            confine_paths: opts.confine_paths,
         });
         let mut run = Run::new(self, wf, needed, shared, run_no);
         self.emit(Event::RunStarted {

@@ -52,12 +52,101 @@ fn invalid(e: &crate::workflow::WorkflowError) -> Response {
     .into_response()
 }
 
+#[derive(Debug)]
+struct Forbidden(&'static str);
+impl warp::reject::Reject for Forbidden {}
+
+#[derive(Debug)]
+struct WrongContentType(&'static str);
+impl warp::reject::Reject for WrongContentType {}
+
+/// `localhost`, `127.x.x.x` or `[::1]`, with or without a port.
+fn is_loopback_host(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Browsers' cross-site requests and DNS rebinding: the Host must be loopback
+/// (unless serving remotely) and an Origin, when sent, must be this same host.
+fn same_origin(allow_remote: bool) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::optional::<String>("host")
+        .and(warp::header::optional::<String>("origin"))
+        .and_then(
+            move |host: Option<String>, origin: Option<String>| async move {
+                if let Some(h) = &host {
+                    if !allow_remote && !is_loopback_host(h) {
+                        return Err(warp::reject::custom(Forbidden(
+                            "this server only answers to localhost",
+                        )));
+                    }
+                }
+                if let Some(o) = &origin {
+                    let authority = o
+                        .split_once("://")
+                        .map_or(o.as_str(), |(_, a)| a)
+                        .trim_end_matches('/');
+                    let ok = match &host {
+                        Some(h) => authority.eq_ignore_ascii_case(h),
+                        None => is_loopback_host(authority),
+                    };
+                    if !ok {
+                        return Err(warp::reject::custom(Forbidden(
+                            "cross-origin requests are refused",
+                        )));
+                    }
+                }
+                Ok(())
+            },
+        )
+        .untuple_one()
+}
+
+/// POSTs must say what they carry, with a type a browser cannot send cross-site
+/// without asking first.
+fn content_type(
+    allowed: &'static [&'static str],
+) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::optional::<String>("content-type")
+        .and_then(move |ct: Option<String>| async move {
+            let base = ct
+                .as_deref()
+                .unwrap_or("")
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            if allowed.contains(&base.as_str()) {
+                Ok(())
+            } else {
+                Err(warp::reject::custom(WrongContentType(allowed[0])))
+            }
+        })
+        .untuple_one()
+}
+
+const WORKFLOW_TYPES: &[&str] = &[
+    "application/json",
+    "application/yaml",
+    "application/x-yaml",
+    "text/yaml",
+    "text/x-yaml",
+];
+const IMAGE_TYPES: &[&str] = &["image/png", "image/jpeg"];
+
 /// Every route of the API.
 pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
-    let api = warp::path("api");
+    let api = warp::path("api").and(same_origin(state.config.allow_remote));
     let limit = warp::body::content_length_limit(4 << 20);
 
     let nodes = api
+        .clone()
         .and(warp::path("nodes"))
         .and(warp::path::end())
         .and(warp::get())
@@ -65,9 +154,11 @@ pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = I
         .map(|s: Arc<State>| json(&s.registry.catalog()).into_response());
 
     let validate = api
+        .clone()
         .and(warp::path("validate"))
         .and(warp::path::end())
         .and(warp::post())
+        .and(content_type(WORKFLOW_TYPES))
         .and(limit)
         .and(warp::body::bytes())
         .and(with_state(state.clone()))
@@ -82,9 +173,11 @@ pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = I
         });
 
     let submit = api
+        .clone()
         .and(warp::path("runs"))
         .and(warp::path::end())
         .and(warp::post())
+        .and(content_type(WORKFLOW_TYPES))
         .and(limit)
         .and(warp::body::bytes())
         .and(with_state(state.clone()))
@@ -101,6 +194,7 @@ pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = I
         });
 
     let queue = api
+        .clone()
         .and(warp::path("runs"))
         .and(warp::path::end())
         .and(warp::get())
@@ -108,6 +202,7 @@ pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = I
         .map(|s: Arc<State>| json(&s.queue()).into_response());
 
     let run = api
+        .clone()
         .and(warp::path("runs"))
         .and(warp::path::param::<String>())
         .and(warp::path::end())
@@ -119,6 +214,7 @@ pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = I
         });
 
     let cancel = api
+        .clone()
         .and(warp::path("runs"))
         .and(warp::path::param::<String>())
         .and(warp::path("cancel"))
@@ -138,6 +234,7 @@ pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = I
         });
 
     let history = api
+        .clone()
         .and(warp::path("history"))
         .and(warp::path::end())
         .and(warp::get())
@@ -145,34 +242,38 @@ pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = I
         .map(|s: Arc<State>| json(&s.history()).into_response());
 
     // Files are fetched by the id the server gave them, never by a client path.
-    let file = api
-        .and(warp::path("files"))
-        .and(warp::path::param::<String>())
-        .and(warp::path::end())
-        .and(warp::get())
-        .and(with_state(state.clone()))
-        .map(|id: String, s: Arc<State>| {
-            let Some(path) = s.file(&id) else {
-                return error(StatusCode::NOT_FOUND, "no such file");
-            };
-            match std::fs::read(&path) {
-                Ok(bytes) => warp::reply::with_header(bytes, "content-type", content_type(&path))
-                    .into_response(),
-                Err(_) => error(StatusCode::GONE, "the file is no longer there"),
-            }
-        });
+    let file =
+        api.clone()
+            .and(warp::path("files"))
+            .and(warp::path::param::<String>())
+            .and(warp::path::end())
+            .and(warp::get())
+            .and(with_state(state.clone()))
+            .map(|id: String, s: Arc<State>| {
+                let Some(path) = s.file(&id) else {
+                    return error(StatusCode::NOT_FOUND, "no such file");
+                };
+                match std::fs::read(&path) {
+                    Ok(bytes) => warp::reply::with_header(bytes, "content-type", mime_of(&path))
+                        .into_response(),
+                    Err(_) => error(StatusCode::GONE, "the file is no longer there"),
+                }
+            });
 
     let upload_limit = state.config.upload_limit;
     let upload = api
+        .clone()
         .and(warp::path("uploads"))
         .and(warp::path::end())
         .and(warp::post())
+        .and(content_type(IMAGE_TYPES))
         .and(warp::body::content_length_limit(upload_limit))
         .and(warp::body::bytes())
         .and(with_state(state.clone()))
         .map(|body: Bytes, s: Arc<State>| upload_image(&s, &body));
 
     let events = api
+        .clone()
         .and(warp::path("events"))
         .and(warp::path::end())
         .and(warp::ws())
@@ -185,6 +286,7 @@ pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = I
         });
 
     let openapi = api
+        .clone()
         .and(warp::path("openapi.json"))
         .and(warp::path::end())
         .and(warp::get())
@@ -218,20 +320,28 @@ pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = I
 }
 
 async fn recover(r: Rejection) -> Result<Response, Infallible> {
-    Ok(if r.is_not_found() {
-        error(StatusCode::NOT_FOUND, "no such endpoint")
+    // Our own rejections first: warp combines those of every route tried.
+    Ok(if let Some(Forbidden(why)) = r.find() {
+        error(StatusCode::FORBIDDEN, *why)
+    } else if let Some(WrongContentType(want)) = r.find() {
+        error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("set a Content-Type such as {want}"),
+        )
     } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
         error(StatusCode::PAYLOAD_TOO_LARGE, "the body is too large")
+    } else if r.is_not_found() {
+        error(StatusCode::NOT_FOUND, "no such endpoint")
     } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
         error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
     } else if r.find::<warp::reject::LengthRequired>().is_some() {
         error(StatusCode::LENGTH_REQUIRED, "a Content-Length is required")
     } else {
-        error(StatusCode::BAD_REQUEST, format!("{r:?}"))
+        error(StatusCode::BAD_REQUEST, "bad request")
     })
 }
 
-fn content_type(path: &std::path::Path) -> &'static str {
+fn mime_of(path: &std::path::Path) -> &'static str {
     match path.extension().and_then(|e| e.to_str()) {
         Some("png") => "image/png",
         Some("jpg" | "jpeg") => "image/jpeg",
@@ -242,7 +352,8 @@ fn content_type(path: &std::path::Path) -> &'static str {
 }
 
 /// Stores an uploaded PNG or JPEG (checked by its signature, not by the name the
-/// client gives) under `out/uploads/`; returns its id and the path a workflow uses.
+/// client gives) under `out/.pixart/uploads/`; returns its id and the path a
+/// workflow uses.
 fn upload_image(s: &State, body: &Bytes) -> Response {
     let ext = if body.starts_with(b"\x89PNG\r\n\x1a\n") {
         "png"
@@ -255,7 +366,7 @@ fn upload_image(s: &State, body: &Bytes) -> Response {
         );
     };
     let name = format!("{}.{ext}", &blake3::hash(body).to_hex()[..24]);
-    let dir = s.config.out_dir.join("uploads");
+    let dir = s.data_dir().join("uploads");
     let path = dir.join(&name);
     let tmp = dir.join(format!(".{name}.tmp"));
     let written = std::fs::create_dir_all(&dir)

@@ -24,6 +24,8 @@ pub struct ServerConfig {
     pub history_limit: usize,
     /// Largest accepted upload, bytes.
     pub upload_limit: u64,
+    /// Accept requests whose Host is not loopback (bound beyond this machine).
+    pub allow_remote: bool,
 }
 
 impl Default for ServerConfig {
@@ -34,6 +36,7 @@ impl Default for ServerConfig {
             max_parallel_runs: 1,
             history_limit: 200,
             upload_limit: 32 << 20,
+            allow_remote: false,
         }
     }
 }
@@ -57,13 +60,21 @@ impl RunState {
     }
 }
 
-/// One output value of a finished run; files carry the ids to fetch them by.
+/// One output value of a finished run, with the files it wrote.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OutputRecord {
     pub node: String,
     pub output: String,
     pub value: serde_json::Value,
-    pub files: Vec<String>,
+    pub files: Vec<FileRef>,
+}
+
+/// A file the server hands out by `id` (never by path).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FileRef {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -93,6 +104,7 @@ pub struct State {
     runs: Mutex<Runs>,
     files: Mutex<HashMap<String, PathBuf>>,
     queue: mpsc::UnboundedSender<String>,
+    persisting: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -127,6 +139,7 @@ impl State {
             runs: Mutex::new(Runs::default()),
             files: Mutex::new(HashMap::new()),
             queue: tx,
+            persisting: Mutex::new(()),
         });
         state.load_history();
         tokio::spawn(worker(state.clone(), rx));
@@ -274,18 +287,25 @@ impl State {
         }
     }
 
+    /// The server's own files live in a hidden folder that workflows cannot write.
+    pub fn data_dir(&self) -> PathBuf {
+        self.config.out_dir.join(".pixart")
+    }
+
     fn history_path(&self) -> PathBuf {
-        self.config.out_dir.join("history.json")
+        self.data_dir().join("history.json")
     }
 
     fn persist(&self) {
+        // One writer at a time, each writing the newest history.
+        let _guard = self.persisting.lock().unwrap_or_else(|e| e.into_inner());
         let list = self.history();
         let Ok(text) = serde_json::to_vec_pretty(&list) else {
             return;
         };
         let path = self.history_path();
         let tmp = path.with_extension("json.tmp");
-        let written = std::fs::create_dir_all(&self.config.out_dir)
+        let written = std::fs::create_dir_all(self.data_dir())
             .and_then(|_| std::fs::write(&tmp, &text))
             .and_then(|_| std::fs::rename(&tmp, &path));
         if let Err(e) = written {
@@ -302,13 +322,21 @@ impl State {
             return;
         };
         let mut runs = self.runs();
+        let out = std::path::absolute(&self.config.out_dir)
+            .unwrap_or_else(|_| self.config.out_dir.clone());
         for record in list.into_iter().rev() {
-            for out in &record.outputs {
-                for (file, path) in out.files.iter().zip(paths_in(&out.value)) {
+            // Only files inside the output folder, whatever the file claims.
+            for file in record.outputs.iter().flat_map(|o| &o.files) {
+                let Some(path) = &file.path else { continue };
+                let inside = std::path::absolute(path).is_ok_and(|p| p.starts_with(&out))
+                    && !path
+                        .components()
+                        .any(|c| matches!(c, std::path::Component::ParentDir));
+                if inside {
                     self.files
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(file.clone(), path);
+                        .insert(file.id.clone(), path.clone());
                 }
             }
             runs.counter = runs.counter.max(run_number(&record.id));
@@ -335,6 +363,7 @@ impl State {
             base_dir: self.config.base_dir.clone(),
             cancel,
             run_id: Some(id.clone()),
+            confine_paths: true,
         };
         let result = self.executor.run(&wf, opts).await;
         let mut runs = self.runs();
@@ -352,7 +381,10 @@ impl State {
                         let files = paths_of(value)
                             .into_iter()
                             .filter(|p| p.starts_with(&self.config.out_dir))
-                            .map(|p| self.register_file(&p))
+                            .map(|p| FileRef {
+                                id: self.register_file(&p),
+                                path: Some(p),
+                            })
                             .collect();
                         outputs.push(OutputRecord {
                             node: node.id.to_string(),
@@ -417,14 +449,6 @@ fn paths_of(value: &Value) -> Vec<PathBuf> {
     match value {
         Value::Path(p) => vec![p.clone()],
         Value::List(items) => items.iter().flat_map(paths_of).collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn paths_in(json: &serde_json::Value) -> Vec<PathBuf> {
-    match json {
-        serde_json::Value::String(s) => vec![PathBuf::from(s)],
-        serde_json::Value::Array(items) => items.iter().flat_map(paths_in).collect(),
         _ => Vec::new(),
     }
 }
