@@ -16,10 +16,6 @@ use std::sync::Arc;
 pub const PNG_WORKFLOW_KEY: &str = "pixart-workflow";
 pub const PNG_PARAMS_KEY: &str = "pixart-params";
 
-fn enum_of(choices: &[&str]) -> PortType {
-    PortType::Enum(choices.iter().map(|s| s.to_string()).collect())
-}
-
 /// Checks an image tensor's shape: `(batch, height, width, channels)`.
 pub fn image_dims(t: &Tensor) -> Result<(usize, usize, usize, usize), NodeError> {
     match t.dims() {
@@ -41,7 +37,7 @@ impl LoadImage {
                 .category("image")
                 .describe("Reads a PNG or JPEG file (relative paths from the base directory) as a 1-image batch.")
                 .input(InputSpec::new("path", PortType::Path))
-                .input(InputSpec::new("mode", enum_of(&["rgb", "rgba", "luma"])).default("rgb"))
+                .input(InputSpec::new("mode", PortType::enum_of(&["rgb", "rgba", "luma"])).default("rgb"))
                 .output("image", PortType::Image, "[1, height, width, channels], 0..1")
                 .output("width", PortType::Int, "Width in pixels.")
                 .output("height", PortType::Int, "Height in pixels."),
@@ -204,8 +200,8 @@ impl TensorToImage {
                      outside are clamped.",
                 )
                 .input(InputSpec::new("tensor", PortType::Tensor).describe("[B, C, H, W] or [B, H, W, C]; rank 3 adds B = 1."))
-                .input(InputSpec::new("layout", enum_of(LAYOUTS)).default("nchw"))
-                .input(InputSpec::new("range", enum_of(RANGES)).default("minus_one_one"))
+                .input(InputSpec::new("layout", PortType::enum_of(LAYOUTS)).default("nchw"))
+                .input(InputSpec::new("range", PortType::enum_of(RANGES)).default("minus_one_one"))
                 .output("image", PortType::Image, "[B, H, W, C] in 0..1"),
         }
     }
@@ -252,8 +248,8 @@ impl ImageToTensor {
                     "An image batch as a plain f32 tensor in the chosen layout and value range.",
                 )
                 .input(InputSpec::new("image", PortType::Image))
-                .input(InputSpec::new("layout", enum_of(LAYOUTS)).default("nchw"))
-                .input(InputSpec::new("range", enum_of(RANGES)).default("minus_one_one"))
+                .input(InputSpec::new("layout", PortType::enum_of(LAYOUTS)).default("nchw"))
+                .input(InputSpec::new("range", PortType::enum_of(RANGES)).default("minus_one_one"))
                 .output("tensor", PortType::Tensor, "The pixels."),
         }
     }

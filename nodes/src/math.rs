@@ -8,10 +8,6 @@ use std::sync::Arc;
 const INT_OPS: &[&str] = &["add", "sub", "mul", "div", "mod", "min", "max", "pow"];
 const FLOAT_OPS: &[&str] = &["add", "sub", "mul", "div", "mod", "min", "max", "pow"];
 
-fn choices(ops: &[&str]) -> PortType {
-    PortType::Enum(ops.iter().map(|s| s.to_string()).collect())
-}
-
 pub struct IntMath {
     spec: NodeSpec,
 }
@@ -25,7 +21,7 @@ impl IntMath {
                     "Integer arithmetic `a op b`. `div` and `mod` round towards negative infinity \
                      (Python's // and %); overflow and division by zero are errors.",
                 )
-                .input(InputSpec::new("op", choices(INT_OPS)).default("add"))
+                .input(InputSpec::new("op", PortType::enum_of(INT_OPS)).default("add"))
                 .input(InputSpec::new("a", PortType::Int))
                 .input(InputSpec::new("b", PortType::Int))
                 .output("result", PortType::Int, "a op b")
@@ -98,7 +94,7 @@ impl FloatMath {
             spec: NodeSpec::new("math.float", 1)
                 .category("math")
                 .describe("Floating-point arithmetic `a op b` (ints widen). A result that is not finite is an error.")
-                .input(InputSpec::new("op", choices(FLOAT_OPS)).default("add"))
+                .input(InputSpec::new("op", PortType::enum_of(FLOAT_OPS)).default("add"))
                 .input(InputSpec::new("a", PortType::Float))
                 .input(InputSpec::new("b", PortType::Float))
                 .output("result", PortType::Float, "a op b")

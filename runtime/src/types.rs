@@ -46,6 +46,10 @@ impl PortType {
         PortType::List(Box::new(item))
     }
 
+    pub fn enum_of(choices: &[&str]) -> PortType {
+        PortType::Enum(choices.iter().map(|c| c.to_string()).collect())
+    }
+
     pub fn is_scalar(&self) -> bool {
         matches!(
             self,

@@ -386,6 +386,8 @@ pub struct PixArtTransformer {
     cfg: Config,
     dtype: DType,
     device: Device,
+    /// Position embeddings per latent grid (h, w), built once per size.
+    positions: std::sync::Mutex<std::collections::HashMap<(usize, usize), Tensor>>,
 }
 
 impl PixArtTransformer {
@@ -413,7 +415,21 @@ impl PixArtTransformer {
             cfg: cfg.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            positions: Default::default(),
         })
+    }
+
+    fn position_embedding(&self, gh: usize, gw: usize) -> Result<Tensor> {
+        let mut cache = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.get(&(gh, gw)) {
+            return Ok(t.clone());
+        }
+        let d = self.cfg.hidden();
+        let base = (self.cfg.sample_size / self.cfg.patch_size) as f64;
+        let pos = sincos_2d(d, gh, gw, base, self.cfg.interpolation_scale());
+        let pos = Tensor::from_vec(pos, (1, gh * gw, d), &self.device)?.to_dtype(self.dtype)?;
+        cache.insert((gh, gw), pos.clone());
+        Ok(pos)
     }
 
     pub fn config(&self) -> &Config {
@@ -442,14 +458,10 @@ impl PixArtTransformer {
         let (b, _, h, w) = x.dims4()?;
         let p = self.cfg.patch_size;
         let (gh, gw) = (h / p, w / p);
-        let d = self.cfg.hidden();
         let x = x.to_dtype(self.dtype)?;
 
         let tokens = self.proj.forward(&x)?.flatten_from(2)?.transpose(1, 2)?; // [B, gh·gw, D]
-        let base = (self.cfg.sample_size / p) as f64;
-        let pos = sincos_2d(d, gh, gw, base, self.cfg.interpolation_scale());
-        let pos = Tensor::from_vec(pos, (1, gh * gw, d), &self.device)?.to_dtype(self.dtype)?;
-        let mut x = tokens.broadcast_add(&pos)?;
+        let mut x = tokens.broadcast_add(&self.position_embedding(gh, gw)?)?;
 
         let (t6, embedded_t) = self.adaln_single.forward(t, sizes, self.dtype)?;
         let text = text.to_dtype(self.dtype)?;

@@ -17,18 +17,14 @@ use pixart_runtime::{
 };
 use std::sync::Arc;
 
-fn choices(c: &[&str]) -> PortType {
-    PortType::Enum(c.iter().map(|s| s.to_string()).collect())
-}
-
 fn dtype_input() -> InputSpec {
-    InputSpec::new("dtype", choices(&["f32", "f16", "bf16"]))
+    InputSpec::new("dtype", PortType::enum_of(&["f32", "f16", "bf16"]))
         .default("f32")
         .describe("Weights and compute precision (bf16: GPU only).")
 }
 
 fn device_input() -> InputSpec {
-    InputSpec::new("device", choices(&["auto", "cpu", "cuda"]))
+    InputSpec::new("device", PortType::enum_of(&["auto", "cpu", "cuda"]))
         .default("auto")
         .describe("auto: what `pixart run --device` chose (cpu by default).")
 }
@@ -221,7 +217,7 @@ impl SelectScheduler {
                      iddpm (the official 100-step ancestral sampler using the learned variance). Keeps the \
                      noise schedule of `from` (default: PixArt's linear 1e-4…0.02 over 1000 steps).",
                 )
-                .input(InputSpec::new("name", choices(SAMPLER_NAMES)).default("dpm_solver++"))
+                .input(InputSpec::new("name", PortType::enum_of(SAMPLER_NAMES)).default("dpm_solver++"))
                 .input(InputSpec::new("from", PortType::Scheduler).optional())
                 .output("scheduler", PortType::Scheduler, "the chosen sampler"),
         }
@@ -468,7 +464,7 @@ impl Encode {
                 )
                 .input(InputSpec::new("vae", PortType::Vae))
                 .input(InputSpec::new("image", PortType::Image))
-                .input(InputSpec::new("mode", choices(&["sample", "mean"])).default("sample"))
+                .input(InputSpec::new("mode", PortType::enum_of(&["sample", "mean"])).default("sample"))
                 .input(InputSpec::new("seed", PortType::Int).default(0).min(0.0))
                 .output("latents", PortType::Latents, "scaled latents"),
         }

@@ -50,6 +50,12 @@ pub struct SchedulerConfig {
     pub use_karras_sigmas: bool,
     #[serde(default)]
     pub thresholding: bool,
+    #[serde(default)]
+    pub euler_at_final: bool,
+    #[serde(default)]
+    pub use_lu_lambdas: bool,
+    #[serde(default)]
+    pub variance_type: Option<String>,
     /// DDIM only.
     #[serde(default = "yes")]
     pub clip_sample: bool,
@@ -128,8 +134,16 @@ impl SchedulerConfig {
                 self.prediction_type
             ));
         }
-        if self.use_karras_sigmas || self.thresholding {
-            return Err("Karras sigmas and thresholding are not supported".into());
+        if self.use_karras_sigmas || self.thresholding || self.euler_at_final || self.use_lu_lambdas
+        {
+            return Err(
+                "use_karras_sigmas, thresholding, euler_at_final and use_lu_lambdas are not supported".into(),
+            );
+        }
+        if let Some(v) = &self.variance_type {
+            return Err(format!(
+                "variance_type {v:?} in the scheduler config is not supported (the iddpm sampler uses the learned variance)"
+            ));
         }
         Ok(())
     }

@@ -190,6 +190,10 @@ pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = I
                 )
                 .into_response(),
                 Err(SubmitError::Invalid(e)) => invalid(&e),
+                Err(SubmitError::QueueFull(n)) => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("{n} runs are already waiting; try again later"),
+                ),
             },
         });
 

@@ -120,7 +120,12 @@ struct Runs {
 #[derive(Debug)]
 pub enum SubmitError {
     Invalid(WorkflowError),
+    /// Too many runs waiting.
+    QueueFull(usize),
 }
+
+/// Runs waiting at most; more are refused until the queue drains.
+pub const MAX_QUEUED: usize = 1000;
 
 #[derive(Debug, PartialEq)]
 pub enum CancelError {
@@ -179,6 +184,9 @@ impl State {
             .map_err(SubmitError::Invalid)?;
         let id = {
             let mut runs = self.runs();
+            if runs.pending.len() >= MAX_QUEUED {
+                return Err(SubmitError::QueueFull(MAX_QUEUED));
+            }
             runs.counter += 1;
             let id = format!("r{}-{}", std::process::id(), runs.counter);
             runs.records.insert(
