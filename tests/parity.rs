@@ -472,3 +472,27 @@ fn half_precision_stays_close_to_f32() {
         );
     }
 }
+
+#[test]
+fn t5_in_half_precision_matches_transformers_half_precision() {
+    // transformers keeps `wo` in f32 (its residual stream turns f32); an f16
+    // residual would drift from it (and overflow on T5-XXL).
+    let r = reference("t5.safetensors");
+    let enc = load::text_encoder(
+        &fixtures().join("tiny-pixart/text_encoder"),
+        DType::F16,
+        &dev(),
+    )
+    .unwrap();
+    let out = enc
+        .forward(&ids_u32(get(&r, "input_ids")), get(&r, "attention_mask"))
+        .unwrap();
+    assert_eq!(out.dtype(), DType::F16);
+    let vs_f16 = rel_err(&out, get(&r, "f16_last_hidden_state"));
+    let vs_f32 = rel_err(&out, get(&r, "last_hidden_state"));
+    eprintln!("T5 f16: {vs_f16:e} from transformers' f16, {vs_f32:e} from f32");
+    // Two f16 computations agree to a few f16 ulps (2^-10 relative) of the largest
+    // value; and ours follows transformers' f16 path more than the f32 one.
+    assert!(vs_f16 <= 4.0 * 2f32.powi(-10), "{vs_f16:e}");
+    assert!(vs_f16 < vs_f32, "{vs_f16:e} vs {vs_f32:e}");
+}

@@ -101,14 +101,15 @@ impl RmsNorm {
         })
     }
 
+    /// Statistics in f32; the result in the weight's dtype (as transformers casts
+    /// to a half-precision weight), whatever the residual stream's dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
         let variance = x32.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = x32
-            .broadcast_div(&(variance + self.eps)?.sqrt()?)?
-            .to_dtype(dtype)?;
-        normed.broadcast_mul(&self.weight)
+        let normed = x32.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
+        normed
+            .to_dtype(self.weight.dtype())?
+            .broadcast_mul(&self.weight)
     }
 }
 
@@ -189,10 +190,23 @@ impl FeedForward {
         } else {
             (linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi"))?, None)
         };
+        // transformers keeps `wo` in f32 for f16 models (`_keep_in_fp32_modules`):
+        // T5's feed-forward output overflows f16 otherwise.
+        let wo = if vb.dtype() == DType::F16 {
+            let w = vb.pp("wo").get_with_hints_dtype(
+                (cfg.d_model, cfg.d_ff),
+                "weight",
+                Default::default(),
+                DType::F32,
+            )?;
+            Linear::new(w, None)
+        } else {
+            linear_no_bias(cfg.d_ff, cfg.d_model, vb.pp("wo"))?
+        };
         Ok(FeedForward {
             wi_0,
             wi_1,
-            wo: linear_no_bias(cfg.d_ff, cfg.d_model, vb.pp("wo"))?,
+            wo,
             act: cfg.activation(),
         })
     }
@@ -203,7 +217,7 @@ impl FeedForward {
             Some(wi_1) => (h * wi_1.forward(x)?)?,
             None => h,
         };
-        self.wo.forward(&h)
+        self.wo.forward(&h.to_dtype(self.wo.weight().dtype())?)
     }
 }
 
@@ -226,11 +240,20 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.attn_norm.forward(x)?, bias)?)?;
+        let x = add_promoting(x, &self.attn.forward(&self.attn_norm.forward(x)?, bias)?)?;
         let x = clamp_f16(&x)?;
-        let x = (&x + self.ff.forward(&self.ff_norm.forward(&x)?)?)?;
+        let x = add_promoting(&x, &self.ff.forward(&self.ff_norm.forward(&x)?)?)?;
         clamp_f16(&x)
     }
+}
+
+/// `a + b` with PyTorch's type promotion between f16 and f32: the residual stream
+/// of an f16 T5 becomes f32 after the first (f32) feed-forward output.
+fn add_promoting(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.dtype() == b.dtype() {
+        return a + b;
+    }
+    a.to_dtype(DType::F32)? + b.to_dtype(DType::F32)?
 }
 
 /// As transformers does, keep f16 activations finite (T5 overflows f16 otherwise).

@@ -45,14 +45,26 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Weights, LoadError> {
+        Weights::from_folder_keeping(dir, stems, dtype, device, |_| false)
+    }
+
+    /// As [`Weights::from_folder`], but tensors for which `keep_f32(name)` holds
+    /// stay f32 whatever `dtype` is (layers a half-precision model keeps in f32).
+    pub fn from_folder_keeping(
+        dir: &Path,
+        stems: &[&str],
+        dtype: DType,
+        device: &Device,
+        keep_f32: impl Fn(&str) -> bool,
+    ) -> Result<Weights, LoadError> {
         for stem in stems {
             let single = dir.join(format!("{stem}.safetensors"));
             if single.is_file() {
-                return Weights::from_safetensors(&[single], dtype, device);
+                return Weights::read_safetensors(&[single], dtype, device, &keep_f32);
             }
             let index = dir.join(format!("{stem}.safetensors.index.json"));
             if index.is_file() {
-                return Weights::from_safetensors(&shards(&index)?, dtype, device);
+                return Weights::read_safetensors(&shards(&index)?, dtype, device, &keep_f32);
             }
         }
         Err(LoadError::file(
@@ -73,13 +85,23 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Weights, LoadError> {
+        Weights::read_safetensors(files, dtype, device, &|_| false)
+    }
+
+    fn read_safetensors(
+        files: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+        keep_f32: &dyn Fn(&str) -> bool,
+    ) -> Result<Weights, LoadError> {
         let mut tensors = HashMap::new();
         for file in files {
             let loaded = candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| {
                 LoadError::file(file, format!("not a readable safetensors file: {e}"))
             })?;
             for (name, t) in loaded {
-                let t = convert(t, dtype, device)
+                let target = if keep_f32(&name) { DType::F32 } else { dtype };
+                let t = convert(t, target, device)
                     .map_err(|e| LoadError::file(file, format!("tensor {name}: {e}")))?;
                 tensors.insert(name, t);
             }

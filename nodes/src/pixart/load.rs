@@ -162,7 +162,10 @@ pub fn text_encoder(
 ) -> Result<Arc<T5Encoder>, LoadError> {
     cache::get_or_load(&key("t5", dir, dtype, device), || {
         let cfg: t5::Config = read_config(dir)?;
-        let w = Weights::from_folder(dir, &["model", "pytorch_model"], dtype, device)?;
+        // transformers keeps T5's `wo` in f32 in half precision.
+        let keep = |name: &str| dtype == DType::F16 && name.ends_with("DenseReluDense.wo.weight");
+        let w =
+            Weights::from_folder_keeping(dir, &["model", "pytorch_model"], dtype, device, keep)?;
         let model =
             T5Encoder::new(w.var_builder(), &cfg).map_err(|e| w.model_error("T5 encoder", e))?;
         Ok((model, tensor_bytes(&w)))
