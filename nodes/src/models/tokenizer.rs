@@ -19,6 +19,8 @@ use tokenizers::{AddedToken, PaddingParams, PaddingStrategy, Tokenizer, Truncati
 pub struct T5Tokenizer {
     inner: Tokenizer,
     pad_id: u32,
+    /// The tokenizer set up for each max_length asked for (truncation + padding).
+    fixed: std::sync::Mutex<std::collections::HashMap<usize, Tokenizer>>,
 }
 
 /// Token ids and mask of one text, both `max_length` long.
@@ -42,7 +44,11 @@ impl T5Tokenizer {
             return Err(LoadError::file(dir, "no tokenizer.json or spiece.model"));
         };
         let pad_id = inner.token_to_id("<pad>").unwrap_or(0);
-        Ok(T5Tokenizer { inner, pad_id })
+        Ok(T5Tokenizer {
+            inner,
+            pad_id,
+            fixed: Default::default(),
+        })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -53,18 +59,25 @@ impl T5Tokenizer {
     /// max_length=…, truncation=True, add_special_tokens=True)`.
     pub fn encode(&self, text: &str, max_length: usize) -> Result<Encoded, String> {
         let text = text.to_lowercase();
-        let mut tok = self.inner.clone();
-        tok.with_truncation(Some(TruncationParams {
-            max_length,
-            ..Default::default()
-        }))
-        .map_err(|e| e.to_string())?;
-        tok.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::Fixed(max_length),
-            pad_id: self.pad_id,
-            pad_token: "<pad>".into(),
-            ..Default::default()
-        }));
+        let mut fixed = self.fixed.lock().unwrap_or_else(|e| e.into_inner());
+        let tok = match fixed.entry(max_length) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let mut tok = self.inner.clone();
+                tok.with_truncation(Some(TruncationParams {
+                    max_length,
+                    ..Default::default()
+                }))
+                .map_err(|e| e.to_string())?;
+                tok.with_padding(Some(PaddingParams {
+                    strategy: PaddingStrategy::Fixed(max_length),
+                    pad_id: self.pad_id,
+                    pad_token: "<pad>".into(),
+                    ..Default::default()
+                }));
+                e.insert(tok)
+            }
+        };
         let enc = tok.encode(text.trim(), true).map_err(|e| e.to_string())?;
         Ok(Encoded {
             ids: enc.get_ids().to_vec(),

@@ -57,8 +57,16 @@ impl Node for ComponentLoader {
         &self.spec
     }
 
+    /// Every path input counts (a loader may read several: model and tokenizer).
     fn fingerprint(&self, ctx: &NodeContext, inputs: &Inputs) -> Option<String> {
-        input_file_fingerprint(ctx, inputs, "path")
+        let parts: Vec<String> = self
+            .spec
+            .inputs
+            .iter()
+            .filter(|i| i.ty == PortType::Path)
+            .filter_map(|i| input_file_fingerprint(ctx, inputs, &i.name))
+            .collect();
+        Some(parts.join("|"))
     }
 
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
@@ -356,6 +364,21 @@ impl Node for Sample {
         let binning = inputs.bool("resolution_binning")?;
         let generated = generation_size(den, width, height, binning)
             .map_err(|e| NodeError::input("resolution_binning", e))?;
+        if let Some(Value::Tensor(t) | Value::Latents(Latents { tensor: t, .. })) =
+            inputs.get("latents")
+        {
+            let (h, w) = (generated.0 / VAE_SCALE, generated.1 / VAE_SCALE);
+            let c = den.model.config().in_channels;
+            if t.rank() != 4 || t.dims()[1..] != [c, h, w] {
+                return Err(NodeError::input(
+                    "latents",
+                    format!(
+                        "shape {:?}, but this request needs [B, {c}, {h}, {w}]",
+                        t.dims()
+                    ),
+                ));
+            }
+        }
         let req = Request {
             positive: inputs.conditioning("positive")?,
             negative,
