@@ -1,41 +1,11 @@
 //! Files written by nodes appear whole or not at all.
 
 use pixart_runtime::{Inputs, NodeContext, NodeError};
-use std::io::Write;
 use std::path::Path;
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a
-/// rename, so an interrupted run never leaves a truncated output behind.
-/// Creates missing parent directories.
+/// [`pixart_runtime::fsutil::atomic_write`], with the error naming the file.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir).map_err(|e| NodeError::io(dir, e))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| NodeError::msg(format!("{}: not a file path", path.display())))?;
-    // Unique per process and call, so concurrent writers of one target never share
-    // a temporary file (the last rename wins, whole).
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(
-        ".{}.{}-{n}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        NodeError::io(path, e)
-    })
+    pixart_runtime::fsutil::atomic_write(path, bytes).map_err(|e| NodeError::io(path, e))
 }
 
 /// Size and modification time of the file named by input `port`: cache-key

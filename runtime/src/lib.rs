@@ -4,6 +4,7 @@
 pub mod events;
 pub mod executor;
 pub mod export;
+pub mod fsutil;
 pub mod node;
 pub mod registry;
 pub mod server;

@@ -372,10 +372,7 @@ fn upload_image(s: &State, body: &Bytes) -> Response {
     let name = format!("{}.{ext}", &blake3::hash(body).to_hex()[..24]);
     let dir = s.data_dir().join("uploads");
     let path = dir.join(&name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let written = std::fs::create_dir_all(&dir)
-        .and_then(|_| std::fs::write(&tmp, body))
-        .and_then(|_| std::fs::rename(&tmp, &path));
+    let written = crate::fsutil::atomic_write(&path, body);
     if let Err(e) = written {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,

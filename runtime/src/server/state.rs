@@ -312,10 +312,7 @@ impl State {
             return;
         };
         let path = self.history_path();
-        let tmp = path.with_extension("json.tmp");
-        let written = std::fs::create_dir_all(self.data_dir())
-            .and_then(|_| std::fs::write(&tmp, &text))
-            .and_then(|_| std::fs::rename(&tmp, &path));
+        let written = crate::fsutil::atomic_write(&path, &text);
         if let Err(e) = written {
             tracing::warn!("cannot persist the run history to {}: {e}", path.display());
         }
