@@ -350,6 +350,7 @@ impl<'a> Run<'a> {
                 return self.complete(i, outputs);
             }
         }
+        tracing::debug!(run = %self.shared.run_id, node = %planned.id, node_type = %planned.type_id, "node started");
         self.emit(Event::NodeStarted {
             run_id: self.shared.run_id.clone(),
             node: planned.id.clone(),
@@ -478,6 +479,7 @@ impl<'a> Run<'a> {
                     if self.node(i).spec().cacheable() && !holds_model {
                         self.exec.lock_cache().insert(self.keys[i], outputs.clone());
                     }
+                    tracing::debug!(run = %self.shared.run_id, node = %self.wf.nodes[i].id, ms = took.as_millis() as u64, "node finished");
                     self.emit(Event::NodeFinished {
                         run_id: self.shared.run_id.clone(),
                         node: self.wf.nodes[i].id.clone(),
@@ -536,6 +538,7 @@ impl<'a> Run<'a> {
     fn fail(&mut self, i: usize, message: String) {
         let planned = &self.wf.nodes[i];
         let spec = planned.node.spec();
+        tracing::debug!(run = %self.shared.run_id, node = %planned.id, "node failed: {message}");
         self.emit(Event::NodeFailed {
             run_id: self.shared.run_id.clone(),
             node: planned.id.clone(),

@@ -24,6 +24,14 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     .into_response()
 }
 
+/// Runs CPU-bound request work (parsing and validating a workflow) off the async
+/// threads, so one large body cannot stall every other client.
+async fn blocking(work: impl FnOnce() -> Response + Send + 'static) -> Result<Response, Rejection> {
+    Ok(tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "the request failed")))
+}
+
 fn with_state(
     state: Arc<State>,
 ) -> impl Filter<Extract = (Arc<State>,), Error = Infallible> + Clone {
@@ -162,14 +170,18 @@ pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = I
         .and(limit)
         .and(warp::body::bytes())
         .and(with_state(state.clone()))
-        .map(|body: Bytes, s: Arc<State>| match parse_request(&body) {
-            Err(e) => error(StatusCode::BAD_REQUEST, e),
-            Ok(req) => match s.validate(&req.workflow, &req.params) {
-                Ok(wf) => json(&serde_json::json!({ "ok": true, "diagnostics": wf.warnings }))
-                    .into_response(),
-                Err(e) => json(&serde_json::json!({ "ok": false, "diagnostics": e.diagnostics }))
-                    .into_response(),
-            },
+        .and_then(|body: Bytes, s: Arc<State>| {
+            blocking(move || match parse_request(&body) {
+                Err(e) => error(StatusCode::BAD_REQUEST, e),
+                Ok(req) => match s.validate(&req.workflow, &req.params) {
+                    Ok(wf) => json(&serde_json::json!({ "ok": true, "diagnostics": wf.warnings }))
+                        .into_response(),
+                    Err(e) => {
+                        json(&serde_json::json!({ "ok": false, "diagnostics": e.diagnostics }))
+                            .into_response()
+                    }
+                },
+            })
         });
 
     let submit = api
@@ -181,20 +193,22 @@ pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = I
         .and(limit)
         .and(warp::body::bytes())
         .and(with_state(state.clone()))
-        .map(|body: Bytes, s: Arc<State>| match parse_request(&body) {
-            Err(e) => error(StatusCode::BAD_REQUEST, e),
-            Ok(req) => match s.submit(req) {
-                Ok(id) => with_status(
-                    json(&serde_json::json!({ "run_id": id })),
-                    StatusCode::ACCEPTED,
-                )
-                .into_response(),
-                Err(SubmitError::Invalid(e)) => invalid(&e),
-                Err(SubmitError::QueueFull(n)) => error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("{n} runs are already waiting; try again later"),
-                ),
-            },
+        .and_then(|body: Bytes, s: Arc<State>| {
+            blocking(move || match parse_request(&body) {
+                Err(e) => error(StatusCode::BAD_REQUEST, e),
+                Ok(req) => match s.submit(req) {
+                    Ok(id) => with_status(
+                        json(&serde_json::json!({ "run_id": id })),
+                        StatusCode::ACCEPTED,
+                    )
+                    .into_response(),
+                    Err(SubmitError::Invalid(e)) => invalid(&e),
+                    Err(SubmitError::QueueFull(n)) => error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("{n} runs are already waiting; try again later"),
+                    ),
+                },
+            })
         });
 
     let queue = api
