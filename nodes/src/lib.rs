@@ -11,6 +11,7 @@ pub mod pixart;
 pub mod schedulers;
 pub mod tensor_io;
 pub mod text;
+pub mod training;
 
 use pixart_runtime::registry::{Registry, RegistryError};
 use pixart_runtime::Node;
@@ -26,6 +27,7 @@ pub fn builtin_nodes() -> Vec<Arc<dyn Node>> {
     nodes.extend(image_io::nodes());
     nodes.extend(noise::nodes());
     nodes.extend(pixart::nodes::nodes());
+    nodes.extend(training::dataset::nodes());
     nodes
 }
 

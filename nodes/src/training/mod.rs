@@ -1,0 +1,3 @@
+//! Training PixArt-α (issue in progress): the data side so far.
+
+pub mod dataset;
