@@ -1,3 +1,4 @@
 //! Training PixArt-α (issue in progress): the data side so far.
 
 pub mod dataset;
+pub mod loss;
