@@ -120,7 +120,18 @@ impl LayerNorm {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `differentiable`: primitive ops with gradients (training), else the fused
+    /// kernel, which has none.
+    fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+        if differentiable {
+            let dtype = x.dtype();
+            let x = x.to_dtype(DType::F32)?;
+            let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+            let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+            return centred
+                .broadcast_div(&(var + self.eps)?.sqrt()?)?
+                .to_dtype(dtype);
+        }
         candle_nn::ops::layer_norm(&x.contiguous()?, &self.ones, &self.zeros, self.eps as f32)
     }
 }
@@ -290,7 +301,13 @@ impl Attention {
     }
 
     /// `bias`: additive `[batch, 1, 1, keys]` (masked cross-attention) or none.
-    fn forward(&self, x: &Tensor, context: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        bias: Option<&Tensor>,
+        differentiable: bool,
+    ) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let q = self.heads(&self.to_q.forward(x)?)?;
         let k = self.heads(&self.to_k.forward(context)?)?;
@@ -301,7 +318,11 @@ impl Attention {
         if let Some(bias) = bias {
             scores = scores.broadcast_add(bias)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = if differentiable {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         self.to_out.forward(&out)
     }
@@ -320,8 +341,9 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out.forward(&gelu(&self.proj.forward(x)?)?)
+    fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+        self.out
+            .forward(&gelu_for(&self.proj.forward(x)?, differentiable)?)
     }
 }
 
@@ -352,6 +374,7 @@ impl Block {
         t6: &Tensor,
         text: &Tensor,
         text_bias: Option<&Tensor>,
+        differentiable: bool,
     ) -> Result<Tensor> {
         let (b, _, d) = x.dims3()?;
         let mods = self
@@ -362,11 +385,21 @@ impl Block {
         let (shift_msa, scale_msa, gate_msa) = (m(0)?, m(1)?, m(2)?);
         let (shift_mlp, scale_mlp, gate_mlp) = (m(3)?, m(4)?, m(5)?);
 
-        let h = modulate(&self.norm.forward(x)?, &shift_msa, &scale_msa)?;
-        let x = (x + gate_msa.broadcast_mul(&self.attn1.forward(&h, &h, None)?)?)?;
-        let x = (&x + self.attn2.forward(&x, text, text_bias)?)?;
-        let h = modulate(&self.norm.forward(&x)?, &shift_mlp, &scale_mlp)?;
-        x + gate_mlp.broadcast_mul(&self.ff.forward(&h)?)?
+        let diff = differentiable;
+        let h = modulate(&self.norm.forward(x, diff)?, &shift_msa, &scale_msa)?;
+        let x = (x + gate_msa.broadcast_mul(&self.attn1.forward(&h, &h, None, diff)?)?)?;
+        let x = (&x + self.attn2.forward(&x, text, text_bias, diff)?)?;
+        let h = modulate(&self.norm.forward(&x, diff)?, &shift_mlp, &scale_mlp)?;
+        x + gate_mlp.broadcast_mul(&self.ff.forward(&h, diff)?)?
+    }
+}
+
+/// Tanh-GELU: our vectorised kernel for inference, candle's (with gradients) for training.
+fn gelu_for(x: &Tensor, differentiable: bool) -> Result<Tensor> {
+    if differentiable {
+        x.gelu()
+    } else {
+        gelu(x)
     }
 }
 
@@ -446,7 +479,7 @@ impl PixArtTransformer {
 
     /// `x` latents `[B, C, H, W]`, `t` timesteps `[B]`, `text` T5 features
     /// `[B, L, caption_channels]`, `text_mask` `[B, L]` (1 keep, 0 pad) →
-    /// `[B, out_channels, H, W]`.
+    /// `[B, out_channels, H, W]`. Inference kernels (fused, no gradients).
     pub fn forward(
         &self,
         x: &Tensor,
@@ -454,6 +487,31 @@ impl PixArtTransformer {
         text: &Tensor,
         text_mask: Option<&Tensor>,
         sizes: Option<&SizeConditions>,
+    ) -> Result<Tensor> {
+        self.forward_with(x, t, text, text_mask, sizes, false)
+    }
+
+    /// The same forward built only from ops with gradients, for training: candle's
+    /// fused layer norm, softmax and our GELU kernel would silently stop them.
+    pub fn forward_train(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        text: &Tensor,
+        text_mask: Option<&Tensor>,
+        sizes: Option<&SizeConditions>,
+    ) -> Result<Tensor> {
+        self.forward_with(x, t, text, text_mask, sizes, true)
+    }
+
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        text: &Tensor,
+        text_mask: Option<&Tensor>,
+        sizes: Option<&SizeConditions>,
+        differentiable: bool,
     ) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
         let p = self.cfg.patch_size;
@@ -465,9 +523,10 @@ impl PixArtTransformer {
 
         let (t6, embedded_t) = self.adaln_single.forward(t, sizes, self.dtype)?;
         let text = text.to_dtype(self.dtype)?;
-        let text = self
-            .caption_linear_2
-            .forward(&gelu(&self.caption_linear_1.forward(&text)?)?)?;
+        let text = self.caption_linear_2.forward(&gelu_for(
+            &self.caption_linear_1.forward(&text)?,
+            differentiable,
+        )?)?;
         let text_bias = match text_mask {
             Some(m) => Some(
                 ((1.0 - m.to_dtype(DType::F32)?)? * -10000.0)?
@@ -478,7 +537,7 @@ impl PixArtTransformer {
             None => None,
         };
         for block in &self.blocks {
-            x = block.forward(&x, &t6, &text, text_bias.as_ref())?;
+            x = block.forward(&x, &t6, &text, text_bias.as_ref(), differentiable)?;
         }
 
         let mods = self
@@ -486,7 +545,7 @@ impl PixArtTransformer {
             .unsqueeze(0)?
             .broadcast_add(&embedded_t.unsqueeze(1)?)?;
         let (shift, scale) = (mods.narrow(1, 0, 1)?, mods.narrow(1, 1, 1)?);
-        let x = modulate(&self.norm_out.forward(&x)?, &shift, &scale)?;
+        let x = modulate(&self.norm_out.forward(&x, differentiable)?, &shift, &scale)?;
         let x = self.proj_out.forward(&x)?; // [B, gh·gw, p·p·C]
         let c = self.cfg.out_channels();
         x.reshape((b, gh, gw, p, p, c))?
