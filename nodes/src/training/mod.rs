@@ -2,3 +2,4 @@
 
 pub mod dataset;
 pub mod loss;
+pub mod optim;

@@ -1,0 +1,129 @@
+//! PixArt-α's optimisation step, as its training loop does it: global-norm
+//! gradient clipping, AdamW (decoupled weight decay, PyTorch's arithmetic), a
+//! constant learning rate after a linear warm-up, and an EMA of the weights.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, Var};
+
+/// Clips the gradients of `vars` in place to a global L2 norm of at most
+/// `max_norm` (torch.nn.utils.clip_grad_norm_); returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
+    let mut total = 0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            total += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+    }
+    let norm = total.sqrt();
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for v in vars {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g * coef)?);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// AdamW with PyTorch's update order and bias corrections.
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    step: u64,
+    moments: Vec<(Tensor, Tensor)>,
+}
+
+impl AdamW {
+    /// PixArt's settings: betas (0.9, 0.999), eps 1e-10, weight decay 0.03.
+    pub fn pixart(vars: &[Var]) -> Result<AdamW> {
+        AdamW::new(vars, 0.9, 0.999, 1e-10, 0.03)
+    }
+
+    pub fn new(vars: &[Var], beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> Result<AdamW> {
+        let moments = vars
+            .iter()
+            .map(|v| Ok((v.zeros_like()?, v.zeros_like()?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            step: 0,
+            moments,
+        })
+    }
+
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// One update of `vars` (the same list, in the same order, as at creation).
+    pub fn step(&mut self, vars: &[Var], grads: &GradStore, lr: f64) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let bias1 = 1.0 - self.beta1.powi(t);
+        let bias2 = 1.0 - self.beta2.powi(t);
+        for (v, (m, s)) in vars.iter().zip(self.moments.iter_mut()) {
+            let Some(g) = grads.get(v.as_tensor()) else {
+                continue;
+            };
+            let p = v.as_tensor().detach();
+            let p = (&p * (1.0 - lr * self.weight_decay))?;
+            *m = ((&*m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
+            *s = ((&*s * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let denom = ((s.sqrt()? / bias2.sqrt())? + self.eps)?;
+            let update = (m.div(&denom)? * (lr / bias1))?;
+            v.set(&(p - update)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// diffusers' `get_constant_schedule_with_warmup` as PixArt uses it: the
+/// learning rate of optimiser step `step` (0-based) is `lr·min(1, step/warmup)`,
+/// so the very first step has a learning rate of 0.
+pub fn warmup_lr(base_lr: f64, step: u64, warmup: u64) -> f64 {
+    if step < warmup {
+        base_lr * step as f64 / warmup.max(1) as f64
+    } else {
+        base_lr
+    }
+}
+
+/// PixArt's `auto_scale_lr` rule 'sqrt': lr·√(effective batch / 256).
+pub fn scale_lr(base_lr: f64, effective_batch: usize) -> f64 {
+    base_lr * (effective_batch as f64 / 256.0).sqrt()
+}
+
+/// An exponential moving average of weights: `ema = rate·ema + (1 − rate)·p`.
+pub struct Ema {
+    pub rate: f64,
+    pub weights: Vec<Tensor>,
+}
+
+impl Ema {
+    pub fn new(vars: &[Var], rate: f64) -> Result<Ema> {
+        Ok(Ema {
+            rate,
+            weights: vars
+                .iter()
+                .map(|v| v.as_tensor().detach().copy())
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    pub fn update(&mut self, vars: &[Var]) -> Result<()> {
+        for (e, v) in self.weights.iter_mut().zip(vars) {
+            *e = ((&*e * self.rate)? + (v.as_tensor().detach() * (1.0 - self.rate))?)?;
+        }
+        Ok(())
+    }
+}
