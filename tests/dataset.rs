@@ -111,3 +111,90 @@ async fn manifests_are_read_with_line_numbers_in_errors() {
         report.failures
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn features_are_precomputed_once_and_match_the_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    // Two 80×64 images (cropped to the centre 64×64) with captions.
+    for (i, caption) in ["a red circle", "a blue square"].iter().enumerate() {
+        let pixels: Vec<u8> = (0..80 * 64 * 3)
+            .map(|p| ((p * (7 + i)) % 251) as u8)
+            .collect();
+        let bytes = pixart_nodes::image_io::encode_png(&pixels, 80, 64, 3, &[]).unwrap();
+        std::fs::write(data.join(format!("{i}.png")), bytes).unwrap();
+        std::fs::write(data.join(format!("{i}.txt")), caption).unwrap();
+    }
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-pixart");
+    let yaml = format!(
+        "version: 1
+nodes:
+  pipe: {{type: pixart.load, inputs: {{path: \"{}\"}}}}
+  data: {{type: dataset.folder, inputs: {{path: data, resolution: 64}}}}
+  feats:
+    type: train.precompute
+    inputs: {{dataset: \"${{data.dataset}}\", tokenizer: \"${{pipe.tokenizer}}\", encoder: \"${{pipe.text_encoder}}\", vae: \"${{pipe.vae}}\", path: cache/feats}}
+  n: {{type: test.output, inputs: {{a: \"${{feats.computed}}\"}}}}
+",
+        fixtures.display()
+    );
+    let (reg, _) = common::registry();
+    let wf = common::load(&yaml, &reg);
+    let opts = RunOptions {
+        base_dir: dir.path().into(),
+        out_dir: dir.path().into(),
+        ..RunOptions::default()
+    };
+    let first = Executor::new(CachePolicy::None)
+        .run(&wf, opts.clone())
+        .await
+        .unwrap();
+    assert!(first.ok(), "{:?}", first.failures);
+    assert_eq!(first.output("n", "out").and_then(Value::as_int), Some(2));
+    let item = pixart_runtime::candle_core::safetensors::load(
+        dir.path().join("cache/feats/item-000001.safetensors"),
+        &pixart_runtime::candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(item["vae_mean"].dims(), [4, 8, 8]);
+    assert_eq!(item["vae_std"].dims(), [4, 8, 8]);
+    assert_eq!(item["text"].dims(), [120, 32]);
+    // The cached posterior is the VAE's on the centre crop of the image.
+    let vae = pixart_nodes::pixart::load::vae(
+        &fixtures.join("vae"),
+        pixart_runtime::candle_core::DType::F32,
+        &pixart_runtime::candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let pixels = pixart_nodes::training::precompute::load_square(
+        &data.join("1.png"),
+        64,
+        &pixart_runtime::candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mean = vae.encode(&pixels).unwrap().mean.squeeze(0).unwrap();
+    let diff = (mean - &item["vae_mean"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-6, "{diff}");
+
+    // Same dataset: the cache is reused.
+    let second = Executor::new(CachePolicy::None)
+        .run(&wf, opts.clone())
+        .await
+        .unwrap();
+    assert_eq!(second.output("n", "out").and_then(Value::as_int), Some(0));
+    // An edited caption invalidates it.
+    std::fs::write(data.join("0.txt"), "a green circle").unwrap();
+    let third = Executor::new(CachePolicy::None)
+        .run(&wf, opts)
+        .await
+        .unwrap();
+    assert_eq!(third.output("n", "out").and_then(Value::as_int), Some(2));
+}

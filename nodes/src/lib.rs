@@ -28,6 +28,7 @@ pub fn builtin_nodes() -> Vec<Arc<dyn Node>> {
     nodes.extend(noise::nodes());
     nodes.extend(pixart::nodes::nodes());
     nodes.extend(training::dataset::nodes());
+    nodes.extend(training::precompute::nodes());
     nodes
 }
 

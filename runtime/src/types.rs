@@ -38,6 +38,8 @@ pub enum PortType {
     Scheduler,
     Captioner,
     Dataset,
+    /// Precomputed training features (VAE posteriors, T5 embeddings) on disk.
+    Features,
     Checkpoint,
 }
 
@@ -74,6 +76,7 @@ impl PortType {
                 | PortType::Scheduler
                 | PortType::Captioner
                 | PortType::Dataset
+                | PortType::Features
                 | PortType::Checkpoint
         )
     }
@@ -152,6 +155,7 @@ impl fmt::Display for PortType {
                     Scheduler => "Scheduler",
                     Captioner => "Captioner",
                     Dataset => "Dataset",
+                    Features => "Features",
                     Checkpoint => "Checkpoint",
                     Enum(_) | List(_) => unreachable!("handled above"),
                 };

@@ -1,5 +1,6 @@
-//! Training PixArt-α (issue in progress): the data side so far.
+//! Training PixArt-α (in progress): data, feature cache, loss, optimiser.
 
 pub mod dataset;
 pub mod loss;
 pub mod optim;
+pub mod precompute;

@@ -1,0 +1,176 @@
+//! `train.precompute`: encodes a dataset once — VAE posterior (mean, std) of each
+//! centre-cropped image and T5 features (embeddings, mask) of its caption — into
+//! a safetensors cache on disk, as the official recipe does, so training never
+//! holds T5 or the VAE. A cache whose index matches the dataset is reused.
+
+use super::dataset::Dataset;
+use crate::fsutil::atomic_write;
+use crate::models::t5::T5Encoder;
+use crate::models::tokenizer::T5Tokenizer;
+use crate::models::vae::AutoencoderKl;
+use candle_core::{DType, Device, Tensor};
+use pixart_runtime::{
+    Handle, InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
+};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// An on-disk feature cache: `item-NNNNNN.safetensors` files with `vae_mean`,
+/// `vae_std` `[C, h, w]`, `text` `[L, D]`, `mask` `[L]`.
+#[derive(Clone, Debug)]
+pub struct Features {
+    pub dir: PathBuf,
+    pub files: Vec<PathBuf>,
+    pub resolution: usize,
+}
+
+/// Resizes the shorter side to `size` (bilinear with antialiasing, as PIL) and
+/// crops the centre square; returns `[1, 3, size, size]` in −1..1.
+pub fn load_square(path: &Path, size: usize, device: &Device) -> Result<Tensor, NodeError> {
+    let img = image::ImageReader::open(path)
+        .map_err(|e| NodeError::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| NodeError::io(path, e))?
+        .decode()
+        .map_err(|e| NodeError::msg(format!("{}: cannot decode the image: {e}", path.display())))?
+        .to_rgb8();
+    let (w, h) = (img.width() as f64, img.height() as f64);
+    let scale = size as f64 / w.min(h);
+    let (nw, nh) = (
+        ((w * scale).round() as u32).max(size as u32),
+        ((h * scale).round() as u32).max(size as u32),
+    );
+    let resized = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
+    let (left, top) = ((nw - size as u32) / 2, (nh - size as u32) / 2);
+    let crop = image::imageops::crop_imm(&resized, left, top, size as u32, size as u32).to_image();
+    let data: Vec<f32> = crop
+        .into_raw()
+        .iter()
+        .map(|&b| b as f32 / 127.5 - 1.0)
+        .collect();
+    Ok(Tensor::from_vec(data, (1, size, size, 3), &Device::Cpu)?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?
+        .to_device(device)?)
+}
+
+/// What the cache was made from: images (path, size, mtime), captions, resolution
+/// and text length. A different dataset gives a different index.
+fn dataset_key(ds: &Dataset, max_length: usize) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(format!("{}|{max_length}|", ds.resolution).as_bytes());
+    for item in &ds.items {
+        let meta = std::fs::metadata(&item.image).ok();
+        let stamp = meta
+            .as_ref()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        h.update(
+            format!(
+                "{}|{}|{stamp}|{}\n",
+                item.image.display(),
+                meta.map_or(0, |m| m.len()),
+                item.caption
+            )
+            .as_bytes(),
+        );
+    }
+    h.finalize().to_hex().to_string()
+}
+
+pub struct Precompute {
+    spec: NodeSpec,
+}
+
+impl Precompute {
+    fn new() -> Self {
+        Precompute {
+            spec: NodeSpec::new("train.precompute", 1)
+                .category("training")
+                .describe(
+                    "Encodes a dataset once into an on-disk cache (relative paths under the output \
+                     directory): the VAE posterior mean and std of each centre-cropped image and the T5 \
+                     features of its caption. A cache made from the same images, captions, resolution and \
+                     length is reused; set `recompute` after changing the VAE or T5.",
+                )
+                .input(InputSpec::new("dataset", PortType::Dataset))
+                .input(InputSpec::new("tokenizer", PortType::Tokenizer))
+                .input(InputSpec::new("encoder", PortType::TextEncoder))
+                .input(InputSpec::new("vae", PortType::Vae))
+                .input(InputSpec::new("path", PortType::Path).describe("The cache folder."))
+                .input(InputSpec::new("max_length", PortType::Int).default(120).min(1.0).max(512.0))
+                .input(InputSpec::new("recompute", PortType::Bool).default(false))
+                .output("features", PortType::Features, "the feature cache")
+                .output("computed", PortType::Int, "items encoded by this run (0 when the cache was reused)"),
+        }
+    }
+}
+
+impl Node for Precompute {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let ds = inputs.handle::<Dataset>("dataset")?;
+        let tok = inputs.handle::<T5Tokenizer>("tokenizer")?;
+        let enc = inputs.handle::<T5Encoder>("encoder")?;
+        let vae = inputs.handle::<AutoencoderKl>("vae")?;
+        let dir = ctx.output_path(inputs.path("path")?)?;
+        let max_length = inputs.int("max_length")? as usize;
+        let key = dataset_key(ds, max_length);
+        let index_path = dir.join("index.json");
+        let files: Vec<PathBuf> = (0..ds.items.len())
+            .map(|i| dir.join(format!("item-{i:06}.safetensors")))
+            .collect();
+        let reusable = !inputs.bool("recompute")?
+            && std::fs::read_to_string(&index_path)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .is_some_and(|j| j["key"] == key.as_str())
+            && files.iter().all(|f| f.is_file());
+        let features = Features {
+            dir: dir.clone(),
+            files: files.clone(),
+            resolution: ds.resolution,
+        };
+        let handle =
+            |f: Features| Value::Handle(Handle::new(PortType::Features, f.files.len() * 64, f));
+        if reusable {
+            return Ok(Outputs::one("features", handle(features)).with("computed", Value::Int(0)));
+        }
+        let device = enc.device().clone();
+        let n = ds.items.len();
+        for (i, (item, file)) in ds.items.iter().zip(&files).enumerate() {
+            ctx.check_cancelled()?;
+            let pixels = load_square(&item.image, ds.resolution, &device)?;
+            let post = vae.encode(&pixels)?;
+            let e = tok
+                .encode(&item.caption, max_length)
+                .map_err(|e| NodeError::input("dataset", e))?;
+            let ids = Tensor::from_vec(e.ids, (1, max_length), &device)?;
+            let mask = Tensor::from_vec(e.mask, (1, max_length), &device)?.to_dtype(DType::F32)?;
+            let text = enc.forward(&ids, &mask)?;
+            let tensors: HashMap<&str, Tensor> = HashMap::from([
+                ("vae_mean", post.mean.squeeze(0)?.to_dtype(DType::F32)?),
+                ("vae_std", post.std()?.squeeze(0)?.to_dtype(DType::F32)?),
+                ("text", text.squeeze(0)?.to_dtype(DType::F32)?),
+                ("mask", mask.squeeze(0)?),
+            ]);
+            let meta = HashMap::from([("caption".to_string(), item.caption.clone())]);
+            let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (*k, t)), Some(meta))
+                .map_err(|e| NodeError::msg(format!("cannot serialise features: {e}")))?;
+            atomic_write(file, &bytes)?;
+            ctx.progress(i as u64 + 1, n as u64);
+        }
+        let index = serde_json::json!({ "key": key, "count": n, "resolution": ds.resolution, "max_length": max_length });
+        atomic_write(&index_path, index.to_string().as_bytes())?;
+        Ok(Outputs::one("features", handle(features)).with("computed", Value::Int(n as i64)))
+    }
+}
+
+pub fn nodes() -> Vec<Arc<dyn Node>> {
+    vec![Arc::new(Precompute::new())]
+}
