@@ -65,22 +65,6 @@ impl PortType {
         )
     }
 
-    /// Opaque model handles: values the runtime passes along without looking inside.
-    pub fn is_handle(&self) -> bool {
-        matches!(
-            self,
-            PortType::TextEncoder
-                | PortType::Tokenizer
-                | PortType::Denoiser
-                | PortType::Vae
-                | PortType::Scheduler
-                | PortType::Captioner
-                | PortType::Dataset
-                | PortType::Features
-                | PortType::Checkpoint
-        )
-    }
-
     /// Whether a value of type `from` may be connected to an input of type `self`.
     ///
     /// The rules, and the only conversions the runtime makes:

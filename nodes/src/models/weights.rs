@@ -215,8 +215,7 @@ fn convert(t: Tensor, dtype: DType, device: &Device) -> candle_core::Result<Tens
 /// The shard files named by a `*.safetensors.index.json` (`weight_map`).
 fn shards(index: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let text = std::fs::read_to_string(index).map_err(|e| LoadError::file(index, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| LoadError::file(index, format!("not valid JSON: {e}")))?;
+    let json: serde_json::Value = parse_json(index, &text)?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
