@@ -548,16 +548,10 @@ fn training_loss_matches_the_official_objective() {
 
 #[test]
 fn training_forward_equals_inference_and_every_parameter_gets_a_gradient() {
-    use pixart_nodes::models::pixart::{Config, PixArtTransformer};
+    use pixart_nodes::models::pixart::PixArtTransformer;
     use pixart_nodes::training::loss::Diffusion;
     use pixart_runtime::candle_core::Var;
-    let dir = fixtures().join("tiny-pixart/transformer");
-    let cfg: Config = pixart_nodes::models::weights::read_config(&dir).unwrap();
-    let weights = pixart_runtime::candle_core::safetensors::load(
-        dir.join("diffusion_pytorch_model.safetensors"),
-        &dev(),
-    )
-    .unwrap();
+    let (cfg, weights) = tiny_transformer();
     let varmap = candle_nn::VarMap::new();
     {
         let mut data = varmap.data().lock().unwrap();
@@ -701,4 +695,119 @@ fn optimiser_step_matches_pytorch() {
             );
         }
     }
+}
+
+#[test]
+fn two_training_steps_match_the_official_loop() {
+    use pixart_nodes::training::loss::Diffusion;
+    use pixart_nodes::training::model::{Start, TrainModel};
+    use pixart_nodes::training::optim::AdamW;
+    use pixart_nodes::training::step::{loss_and_gradients, Batch, Optimizer};
+    let (cfg, weights) = tiny_transformer();
+    let tm = TrainModel::new(&cfg, Start::Tensors(&weights), 0, &[], &dev()).unwrap();
+    let r = reference("train_step.safetensors");
+    let batch = Batch {
+        x0: get(&r, "x_start").clone(),
+        t: get(&r, "t")
+            .to_vec1::<i64>()
+            .unwrap()
+            .iter()
+            .map(|&t| t as usize)
+            .collect(),
+        noise: get(&r, "noise").clone(),
+        text: get(&r, "text").clone(),
+        mask: get(&r, "mask").to_dtype(DType::F32).unwrap(),
+        sizes: None,
+    };
+    assert!(batch.t.contains(&0) && batch.t.contains(&999));
+    let diffusion = Diffusion::linear(1e-4, 0.02, 1000);
+    let vars = tm.trainable();
+    let mut opt = Optimizer {
+        adam: AdamW::pixart(&vars).unwrap(),
+        vars,
+        max_grad_norm: 0.01,
+    };
+    let norms: Vec<f32> = get(&r, "grad_norm").to_vec1().unwrap();
+    for step in 0..2 {
+        let (terms, mean, mut grads) = loss_and_gradients(&tm.model, &diffusion, &batch).unwrap();
+        if step == 0 {
+            assert_close("mse", &terms.mse, get(&r, "mse"), 1e-5);
+            assert_close("vb", &terms.vb, get(&r, "vb"), 1e-5);
+            assert_close("loss", &terms.loss, get(&r, "loss"), 1e-5);
+            let want = get(&r, "loss_mean").to_vec1::<f32>().unwrap()[0] as f64;
+            assert!(
+                (mean / want - 1.0).abs() < 1e-5,
+                "mean loss {mean} vs {want}"
+            );
+            let largest = tm
+                .params
+                .iter()
+                .map(|p| max_abs(get(&r, &format!("grad.{}", p.name))))
+                .fold(0f32, f32::max);
+            for p in &tm.params {
+                let g = grads.get(p.var.as_tensor()).unwrap();
+                let want = get(&r, &format!("grad.{}", p.name));
+                if analytically_zero(&p.name) {
+                    // Adding b to every key shifts a query's scores by q·b: softmax
+                    // ignores it, so both sides hold only rounding noise.
+                    for (side, t) in [("ours", g), ("reference", want)] {
+                        let m = max_abs(t);
+                        assert!(m <= 1e-6 * largest, "{} ({side}): {m:e}", p.name);
+                    }
+                } else {
+                    assert_close(&format!("gradient of {}", p.name), g, want, 1e-4);
+                }
+            }
+        }
+        let norm = opt.apply(&mut grads, 1e-3).unwrap();
+        assert!(
+            (norm as f32 / norms[step] - 1.0).abs() < 1e-5,
+            "step {step}: grad norm {norm} vs {}",
+            norms[step]
+        );
+    }
+    for p in &tm.params {
+        let after = p.var.as_tensor();
+        let want = get(&r, &format!("after.{}", p.name));
+        if analytically_zero(&p.name) {
+            // With eps 1e-10 AdamW turns rounding noise into ±lr steps (in PyTorch
+            // too): a key bias random-walks by at most ~lr per step on both sides.
+            let start = &weights[&p.name];
+            for (side, t) in [("ours", after), ("reference", want)] {
+                let moved = max_abs(&(t - start).unwrap());
+                assert!(moved <= 2.5e-3, "{} ({side}) moved {moved:e}", p.name);
+            }
+        } else {
+            assert_close(&format!("{} after two steps", p.name), after, want, 1e-4);
+        }
+    }
+}
+
+/// Parameters whose exact gradient is zero: the attention key biases.
+fn analytically_zero(name: &str) -> bool {
+    name.ends_with(".to_k.bias")
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The tiny fixture transformer's config and weights.
+fn tiny_transformer() -> (
+    pixart_nodes::models::pixart::Config,
+    HashMap<String, Tensor>,
+) {
+    let dir = fixtures().join("tiny-pixart/transformer");
+    let cfg = pixart_nodes::models::weights::read_config(&dir).unwrap();
+    let weights = pixart_runtime::candle_core::safetensors::load(
+        dir.join("diffusion_pytorch_model.safetensors"),
+        &dev(),
+    )
+    .unwrap();
+    (cfg, weights)
 }

@@ -20,7 +20,11 @@ const MAX_ELEMENTS: u64 = 1 << 28;
 pub fn gaussian(seed: u64, n: usize) -> Vec<f32> {
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&seed.to_le_bytes());
-    let mut rng = ChaCha20Rng::from_seed(key);
+    normals(&mut ChaCha20Rng::from_seed(key), n)
+}
+
+/// `n` samples of N(0, 1) drawn from `rng` (Box–Muller on 53-bit uniforms).
+pub fn normals(rng: &mut ChaCha20Rng, n: usize) -> Vec<f32> {
     let mut uniform = || (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {

@@ -1,6 +1,9 @@
-//! Training PixArt-α (in progress): data, feature cache, loss, optimiser.
+//! Training PixArt-α: data, feature cache, loss, optimiser, the trainer node.
 
 pub mod dataset;
 pub mod loss;
+pub mod model;
 pub mod optim;
 pub mod precompute;
+pub mod rng;
+pub mod step;

@@ -65,6 +65,33 @@ impl AdamW {
         self.step
     }
 
+    /// The first and second moments, one pair per variable, in creation order.
+    pub fn moments(&self) -> &[(Tensor, Tensor)] {
+        &self.moments
+    }
+
+    /// Continues from a saved state (a resumed run).
+    pub fn restore(&mut self, step: u64, moments: Vec<(Tensor, Tensor)>) -> Result<()> {
+        if moments.len() != self.moments.len() {
+            candle_core::bail!(
+                "the optimiser state has {} variables, the model {}",
+                moments.len(),
+                self.moments.len()
+            );
+        }
+        for ((m, v), (cm, _)) in moments.iter().zip(&self.moments) {
+            if m.dims() != cm.dims() || v.dims() != cm.dims() {
+                candle_core::bail!(
+                    "the optimiser state does not fit the model ({:?})",
+                    cm.dims()
+                );
+            }
+        }
+        self.step = step;
+        self.moments = moments;
+        Ok(())
+    }
+
     /// One update of `vars` (the same list, in the same order, as at creation).
     pub fn step(&mut self, vars: &[Var], grads: &GradStore, lr: f64) -> Result<()> {
         self.step += 1;

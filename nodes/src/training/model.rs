@@ -1,0 +1,207 @@
+//! The transformer as a set of named trainable variables: started from a
+//! checkpoint's tensors or from scratch with PixArt-α's initialisation, with
+//! parts optionally frozen, and (for class-conditional pre-training) a learned
+//! table of class embeddings in caption space.
+
+use super::rng::{Stream, TrainRng};
+use crate::models::pixart::{Config, PixArtTransformer};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use std::collections::HashMap;
+
+/// The name of the class table among the parameters; it is not a transformer
+/// weight and never goes into the diffusers checkpoint.
+pub const CLASS_TABLE: &str = "class_embedding";
+
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+    pub trainable: bool,
+}
+
+pub struct TrainModel {
+    pub cfg: Config,
+    pub model: PixArtTransformer,
+    /// Every parameter, sorted by name (the class table included when present).
+    pub params: Vec<Param>,
+}
+
+/// Where the starting values come from.
+pub enum Start<'a> {
+    Tensors(&'a HashMap<String, Tensor>),
+    Scratch { seed: u64 },
+}
+
+impl TrainModel {
+    /// Builds the model in f32 on `device`; `classes` > 0 adds a class table;
+    /// names starting with one of `frozen` do not train.
+    pub fn new(
+        cfg: &Config,
+        start: Start,
+        classes: usize,
+        frozen: &[String],
+        device: &Device,
+    ) -> Result<TrainModel> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = PixArtTransformer::new(vb.clone(), cfg)?;
+        let caption = cfg.caption_channels.unwrap_or(4096);
+        if classes > 0 {
+            vb.get((classes, caption), CLASS_TABLE)?;
+        }
+        let mut vars: Vec<(String, Var)> = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::msg("poisoned variable map"))?
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (i, (name, var)) in vars.iter().enumerate() {
+            let shape = var.as_tensor().dims().to_vec();
+            let value = match &start {
+                _ if name == CLASS_TABLE => {
+                    let mut rng = TrainRng::new(start_seed(&start), Stream::Init, i as u64);
+                    let scale = 1.0 / (caption as f32).sqrt();
+                    let v = rng.normals(shape.iter().product());
+                    Tensor::from_vec(v, shape.as_slice(), device)?.affine(scale as f64, 0.0)?
+                }
+                Start::Tensors(tensors) => {
+                    let t = tensors.get(name).ok_or_else(|| {
+                        candle_core::Error::msg(format!(
+                            "the starting checkpoint has no tensor `{name}`"
+                        ))
+                    })?;
+                    if t.dims() != shape.as_slice() {
+                        candle_core::bail!(
+                            "the starting checkpoint's `{name}` has shape {:?}, this model needs {shape:?}",
+                            t.dims()
+                        );
+                    }
+                    t.to_dtype(DType::F32)?.to_device(device)?
+                }
+                Start::Scratch { seed } => {
+                    let mut rng = TrainRng::new(*seed, Stream::Init, i as u64);
+                    let v = pixart_init(name, &shape, cfg, &mut rng);
+                    Tensor::from_vec(v, shape.as_slice(), device)?
+                }
+            };
+            var.set(&value)?;
+        }
+        let params = vars
+            .into_iter()
+            .map(|(name, var)| Param {
+                trainable: !frozen.iter().any(|p| name.starts_with(p.as_str())),
+                name,
+                var,
+            })
+            .collect();
+        Ok(TrainModel {
+            cfg: cfg.clone(),
+            model,
+            params,
+        })
+    }
+
+    pub fn trainable(&self) -> Vec<Var> {
+        self.params
+            .iter()
+            .filter(|p| p.trainable)
+            .map(|p| p.var.clone())
+            .collect()
+    }
+
+    pub fn class_table(&self) -> Option<&Var> {
+        self.params
+            .iter()
+            .find(|p| p.name == CLASS_TABLE)
+            .map(|p| &p.var)
+    }
+
+    /// Current values by name (detached).
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.as_tensor().detach()))
+            .collect()
+    }
+
+    /// Sets every parameter from `values` (a resumed checkpoint).
+    pub fn load(&self, values: &HashMap<String, Tensor>) -> Result<()> {
+        for p in &self.params {
+            let t = values.get(&p.name).ok_or_else(|| {
+                candle_core::Error::msg(format!("the training state has no `{}`", p.name))
+            })?;
+            p.var.set(t)?;
+        }
+        Ok(())
+    }
+}
+
+fn start_seed(start: &Start) -> u64 {
+    match start {
+        Start::Scratch { seed } => *seed,
+        Start::Tensors(_) => 0,
+    }
+}
+
+/// PixArt-α's `initialize_weights` in diffusers' names: Xavier-uniform linears
+/// (fused q·k·v and k·v counted as one matrix, as the original's `qkv` and
+/// `kv_linear`) with zero biases; the patch embedding as a linear over its
+/// flattened kernel (its bias keeps PyTorch's conv default); N(0, 0.02) for the
+/// timestep, micro-condition, t_block and caption MLPs; zero cross-attention
+/// output and final linear; scale-shift tables N(0, 1/D).
+pub fn pixart_init(name: &str, shape: &[usize], cfg: &Config, rng: &mut TrainRng) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let d = cfg.hidden();
+    let normal = |rng: &mut TrainRng, std: f32| -> Vec<f32> {
+        rng.normals(n).into_iter().map(|x| x * std).collect()
+    };
+    let uniform = |rng: &mut TrainRng, bound: f64| -> Vec<f32> {
+        (0..n)
+            .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+            .collect()
+    };
+    let xavier = |rng: &mut TrainRng, fan_in: usize, fan_out: usize| {
+        uniform(rng, (6.0 / (fan_in + fan_out) as f64).sqrt())
+    };
+    let zeros = || vec![0f32; n];
+
+    if name.ends_with("scale_shift_table") {
+        return normal(rng, 1.0 / (d as f32).sqrt());
+    }
+    if name == "pos_embed.proj.weight" {
+        return xavier(rng, n / shape[0], shape[0]);
+    }
+    if name == "pos_embed.proj.bias" {
+        let fan_in = cfg.in_channels * cfg.patch_size * cfg.patch_size;
+        return uniform(rng, 1.0 / (fan_in as f64).sqrt());
+    }
+    if name.contains(".attn2.to_out.") || name.starts_with("proj_out.") {
+        return zeros();
+    }
+    if name.ends_with(".bias") {
+        return zeros();
+    }
+    let mlp_02 = name.starts_with("adaln_single.emb.")
+        || name == "adaln_single.linear.weight"
+        || name.starts_with("caption_projection.");
+    if mlp_02 {
+        return normal(rng, 0.02);
+    }
+    if shape.len() == 2 {
+        let (rows, cols) = (shape[0], shape[1]);
+        let fused_rows = if name.contains(".attn1.to_q.")
+            || name.contains(".attn1.to_k.")
+            || name.contains(".attn1.to_v.")
+        {
+            3 * rows
+        } else if name.contains(".attn2.to_k.") || name.contains(".attn2.to_v.") {
+            2 * rows
+        } else {
+            rows
+        };
+        return xavier(rng, cols, fused_rows);
+    }
+    normal(rng, 0.02)
+}
