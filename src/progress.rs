@@ -46,7 +46,11 @@ impl ProgressView {
                         overall.set_message(format!("running {node}"))
                     }
                     Event::NodeProgress {
-                        node, value, max, ..
+                        node,
+                        value,
+                        max,
+                        detail,
+                        ..
                     } => {
                         let bar = bars.entry(node.to_string()).or_insert_with(|| {
                             let bar = multi.add(ProgressBar::new(max));
@@ -57,6 +61,9 @@ impl ProgressView {
                         });
                         bar.set_length(max);
                         bar.set_position(value);
+                        if let Some(detail) = detail {
+                            bar.set_message(detail.to_string());
+                        }
                     }
                     Event::NodeFinished { node, .. } | Event::NodeCached { node, .. } => {
                         if let Some(bar) = bars.remove(&*node) {

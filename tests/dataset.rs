@@ -167,7 +167,7 @@ nodes:
         &pixart_runtime::candle_core::Device::Cpu,
     )
     .unwrap();
-    let pixels = pixart_nodes::training::precompute::load_square(
+    let (pixels, _) = pixart_nodes::training::precompute::load_square(
         &data.join("1.png"),
         64,
         &pixart_runtime::candle_core::Device::Cpu,

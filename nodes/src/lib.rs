@@ -29,6 +29,7 @@ pub fn builtin_nodes() -> Vec<Arc<dyn Node>> {
     nodes.extend(pixart::nodes::nodes());
     nodes.extend(training::dataset::nodes());
     nodes.extend(training::precompute::nodes());
+    nodes.extend(training::trainer::nodes());
     nodes
 }
 

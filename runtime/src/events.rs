@@ -29,6 +29,9 @@ pub enum Event {
         node: Arc<str>,
         value: u64,
         max: u64,
+        /// What the node reports beside the count (a trainer's loss and rate).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<Arc<str>>,
     },
     NodeFinished {
         run_id: Arc<str>,

@@ -125,11 +125,22 @@ impl NodeContext {
 
     /// Reports progress `value` of `max` (steps, images, batches).
     pub fn progress(&self, value: u64, max: u64) {
+        self.send_progress(value, max, None);
+    }
+
+    /// Progress with a short line of figures (loss, learning rate, rate) for the
+    /// progress bar and the event stream.
+    pub fn progress_detail(&self, value: u64, max: u64, detail: &str) {
+        self.send_progress(value, max, Some(detail.into()));
+    }
+
+    fn send_progress(&self, value: u64, max: u64, detail: Option<Arc<str>>) {
         let _ = self.run.events.send(Event::NodeProgress {
             run_id: self.run.run_id.clone(),
             node: self.node_id.clone(),
             value,
             max,
+            detail,
         });
     }
 

@@ -77,6 +77,37 @@ impl Config {
             .unwrap_or((self.sample_size / 64).max(1) as f64)
     }
 
+    /// A complete diffusers `config.json` for this model (every field diffusers'
+    /// `PixArtTransformer2DModel` takes, so diffusers fills in no defaults).
+    pub fn to_diffusers_json(&self) -> serde_json::Value {
+        let d = self.hidden();
+        serde_json::json!({
+            "_class_name": "PixArtTransformer2DModel",
+            "_diffusers_version": "0.42.1",
+            "activation_fn": "gelu-approximate",
+            "attention_bias": self.attention_bias,
+            "attention_head_dim": self.attention_head_dim,
+            "attention_type": "default",
+            "caption_channels": self.caption_channels.unwrap_or(4096),
+            "cross_attention_dim": self.cross_attention_dim.unwrap_or(d),
+            "dropout": 0.0,
+            "in_channels": self.in_channels,
+            "interpolation_scale": self.interpolation_scale(),
+            "norm_elementwise_affine": false,
+            "norm_eps": self.norm_eps,
+            "norm_num_groups": 32,
+            "norm_type": "ada_norm_single",
+            "num_attention_heads": self.num_attention_heads,
+            "num_embeds_ada_norm": 1000,
+            "num_layers": self.num_layers,
+            "out_channels": self.out_channels(),
+            "patch_size": self.patch_size,
+            "sample_size": self.sample_size,
+            "upcast_attention": false,
+            "use_additional_conditions": self.additional_conditions(),
+        })
+    }
+
     /// Refuses configs of other transformer families.
     pub fn check(&self) -> std::result::Result<(), String> {
         if let Some(norm) = &self.norm_type {

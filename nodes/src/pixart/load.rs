@@ -20,6 +20,8 @@ pub struct Denoiser {
     /// The official checkpoints' learned null caption (`y_embedding`,
     /// `[tokens, caption_channels]`), used as the negative when none is given.
     pub null_caption: Option<Tensor>,
+    /// The weights by diffusers name, shared with the model: where training starts.
+    pub weights: std::collections::HashMap<String, Tensor>,
 }
 
 /// A scheduler configuration with the sampler chosen to run it.
@@ -97,6 +99,27 @@ fn tensor_bytes(w: &Weights) -> usize {
         .filter_map(|n| w.get(n))
         .map(|t| t.elem_count() * t.dtype().size_in_bytes())
         .sum()
+}
+
+/// The null caption our trainer stores next to a diffusers transformer
+/// (`null_caption.safetensors`, tensor `y_embedding`), if there is one.
+fn read_null_caption(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<Tensor>, LoadError> {
+    let file = path.join(crate::training::checkpoint::NULL_CAPTION);
+    if !path.is_dir() || !file.is_file() {
+        return Ok(None);
+    }
+    let mut t =
+        candle_core::safetensors::load(&file, device).map_err(|e| LoadError::file(&file, e))?;
+    match t.remove("y_embedding") {
+        Some(y) => Ok(Some(
+            y.to_dtype(dtype).map_err(|e| LoadError::file(&file, e))?,
+        )),
+        None => Err(LoadError::file(&file, "no tensor `y_embedding`")),
+    }
 }
 
 /// The component folders of a diffusers pipeline folder (`model_index.json`).
@@ -226,7 +249,7 @@ pub fn transformer(path: &Path, dtype: DType, device: &Device) -> Result<Arc<Den
         let null_caption = if official {
             pixart::convert_official(&mut w)?
         } else {
-            None
+            read_null_caption(path, dtype, device)?
         };
         let cfg: pixart::Config = match &config_dir {
             Some(dir) => read_config(dir)?,
@@ -236,10 +259,15 @@ pub fn transformer(path: &Path, dtype: DType, device: &Device) -> Result<Arc<Den
         let model = PixArtTransformer::new(w.var_builder(), &cfg)
             .map_err(|e| w.model_error("PixArt transformer", e))?;
         let bytes = tensor_bytes(&w);
+        let weights = w
+            .names()
+            .filter_map(|n| Some((n.to_string(), w.get(n)?.clone())))
+            .collect();
         Ok((
             Denoiser {
                 model,
                 null_caption,
+                weights,
             },
             bytes,
         ))

@@ -14,6 +14,9 @@ const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
 pub struct Item {
     pub image: PathBuf,
     pub caption: String,
+    /// A class label for class-conditional pre-training (`name.label` next to
+    /// the image, or `"label"` in the manifest).
+    pub label: Option<String>,
 }
 
 /// An indexed dataset and the resolution its stage trains at.
@@ -45,6 +48,9 @@ pub fn read_folder(dir: &Path) -> Result<Vec<Item>, String> {
         let caption_file = image.with_extension("txt");
         match std::fs::read_to_string(&caption_file) {
             Ok(text) => items.push(Item {
+                label: std::fs::read_to_string(image.with_extension("label"))
+                    .ok()
+                    .map(|l| l.trim().to_string()),
                 image,
                 caption: text.trim().to_string(),
             }),
@@ -100,6 +106,10 @@ pub fn read_manifest(file: &Path) -> Result<Vec<Item>, String> {
         items.push(Item {
             image: path,
             caption: caption.trim().to_string(),
+            label: row
+                .get("label")
+                .and_then(|v| v.as_str())
+                .map(|l| l.trim().to_string()),
         });
     }
     if items.is_empty() {

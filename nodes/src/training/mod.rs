@@ -1,5 +1,6 @@
 //! Training PixArt-α: data, feature cache, loss, optimiser, the trainer node.
 
+pub mod checkpoint;
 pub mod dataset;
 pub mod loss;
 pub mod model;
@@ -7,3 +8,4 @@ pub mod optim;
 pub mod precompute;
 pub mod rng;
 pub mod step;
+pub mod trainer;

@@ -29,15 +29,17 @@ pub struct TrainModel {
 /// Where the starting values come from.
 pub enum Start<'a> {
     Tensors(&'a HashMap<String, Tensor>),
-    Scratch { seed: u64 },
+    Scratch,
 }
 
 impl TrainModel {
-    /// Builds the model in f32 on `device`; `classes` > 0 adds a class table;
-    /// names starting with one of `frozen` do not train.
+    /// Builds the model in f32 on `device`; `classes` > 0 adds a class table
+    /// (new unless `start` has one); names starting with one of `frozen` do not
+    /// train. `seed` drives whatever is initialised rather than loaded.
     pub fn new(
         cfg: &Config,
         start: Start,
+        seed: u64,
         classes: usize,
         frozen: &[String],
         device: &Device,
@@ -59,19 +61,10 @@ impl TrainModel {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         for (i, (name, var)) in vars.iter().enumerate() {
             let shape = var.as_tensor().dims().to_vec();
+            let mut rng = TrainRng::new(seed, Stream::Init, i as u64);
             let value = match &start {
-                _ if name == CLASS_TABLE => {
-                    let mut rng = TrainRng::new(start_seed(&start), Stream::Init, i as u64);
-                    let scale = 1.0 / (caption as f32).sqrt();
-                    let v = rng.normals(shape.iter().product());
-                    Tensor::from_vec(v, shape.as_slice(), device)?.affine(scale as f64, 0.0)?
-                }
-                Start::Tensors(tensors) => {
-                    let t = tensors.get(name).ok_or_else(|| {
-                        candle_core::Error::msg(format!(
-                            "the starting checkpoint has no tensor `{name}`"
-                        ))
-                    })?;
+                Start::Tensors(tensors) if tensors.contains_key(name) => {
+                    let t = &tensors[name];
                     if t.dims() != shape.as_slice() {
                         candle_core::bail!(
                             "the starting checkpoint's `{name}` has shape {:?}, this model needs {shape:?}",
@@ -80,8 +73,15 @@ impl TrainModel {
                     }
                     t.to_dtype(DType::F32)?.to_device(device)?
                 }
-                Start::Scratch { seed } => {
-                    let mut rng = TrainRng::new(*seed, Stream::Init, i as u64);
+                _ if name == CLASS_TABLE => {
+                    // Like the official null caption: N(0, 1/C) in caption space.
+                    let v = rng.normals(shape.iter().product());
+                    (Tensor::from_vec(v, shape.as_slice(), device)? / (caption as f64).sqrt())?
+                }
+                Start::Tensors(_) => {
+                    candle_core::bail!("the starting checkpoint has no tensor `{name}`")
+                }
+                Start::Scratch => {
                     let v = pixart_init(name, &shape, cfg, &mut rng);
                     Tensor::from_vec(v, shape.as_slice(), device)?
                 }
@@ -135,13 +135,6 @@ impl TrainModel {
             p.var.set(t)?;
         }
         Ok(())
-    }
-}
-
-fn start_seed(start: &Start) -> u64 {
-    match start {
-        Start::Scratch { seed } => *seed,
-        Start::Tensors(_) => 0,
     }
 }
 

@@ -17,17 +17,76 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// An on-disk feature cache: `item-NNNNNN.safetensors` files with `vae_mean`,
-/// `vae_std` `[C, h, w]`, `text` `[L, D]`, `mask` `[L]`.
+/// `vae_std` `[C, h, w]`, `text` `[L, D]`, `mask` `[L]`, and in the metadata the
+/// caption, class label and micro-conditions of the image.
 #[derive(Clone, Debug)]
 pub struct Features {
     pub dir: PathBuf,
     pub files: Vec<PathBuf>,
     pub resolution: usize,
+    pub max_length: usize,
+    /// The VAE's `scaling_factor` (0.18215 for SD's): latents = posterior × it.
+    pub scaling_factor: f64,
+    /// Identifies the data the cache was made from.
+    pub key: String,
+}
+
+/// One cached item.
+pub struct FeatureItem {
+    pub vae_mean: Tensor,
+    pub vae_std: Tensor,
+    pub text: Tensor,
+    pub mask: Tensor,
+    pub caption: String,
+    /// The class label (stage 1): the dataset's label, or the caption without one.
+    pub label: String,
+    /// Micro-conditions: the original image size (height, width) and the ratio of
+    /// the aspect bin it was cropped to (1 for square crops).
+    pub hw: (f32, f32),
+    pub ratio: f32,
+}
+
+impl FeatureItem {
+    pub fn read(path: &Path, device: &Device) -> Result<FeatureItem, NodeError> {
+        let bytes = std::fs::read(path).map_err(|e| NodeError::io(path, e))?;
+        let bad = |e: String| NodeError::msg(format!("{}: {e}", path.display()));
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
+        let get = |k: &str| {
+            tensors
+                .get(k)
+                .cloned()
+                .ok_or_else(|| bad(format!("no tensor `{k}` (re-run train.precompute)")))
+        };
+        let num =
+            |k: &str, default: f32| meta.get(k).and_then(|v| v.parse().ok()).unwrap_or(default);
+        let caption = meta.get("caption").cloned().unwrap_or_default();
+        Ok(FeatureItem {
+            vae_mean: get("vae_mean")?,
+            vae_std: get("vae_std")?,
+            text: get("text")?,
+            mask: get("mask")?,
+            label: meta
+                .get("label")
+                .cloned()
+                .unwrap_or_else(|| caption.clone()),
+            caption,
+            hw: (num("height", 0.0), num("width", 0.0)),
+            ratio: num("ratio", 1.0),
+        })
+    }
 }
 
 /// Resizes the shorter side to `size` (bilinear with antialiasing, as PIL) and
-/// crops the centre square; returns `[1, 3, size, size]` in −1..1.
-pub fn load_square(path: &Path, size: usize, device: &Device) -> Result<Tensor, NodeError> {
+/// crops the centre square; returns `[1, 3, size, size]` in −1..1 and the
+/// original (height, width).
+pub fn load_square(
+    path: &Path,
+    size: usize,
+    device: &Device,
+) -> Result<(Tensor, (u32, u32)), NodeError> {
     let img = image::ImageReader::open(path)
         .map_err(|e| NodeError::io(path, e))?
         .with_guessed_format()
@@ -49,10 +108,11 @@ pub fn load_square(path: &Path, size: usize, device: &Device) -> Result<Tensor, 
         .iter()
         .map(|&b| b as f32 / 127.5 - 1.0)
         .collect();
-    Ok(Tensor::from_vec(data, (1, size, size, 3), &Device::Cpu)?
+    let pixels = Tensor::from_vec(data, (1, size, size, 3), &Device::Cpu)?
         .permute((0, 3, 1, 2))?
         .contiguous()?
-        .to_device(device)?)
+        .to_device(device)?;
+    Ok((pixels, (h as u32, w as u32)))
 }
 
 /// What the cache was made from: images (path, size, mtime), captions, resolution
@@ -69,10 +129,11 @@ fn dataset_key(ds: &Dataset, max_length: usize) -> String {
             .map_or(0, |d| d.as_nanos());
         h.update(
             format!(
-                "{}|{}|{stamp}|{}\n",
+                "{}|{}|{stamp}|{}|{:?}\n",
                 item.image.display(),
                 meta.map_or(0, |m| m.len()),
-                item.caption
+                item.caption,
+                item.label
             )
             .as_bytes(),
         );
@@ -135,6 +196,9 @@ impl Node for Precompute {
             dir: dir.clone(),
             files: files.clone(),
             resolution: ds.resolution,
+            max_length,
+            scaling_factor: vae.config().scaling_factor,
+            key: key.clone(),
         };
         let handle =
             |f: Features| Value::Handle(Handle::new(PortType::Features, f.files.len() * 64, f));
@@ -145,7 +209,7 @@ impl Node for Precompute {
         let n = ds.items.len();
         for (i, (item, file)) in ds.items.iter().zip(&files).enumerate() {
             ctx.check_cancelled()?;
-            let pixels = load_square(&item.image, ds.resolution, &device)?;
+            let (pixels, original) = load_square(&item.image, ds.resolution, &device)?;
             let post = vae.encode(&pixels)?;
             let e = tok
                 .encode(&item.caption, max_length)
@@ -159,7 +223,15 @@ impl Node for Precompute {
                 ("text", text.squeeze(0)?.to_dtype(DType::F32)?),
                 ("mask", mask.squeeze(0)?),
             ]);
-            let meta = HashMap::from([("caption".to_string(), item.caption.clone())]);
+            let mut meta = HashMap::from([
+                ("caption".to_string(), item.caption.clone()),
+                ("height".to_string(), original.0.to_string()),
+                ("width".to_string(), original.1.to_string()),
+                ("ratio".to_string(), "1".to_string()),
+            ]);
+            if let Some(label) = &item.label {
+                meta.insert("label".to_string(), label.clone());
+            }
             let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (*k, t)), Some(meta))
                 .map_err(|e| NodeError::msg(format!("cannot serialise features: {e}")))?;
             atomic_write(file, &bytes)?;

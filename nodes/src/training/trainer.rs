@@ -1,0 +1,650 @@
+//! `train.pixart`: one stage of PixArt-α training on a feature cache, as the
+//! official loop runs it — uniform timesteps, posterior sampling, caption
+//! dropout to the null caption, IDDPM learned-range loss, clipping, AdamW with
+//! warm-up, EMA — with crash-safe checkpoints and exact resumption.
+
+use super::checkpoint::{self, Saved};
+use super::loss::Diffusion;
+use super::model::{Start, TrainModel, CLASS_TABLE};
+use super::optim::{scale_lr, warmup_lr, AdamW, Ema};
+use super::precompute::{FeatureItem, Features};
+use super::rng::{Stream, TrainRng};
+use super::step::{loss_and_gradients, Batch, Optimizer};
+use crate::models::pixart::{Config, PixArtTransformer};
+use crate::pixart::load::Denoiser;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use pixart_runtime::{
+    Handle, InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
+};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+const LOSS_LOG: &str = "loss.jsonl";
+
+/// What one stage trains with; these must not change across a resume.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub steps: u64,
+    pub batch: usize,
+    pub lr: f64,
+    pub warmup: u64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub ema_rate: f64,
+    pub caption_dropout: f64,
+    pub class_conditional: bool,
+    pub frozen: Vec<String>,
+    pub seed: u64,
+    pub checkpoint_every: u64,
+    pub resume: bool,
+}
+
+impl Settings {
+    /// The settings a resumed run must share (not the step count or cadence).
+    fn fingerprint(&self, features: &Features, classes: &[String]) -> serde_json::Value {
+        json!({
+            "batch": self.batch,
+            "lr": self.lr,
+            "warmup": self.warmup,
+            "weight_decay": self.weight_decay,
+            "grad_clip": self.grad_clip,
+            "ema_rate": self.ema_rate,
+            "caption_dropout": self.caption_dropout,
+            "condition": if self.class_conditional { "class" } else { "text" },
+            "freeze": self.frozen,
+            "seed": self.seed,
+            "features": features.key,
+            "classes": classes,
+        })
+    }
+}
+
+/// The cache's items grouped by latent size (one group per aspect bucket), and
+/// the batches of each epoch drawn from them.
+struct Data {
+    items: Vec<FeatureItem>,
+    buckets: Vec<Vec<usize>>,
+    batches_per_epoch: u64,
+}
+
+impl Data {
+    fn load(features: &Features, batch: usize, device: &Device) -> Result<Data, NodeError> {
+        let items = features
+            .files
+            .iter()
+            .map(|f| FeatureItem::read(f, device))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut groups: BTreeMap<Vec<usize>, Vec<usize>> = BTreeMap::new();
+        for (i, item) in items.iter().enumerate() {
+            groups
+                .entry(item.vae_mean.dims().to_vec())
+                .or_default()
+                .push(i);
+        }
+        let buckets: Vec<Vec<usize>> = groups.into_values().collect();
+        let batches_per_epoch = buckets.iter().map(|b| b.len().div_ceil(batch) as u64).sum();
+        Ok(Data {
+            items,
+            buckets,
+            batches_per_epoch,
+        })
+    }
+
+    /// The item indices of optimiser step `step`: each epoch shuffles every
+    /// bucket, cuts it into batches and shuffles the batches.
+    fn batch_of(&self, seed: u64, batch: usize, step: u64) -> Vec<usize> {
+        let epoch = step / self.batches_per_epoch;
+        let mut rng = TrainRng::new(seed, Stream::Order, epoch);
+        let mut batches: Vec<Vec<usize>> = Vec::new();
+        for bucket in &self.buckets {
+            let order = rng.permutation(bucket.len());
+            let shuffled: Vec<usize> = order.iter().map(|&i| bucket[i]).collect();
+            batches.extend(shuffled.chunks(batch).map(<[usize]>::to_vec));
+        }
+        let order = rng.permutation(batches.len());
+        batches.swap_remove(order[(step % self.batches_per_epoch) as usize])
+    }
+}
+
+/// Sorted distinct labels: class k is the k-th.
+fn class_names(data: &Data) -> Vec<String> {
+    let mut names: Vec<String> = data.items.iter().map(|i| i.label.clone()).collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Builds step `step`'s batch: timesteps, caption dropout, a posterior sample of
+/// each latent and the diffusion noise, all drawn from (seed, step).
+#[allow(clippy::too_many_arguments)]
+fn make_batch(
+    data: &Data,
+    indices: &[usize],
+    step: u64,
+    s: &Settings,
+    scaling: f64,
+    null_caption: &Tensor,
+    class_table: Option<(&Tensor, &[String])>,
+    with_sizes: bool,
+) -> candle_core::Result<Batch> {
+    let mut rng = TrainRng::new(s.seed, Stream::Step, step);
+    let b = indices.len();
+    let t: Vec<usize> = (0..b).map(|_| rng.below(1000) as usize).collect();
+    let dropped: Vec<bool> = (0..b).map(|_| rng.uniform() < s.caption_dropout).collect();
+    let items: Vec<&FeatureItem> = indices.iter().map(|&i| &data.items[i]).collect();
+    let mean = Tensor::stack(&items.iter().map(|i| &i.vae_mean).collect::<Vec<_>>(), 0)?;
+    let std = Tensor::stack(&items.iter().map(|i| &i.vae_std).collect::<Vec<_>>(), 0)?;
+    let device = mean.device().clone();
+    let shape = mean.dims().to_vec();
+    let n = mean.elem_count();
+    let eps = Tensor::from_vec(rng.normals(n), shape.as_slice(), &device)?;
+    let noise = Tensor::from_vec(rng.normals(n), shape.as_slice(), &device)?;
+    let x0 = ((mean + (std * eps)?)? * scaling)?;
+
+    let (text, mask) = match class_table {
+        Some((table, names)) => {
+            let ids: Vec<u32> = items
+                .iter()
+                .map(|i| names.binary_search(&i.label).unwrap_or(0) as u32)
+                .collect();
+            let rows = table.index_select(&Tensor::new(ids, &device)?, 0)?; // [B, C]
+            let null = null_caption.narrow(0, 0, 1)?.broadcast_as(rows.shape())?;
+            let text = select_rows(&dropped, &null, &rows)?.unsqueeze(1)?;
+            (text, Tensor::ones((b, 1), DType::F32, &device)?)
+        }
+        None => {
+            let text = Tensor::stack(&items.iter().map(|i| &i.text).collect::<Vec<_>>(), 0)?;
+            let mask = Tensor::stack(&items.iter().map(|i| &i.mask).collect::<Vec<_>>(), 0)?;
+            let len = text.dim(1)?;
+            // As the official code: a dropped caption becomes the null caption,
+            // under the caption's own mask.
+            let null = null_caption
+                .narrow(0, 0, len)?
+                .unsqueeze(0)?
+                .broadcast_as(text.shape())?;
+            (select_rows(&dropped, &null, &text)?, mask)
+        }
+    };
+    let sizes = if with_sizes {
+        let hw: Vec<f32> = items.iter().flat_map(|i| [i.hw.0, i.hw.1]).collect();
+        let ar: Vec<f32> = items.iter().map(|i| i.ratio).collect();
+        Some((
+            Tensor::from_vec(hw, (b, 2), &device)?,
+            Tensor::from_vec(ar, (b, 1), &device)?,
+        ))
+    } else {
+        None
+    };
+    Ok(Batch {
+        x0,
+        t,
+        noise,
+        text,
+        mask,
+        sizes,
+    })
+}
+
+/// Row i from `on` where `pick[i]`, else from `off` (same shapes).
+fn select_rows(pick: &[bool], on: &Tensor, off: &Tensor) -> candle_core::Result<Tensor> {
+    let mut shape = vec![pick.len()];
+    shape.resize(off.rank(), 1);
+    let cond = Tensor::from_vec(
+        pick.iter().map(|&p| u8::from(p)).collect::<Vec<_>>(),
+        shape.as_slice(),
+        off.device(),
+    )?
+    .broadcast_as(off.shape())?;
+    cond.where_cond(on, off)
+}
+
+/// A Denoiser (for sampling and the next stage) from EMA weights.
+fn denoiser(
+    cfg: &Config,
+    ema: &HashMap<String, Tensor>,
+    null_caption: &Tensor,
+    device: &Device,
+) -> candle_core::Result<Denoiser> {
+    let weights: HashMap<String, Tensor> = ema
+        .iter()
+        .filter(|(n, _)| n.as_str() != CLASS_TABLE)
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
+    let model = PixArtTransformer::new(
+        VarBuilder::from_tensors(weights.clone(), DType::F32, device),
+        cfg,
+    )?;
+    Ok(Denoiser {
+        model,
+        null_caption: Some(null_caption.clone()),
+        weights,
+    })
+}
+
+/// Rewrites the loss log keeping only the steps up to `step`.
+fn truncate_log(path: &Path, step: u64) -> Result<(), NodeError> {
+    let kept: String = std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::fsutil::atomic_write(path, kept.as_bytes())
+}
+
+pub struct TrainPixArt {
+    spec: NodeSpec,
+}
+
+impl TrainPixArt {
+    fn new() -> Self {
+        TrainPixArt {
+            spec: NodeSpec::new("train.pixart", 1)
+                .category("training")
+                .describe(
+                    "Trains one stage of PixArt-α on a feature cache, as the official recipe: uniform \
+                     timesteps, a fresh VAE posterior sample each step, captions dropped to the null caption \
+                     for CFG, the IDDPM learned-range loss, global-norm clipping, AdamW with linear warm-up, \
+                     and an EMA of the weights. Starts from `init` or, without it, from scratch with PixArt's \
+                     initialisation (`config`: a transformer config.json). `condition: class` pre-trains \
+                     class-conditionally (stage 1): each label gets a learned embedding in caption space. \
+                     Checkpoints (EMA transformer in the diffusers layout + optimiser state) go to `out` \
+                     every `checkpoint_every` steps, at the end and when cancelled; `resume` continues from \
+                     the newest one and reaches the same weights as an uninterrupted run.",
+                )
+                // It writes checkpoints: it always runs (resuming makes a finished
+                // run cheap) and its results are never cached.
+                .output_node()
+                .input(InputSpec::new("features", PortType::Features))
+                .input(
+                    InputSpec::new("init", PortType::Denoiser)
+                        .optional()
+                        .describe("The starting transformer (a previous stage, or a loaded checkpoint)."),
+                )
+                .input(
+                    InputSpec::new("config", PortType::Path)
+                        .optional()
+                        .describe("Without `init`: the transformer's config.json, trained from scratch."),
+                )
+                .input(InputSpec::new("steps", PortType::Int).default(1000).min(1.0).max(1e9))
+                .input(InputSpec::new("batch", PortType::Int).default(4).min(1.0).max(65536.0))
+                .input(InputSpec::new("lr", PortType::Float).default(2e-5).min(0.0).max(1.0))
+                .input(
+                    InputSpec::new("scale_lr", PortType::Bool)
+                        .default(false)
+                        .describe("Scale lr by √(batch / 256), PixArt's auto_scale_lr rule."),
+                )
+                .input(InputSpec::new("warmup", PortType::Int).default(1000).min(0.0).max(1e9))
+                .input(InputSpec::new("weight_decay", PortType::Float).default(0.03).min(0.0).max(1.0))
+                .input(InputSpec::new("grad_clip", PortType::Float).default(0.01).min(0.0).max(1e9))
+                .input(InputSpec::new("ema_rate", PortType::Float).default(0.9999).min(0.0).max(1.0))
+                .input(InputSpec::new("caption_dropout", PortType::Float).default(0.1).min(0.0).max(1.0))
+                .input(InputSpec::new("condition", PortType::enum_of(&["text", "class"])).default("text"))
+                .input(
+                    InputSpec::new("freeze", PortType::String)
+                        .default("")
+                        .describe("Comma-separated weight-name prefixes that stay fixed (e.g. `pos_embed,adaln_single`)."),
+                )
+                .input(InputSpec::new("seed", PortType::Int).default(0).min(0.0))
+                .input(InputSpec::new("checkpoint_every", PortType::Int).default(500).min(0.0).max(1e9))
+                .input(InputSpec::new("out", PortType::Path).describe("The run folder: checkpoints and loss.jsonl."))
+                .input(InputSpec::new("resume", PortType::Bool).default(true))
+                .output("transformer", PortType::Denoiser, "the trained transformer (EMA weights)")
+                .output("checkpoint", PortType::Path, "the final checkpoint's folder"),
+        }
+    }
+}
+
+impl Node for TrainPixArt {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let features = inputs.handle::<Features>("features")?;
+        let batch = inputs.int("batch")? as usize;
+        let base_lr = inputs.float("lr")?;
+        let settings = Settings {
+            steps: inputs.int("steps")? as u64,
+            batch,
+            lr: if inputs.bool("scale_lr")? {
+                scale_lr(base_lr, batch)
+            } else {
+                base_lr
+            },
+            warmup: inputs.int("warmup")? as u64,
+            weight_decay: inputs.float("weight_decay")?,
+            grad_clip: inputs.float("grad_clip")?,
+            ema_rate: inputs.float("ema_rate")?,
+            caption_dropout: inputs.float("caption_dropout")?,
+            class_conditional: inputs.str("condition")? == "class",
+            frozen: inputs
+                .str("freeze")?
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect(),
+            seed: inputs.int("seed")? as u64,
+            checkpoint_every: inputs.int("checkpoint_every")? as u64,
+            resume: inputs.bool("resume")?,
+        };
+        let out = ctx.output_path(inputs.path("out")?)?;
+        let init = match inputs.get("init") {
+            Some(_) => Some(inputs.handle::<Denoiser>("init")?),
+            None => None,
+        };
+        let (cfg, device) = match (init, inputs.get("config")) {
+            (Some(den), _) => (den.model.config().clone(), den.model.device().clone()),
+            (None, Some(_)) => {
+                let path = ctx.input_path(inputs.path("config")?)?;
+                let text = std::fs::read_to_string(&path).map_err(|e| NodeError::io(&path, e))?;
+                let cfg: Config = crate::models::weights::parse_json(&path, &text)
+                    .map_err(|e| NodeError::input("config", e))?;
+                cfg.check().map_err(|e| NodeError::input("config", e))?;
+                (cfg, Device::Cpu)
+            }
+            (None, None) => {
+                return Err(NodeError::input(
+                    "init",
+                    "give a starting transformer (`init`) or a `config` to train from scratch",
+                ))
+            }
+        };
+        train(ctx, &settings, features, init, &cfg, &device, &out)
+    }
+}
+
+#[allow(clippy::too_many_lines)]
+fn train(
+    ctx: &NodeContext,
+    s: &Settings,
+    features: &Features,
+    init: Option<&Denoiser>,
+    cfg: &Config,
+    device: &Device,
+    out: &Path,
+) -> Result<Outputs, NodeError> {
+    let data = Data::load(features, s.batch, device)?;
+    let caption_channels = cfg.caption_channels.unwrap_or(4096);
+    let text_dim = data.items[0].text.dim(1)?;
+    if !s.class_conditional && text_dim != caption_channels {
+        return Err(NodeError::input(
+            "features",
+            format!(
+                "the cache holds {text_dim}-wide text features, the transformer takes {caption_channels}: \
+                 encode with the T5 this model was made for"
+            ),
+        ));
+    }
+    let latent_channels = data.items[0].vae_mean.dim(0)?;
+    if latent_channels != cfg.in_channels {
+        return Err(NodeError::input(
+            "features",
+            format!(
+                "the cache holds {latent_channels}-channel latents, the transformer takes {}",
+                cfg.in_channels
+            ),
+        ));
+    }
+    let classes = if s.class_conditional {
+        class_names(&data)
+    } else {
+        Vec::new()
+    };
+    let fingerprint = s.fingerprint(features, &classes);
+
+    // Where to start: the newest checkpoint of this run, or init / scratch.
+    let resumed = if s.resume {
+        match checkpoint::list(out)
+            .into_iter()
+            .rev()
+            .find(|(step, _)| *step <= s.steps)
+        {
+            Some((_, dir)) => {
+                let saved = checkpoint::load(&dir, device).map_err(|e| NodeError::io(&dir, e))?;
+                check_same_run(&saved.meta["settings"], &fingerprint, &dir)?;
+                Some(saved)
+            }
+            None => None,
+        }
+    } else {
+        None
+    };
+    let start = match (&resumed, init) {
+        (Some(saved), _) => Start::Tensors(&saved.params),
+        (None, Some(den)) => Start::Tensors(&den.weights),
+        (None, None) => Start::Scratch,
+    };
+    let tm = TrainModel::new(cfg, start, s.seed, classes.len(), &s.frozen, device)
+        .map_err(|e| NodeError::input("init", e))?;
+    let null_caption = match (&resumed, init.and_then(|d| d.null_caption.as_ref())) {
+        (Some(saved), _) => saved.null_caption.clone(),
+        (None, Some(null)) => null.to_dtype(DType::F32)?.to_device(device)?,
+        (None, None) => {
+            let len = features.max_length;
+            let v = TrainRng::new(s.seed, Stream::Init, u64::MAX).normals(len * caption_channels);
+            (Tensor::from_vec(v, (len, caption_channels), device)?
+                / (caption_channels as f64).sqrt())?
+        }
+    };
+    if !s.class_conditional && null_caption.dim(0)? < data.items[0].text.dim(0)? {
+        return Err(NodeError::input(
+            "features",
+            format!(
+                "captions of {} tokens, but the null caption has {}",
+                data.items[0].text.dim(0)?,
+                null_caption.dim(0)?
+            ),
+        ));
+    }
+
+    let trainable = tm.trainable();
+    let trainable_names: Vec<String> = tm
+        .params
+        .iter()
+        .filter(|p| p.trainable)
+        .map(|p| p.name.clone())
+        .collect();
+    if trainable.is_empty() {
+        return Err(NodeError::input("freeze", "every parameter is frozen"));
+    }
+    let mut opt = Optimizer {
+        adam: AdamW::new(&trainable, 0.9, 0.999, 1e-10, s.weight_decay)?,
+        vars: trainable,
+        max_grad_norm: s.grad_clip,
+    };
+    let all_vars: Vec<candle_core::Var> = tm.params.iter().map(|p| p.var.clone()).collect();
+    let mut ema = Ema::new(&all_vars, s.ema_rate)?;
+    let mut step = 0u64;
+    if let Some(saved) = &resumed {
+        let moments = trainable_names
+            .iter()
+            .map(|n| {
+                saved.moments.get(n).cloned().ok_or_else(|| {
+                    NodeError::msg(format!("the checkpoint has no optimiser state for `{n}`"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        opt.adam.restore(saved.adam_step, moments)?;
+        ema.weights = tm
+            .params
+            .iter()
+            .map(|p| {
+                saved.ema.get(&p.name).cloned().ok_or_else(|| {
+                    NodeError::msg(format!("the checkpoint has no EMA of `{}`", p.name))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        step = saved.step;
+    }
+
+    std::fs::create_dir_all(out).map_err(|e| NodeError::io(out, e))?;
+    let log_path = out.join(LOSS_LOG);
+    truncate_log(&log_path, step)?;
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&log_path)
+        .map_err(|e| NodeError::io(&log_path, e))?;
+
+    let save = |step: u64, ema: &Ema, opt: &Optimizer| -> Result<PathBuf, NodeError> {
+        let names: Vec<String> = tm.params.iter().map(|p| p.name.clone()).collect();
+        let saved = Saved {
+            step,
+            params: tm.tensors().into_iter().collect(),
+            ema: names
+                .iter()
+                .cloned()
+                .zip(ema.weights.iter().cloned())
+                .collect(),
+            moments: trainable_names
+                .iter()
+                .cloned()
+                .zip(opt.adam.moments().iter().cloned())
+                .collect(),
+            adam_step: opt.adam.steps(),
+            null_caption: null_caption.clone(),
+            meta: json!({ "settings": fingerprint, "total_steps": s.steps }),
+        };
+        let class_table = s.class_conditional.then_some(CLASS_TABLE);
+        checkpoint::save(out, cfg, class_table, &saved).map_err(|e| NodeError::io(out, e))
+    };
+
+    let diffusion = Diffusion::linear(1e-4, 0.02, 1000);
+    let table = tm.class_table().map(|v| v.as_tensor().clone());
+    let with_sizes = cfg.additional_conditions();
+    let started = Instant::now();
+    let first = step;
+    let mut last_checkpoint = checkpoint::list(out)
+        .into_iter()
+        .find(|(s, _)| *s == step)
+        .map(|(_, p)| p);
+    ctx.progress(step, s.steps);
+    while step < s.steps {
+        if ctx.is_cancelled() {
+            if step > first {
+                save(step, &ema, &opt)?;
+            }
+            return Err(NodeError::Cancelled);
+        }
+        let indices = data.batch_of(s.seed, s.batch, step);
+        let batch = make_batch(
+            &data,
+            &indices,
+            step,
+            s,
+            features.scaling_factor,
+            &null_caption,
+            table.as_ref().map(|t| (t, classes.as_slice())),
+            with_sizes,
+        )?;
+        let (terms, loss, mut grads) = loss_and_gradients(&tm.model, &diffusion, &batch)?;
+        let lr = warmup_lr(s.lr, step, s.warmup);
+        let grad_norm = opt.apply(&mut grads, lr)?;
+        ema.update(&all_vars)?;
+        step += 1;
+        if !loss.is_finite() {
+            return Err(NodeError::msg(format!(
+                "the loss became {loss} at step {step}: lower the learning rate (the last checkpoint is kept)"
+            )));
+        }
+
+        let mean = |t: &Tensor| -> candle_core::Result<f64> {
+            t.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
+        };
+        let line = json!({
+            "step": step,
+            "loss": loss,
+            "mse": mean(&terms.mse)?,
+            "vb": mean(&terms.vb)?,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "seconds": started.elapsed().as_secs_f64(),
+        });
+        writeln!(log, "{line}").map_err(|e| NodeError::io(&log_path, e))?;
+        let rate = (step - first) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        ctx.progress_detail(
+            step,
+            s.steps,
+            &format!("loss {loss:.4} · lr {lr:.2e} · |g| {grad_norm:.3} · {rate:.2} it/s"),
+        );
+        if step == s.steps || (s.checkpoint_every > 0 && step.is_multiple_of(s.checkpoint_every)) {
+            last_checkpoint = Some(save(step, &ema, &opt)?);
+        }
+    }
+    let checkpoint = match last_checkpoint {
+        Some(p) => p,
+        None => save(step, &ema, &opt)?,
+    };
+    let ema_map: HashMap<String, Tensor> = tm
+        .params
+        .iter()
+        .map(|p| p.name.clone())
+        .zip(ema.weights.iter().cloned())
+        .collect();
+    let den = denoiser(cfg, &ema_map, &null_caption, device)?;
+    let bytes = den.weights.values().map(|t| t.elem_count() * 4).sum();
+    Ok(Outputs::one(
+        "transformer",
+        Value::Handle(Handle::new(PortType::Denoiser, bytes, den)),
+    )
+    .with("checkpoint", Value::Path(checkpoint)))
+}
+
+/// A checkpoint made with other settings is not this run: refuse to mix them.
+fn check_same_run(
+    saved: &serde_json::Value,
+    now: &serde_json::Value,
+    dir: &Path,
+) -> Result<(), NodeError> {
+    let (Some(saved), Some(now)) = (saved.as_object(), now.as_object()) else {
+        return Err(NodeError::msg(format!(
+            "{}: not a train.pixart checkpoint",
+            dir.display()
+        )));
+    };
+    let differing: Vec<String> = now
+        .iter()
+        .filter(|(k, v)| saved.get(*k) != Some(v))
+        .map(|(k, v)| {
+            let was = saved
+                .get(k)
+                .map_or("nothing".to_string(), |w| w.to_string());
+            let short = |s: String| {
+                if s.chars().count() > 40 {
+                    format!("{}…", s.chars().take(40).collect::<String>())
+                } else {
+                    s
+                }
+            };
+            format!("{k} (was {}, now {})", short(was), short(v.to_string()))
+        })
+        .collect();
+    if differing.is_empty() {
+        Ok(())
+    } else {
+        Err(NodeError::input(
+            "resume",
+            format!(
+                "{} was made with other settings: {}. Use another `out` folder, or `resume: false` to start over",
+                dir.display(),
+                differing.join(", ")
+            ),
+        ))
+    }
+}
+
+pub fn nodes() -> Vec<Arc<dyn Node>> {
+    vec![Arc::new(TrainPixArt::new())]
+}
