@@ -36,7 +36,7 @@ fn make_dataset(dir: &Path, count: usize) {
             format!("a {cname} square on the {pname}"),
         )
         .unwrap();
-        std::fs::write(dir.join(format!("img{i:02}.label")), "square").unwrap();
+        std::fs::write(dir.join(format!("img{i:02}.label")), cname).unwrap();
     }
 }
 
@@ -201,4 +201,109 @@ fn the_loss_goes_down_and_stages_chain() {
     ))
     .unwrap();
     assert_eq!(config["_class_name"], "PixArtTransformer2DModel");
+}
+
+fn tensor_names(path: &Path) -> Vec<String> {
+    let bytes = read(path);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.names().into_iter().map(str::to_string).collect()
+}
+
+#[test]
+fn class_conditional_pretraining_carries_into_a_text_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 9);
+    let extra = r#"      condition: class
+  text_stage:
+    type: train.pixart
+    inputs: {features: "${feats.features}", init: "${stage.transformer}", steps: 5, batch: 3, warmup: 0, out: "run2", checkpoint_every: 0}"#;
+    let wf = workflow(tmp.path(), &data, 10, 0, extra);
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    run_ok(&wf, &out);
+    let ck = out.join("run/checkpoint-000010");
+    let trainer: serde_json::Value =
+        serde_json::from_slice(&read(&ck.join("state/trainer.json"))).unwrap();
+    assert_eq!(
+        trainer["meta"]["settings"]["classes"],
+        serde_json::json!(["blue", "green", "red"])
+    );
+    // The class table trains and is kept for resuming, but is not a transformer weight.
+    assert!(
+        tensor_names(&ck.join("state/params.safetensors")).contains(&"class_embedding".to_string())
+    );
+    assert!(
+        !tensor_names(&ck.join("transformer/diffusion_pytorch_model.safetensors"))
+            .iter()
+            .any(|n| n.contains("class"))
+    );
+    let text_stage: serde_json::Value = serde_json::from_slice(&read(
+        &out.join("run2/checkpoint-000005/state/trainer.json"),
+    ))
+    .unwrap();
+    assert_eq!(text_stage["meta"]["settings"]["condition"], "text");
+}
+
+#[test]
+fn multi_scale_stage_trains_on_aspect_buckets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for (i, (w, h)) in [
+        (64, 64),
+        (128, 64),
+        (64, 128),
+        (96, 96),
+        (130, 60),
+        (60, 130),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let px: Vec<u8> = (0..w * h * 3)
+            .map(|k| ((k * 7 + i * 31) % 251) as u8)
+            .collect();
+        let png = pixart_nodes::image_io::encode_png(&px, w, h, 3, &[]).unwrap();
+        std::fs::write(data.join(format!("{i}.png")), png).unwrap();
+        std::fs::write(data.join(format!("{i}.txt")), format!("picture {i}")).unwrap();
+    }
+    let yaml = format!(
+        r#"version: 1
+nodes:
+  pipe: {{type: pixart.load, inputs: {{path: "{model}"}}}}
+  ms: {{type: transformer.load, inputs: {{path: "{ms}"}}}}
+  data: {{type: dataset.folder, inputs: {{path: "{data}", resolution: 64, buckets: true}}}}
+  feats:
+    type: train.precompute
+    inputs: {{dataset: "${{data.dataset}}", tokenizer: "${{pipe.tokenizer}}", encoder: "${{pipe.text_encoder}}", vae: "${{pipe.vae}}", path: "cache"}}
+  stage:
+    type: train.pixart
+    inputs: {{features: "${{feats.features}}", init: "${{ms.transformer}}", steps: 6, batch: 2, warmup: 0, out: "run"}}
+"#,
+        model = repo().join("tests/fixtures/tiny-pixart").display(),
+        ms = repo()
+            .join("tests/fixtures/tiny-pixart-ms/transformer")
+            .display(),
+        data = data.display(),
+    );
+    let wf = tmp.path().join("ms.yaml");
+    std::fs::write(&wf, yaml).unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    run_ok(&wf, &out);
+    // Wide, tall and square images went to different buckets.
+    let mut shapes = std::collections::BTreeSet::new();
+    for i in 0..6 {
+        let bytes = read(&out.join(format!("cache/item-{i:06}.safetensors")));
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        shapes.insert(st.tensor("vae_mean").unwrap().shape().to_vec());
+    }
+    assert!(shapes.len() >= 3, "{shapes:?}");
+    assert_eq!(losses(&out.join("run")).len(), 6);
+    let config: serde_json::Value = serde_json::from_slice(&read(
+        &out.join("run/checkpoint-000006/transformer/config.json"),
+    ))
+    .unwrap();
+    assert_eq!(config["use_additional_conditions"], true);
 }

@@ -24,6 +24,8 @@ pub struct Item {
 pub struct Dataset {
     pub source: PathBuf,
     pub resolution: usize,
+    /// Crop each image to its nearest aspect-ratio bucket instead of a square.
+    pub buckets: bool,
     pub items: Vec<Item>,
 }
 
@@ -140,6 +142,14 @@ impl DatasetFolder {
                         .max(4096.0)
                         .describe("Training resolution (side, pixels; multiple of 16)."),
                 )
+                .input(
+                    InputSpec::new("buckets", PortType::Bool)
+                        .default(false)
+                        .describe(
+                            "Multi-scale training: crop each image to the nearest of the official 40 \
+                             aspect-ratio buckets at this resolution instead of a centre square.",
+                        ),
+                )
                 .output("dataset", PortType::Dataset, "the indexed dataset")
                 .output("count", PortType::Int, "number of images"),
         }
@@ -175,6 +185,7 @@ impl Node for DatasetFolder {
         let dataset = Dataset {
             source: path,
             resolution,
+            buckets: inputs.bool("buckets")?,
             items,
         };
         Ok(Outputs::one(

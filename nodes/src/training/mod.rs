@@ -1,5 +1,6 @@
 //! Training PixArt-α: data, feature cache, loss, optimiser, the trainer node.
 
+pub mod buckets;
 pub mod checkpoint;
 pub mod dataset;
 pub mod loss;

@@ -3,6 +3,7 @@
 //! a safetensors cache on disk, as the official recipe does, so training never
 //! holds T5 or the VAE. A cache whose index matches the dataset is reused.
 
+use super::buckets;
 use super::dataset::Dataset;
 use crate::fsutil::atomic_write;
 use crate::models::t5::T5Encoder;
@@ -79,47 +80,87 @@ impl FeatureItem {
     }
 }
 
-/// Resizes the shorter side to `size` (bilinear with antialiasing, as PIL) and
-/// crops the centre square; returns `[1, 3, size, size]` in −1..1 and the
-/// original (height, width).
-pub fn load_square(
-    path: &Path,
-    size: usize,
-    device: &Device,
-) -> Result<(Tensor, (u32, u32)), NodeError> {
-    let img = image::ImageReader::open(path)
+fn decode(path: &Path) -> Result<image::RgbImage, NodeError> {
+    Ok(image::ImageReader::open(path)
         .map_err(|e| NodeError::io(path, e))?
         .with_guessed_format()
         .map_err(|e| NodeError::io(path, e))?
         .decode()
         .map_err(|e| NodeError::msg(format!("{}: cannot decode the image: {e}", path.display())))?
-        .to_rgb8();
+        .to_rgb8())
+}
+
+/// Resizes so the image covers `height`×`width` (bilinear with antialiasing, as
+/// PIL) keeping its aspect, and crops the centre; `[1, 3, height, width]` in −1..1.
+fn cover_crop(
+    img: &image::RgbImage,
+    height: usize,
+    width: usize,
+    device: &Device,
+) -> Result<Tensor, NodeError> {
     let (w, h) = (img.width() as f64, img.height() as f64);
-    let scale = size as f64 / w.min(h);
+    let scale = (height as f64 / h).max(width as f64 / w);
     let (nw, nh) = (
-        ((w * scale).round() as u32).max(size as u32),
-        ((h * scale).round() as u32).max(size as u32),
+        ((w * scale).round() as u32).max(width as u32),
+        ((h * scale).round() as u32).max(height as u32),
     );
-    let resized = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
-    let (left, top) = ((nw - size as u32) / 2, (nh - size as u32) / 2);
-    let crop = image::imageops::crop_imm(&resized, left, top, size as u32, size as u32).to_image();
+    let resized = image::imageops::resize(img, nw, nh, image::imageops::FilterType::Triangle);
+    let (left, top) = ((nw - width as u32) / 2, (nh - height as u32) / 2);
+    let crop =
+        image::imageops::crop_imm(&resized, left, top, width as u32, height as u32).to_image();
     let data: Vec<f32> = crop
         .into_raw()
         .iter()
         .map(|&b| b as f32 / 127.5 - 1.0)
         .collect();
-    let pixels = Tensor::from_vec(data, (1, size, size, 3), &Device::Cpu)?
+    Ok(Tensor::from_vec(data, (1, height, width, 3), &Device::Cpu)?
         .permute((0, 3, 1, 2))?
         .contiguous()?
-        .to_device(device)?;
-    Ok((pixels, (h as u32, w as u32)))
+        .to_device(device)?)
+}
+
+/// Resizes the shorter side to `size` and crops the centre square; returns
+/// `[1, 3, size, size]` in −1..1 and the original (height, width).
+pub fn load_square(
+    path: &Path,
+    size: usize,
+    device: &Device,
+) -> Result<(Tensor, (u32, u32)), NodeError> {
+    let img = decode(path)?;
+    Ok((
+        cover_crop(&img, size, size, device)?,
+        (img.height(), img.width()),
+    ))
+}
+
+/// The image cropped for training: to the nearest aspect bucket when the
+/// dataset is bucketed, else the centre square. Returns the pixels, the
+/// original (height, width) and the bucket's ratio.
+fn load_for_training(
+    path: &Path,
+    ds: &Dataset,
+    device: &Device,
+) -> Result<(Tensor, (u32, u32), f64), NodeError> {
+    let img = decode(path)?;
+    let original = (img.height(), img.width());
+    let (h, w, ratio) = if ds.buckets {
+        let bin = buckets::closest(
+            original.0 as usize,
+            original.1 as usize,
+            &buckets::bins(ds.resolution),
+        );
+        (bin.height, bin.width, bin.ratio)
+    } else {
+        (ds.resolution, ds.resolution, 1.0)
+    };
+    Ok((cover_crop(&img, h, w, device)?, original, ratio))
 }
 
 /// What the cache was made from: images (path, size, mtime), captions, resolution
 /// and text length. A different dataset gives a different index.
 fn dataset_key(ds: &Dataset, max_length: usize) -> String {
     let mut h = blake3::Hasher::new();
-    h.update(format!("{}|{max_length}|", ds.resolution).as_bytes());
+    h.update(format!("{}|{}|{max_length}|", ds.resolution, ds.buckets).as_bytes());
     for item in &ds.items {
         let meta = std::fs::metadata(&item.image).ok();
         let stamp = meta
@@ -209,7 +250,7 @@ impl Node for Precompute {
         let n = ds.items.len();
         for (i, (item, file)) in ds.items.iter().zip(&files).enumerate() {
             ctx.check_cancelled()?;
-            let (pixels, original) = load_square(&item.image, ds.resolution, &device)?;
+            let (pixels, original, ratio) = load_for_training(&item.image, ds, &device)?;
             let post = vae.encode(&pixels)?;
             let e = tok
                 .encode(&item.caption, max_length)
@@ -227,7 +268,7 @@ impl Node for Precompute {
                 ("caption".to_string(), item.caption.clone()),
                 ("height".to_string(), original.0.to_string()),
                 ("width".to_string(), original.1.to_string()),
-                ("ratio".to_string(), "1".to_string()),
+                ("ratio".to_string(), ratio.to_string()),
             ]);
             if let Some(label) = &item.label {
                 meta.insert("label".to_string(), label.clone());
