@@ -307,3 +307,70 @@ nodes:
     .unwrap();
     assert_eq!(config["use_additional_conditions"], true);
 }
+
+#[test]
+fn the_three_stage_workflow_runs_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 6);
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let set = |k: &str, v: &str| ["--set".to_string(), format!("{k}={v}")];
+    let fixtures = repo().join("tests/fixtures");
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        repo()
+            .join("workflows/train-3stage.yaml")
+            .display()
+            .to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    for (k, v) in [
+        ("model", fixtures.join("tiny-pixart").display().to_string()),
+        (
+            "ms_config",
+            fixtures
+                .join("tiny-pixart-ms/transformer/config.json")
+                .display()
+                .to_string(),
+        ),
+        ("class_data", data.display().to_string()),
+        ("text_data", data.display().to_string()),
+        ("aesthetic_data", data.display().to_string()),
+        ("resolution", "64".into()),
+        ("high_resolution", "128".into()),
+        ("steps1", "4".into()),
+        ("steps2", "3".into()),
+        ("steps3", "2".into()),
+        ("batch", "2".into()),
+        ("warmup", "0".into()),
+    ] {
+        args.extend(set(k, &v));
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_pixart"))
+        .args(&args)
+        .current_dir(tmp.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (stage, steps) in [("stage1", 4), ("stage2", 3), ("stage3", 2)] {
+        let ck = out.join(format!("runs/{stage}/checkpoint-{steps:06}/transformer"));
+        assert!(
+            ck.join("diffusion_pytorch_model.safetensors").is_file(),
+            "{stage}"
+        );
+    }
+    // Stage 3 grew the micro-condition embedders.
+    let names = tensor_names(
+        &out.join("runs/stage3/checkpoint-000002/transformer/diffusion_pytorch_model.safetensors"),
+    );
+    assert!(names.iter().any(|n| n.contains("resolution_embedder")));
+    assert!(!tensor_names(
+        &out.join("runs/stage2/checkpoint-000003/transformer/diffusion_pytorch_model.safetensors")
+    )
+    .iter()
+    .any(|n| n.contains("resolution_embedder")));
+    assert!(out.join("runs/stage3-sample.png").is_file());
+}

@@ -29,6 +29,9 @@ pub struct TrainModel {
 /// Where the starting values come from.
 pub enum Start<'a> {
     Tensors(&'a HashMap<String, Tensor>),
+    /// These tensors, and PixArt's initialisation for what they lack (modules a
+    /// new config adds, e.g. the micro-condition embedders of a multi-scale stage).
+    Extend(&'a HashMap<String, Tensor>),
     Scratch,
 }
 
@@ -63,7 +66,7 @@ impl TrainModel {
             let shape = var.as_tensor().dims().to_vec();
             let mut rng = TrainRng::new(seed, Stream::Init, i as u64);
             let value = match &start {
-                Start::Tensors(tensors) if tensors.contains_key(name) => {
+                Start::Tensors(tensors) | Start::Extend(tensors) if tensors.contains_key(name) => {
                     let t = &tensors[name];
                     if t.dims() != shape.as_slice() {
                         candle_core::bail!(
@@ -81,7 +84,7 @@ impl TrainModel {
                 Start::Tensors(_) => {
                     candle_core::bail!("the starting checkpoint has no tensor `{name}`")
                 }
-                Start::Scratch => {
+                Start::Scratch | Start::Extend(_) => {
                     let v = pixart_init(name, &shape, cfg, &mut rng);
                     Tensor::from_vec(v, shape.as_slice(), device)?
                 }

@@ -274,7 +274,11 @@ impl TrainPixArt {
                 .input(
                     InputSpec::new("config", PortType::Path)
                         .optional()
-                        .describe("Without `init`: the transformer's config.json, trained from scratch."),
+                        .describe(
+                            "A transformer config.json: without `init`, trained from scratch; with it, \
+                             `init`'s weights in this architecture, new modules (e.g. the micro-condition \
+                             embedders of a multi-scale stage) initialised as PixArt does.",
+                        ),
                 )
                 .input(InputSpec::new("steps", PortType::Int).default(1000).min(1.0).max(1e9))
                 .input(InputSpec::new("batch", PortType::Int).default(4).min(1.0).max(65536.0))
@@ -344,16 +348,21 @@ impl Node for TrainPixArt {
             Some(_) => Some(inputs.handle::<Denoiser>("init")?),
             None => None,
         };
-        let (cfg, device) = match (init, inputs.get("config")) {
-            (Some(den), _) => (den.model.config().clone(), den.model.device().clone()),
-            (None, Some(_)) => {
+        let config = match inputs.get("config") {
+            Some(_) => {
                 let path = ctx.input_path(inputs.path("config")?)?;
                 let text = std::fs::read_to_string(&path).map_err(|e| NodeError::io(&path, e))?;
                 let cfg: Config = crate::models::weights::parse_json(&path, &text)
                     .map_err(|e| NodeError::input("config", e))?;
                 cfg.check().map_err(|e| NodeError::input("config", e))?;
-                (cfg, Device::Cpu)
+                Some(cfg)
             }
+            None => None,
+        };
+        let (cfg, device) = match (init, config) {
+            (Some(den), Some(cfg)) => (cfg, den.model.device().clone()),
+            (Some(den), None) => (den.model.config().clone(), den.model.device().clone()),
+            (None, Some(cfg)) => (cfg, Device::Cpu),
             (None, None) => {
                 return Err(NodeError::input(
                     "init",
@@ -361,16 +370,18 @@ impl Node for TrainPixArt {
                 ))
             }
         };
-        train(ctx, &settings, features, init, &cfg, &device, &out)
+        let extend = init.is_some() && inputs.get("config").is_some();
+        train(ctx, &settings, features, init, extend, &cfg, &device, &out)
     }
 }
 
-#[allow(clippy::too_many_lines)]
+#[allow(clippy::too_many_arguments)]
 fn train(
     ctx: &NodeContext,
     s: &Settings,
     features: &Features,
     init: Option<&Denoiser>,
+    extend: bool,
     cfg: &Config,
     device: &Device,
     out: &Path,
@@ -423,6 +434,7 @@ fn train(
     };
     let start = match (&resumed, init) {
         (Some(saved), _) => Start::Tensors(&saved.params),
+        (None, Some(den)) if extend => Start::Extend(&den.weights),
         (None, Some(den)) => Start::Tensors(&den.weights),
         (None, None) => Start::Scratch,
     };
