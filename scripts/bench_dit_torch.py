@@ -18,20 +18,11 @@ import time
 import torch
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    args = ap.parse_args()
-
-    torch.set_num_threads(args.threads)
-    torch.set_num_interop_threads(1)
-    torch.manual_seed(0)
-
-    import diffusers
+def build_model():
+    """The benchmark transformer, random weights everywhere (the zero-initialised layers too)."""
     from diffusers import PixArtTransformer2DModel
 
+    torch.manual_seed(0)
     model = PixArtTransformer2DModel(
         sample_size=32,
         num_layers=12,
@@ -48,17 +39,39 @@ def main():
         activation_fn="gelu-approximate",
         attention_bias=True,
         num_embeds_ada_norm=1000,
-    ).eval()
-    with torch.no_grad():  # random weights everywhere (the zero-initialised layers too)
+    )
+    with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) / (p[0].numel() ** 0.5 if p.ndim > 1 else 10.0))
+    return model
 
+
+def inputs():
+    """Latents [2, 4, 32, 32], text [2, 120, 4096] with 20 and 120 valid tokens, t = [999, 500]."""
     x = torch.randn(2, 4, 32, 32)
     text = torch.randn(2, 120, 4096)
     mask = torch.zeros(2, 120, dtype=torch.int64)
     mask[0, :20] = 1
     mask[1, :] = 1
     t = torch.tensor([999, 500], dtype=torch.int64)
+    return x, text, mask, t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    torch.manual_seed(0)
+
+    import diffusers
+
+    model = build_model().eval()
+    x, text, mask, t = inputs()
 
     def fwd():
         return model(x, encoder_hidden_states=text, timestep=t, encoder_attention_mask=mask).sample

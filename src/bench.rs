@@ -38,6 +38,9 @@ pub struct BenchArgs {
 enum Target {
     Runtime,
     Dit,
+    /// One training step of the `dit` config: forward, loss, backward, clip, AdamW
+    /// (compare with scripts/bench_train_torch.py).
+    Train,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -116,8 +119,10 @@ fn per_node(d: Duration, n: usize) -> f64 {
 }
 
 pub async fn run(args: BenchArgs) -> Result<ExitCode> {
-    if let Target::Dit = args.target {
-        return dit(args.repeat.max(1), &args.device);
+    match args.target {
+        Target::Dit => return dit(args.repeat.max(1), &args.device),
+        Target::Train => return train(args.repeat.max(1), &args.device),
+        Target::Runtime => {}
     }
     let n = args.nodes.max(1);
     let repeat = args.repeat.max(1);
@@ -166,41 +171,76 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One forward of a PixArt transformer with 12 layers, 6 heads × 64, 32×32 latents,
-/// patch 2, caption_channels 4096, batch 2 with 120 text tokens (20 and 120 valid),
-/// f32 on the CPU. Threads: RAYON_NUM_THREADS (default: all cores).
-fn dit(repeat: usize, device: &str) -> Result<ExitCode> {
-    use pixart_nodes::models::pixart::{Config, PixArtTransformer};
-    use pixart_nodes::noise::gaussian;
-    use pixart_runtime::candle_core::{DType, Tensor};
-
-    let cfg: Config = serde_json::from_value(serde_json::json!({
+/// The benchmark transformer: 12 layers, 6 heads × 64, 32×32 latents, patch 2,
+/// caption_channels 4096, random weights.
+fn bench_config() -> Result<pixart_nodes::models::pixart::Config> {
+    Ok(serde_json::from_value(serde_json::json!({
         "num_attention_heads": 6, "attention_head_dim": 64, "in_channels": 4, "out_channels": 8,
         "num_layers": 12, "sample_size": 32, "patch_size": 2, "caption_channels": 4096,
         "cross_attention_dim": 384, "norm_type": "ada_norm_single"
-    }))?;
-    let dev = pixart_nodes::pixart::load::device(device).map_err(anyhow::Error::msg)?;
-    let varmap = candle_nn::VarMap::new();
-    let model = PixArtTransformer::new(
-        candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev),
-        &cfg,
-    )?;
-    for var in varmap.all_vars() {
+    }))?)
+}
+
+/// Sets every variable to N(0, 1/fan) noise (reproducible).
+fn randomize(vars: &[pixart_runtime::candle_core::Var]) -> Result<()> {
+    use pixart_nodes::noise::gaussian;
+    use pixart_runtime::candle_core::Tensor;
+    for var in vars {
         let t = var.as_tensor();
         let scale = 1.0 / (t.dims().last().copied().unwrap_or(1) as f32).sqrt();
         let values: Vec<f32> = gaussian(t.elem_count() as u64, t.elem_count())
             .iter()
             .map(|v| v * scale)
             .collect();
-        var.set(&Tensor::from_vec(values, t.dims(), &dev)?)?;
+        var.set(&Tensor::from_vec(values, t.dims(), t.device())?)?;
     }
-    let x = Tensor::from_vec(gaussian(1, 2 * 4 * 32 * 32), (2, 4, 32, 32), &dev)?;
-    let t = Tensor::new(&[999f32, 500.], &dev)?;
-    let text = Tensor::from_vec(gaussian(2, 2 * 120 * 4096), (2, 120, 4096), &dev)?;
+    Ok(())
+}
+
+/// The benchmark batch: latents, timesteps [999, 500], 120-token text with 20 and
+/// 120 valid tokens.
+fn bench_inputs(
+    dev: &pixart_runtime::candle_core::Device,
+) -> Result<[pixart_runtime::candle_core::Tensor; 4]> {
+    use pixart_nodes::noise::gaussian;
+    use pixart_runtime::candle_core::Tensor;
+    let x = Tensor::from_vec(gaussian(1, 2 * 4 * 32 * 32), (2, 4, 32, 32), dev)?;
+    let t = Tensor::new(&[999f32, 500.], dev)?;
+    let text = Tensor::from_vec(gaussian(2, 2 * 120 * 4096), (2, 120, 4096), dev)?;
     let mask: Vec<f32> = (0..240)
         .map(|i| if (20..120).contains(&i) { 0.0 } else { 1.0 })
         .collect();
-    let mask = Tensor::from_vec(mask, (2, 120), &dev)?;
+    let mask = Tensor::from_vec(mask, (2, 120), dev)?;
+    Ok([x, t, text, mask])
+}
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// One forward of the benchmark transformer (batch 2, f32). Threads:
+/// RAYON_NUM_THREADS (default: all cores).
+fn dit(repeat: usize, device: &str) -> Result<ExitCode> {
+    use pixart_nodes::models::pixart::PixArtTransformer;
+    use pixart_runtime::candle_core::DType;
+
+    let cfg = bench_config()?;
+    let dev = pixart_nodes::pixart::load::device(device).map_err(anyhow::Error::msg)?;
+    let varmap = candle_nn::VarMap::new();
+    let model = PixArtTransformer::new(
+        candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        &cfg,
+    )?;
+    randomize(&varmap.all_vars())?;
+    let [x, t, text, mask] = bench_inputs(&dev)?;
     let threads = pixart_runtime::candle_core::utils::get_num_threads();
     let mut times = Vec::new();
     for i in 0..repeat + 2 {
@@ -217,6 +257,58 @@ fn dit(repeat: usize, device: &str) -> Result<ExitCode> {
         "{{\"bench\": \"pixart_dit_forward\", \"device\": \"{device}\", \"threads\": {threads}, \"repeat\": {repeat}, \"median_ms\": {:.2}, \"min_ms\": {:.2}}}",
         med.as_secs_f64() * 1e3,
         min.as_secs_f64() * 1e3
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One PixArt training step on the benchmark transformer: forward (differentiable
+/// ops), the IDDPM loss, backward, gradient clipping and AdamW; batch 2, f32.
+fn train(repeat: usize, device: &str) -> Result<ExitCode> {
+    use pixart_nodes::training::loss::Diffusion;
+    use pixart_nodes::training::model::{Start, TrainModel};
+    use pixart_nodes::training::optim::AdamW;
+    use pixart_nodes::training::step::{loss_and_gradients, Batch, Optimizer};
+
+    let cfg = bench_config()?;
+    let dev = pixart_nodes::pixart::load::device(device).map_err(anyhow::Error::msg)?;
+    let tm = TrainModel::new(&cfg, Start::Scratch, 0, 0, &[], &dev)?;
+    let vars = tm.trainable();
+    randomize(&vars)?;
+    let [x, _, text, mask] = bench_inputs(&dev)?;
+    let noise = (x.sin()? * 1.5)?;
+    let batch = Batch {
+        x0: x,
+        t: vec![999, 500],
+        noise,
+        text,
+        mask,
+        sizes: None,
+    };
+    let diffusion = Diffusion::linear(1e-4, 0.02, 1000);
+    let mut opt = Optimizer {
+        adam: AdamW::pixart(&vars)?,
+        vars,
+        max_grad_norm: 0.01,
+    };
+    let before = peak_rss_mib();
+    let threads = pixart_runtime::candle_core::utils::get_num_threads();
+    let mut times = Vec::new();
+    for i in 0..repeat + 2 {
+        let start = Instant::now();
+        let (_, loss, mut grads) = loss_and_gradients(&tm.model, &diffusion, &batch)?;
+        opt.apply(&mut grads, 2e-5)?;
+        anyhow::ensure!(loss.is_finite(), "loss {loss}");
+        if i >= 2 {
+            times.push(start.elapsed());
+        }
+    }
+    let min = *times.iter().min().unwrap_or(&Duration::ZERO);
+    let med = median(times);
+    println!(
+        "{{\"bench\": \"pixart_train_step\", \"device\": \"{device}\", \"threads\": {threads}, \"repeat\": {repeat}, \"median_ms\": {:.2}, \"min_ms\": {:.2}, \"peak_rss_mib\": {:.0}, \"rss_before_steps_mib\": {before:.0}}}",
+        med.as_secs_f64() * 1e3,
+        min.as_secs_f64() * 1e3,
+        peak_rss_mib(),
     );
     Ok(ExitCode::SUCCESS)
 }

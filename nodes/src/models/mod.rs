@@ -7,5 +7,6 @@ pub mod fast_ops;
 pub mod pixart;
 pub mod t5;
 pub mod tokenizer;
+pub mod train_ops;
 pub mod vae;
 pub mod weights;

@@ -9,6 +9,7 @@
 //! the learned variance interpolation.
 
 use super::fast_ops::gelu;
+use super::train_ops;
 use super::weights::{LoadError, Weights};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{conv2d, linear, linear_b, Conv2d, Conv2dConfig, Linear, VarBuilder};
@@ -155,13 +156,7 @@ impl LayerNorm {
     /// kernel, which has none.
     fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if differentiable {
-            let dtype = x.dtype();
-            let x = x.to_dtype(DType::F32)?;
-            let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-            let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-            return centred
-                .broadcast_div(&(var + self.eps)?.sqrt()?)?
-                .to_dtype(dtype);
+            return train_ops::layer_norm(x, self.eps);
         }
         candle_nn::ops::layer_norm(&x.contiguous()?, &self.ones, &self.zeros, self.eps as f32)
     }
@@ -340,9 +335,10 @@ impl Attention {
         differentiable: bool,
     ) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
-        let q = self.heads(&self.to_q.forward(x)?)?;
-        let k = self.heads(&self.to_k.forward(context)?)?;
-        let v = self.heads(&self.to_v.forward(context)?)?;
+        let diff = differentiable;
+        let q = self.heads(&linear_for(&self.to_q, x, diff)?)?;
+        let k = self.heads(&linear_for(&self.to_k, context, diff)?)?;
+        let v = self.heads(&linear_for(&self.to_v, context, diff)?)?;
         // Scaling q (tokens × head_dim) is cheaper than scaling the scores.
         let q = (q * (1.0 / (self.head_dim as f64).sqrt()))?;
         let mut scores = q.matmul(&k.t()?)?;
@@ -350,12 +346,12 @@ impl Attention {
             scores = scores.broadcast_add(bias)?;
         }
         let probs = if differentiable {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
+            train_ops::softmax_last_dim(&scores)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
-        self.to_out.forward(&out)
+        linear_for(&self.to_out, &out, diff)
     }
 }
 
@@ -373,8 +369,8 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
-        self.out
-            .forward(&gelu_for(&self.proj.forward(x)?, differentiable)?)
+        let h = gelu_for(&linear_for(&self.proj, x, differentiable)?, differentiable)?;
+        linear_for(&self.out, &h, differentiable)
     }
 }
 
@@ -417,20 +413,53 @@ impl Block {
         let (shift_mlp, scale_mlp, gate_mlp) = (m(3)?, m(4)?, m(5)?);
 
         let diff = differentiable;
-        let h = modulate(&self.norm.forward(x, diff)?, &shift_msa, &scale_msa)?;
-        let x = (x + gate_msa.broadcast_mul(&self.attn1.forward(&h, &h, None, diff)?)?)?;
+        let h = modulate_for(&self.norm.forward(x, diff)?, &shift_msa, &scale_msa, diff)?;
+        let attn = self.attn1.forward(&h, &h, None, diff)?;
+        let x = gated_add_for(x, &gate_msa, &attn, diff)?;
         let x = (&x + self.attn2.forward(&x, text, text_bias, diff)?)?;
-        let h = modulate(&self.norm.forward(&x, diff)?, &shift_mlp, &scale_mlp)?;
-        x + gate_mlp.broadcast_mul(&self.ff.forward(&h, diff)?)?
+        let h = modulate_for(&self.norm.forward(&x, diff)?, &shift_mlp, &scale_mlp, diff)?;
+        let ff = self.ff.forward(&h, diff)?;
+        gated_add_for(&x, &gate_mlp, &ff, diff)
     }
 }
 
-/// Tanh-GELU: our vectorised kernel for inference, candle's (with gradients) for training.
+/// Tanh-GELU: our vectorised kernel for inference, its differentiable twin for training.
 fn gelu_for(x: &Tensor, differentiable: bool) -> Result<Tensor> {
     if differentiable {
-        x.gelu()
+        train_ops::gelu(x)
     } else {
         gelu(x)
+    }
+}
+
+/// The training path's fused kernels, or the inference ops.
+fn modulate_for(
+    x: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+    differentiable: bool,
+) -> Result<Tensor> {
+    if differentiable {
+        train_ops::modulate(x, shift, scale)
+    } else {
+        modulate(x, shift, scale)
+    }
+}
+
+fn gated_add_for(x: &Tensor, gate: &Tensor, y: &Tensor, differentiable: bool) -> Result<Tensor> {
+    if differentiable {
+        train_ops::gated_add(x, gate, y)
+    } else {
+        x + gate.broadcast_mul(y)?
+    }
+}
+
+/// A linear layer: the training path's version has a fast bias gradient.
+fn linear_for(layer: &Linear, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+    if differentiable {
+        train_ops::linear(layer, x)
+    } else {
+        layer.forward(x)
     }
 }
 
@@ -576,8 +605,13 @@ impl PixArtTransformer {
             .unsqueeze(0)?
             .broadcast_add(&embedded_t.unsqueeze(1)?)?;
         let (shift, scale) = (mods.narrow(1, 0, 1)?, mods.narrow(1, 1, 1)?);
-        let x = modulate(&self.norm_out.forward(&x, differentiable)?, &shift, &scale)?;
-        let x = self.proj_out.forward(&x)?; // [B, gh·gw, p·p·C]
+        let x = modulate_for(
+            &self.norm_out.forward(&x, differentiable)?,
+            &shift,
+            &scale,
+            differentiable,
+        )?;
+        let x = linear_for(&self.proj_out, &x, differentiable)?; // [B, gh·gw, p·p·C]
         let c = self.cfg.out_channels();
         x.reshape((b, gh, gw, p, p, c))?
             .permute((0, 5, 1, 3, 2, 4))?
