@@ -295,7 +295,7 @@ fn train(repeat: usize, device: &str) -> Result<ExitCode> {
     let mut times = Vec::new();
     for i in 0..repeat + 2 {
         let start = Instant::now();
-        let (_, loss, mut grads) = loss_and_gradients(&tm.model, &diffusion, &batch)?;
+        let (_, loss, mut grads) = loss_and_gradients(&tm.model, &diffusion, &batch, &opt.vars)?;
         opt.apply(&mut grads, 2e-5)?;
         anyhow::ensure!(loss.is_finite(), "loss {loss}");
         if i >= 2 {

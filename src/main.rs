@@ -8,6 +8,19 @@ mod progress;
 use clap::Parser;
 use std::process::ExitCode;
 
+/// Tensors are large and short-lived: glibc's default hands every freed buffer
+/// over 128 KiB back to the kernel and faults fresh zeroed pages in for the next
+/// one, serialising threads on the address-space lock. Keep buffers up to 32 MiB
+/// in the heap and do not trim it (a training step at 2 threads: 647 → 488 ms).
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator parameters; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() -> ExitCode {
     // candle's element-wise thread pool spins 25,000 times before parking; on a
     // machine with few cores the spinning worker takes the core gemm's threads
@@ -16,6 +29,15 @@ fn main() -> ExitCode {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
     }
+    // On a few cores, element-wise ops run on the thread that asks for them: the
+    // models split batches over threads themselves, and candle's element-wise
+    // pool handing work back and forth with gemm's pool cost more than it gained
+    // (BENCHMARKS.md). More cores keep candle's pool.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores <= 4 && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    keep_freed_memory();
     let args = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

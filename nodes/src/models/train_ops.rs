@@ -9,27 +9,25 @@ use super::fast_ops::{exp_f32, gelu_tanh};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
-/// Runs `f(row_range, dst_chunk)` over `rows` rows of `width` values, split across
-/// candle's threads when the tensor is large enough to pay for them.
+/// Runs `f(row_range, dst_chunk)` over `rows` rows of `width` values, split over
+/// rayon's threads when the tensor is large enough to pay for it (inside a
+/// batch-parallel forward, rayon keeps the nesting from oversubscribing).
 fn par_rows(
     rows: usize,
     width: usize,
     f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
 ) -> Vec<f32> {
+    use rayon::prelude::*;
     let mut out = vec![0f32; rows * width];
-    let threads = candle_core::utils::get_num_threads().max(1);
+    let threads = rayon::current_num_threads();
     if threads == 1 || rows * width < (1 << 15) || rows < 2 {
         f(0..rows, &mut out);
         return out;
     }
     let per = rows.div_ceil(threads);
-    std::thread::scope(|s| {
-        for (i, chunk) in out.chunks_mut(per * width).enumerate() {
-            let f = &f;
-            let start = i * per;
-            s.spawn(move || f(start..start + chunk.len() / width, chunk));
-        }
-    });
+    out.par_chunks_mut(per * width)
+        .enumerate()
+        .for_each(|(i, chunk)| f(i * per..i * per + chunk.len() / width, chunk));
     out
 }
 

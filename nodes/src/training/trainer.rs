@@ -561,7 +561,8 @@ fn train(
             table.as_ref().map(|t| (t, classes.as_slice())),
             with_sizes,
         )?;
-        let (terms, loss, mut grads) = loss_and_gradients(&tm.model, &diffusion, &batch)?;
+        let (terms, loss, mut grads) =
+            loss_and_gradients(&tm.model, &diffusion, &batch, &opt.vars)?;
         let lr = warmup_lr(s.lr, step, s.warmup);
         let grad_norm = opt.apply(&mut grads, lr)?;
         ema.update(&all_vars)?;
