@@ -42,7 +42,7 @@ unsafe fn gelu_slice_avx2(src: &[f32], dst: &mut [f32]) {
     gelu_slice(src, dst)
 }
 
-fn gelu_dispatch(src: &[f32], dst: &mut [f32]) {
+pub(crate) fn gelu_dispatch(src: &[f32], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports the features the function was compiled for.

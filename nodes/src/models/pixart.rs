@@ -336,9 +336,18 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let diff = differentiable;
-        let q = self.heads(&linear_for(&self.to_q, x, diff)?)?;
-        let k = self.heads(&linear_for(&self.to_k, context, diff)?)?;
-        let v = self.heads(&linear_for(&self.to_v, context, diff)?)?;
+        let (q, k, v) = (
+            linear_for(&self.to_q, x, diff)?,
+            linear_for(&self.to_k, context, diff)?,
+            linear_for(&self.to_v, context, diff)?,
+        );
+        if diff {
+            let key_bias = bias.map(|b| b.reshape((b.dim(0)?, ()))).transpose()?;
+            if let Some(out) = train_ops::attention(&q, &k, &v, self.heads, key_bias.as_ref())? {
+                return linear_for(&self.to_out, &out, diff);
+            }
+        }
+        let (q, k, v) = (self.heads(&q)?, self.heads(&k)?, self.heads(&v)?);
         // Scaling q (tokens × head_dim) is cheaper than scaling the scores.
         let q = (q * (1.0 / (self.head_dim as f64).sqrt()))?;
         let mut scores = q.matmul(&k.t()?)?;

@@ -5,7 +5,7 @@
 //! powf); these compute each direction in one vectorised pass per row. Other
 //! devices and dtypes use the differentiable compositions.
 
-use super::fast_ops::{exp_f32, gelu_tanh};
+use super::fast_ops::{exp_f32, gelu_dispatch};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
@@ -58,6 +58,28 @@ fn gelu_tanh_grad(x: f32) -> f32 {
     s + 2.0 * x * s * (1.0 - s) * C * (1.0 + 3.0 * A * x * x)
 }
 
+#[inline(always)]
+fn gelu_grad_slice(x: &[f32], g: &[f32], dst: &mut [f32]) {
+    for ((d, &v), &gv) in dst.iter_mut().zip(x).zip(g) {
+        *d = gv * gelu_tanh_grad(v);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_grad_avx2(x: &[f32], g: &[f32], dst: &mut [f32]) {
+    gelu_grad_slice(x, g, dst)
+}
+
+fn gelu_grad_dispatch(x: &[f32], g: &[f32], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function was compiled for.
+        return unsafe { gelu_grad_avx2(x, g, dst) };
+    }
+    gelu_grad_slice(x, g, dst)
+}
+
 struct Gelu;
 
 impl CustomOp1 for Gelu {
@@ -69,9 +91,7 @@ impl CustomOp1 for Gelu {
         let x = contiguous_f32(self.name(), s, l)?;
         let w = last_dim(l);
         let out = par_rows(x.len() / w, w, |rows, dst| {
-            for (d, &v) in dst.iter_mut().zip(&x[rows.start * w..rows.end * w]) {
-                *d = gelu_tanh(v);
-            }
+            gelu_dispatch(&x[rows.start * w..rows.end * w], dst)
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -101,9 +121,7 @@ impl CustomOp2 for GeluGrad {
         let w = last_dim(l1);
         let out = par_rows(x.len() / w, w, |rows, dst| {
             let r = rows.start * w..rows.end * w;
-            for ((d, &v), &gv) in dst.iter_mut().zip(&x[r.clone()]).zip(&g[r]) {
-                *d = gv * gelu_tanh_grad(v);
-            }
+            gelu_grad_dispatch(&x[r.clone()], &g[r], dst)
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -229,17 +247,8 @@ impl CustomOp1 for Softmax {
         let x = contiguous_f32(self.name(), s, l)?;
         let w = last_dim(l);
         let out = par_rows(x.len() / w, w, |rows, dst| {
-            for (i, d) in rows.zip(dst.chunks_mut(w)) {
-                let row = &x[i * w..(i + 1) * w];
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &v) in d.iter_mut().zip(row) {
-                    *o = exp_f32(v - max);
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                d.iter_mut().for_each(|o| *o *= inv);
-            }
+            dst.copy_from_slice(&x[rows.start * w..rows.end * w]);
+            softmax_rows_dispatch(dst, w, None);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -301,51 +310,6 @@ fn bnd(l: &Layout) -> Result<(usize, usize, usize)> {
     }
 }
 
-/// Rows `[R, D]` plus a bias `[D]`; the bias gradient is a column sum.
-struct BiasAdd;
-
-impl CustomOp2 for BiasAdd {
-    fn name(&self) -> &'static str {
-        "bias-add-train"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(self.name(), s1, l1)?;
-        let b = contiguous_f32(self.name(), s2, l2)?;
-        let w = b.len();
-        let out = par_rows(x.len() / w, w, |rows, dst| {
-            for (i, d) in rows.zip(dst.chunks_mut(w)) {
-                for ((o, &v), &bv) in d.iter_mut().zip(&x[i * w..(i + 1) * w]).zip(b) {
-                    *o = v + bv;
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = grad.contiguous()?;
-        let rows = g.elem_count() / b.elem_count();
-        let db = g
-            .reshape((1, rows, b.elem_count()))?
-            .apply_op1_no_bwd(&TokenSum)?
-            .reshape(b.shape())?;
-        Ok((Some(g), Some(db)))
-    }
-}
-
 /// `[B, N, D]` → `[B, 1, D]`: the sum over tokens.
 struct TokenSum;
 
@@ -398,26 +362,218 @@ impl CustomOp2 for TokenSumProduct {
     }
 }
 
-/// A linear layer with gradients whose bias gradient is one vectorised column
-/// sum (candle reduces over the broadcast rows one strided element at a time).
+/// `dst[m×n] = lhs·rhs`, strides as (row,
+/// column), on rayon's threads when the product is large.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_par(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 && m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        false,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
+/// y = x·Wᵀ + b over rows: x `[.., K]`, W `[O, K]`, b `[O]`; one graph node, its
+/// backward three products (dx = dy·W, dW = dyᵀ·x, db = Σ dy).
+struct LinearOp;
+
+impl candle_core::CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(self.name(), s1, l1)?;
+        let w = contiguous_f32(self.name(), s2, l2)?;
+        let b = contiguous_f32(self.name(), s3, l3)?;
+        let (o, k) = (b.len(), last_dim(l1));
+        let rows = x.len() / k;
+        let mut y = vec![0f32; rows * o];
+        for row in y.chunks_mut(o) {
+            row.copy_from_slice(b);
+        }
+        // SAFETY: shapes checked by the caller; dst accumulates onto the bias.
+        unsafe {
+            gemm::gemm(
+                rows,
+                o,
+                k,
+                y.as_mut_ptr(),
+                1,
+                o as isize,
+                true,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                if rayon::current_num_threads() > 1 && rows * o * k >= 1 << 18 {
+                    gemm::Parallelism::Rayon(rayon::current_num_threads())
+                } else {
+                    gemm::Parallelism::None
+                },
+            );
+        }
+        let mut dims = l1.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = o;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let dx = g.apply_op2_no_bwd(w, &LinearGradInput)?;
+        let dw = g.apply_op2_no_bwd(x, &LinearGradWeight)?;
+        let o = w.dim(0)?;
+        let rows = g.elem_count() / o;
+        let db = g
+            .reshape((1, rows, o))?
+            .apply_op1_no_bwd(&TokenSum)?
+            .reshape(o)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// (dy `[.., O]`, W `[O, K]`) → dx = dy·W `[.., K]`
+struct LinearGradInput;
+
+impl CustomOp2 for LinearGradInput {
+    fn name(&self) -> &'static str {
+        "linear-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(self.name(), s1, l1)?;
+        let w = contiguous_f32(self.name(), s2, l2)?;
+        let (o, k) = (last_dim(l1), last_dim(l2));
+        let rows = g.len() / o;
+        let mut dx = vec![0f32; rows * k];
+        // SAFETY: [rows×o]·[o×k] within the buffers.
+        unsafe {
+            gemm_par(
+                (rows, k, o),
+                dx.as_mut_ptr(),
+                (k, 1),
+                g.as_ptr(),
+                (o, 1),
+                w.as_ptr(),
+                (k, 1),
+            )
+        };
+        let mut dims = l1.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = k;
+        }
+        Ok((CpuStorage::F32(dx), Shape::from(dims)))
+    }
+}
+
+/// (dy `[.., O]`, x `[.., K]`) → dW = dyᵀ·x `[O, K]`
+struct LinearGradWeight;
+
+impl CustomOp2 for LinearGradWeight {
+    fn name(&self) -> &'static str {
+        "linear-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(self.name(), s1, l1)?;
+        let x = contiguous_f32(self.name(), s2, l2)?;
+        let (o, k) = (last_dim(l1), last_dim(l2));
+        let rows = g.len() / o;
+        let mut dw = vec![0f32; o * k];
+        // SAFETY: [o×rows]·[rows×k] within the buffers (dyᵀ read by strides).
+        unsafe {
+            gemm_par(
+                (o, k, rows),
+                dw.as_mut_ptr(),
+                (k, 1),
+                g.as_ptr(),
+                (1, o),
+                x.as_ptr(),
+                (k, 1),
+            )
+        };
+        Ok((CpuStorage::F32(dw), Shape::from((o, k))))
+    }
+}
+
+/// A linear layer with gradients as one fused node (candle's version is four —
+/// reshape, matmul, broadcast bias, reshape — each with its own gradient buffer,
+/// and reduces the bias gradient one strided element at a time).
 pub fn linear(layer: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     use candle_core::Module;
-    if !use_kernels(x) {
-        return layer.forward(x);
+    match layer.bias() {
+        Some(b) if use_kernels(x) => {
+            x.contiguous()?
+                .apply_op3(&layer.weight().contiguous()?, &b.contiguous()?, LinearOp)
+        }
+        _ => layer.forward(x),
     }
-    let x = x.contiguous()?;
-    let dims = x.dims().to_vec();
-    let k = dims.last().copied().unwrap_or(1);
-    let w = layer.weight();
-    let mut y = x.reshape((x.elem_count() / k, k))?.matmul(&w.t()?)?;
-    if let Some(b) = layer.bias() {
-        y = y.apply_op2(b, BiasAdd)?;
-    }
-    let mut out = dims;
-    if let Some(last) = out.last_mut() {
-        *last = w.dim(0)?;
-    }
-    y.reshape(out)
 }
 
 /// Runs `f(token_row, sample, out_row)` over every token row of `x` `[B, N, D]`.
@@ -545,6 +701,372 @@ pub fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
     x + gate.broadcast_mul(y)?
 }
 
+// ---------------------------------------------------------------- attention
+
+/// A raw pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: every task writes only its own (batch, head) block.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+/// `dst[m×n] = beta·lhs[m×k]·rhs[k×n]`, strides as (row, column), one thread.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        false,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// Multi-head attention on `q` `[B, N, H·d]`, `k`, `v` `[B, L, H·d]` (heads side by
+/// side in the last dimension, as the projections produce them), with an
+/// additive key bias `[B, L]`: softmax(q·kᵀ/√d + bias)·v per head, output
+/// `[B, N, H·d]`. The probabilities are never kept: the backward pass recomputes
+/// them one (batch, head) block at a time.
+struct Attention {
+    heads: usize,
+    bias: Option<Vec<f32>>,
+}
+
+struct Dims {
+    b: usize,
+    n: usize,
+    l: usize,
+    width: usize,
+    dh: usize,
+    scale: f32,
+}
+
+impl Attention {
+    fn dims(&self, lq: &Layout, lk: &Layout) -> Result<Dims> {
+        let (b, n, width) = bnd(lq)?;
+        let (_, l, _) = bnd(lk)?;
+        let dh = width / self.heads;
+        Ok(Dims {
+            b,
+            n,
+            l,
+            width,
+            dh,
+            scale: 1.0 / (dh as f32).sqrt(),
+        })
+    }
+
+    /// The probabilities of block (batch `bi`, head `h`) into `p` `[N, L]`.
+    fn probabilities(&self, d: &Dims, q: &[f32], k: &[f32], bi: usize, h: usize, p: &mut [f32]) {
+        let off_q = bi * d.n * d.width + h * d.dh;
+        let off_k = bi * d.l * d.width + h * d.dh;
+        // SAFETY: the pointers and strides stay inside q, k and p.
+        unsafe {
+            matmul(
+                (d.n, d.l, d.dh),
+                p.as_mut_ptr(),
+                (d.l, 1),
+                q[off_q..].as_ptr(),
+                (d.width, 1),
+                k[off_k..].as_ptr(),
+                (1, d.width),
+                d.scale,
+            );
+        }
+        let bias = self.bias.as_ref().map(|b| &b[bi * d.l..(bi + 1) * d.l]);
+        softmax_rows_dispatch(p, d.l, bias);
+    }
+}
+
+/// Row-wise softmax of `p` (rows of `width`) after adding `bias` to each row.
+/// Max and sum in eight lanes so the compiler vectorises them.
+#[inline(always)]
+fn softmax_rows(p: &mut [f32], width: usize, bias: Option<&[f32]>) {
+    for row in p.chunks_mut(width) {
+        if let Some(bias) = bias {
+            row.iter_mut().zip(bias).for_each(|(s, b)| *s += b);
+        }
+        let mut lanes = [f32::NEG_INFINITY; 8];
+        let mut chunks = row.chunks_exact(8);
+        for c in &mut chunks {
+            for i in 0..8 {
+                lanes[i] = lanes[i].max(c[i]);
+            }
+        }
+        let max = chunks
+            .remainder()
+            .iter()
+            .chain(&lanes)
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut sums = [0f32; 8];
+        let mut chunks = row.chunks_exact_mut(8);
+        for c in &mut chunks {
+            for i in 0..8 {
+                c[i] = exp_f32(c[i] - max);
+                sums[i] += c[i];
+            }
+        }
+        let mut sum: f32 = sums.iter().sum();
+        for s in chunks.into_remainder() {
+            *s = exp_f32(*s - max);
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|s| *s *= inv);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_rows_avx2(p: &mut [f32], width: usize, bias: Option<&[f32]>) {
+    softmax_rows(p, width, bias)
+}
+
+fn softmax_rows_dispatch(p: &mut [f32], width: usize, bias: Option<&[f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function was compiled for.
+        return unsafe { softmax_rows_avx2(p, width, bias) };
+    }
+    softmax_rows(p, width, bias)
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (q, k, v) = (
+            contiguous_f32(self.name(), s1, l1)?,
+            contiguous_f32(self.name(), s2, l2)?,
+            contiguous_f32(self.name(), s3, l3)?,
+        );
+        let d = self.dims(l1, l2)?;
+        let mut out = vec![0f32; q.len()];
+        let dst = Shared(out.as_mut_ptr());
+        (0..d.b * self.heads).into_par_iter().for_each(|i| {
+            let (bi, h) = (i / self.heads, i % self.heads);
+            let mut p = vec![0f32; d.n * d.l];
+            self.probabilities(&d, q, k, bi, h, &mut p);
+            let dst = dst;
+            // SAFETY: block (bi, h) of `out` is written by this task only.
+            unsafe {
+                matmul(
+                    (d.n, d.dh, d.l),
+                    dst.0.add(bi * d.n * d.width + h * d.dh),
+                    (d.width, 1),
+                    p.as_ptr(),
+                    (d.l, 1),
+                    v[bi * d.l * d.width + h * d.dh..].as_ptr(),
+                    (d.width, 1),
+                    1.0,
+                );
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let grads = AttentionGrad {
+            forward: Attention {
+                heads: self.heads,
+                bias: self.bias.clone(),
+            },
+        };
+        // One op computes the three gradients, packed side by side.
+        let packed = Tensor::cat(&[q, k, v], 1)?.apply_op2_no_bwd(&g, &grads)?;
+        let (n, l) = (q.dim(1)?, k.dim(1)?);
+        Ok((
+            Some(packed.narrow(1, 0, n)?),
+            Some(packed.narrow(1, n, l)?),
+            Some(packed.narrow(1, n + l, l)?),
+        ))
+    }
+}
+
+/// (`[q; k; v]` packed along tokens, dO) → `[dq; dk; dv]` packed the same way.
+struct AttentionGrad {
+    forward: Attention,
+}
+
+impl CustomOp2 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let packed = contiguous_f32(self.name(), s1, l1)?;
+        let g = contiguous_f32(self.name(), s2, l2)?;
+        let (b, total, width) = bnd(l1)?;
+        let (_, n, _) = bnd(l2)?;
+        let l = (total - n) / 2;
+        let heads = self.forward.heads;
+        // Split the packed rows back into q, k, v (contiguous copies, per batch).
+        let take = |start: usize, len: usize| -> Vec<f32> {
+            (0..b)
+                .flat_map(|bi| {
+                    packed[(bi * total + start) * width..(bi * total + start + len) * width]
+                        .iter()
+                        .copied()
+                })
+                .collect()
+        };
+        let (q, k, v) = (take(0, n), take(n, l), take(n + l, l));
+        let d = Dims {
+            b,
+            n,
+            l,
+            width,
+            dh: width / heads,
+            scale: 1.0 / ((width / heads) as f32).sqrt(),
+        };
+        let mut out = vec![0f32; packed.len()];
+        let dst = Shared(out.as_mut_ptr());
+        (0..b * heads).into_par_iter().for_each(|i| {
+            let (bi, h) = (i / heads, i % heads);
+            let mut p = vec![0f32; n * l];
+            self.forward.probabilities(&d, &q, &k, bi, h, &mut p);
+            let go = &g[bi * n * width + h * d.dh..];
+            let base = bi * total * width + h * d.dh;
+            let dst = dst;
+            let mut dp = vec![0f32; n * l];
+            // SAFETY: each task writes only block (bi, h) of dq, dk and dv, and
+            // reads its inputs within bounds.
+            unsafe {
+                // dV = Pᵀ·dO
+                matmul(
+                    (l, d.dh, n),
+                    dst.0.add(base + (n + l) * width),
+                    (width, 1),
+                    p.as_ptr(),
+                    (1, l),
+                    go.as_ptr(),
+                    (width, 1),
+                    1.0,
+                );
+                // dP = dO·Vᵀ
+                matmul(
+                    (n, l, d.dh),
+                    dp.as_mut_ptr(),
+                    (l, 1),
+                    go.as_ptr(),
+                    (width, 1),
+                    v[bi * l * width + h * d.dh..].as_ptr(),
+                    (1, width),
+                    1.0,
+                );
+            }
+            // dS = P ∘ (dP − Σ dP∘P), in place
+            for (prow, drow) in p.chunks(l).zip(dp.chunks_mut(l)) {
+                let dot: f32 = prow.iter().zip(drow.iter()).map(|(a, b)| a * b).sum();
+                drow.iter_mut()
+                    .zip(prow)
+                    .for_each(|(ds, &pv)| *ds = pv * (*ds - dot));
+            }
+            // SAFETY: as above.
+            unsafe {
+                // dQ = scale·dS·K
+                matmul(
+                    (n, d.dh, l),
+                    dst.0.add(base),
+                    (width, 1),
+                    dp.as_ptr(),
+                    (l, 1),
+                    k[bi * l * width + h * d.dh..].as_ptr(),
+                    (width, 1),
+                    d.scale,
+                );
+                // dK = scale·dSᵀ·Q
+                matmul(
+                    (l, d.dh, n),
+                    dst.0.add(base + n * width),
+                    (width, 1),
+                    dp.as_ptr(),
+                    (1, l),
+                    q[bi * n * width + h * d.dh..].as_ptr(),
+                    (width, 1),
+                    d.scale,
+                );
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Multi-head attention with gradients: `q` `[B, N, H·d]`, `k` and `v`
+/// `[B, L, H·d]`, an optional additive key bias `[B, L]` (no gradient). `None`
+/// where the fused kernel does not apply (not CPU f32): use the composition.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    if !use_kernels(q) || q.rank() != 3 {
+        return Ok(None);
+    }
+    let bias = match bias {
+        Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let op = Attention { heads, bias };
+    Ok(Some(q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        op,
+    )?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -593,6 +1115,91 @@ mod tests {
             },
         );
         check(softmax_last_dim, |x| candle_nn::ops::softmax(x, D::Minus1));
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composition() {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize], seed: usize| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|i| (((i + seed) * 37 % 101) as f32 / 50.0) - 1.0)
+                .collect();
+            Var::from_tensor(&Tensor::from_vec(v, shape, &dev).unwrap()).unwrap()
+        };
+        let (b, n, l, heads, dh) = (2, 5, 7, 3, 4);
+        let (q, k, v) = (
+            var(&[b, n, heads * dh], 1),
+            var(&[b, l, heads * dh], 2),
+            var(&[b, l, heads * dh], 3),
+        );
+        let mask: Vec<f32> = (0..b * l)
+            .map(|i| if i % l < 4 + i / l { 0.0 } else { -10000.0 })
+            .collect();
+        let bias = Tensor::from_vec(mask, (b, l), &dev).unwrap();
+        let probe = var(&[b, n, heads * dh], 4);
+        let split = |x: &Tensor| {
+            x.reshape((b, (), heads, dh))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let run = |fused: bool| {
+            let out = if fused {
+                attention(
+                    q.as_tensor(),
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    heads,
+                    Some(&bias),
+                )
+                .unwrap()
+                .unwrap()
+            } else {
+                let scores = (split(q.as_tensor())
+                    .matmul(&split(k.as_tensor()).t().unwrap())
+                    .unwrap()
+                    * (1.0 / (dh as f64).sqrt()))
+                .unwrap()
+                .broadcast_add(&bias.reshape((b, 1, 1, l)).unwrap())
+                .unwrap();
+                let p = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+                p.matmul(&split(v.as_tensor()))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .reshape((b, n, heads * dh))
+                    .unwrap()
+            };
+            let g = (&out * probe.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let mut all = vec![out.flatten_all().unwrap().to_vec1::<f32>().unwrap()];
+            for x in [&q, &k, &v] {
+                all.push(
+                    g.get(x.as_tensor())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                );
+            }
+            all
+        };
+        for (i, (a, c)) in run(true).iter().zip(run(false)).enumerate() {
+            for (p, r) in a.iter().zip(&c) {
+                assert!(
+                    (p - r).abs() <= 1e-5 * r.abs().max(1.0),
+                    "part {i}: {p} vs {r}"
+                );
+            }
+        }
     }
 
     #[test]
