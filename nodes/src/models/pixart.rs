@@ -341,11 +341,14 @@ impl Attention {
             linear_for(&self.to_k, context, diff)?,
             linear_for(&self.to_v, context, diff)?,
         );
-        if diff {
-            let key_bias = bias.map(|b| b.reshape((b.dim(0)?, ()))).transpose()?;
-            if let Some(out) = train_ops::attention(&q, &k, &v, self.heads, key_bias.as_ref())? {
-                return linear_for(&self.to_out, &out, diff);
-            }
+        let key_bias = bias.map(|b| b.reshape((b.dim(0)?, ()))).transpose()?;
+        let fused = if diff {
+            train_ops::attention(&q, &k, &v, self.heads, key_bias.as_ref())?
+        } else {
+            train_ops::attention_inference(&q, &k, &v, self.heads, key_bias.as_ref())?
+        };
+        if let Some(out) = fused {
+            return linear_for(&self.to_out, &out, diff);
         }
         let (q, k, v) = (self.heads(&q)?, self.heads(&k)?, self.heads(&v)?);
         // Scaling q (tokens × head_dim) is cheaper than scaling the scores.
@@ -468,7 +471,7 @@ fn linear_for(layer: &Linear, x: &Tensor, differentiable: bool) -> Result<Tensor
     if differentiable {
         train_ops::linear(layer, x)
     } else {
-        layer.forward(x)
+        train_ops::linear_inference(layer, x)
     }
 }
 

@@ -576,6 +576,20 @@ pub fn linear(layer: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// The same fused linear without gradients (inference): the bias is written
+/// first and the product accumulated onto it, one pass instead of two.
+pub fn linear_inference(layer: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
+    use candle_core::Module;
+    match layer.bias() {
+        Some(b) if use_kernels(x) => x.contiguous()?.apply_op3_no_bwd(
+            &layer.weight().contiguous()?,
+            &b.contiguous()?,
+            &LinearOp,
+        ),
+        _ => layer.forward(x),
+    }
+}
+
 /// Runs `f(token_row, sample, out_row)` over every token row of `x` `[B, N, D]`.
 fn per_token(
     x: &[f32],
@@ -709,6 +723,13 @@ struct Shared(*mut f32);
 // SAFETY: every task writes only its own (batch, head) block.
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// A method, so closures capture the whole (Send) wrapper, not the bare pointer.
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// `dst[m×n] = beta·lhs[m×k]·rhs[k×n]`, strides as (row, column), one thread.
 #[allow(clippy::too_many_arguments)]
@@ -882,12 +903,11 @@ impl candle_core::CustomOp3 for Attention {
             let (bi, h) = (i / self.heads, i % self.heads);
             let mut p = vec![0f32; d.n * d.l];
             self.probabilities(&d, q, k, bi, h, &mut p);
-            let dst = dst;
             // SAFETY: block (bi, h) of `out` is written by this task only.
             unsafe {
                 matmul(
                     (d.n, d.dh, d.l),
-                    dst.0.add(bi * d.n * d.width + h * d.dh),
+                    dst.ptr().add(bi * d.n * d.width + h * d.dh),
                     (d.width, 1),
                     p.as_ptr(),
                     (d.l, 1),
@@ -977,7 +997,6 @@ impl CustomOp2 for AttentionGrad {
             self.forward.probabilities(&d, &q, &k, bi, h, &mut p);
             let go = &g[bi * n * width + h * d.dh..];
             let base = bi * total * width + h * d.dh;
-            let dst = dst;
             let mut dp = vec![0f32; n * l];
             // SAFETY: each task writes only block (bi, h) of dq, dk and dv, and
             // reads its inputs within bounds.
@@ -985,7 +1004,7 @@ impl CustomOp2 for AttentionGrad {
                 // dV = Pᵀ·dO
                 matmul(
                     (l, d.dh, n),
-                    dst.0.add(base + (n + l) * width),
+                    dst.ptr().add(base + (n + l) * width),
                     (width, 1),
                     p.as_ptr(),
                     (1, l),
@@ -1017,7 +1036,7 @@ impl CustomOp2 for AttentionGrad {
                 // dQ = scale·dS·K
                 matmul(
                     (n, d.dh, l),
-                    dst.0.add(base),
+                    dst.ptr().add(base),
                     (width, 1),
                     dp.as_ptr(),
                     (l, 1),
@@ -1028,7 +1047,7 @@ impl CustomOp2 for AttentionGrad {
                 // dK = scale·dSᵀ·Q
                 matmul(
                     (l, d.dh, n),
-                    dst.0.add(base + n * width),
+                    dst.ptr().add(base + n * width),
                     (width, 1),
                     dp.as_ptr(),
                     (1, l),
@@ -1052,6 +1071,28 @@ pub fn attention(
     heads: usize,
     bias: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
+    attention_with(q, k, v, heads, bias, true)
+}
+
+/// Attention without gradients (inference), or `None` as [`attention`].
+pub fn attention_inference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    attention_with(q, k, v, heads, bias, false)
+}
+
+fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    bias: Option<&Tensor>,
+    grad: bool,
+) -> Result<Option<Tensor>> {
     if !use_kernels(q) || q.rank() != 3 {
         return Ok(None);
     }
@@ -1060,11 +1101,12 @@ pub fn attention(
         None => None,
     };
     let op = Attention { heads, bias };
-    Ok(Some(q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        op,
-    )?))
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    Ok(Some(if grad {
+        q.apply_op3(&k, &v, op)?
+    } else {
+        q.apply_op3_no_bwd(&k, &v, &op)?
+    }))
 }
 
 #[cfg(test)]
