@@ -178,9 +178,23 @@ fn the_loss_goes_down_and_stages_chain() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     make_dataset(&data, 12);
-    let stage2 = r#"  stage2:
+    let stage2 = r#"  prompt: {type: t5.encode, inputs: {tokenizer: "${pipe.tokenizer}", encoder: "${pipe.text_encoder}", text: "a red square on the left"}}
+  stage2:
     type: train.pixart
-    inputs: {features: "${feats.features}", init: "${stage.transformer}", steps: 20, batch: 4, lr: 1.0e-4, warmup: 0, out: "run2", checkpoint_every: 0}"#;
+    inputs:
+      features: "${feats.features}"
+      init: "${stage.transformer}"
+      steps: 20
+      batch: 4
+      lr: 1.0e-4
+      warmup: 0
+      out: "run2"
+      checkpoint_every: 0
+      freeze: "pos_embed, adaln_single"
+      sample_every: 10
+      sample_prompt: "${prompt.conditioning}"
+      sample_vae: "${pipe.vae}"
+      sample_steps: 4"#;
     let wf = workflow(tmp.path(), &data, 150, 50, stage2);
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
@@ -196,6 +210,31 @@ fn the_loss_goes_down_and_stages_chain() {
         .join("run2/checkpoint-000020/state/trainer.json")
         .is_file());
     assert_eq!(losses(&out.join("run2")).len(), 20);
+
+    // Frozen parts kept stage 1's (EMA) values; the rest moved.
+    let load = |p: &str| {
+        pixart_runtime::candle_core::safetensors::load(
+            out.join(p),
+            &pixart_runtime::candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let before = load("run/checkpoint-000150/transformer/diffusion_pytorch_model.safetensors");
+    let after = load("run2/checkpoint-000020/state/params.safetensors");
+    let moved = |name: &str| {
+        let d = (&before[name] - &after[name]).unwrap().abs().unwrap();
+        d.max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0
+    };
+    assert!(!moved("pos_embed.proj.weight") && !moved("adaln_single.linear.weight"));
+    assert!(moved("proj_out.weight") && moved("transformer_blocks.0.attn1.to_q.weight"));
+
+    // Sample images every 10 steps, at the training resolution.
+    for step in [10, 20] {
+        let png = read(&out.join(format!("run2/samples/step-{step:06}.png")));
+        let decoder = png::Decoder::new(std::io::Cursor::new(png));
+        let info = decoder.read_info().unwrap();
+        assert_eq!((info.info().width, info.info().height), (64, 64));
+    }
     let config: serde_json::Value = serde_json::from_slice(&read(
         &out.join("run/checkpoint-000150/transformer/config.json"),
     ))

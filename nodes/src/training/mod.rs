@@ -7,6 +7,7 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod precompute;
+pub mod preview;
 pub mod rng;
 pub mod step;
 pub mod trainer;

@@ -201,3 +201,84 @@ pub fn pixart_init(name: &str, shape: &[usize], cfg: &Config, rng: &mut TrainRng
     }
     normal(rng, 0.02)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Config {
+        serde_json::from_value(serde_json::json!({
+            "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 8,
+            "num_layers": 2, "sample_size": 8, "patch_size": 2, "caption_channels": 12,
+            "cross_attention_dim": 16, "norm_type": "ada_norm_single"
+        }))
+        .unwrap()
+    }
+
+    fn stats(t: &Tensor) -> (f32, f32) {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let n = v.len() as f32;
+        let mean = v.iter().sum::<f32>() / n;
+        let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n;
+        (mean, var.sqrt())
+    }
+
+    #[test]
+    fn scratch_follows_pixart_initialisation_and_freezing_marks_parameters() {
+        let cfg = tiny();
+        let frozen = vec!["pos_embed".to_string()];
+        let tm = TrainModel::new(&cfg, Start::Scratch, 7, 3, &frozen, &Device::Cpu).unwrap();
+        let get = |name: &str| {
+            tm.params
+                .iter()
+                .find(|p| p.name == name)
+                .unwrap_or_else(|| panic!("no {name}"))
+        };
+        let zero = |name: &str| {
+            let (m, s) = stats(get(name).var.as_tensor());
+            assert!(m == 0.0 && s == 0.0, "{name} should start at zero");
+        };
+        // Zero-initialised: cross-attention output, final linear, every linear bias.
+        zero("transformer_blocks.0.attn2.to_out.0.weight");
+        zero("transformer_blocks.1.attn2.to_out.0.bias");
+        zero("proj_out.weight");
+        zero("proj_out.bias");
+        zero("transformer_blocks.0.ff.net.0.proj.bias");
+        // N(0, 0.02) for the timestep, t_block and caption MLPs.
+        let (_, s) = stats(get("adaln_single.linear.weight").var.as_tensor());
+        assert!((s - 0.02).abs() < 0.002, "t_block std {s}");
+        let (_, s) = stats(get("caption_projection.linear_1.weight").var.as_tensor());
+        assert!((s - 0.02).abs() < 0.004, "caption std {s}");
+        // Xavier-uniform with the fused q·k·v fan: bound √(6 / (D + 3D)).
+        let d = cfg.hidden() as f32;
+        let q = get("transformer_blocks.0.attn1.to_q.weight")
+            .var
+            .as_tensor();
+        let values = q.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let bound = (6.0 / (4.0 * d)).sqrt();
+        assert!(
+            max <= bound && max > 0.8 * bound,
+            "q max {max}, bound {bound}"
+        );
+        // Scale-shift tables N(0, 1/D); the class table N(0, 1/C).
+        let (_, s) = stats(get("scale_shift_table").var.as_tensor());
+        assert!(
+            (s - 1.0 / d.sqrt()).abs() < 0.1 / d.sqrt() * 3.0,
+            "table std {s}"
+        );
+        assert_eq!(get(CLASS_TABLE).var.as_tensor().dims(), &[3, 12]);
+        // Frozen by prefix; the rest trains.
+        assert!(!get("pos_embed.proj.weight").trainable && !get("pos_embed.proj.bias").trainable);
+        assert!(get("proj_out.weight").trainable);
+        assert_eq!(tm.trainable().len(), tm.params.len() - 2);
+        // The same seed gives the same model.
+        let again = TrainModel::new(&cfg, Start::Scratch, 7, 3, &frozen, &Device::Cpu).unwrap();
+        for (a, b) in tm.params.iter().zip(&again.params) {
+            let (x, y) = (a.var.as_tensor(), b.var.as_tensor());
+            let same = x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                == y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(same, "{}", a.name);
+        }
+    }
+}

@@ -8,9 +8,11 @@ use super::loss::Diffusion;
 use super::model::{Start, TrainModel, CLASS_TABLE};
 use super::optim::{scale_lr, warmup_lr, AdamW, Ema};
 use super::precompute::{FeatureItem, Features};
+use super::preview::{render, Preview};
 use super::rng::{Stream, TrainRng};
 use super::step::{loss_and_gradients, Batch, Optimizer};
 use crate::models::pixart::{Config, PixArtTransformer};
+use crate::models::vae::AutoencoderKl;
 use crate::pixart::load::Denoiser;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -203,6 +205,15 @@ fn select_rows(pick: &[bool], on: &Tensor, off: &Tensor) -> candle_core::Result<
     cond.where_cond(on, off)
 }
 
+/// The EMA weights by parameter name.
+fn ema_tensors(tm: &TrainModel, ema: &Ema) -> HashMap<String, Tensor> {
+    tm.params
+        .iter()
+        .map(|p| p.name.clone())
+        .zip(ema.weights.iter().cloned())
+        .collect()
+}
+
 /// A Denoiser (for sampling and the next stage) from EMA weights.
 fn denoiser(
     cfg: &Config,
@@ -303,6 +314,24 @@ impl TrainPixArt {
                 .input(InputSpec::new("checkpoint_every", PortType::Int).default(500).min(0.0).max(1e9))
                 .input(InputSpec::new("out", PortType::Path).describe("The run folder: checkpoints and loss.jsonl."))
                 .input(InputSpec::new("resume", PortType::Bool).default(true))
+                .input(
+                    InputSpec::new("sample_every", PortType::Int)
+                        .default(0)
+                        .min(0.0)
+                        .max(1e9)
+                        .describe("Write a sample image (EMA weights) to out/samples every N steps; 0: never."),
+                )
+                .input(InputSpec::new("sample_prompt", PortType::Conditioning).optional())
+                .input(InputSpec::new("sample_vae", PortType::Vae).optional())
+                .input(
+                    InputSpec::new("sample_size", PortType::Int)
+                        .default(0)
+                        .min(0.0)
+                        .max(4096.0)
+                        .describe("Sample side in pixels; 0: the training resolution."),
+                )
+                .input(InputSpec::new("sample_steps", PortType::Int).default(20).min(1.0).max(1000.0))
+                .input(InputSpec::new("sample_guidance", PortType::Float).default(4.5).min(0.0).max(100.0))
                 .output("transformer", PortType::Denoiser, "the trained transformer (EMA weights)")
                 .output("checkpoint", PortType::Path, "the final checkpoint's folder"),
         }
@@ -371,21 +400,74 @@ impl Node for TrainPixArt {
             }
         };
         let extend = init.is_some() && inputs.get("config").is_some();
-        train(ctx, &settings, features, init, extend, &cfg, &device, &out)
+        let every = inputs.int("sample_every")? as u64;
+        let samples = if every > 0 {
+            let need = |port: &str| {
+                inputs
+                    .get(port)
+                    .is_none()
+                    .then(|| NodeError::input(port, "needed for sample images (sample_every > 0)"))
+            };
+            if let Some(e) = need("sample_prompt").or_else(|| need("sample_vae")) {
+                return Err(e);
+            }
+            let size = match inputs.int("sample_size")? as usize {
+                0 => features.resolution,
+                n => n,
+            };
+            Some((
+                every,
+                Preview {
+                    vae: inputs.handle::<AutoencoderKl>("sample_vae")?,
+                    prompt: inputs.conditioning("sample_prompt")?,
+                    size,
+                    steps: inputs.int("sample_steps")? as usize,
+                    guidance: inputs.float("sample_guidance")?,
+                    seed: settings.seed,
+                },
+            ))
+        } else {
+            None
+        };
+        let run = Run {
+            settings: &settings,
+            features,
+            init,
+            extend,
+            cfg: &cfg,
+            device: &device,
+            out: &out,
+            samples,
+        };
+        train(ctx, &run)
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn train(
-    ctx: &NodeContext,
-    s: &Settings,
-    features: &Features,
-    init: Option<&Denoiser>,
+/// Everything one stage runs with.
+struct Run<'a> {
+    settings: &'a Settings,
+    features: &'a Features,
+    init: Option<&'a Denoiser>,
+    /// `init` in a new architecture (`config` given too).
     extend: bool,
-    cfg: &Config,
-    device: &Device,
-    out: &Path,
-) -> Result<Outputs, NodeError> {
+    cfg: &'a Config,
+    device: &'a Device,
+    out: &'a Path,
+    /// Sample images: every N steps, how.
+    samples: Option<(u64, Preview<'a>)>,
+}
+
+fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
+    let Run {
+        settings: s,
+        features,
+        init,
+        extend,
+        cfg,
+        device,
+        out,
+        ..
+    } = *run;
     let data = Data::load(features, s.batch, device)?;
     let caption_channels = cfg.caption_channels.unwrap_or(4096);
     let text_dim = data.items[0].text.dim(1)?;
@@ -511,15 +593,10 @@ fn train(
         .map_err(|e| NodeError::io(&log_path, e))?;
 
     let save = |step: u64, ema: &Ema, opt: &Optimizer| -> Result<PathBuf, NodeError> {
-        let names: Vec<String> = tm.params.iter().map(|p| p.name.clone()).collect();
         let saved = Saved {
             step,
             params: tm.tensors().into_iter().collect(),
-            ema: names
-                .iter()
-                .cloned()
-                .zip(ema.weights.iter().cloned())
-                .collect(),
+            ema: ema_tensors(&tm, ema),
             moments: trainable_names
                 .iter()
                 .cloned()
@@ -595,18 +672,20 @@ fn train(
         if step == s.steps || (s.checkpoint_every > 0 && step.is_multiple_of(s.checkpoint_every)) {
             last_checkpoint = Some(save(step, &ema, &opt)?);
         }
+        if let Some((every, preview)) = &run.samples {
+            if step.is_multiple_of(*every) || step == s.steps {
+                let weights = ema_tensors(&tm, &ema);
+                let png = render(&denoiser(cfg, &weights, &null_caption, device)?, preview)?;
+                let path = out.join(format!("samples/step-{step:06}.png"));
+                crate::fsutil::atomic_write(&path, &png)?;
+            }
+        }
     }
     let checkpoint = match last_checkpoint {
         Some(p) => p,
         None => save(step, &ema, &opt)?,
     };
-    let ema_map: HashMap<String, Tensor> = tm
-        .params
-        .iter()
-        .map(|p| p.name.clone())
-        .zip(ema.weights.iter().cloned())
-        .collect();
-    let den = denoiser(cfg, &ema_map, &null_caption, device)?;
+    let den = denoiser(cfg, &ema_tensors(&tm, &ema), &null_caption, device)?;
     let bytes = den.weights.values().map(|t| t.elem_count() * 4).sum();
     Ok(Outputs::one(
         "transformer",
