@@ -75,6 +75,8 @@ run() {
   PIXART_TEST_DEVICE=cuda PIXART_FIXTURES_DIR=$PWD/tests/fixtures "$bundle/parity" || st=$?
   echo "== bench dit, cuda"
   "$bundle/pixart" bench dit --device cuda --repeat "${REPEAT_CUDA:-20}" || st=$?
+  echo "== bench train (forward, loss, backward, clip, AdamW), cuda"
+  "$bundle/pixart" bench train --device cuda --repeat "${REPEAT_CUDA:-20}" || st=$?
   echo "== bench dit, cpu"
   RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-$(nproc)} "$bundle/pixart" bench dit --device cpu --repeat "${REPEAT_CPU:-5}" || st=$?
   echo "== txt2img on cuda"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check on a machine with an NVIDIA GPU, the CUDA toolkit (nvcc) and cargo:
 # build with `--features cuda`, run the parity tests on the GPU, benchmark one
-# transformer forward on GPU and CPU, and run the txt2img workflow on the GPU.
+# transformer forward (and a training step) on GPU and CPU, and run the txt2img workflow on the GPU.
 #   scripts/gpu-check.sh                    # from anywhere inside the repo
 #   CUDA_COMPUTE_CAP=90 scripts/gpu-check.sh  # skip detection (e.g. 80 for A100)
 # No GPU on the build machine? See scripts/gpu-bundle.sh.
@@ -26,6 +26,8 @@ PIXART_TEST_DEVICE=cuda cargo test --release --features cuda --test parity
 pixart="$CARGO_TARGET_DIR/release/pixart"
 echo "== bench dit, cuda"
 "$pixart" bench dit --device cuda --repeat "${REPEAT_CUDA:-20}"
+echo "== bench train, cuda"
+"$pixart" bench train --device cuda --repeat "${REPEAT_CUDA:-20}"
 echo "== bench dit, cpu"
 "$pixart" bench dit --device cpu --repeat "${REPEAT_CPU:-5}"
 echo "== txt2img on cuda"
