@@ -29,12 +29,11 @@ fn main() -> ExitCode {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
     }
-    // On a few cores, element-wise ops run on the thread that asks for them: the
-    // models split batches over threads themselves, and candle's element-wise
-    // pool handing work back and forth with gemm's pool cost more than it gained
-    // (BENCHMARKS.md). More cores keep candle's pool.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cores <= 4 && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+    // Element-wise ops run on the thread that asks for them: the models split
+    // batches over threads themselves and gemm has rayon's pool; candle's own
+    // element-wise pool handing work back and forth with it cost more than it
+    // gained, on 2 cores and on 16 alike (BENCHMARKS.md).
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     keep_freed_memory();
