@@ -783,6 +783,27 @@ struct Dims {
     width: usize,
     dh: usize,
     scale: f32,
+    /// Rows between one sample's q (k and v) and the next's, and where k and v
+    /// start within a sample: q, k and v may be separate buffers or one packed.
+    q_stride: usize,
+    kv_stride: usize,
+    k_start: usize,
+    v_start: usize,
+}
+
+impl Dims {
+    /// Offsets of block (sample `bi`, head `h`) in q, k and v.
+    fn q_at(&self, bi: usize, h: usize) -> usize {
+        bi * self.q_stride * self.width + h * self.dh
+    }
+
+    fn k_at(&self, bi: usize, h: usize) -> usize {
+        (bi * self.kv_stride + self.k_start) * self.width + h * self.dh
+    }
+
+    fn v_at(&self, bi: usize, h: usize) -> usize {
+        (bi * self.kv_stride + self.v_start) * self.width + h * self.dh
+    }
 }
 
 impl Attention {
@@ -797,13 +818,16 @@ impl Attention {
             width,
             dh,
             scale: 1.0 / (dh as f32).sqrt(),
+            q_stride: n,
+            kv_stride: l,
+            k_start: 0,
+            v_start: 0,
         })
     }
 
     /// The probabilities of block (batch `bi`, head `h`) into `p` `[N, L]`.
     fn probabilities(&self, d: &Dims, q: &[f32], k: &[f32], bi: usize, h: usize, p: &mut [f32]) {
-        let off_q = bi * d.n * d.width + h * d.dh;
-        let off_k = bi * d.l * d.width + h * d.dh;
+        let (off_q, off_k) = (d.q_at(bi, h), d.k_at(bi, h));
         // SAFETY: the pointers and strides stay inside q, k and p.
         unsafe {
             matmul(
@@ -911,7 +935,7 @@ impl candle_core::CustomOp3 for Attention {
                     (d.width, 1),
                     p.as_ptr(),
                     (d.l, 1),
-                    v[bi * d.l * d.width + h * d.dh..].as_ptr(),
+                    v[d.v_at(bi, h)..].as_ptr(),
                     (d.width, 1),
                     1.0,
                 );
@@ -970,17 +994,8 @@ impl CustomOp2 for AttentionGrad {
         let (_, n, _) = bnd(l2)?;
         let l = (total - n) / 2;
         let heads = self.forward.heads;
-        // Split the packed rows back into q, k, v (contiguous copies, per batch).
-        let take = |start: usize, len: usize| -> Vec<f32> {
-            (0..b)
-                .flat_map(|bi| {
-                    packed[(bi * total + start) * width..(bi * total + start + len) * width]
-                        .iter()
-                        .copied()
-                })
-                .collect()
-        };
-        let (q, k, v) = (take(0, n), take(n, l), take(n + l, l));
+        // q, k and v are read in place from the packed rows.
+        let (q, k, v) = (packed, packed, packed);
         let d = Dims {
             b,
             n,
@@ -988,13 +1003,17 @@ impl CustomOp2 for AttentionGrad {
             width,
             dh: width / heads,
             scale: 1.0 / ((width / heads) as f32).sqrt(),
+            q_stride: total,
+            kv_stride: total,
+            k_start: n,
+            v_start: n + l,
         };
         let mut out = vec![0f32; packed.len()];
         let dst = Shared(out.as_mut_ptr());
         (0..b * heads).into_par_iter().for_each(|i| {
             let (bi, h) = (i / heads, i % heads);
             let mut p = vec![0f32; n * l];
-            self.forward.probabilities(&d, &q, &k, bi, h, &mut p);
+            self.forward.probabilities(&d, q, k, bi, h, &mut p);
             let go = &g[bi * n * width + h * d.dh..];
             let base = bi * total * width + h * d.dh;
             let mut dp = vec![0f32; n * l];
@@ -1019,7 +1038,7 @@ impl CustomOp2 for AttentionGrad {
                     (l, 1),
                     go.as_ptr(),
                     (width, 1),
-                    v[bi * l * width + h * d.dh..].as_ptr(),
+                    v[d.v_at(bi, h)..].as_ptr(),
                     (1, width),
                     1.0,
                 );
@@ -1040,7 +1059,7 @@ impl CustomOp2 for AttentionGrad {
                     (width, 1),
                     dp.as_ptr(),
                     (l, 1),
-                    k[bi * l * width + h * d.dh..].as_ptr(),
+                    k[d.k_at(bi, h)..].as_ptr(),
                     (width, 1),
                     d.scale,
                 );
@@ -1051,7 +1070,7 @@ impl CustomOp2 for AttentionGrad {
                     (width, 1),
                     dp.as_ptr(),
                     (1, l),
-                    q[bi * n * width + h * d.dh..].as_ptr(),
+                    q[d.q_at(bi, h)..].as_ptr(),
                     (width, 1),
                     d.scale,
                 );
