@@ -9,6 +9,7 @@ pub mod models;
 pub mod noise;
 pub mod pixart;
 pub mod schedulers;
+pub mod shapes;
 pub mod tensor_io;
 pub mod text;
 pub mod training;
@@ -30,6 +31,7 @@ pub fn builtin_nodes() -> Vec<Arc<dyn Node>> {
     nodes.extend(training::dataset::nodes());
     nodes.extend(training::precompute::nodes());
     nodes.extend(training::trainer::nodes());
+    nodes.extend(shapes::nodes::nodes());
     nodes
 }
 

@@ -253,6 +253,24 @@ impl Node for SelectScheduler {
     }
 }
 
+/// A prompt's T5 embeddings and mask, `max_length` tokens long.
+pub fn encode_text(
+    tok: &T5Tokenizer,
+    enc: &T5Encoder,
+    text: &str,
+    max_length: usize,
+) -> Result<Conditioning, String> {
+    let e = tok.encode(text, max_length)?;
+    let device = enc.device();
+    let run = || -> candle_core::Result<Conditioning> {
+        let ids = Tensor::from_vec(e.ids, (1, max_length), device)?;
+        let mask = Tensor::from_vec(e.mask, (1, max_length), device)?.to_dtype(DType::F32)?;
+        let embeddings = enc.forward(&ids, &mask)?;
+        Ok(Conditioning { embeddings, mask })
+    };
+    run().map_err(|e| e.to_string())
+}
+
 pub struct EncodeText {
     spec: NodeSpec,
 }
@@ -284,16 +302,11 @@ impl Node for EncodeText {
         let tok = inputs.handle::<T5Tokenizer>("tokenizer")?;
         let enc = inputs.handle::<T5Encoder>("encoder")?;
         let len = inputs.int("max_length")? as usize;
-        let e = tok
-            .encode(inputs.str("text")?, len)
+        let conditioning = encode_text(tok, enc, inputs.str("text")?, len)
             .map_err(|e| NodeError::input("text", e))?;
-        let device = enc.device();
-        let ids = Tensor::from_vec(e.ids, (1, len), device)?;
-        let mask = Tensor::from_vec(e.mask, (1, len), device)?.to_dtype(DType::F32)?;
-        let embeddings = enc.forward(&ids, &mask)?;
         Ok(Outputs::one(
             "conditioning",
-            Value::Conditioning(Conditioning { embeddings, mask }),
+            Value::Conditioning(conditioning),
         ))
     }
 }

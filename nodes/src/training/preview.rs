@@ -8,7 +8,7 @@ use crate::models::vae::AutoencoderKl;
 use crate::pixart::load::Denoiser;
 use crate::pixart::sample::{sample, Request};
 use crate::schedulers::SchedulerConfig;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use pixart_runtime::{Conditioning, NodeError};
 
 pub struct Preview<'a> {
@@ -23,6 +23,13 @@ pub struct Preview<'a> {
 
 /// One image of `prompt` from `den`, as PNG bytes.
 pub fn render(den: &Denoiser, p: &Preview) -> Result<Vec<u8>, NodeError> {
+    let image = generate(den, p)?;
+    let (_, h, w, c) = image.dims4()?;
+    encode_png(&to_bytes(&image)?, w, h, c, &[]).map_err(NodeError::msg)
+}
+
+/// One image of `prompt` from `den`: `[1, height, width, 3]` in 0..1, on the CPU.
+pub fn generate(den: &Denoiser, p: &Preview) -> Result<Tensor, NodeError> {
     let mut sampler = SchedulerConfig::default()
         .start("dpm_solver++", p.steps)
         .map_err(NodeError::msg)?;
@@ -42,10 +49,9 @@ pub fn render(den: &Denoiser, p: &Preview) -> Result<Vec<u8>, NodeError> {
     if let Some(shift) = cfg.shift_factor {
         z = (z + shift)?;
     }
-    let image = ((p.vae.decode(&z)?.to_dtype(DType::F32)? / 2.0)? + 0.5)?
+    Ok(((p.vae.decode(&z)?.to_dtype(DType::F32)? / 2.0)? + 0.5)?
+        .clamp(0f32, 1f32)?
         .to_device(&Device::Cpu)?
         .permute((0, 2, 3, 1))?
-        .contiguous()?;
-    let (_, h, w, c) = image.dims4()?;
-    encode_png(&to_bytes(&image)?, w, h, c, &[]).map_err(NodeError::msg)
+        .contiguous()?)
 }

@@ -15,6 +15,10 @@ pub enum Stream {
     Order = 2,
     /// Timesteps, caption dropout, posterior and diffusion noise of one step.
     Step = 3,
+    /// Scenes of the shapes world, one stream per image.
+    World = 4,
+    /// Wording choices of a scene's sparse caption.
+    Caption = 5,
 }
 
 pub struct TrainRng(ChaCha20Rng);

@@ -1,0 +1,408 @@
+//! `dataset.shapes` writes the shapes world as a training folder; `eval.shapes`
+//! generates images for the world's prompts and scores them with the detector.
+
+use super::detect::{score, Score};
+use super::world::{all_combos, caption, held_out, Background, Object, Sampling, Scene, Size};
+use crate::fsutil::atomic_write;
+use crate::image_io::encode_png;
+use crate::models::t5::T5Encoder;
+use crate::models::tokenizer::T5Tokenizer;
+use crate::models::vae::AutoencoderKl;
+use crate::pixart::load::Denoiser;
+use crate::pixart::nodes::encode_text;
+use crate::training::preview::{generate, Preview};
+use image::RgbImage;
+use pixart_runtime::{
+    InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
+};
+use rayon::prelude::*;
+use serde_json::json;
+use std::sync::Arc;
+
+const MANIFEST: &str = "shapes.json";
+
+/// Aspect ratios (width : height) of the multi-scale set.
+const ASPECTS: &[(u32, u32)] = &[(1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (2, 1), (1, 2)];
+
+/// The size of image `index`: the base size, or for a mixed set one of
+/// [`ASPECTS`] at about the base area, in multiples of 8 pixels.
+fn frame(width: u32, height: u32, mixed: bool, seed: u64, index: u64) -> (u32, u32) {
+    if !mixed {
+        return (width, height);
+    }
+    let mut rng =
+        crate::training::rng::TrainRng::new(seed, crate::training::rng::Stream::Caption, !index);
+    let (a, b) = ASPECTS[rng.below(ASPECTS.len() as u64) as usize];
+    let area = (width * height) as f64;
+    let w = (area * a as f64 / b as f64).sqrt();
+    let round8 = |x: f64| ((x / 8.0).round() as u32).max(1) * 8;
+    (round8(w), round8(area / w))
+}
+
+pub struct DatasetShapes {
+    spec: NodeSpec,
+}
+
+impl DatasetShapes {
+    fn new() -> Self {
+        DatasetShapes {
+            spec: NodeSpec::new("dataset.shapes", 1)
+                .category("training")
+                .describe(
+                    "Renders the shapes world into a training folder: one or two objects (circle, square, \
+                     triangle; six colours; small or large; left, right, top, bottom or center) on a white, \
+                     black or gray background, with jitter. Each image gets name.png, name.txt (its dense \
+                     or sparse caption) and name.label (the first object's shape, for class-conditional \
+                     training). Deterministic per (seed, index); a folder already holding the same set is \
+                     kept as it is.",
+                )
+                .input(InputSpec::new("path", PortType::Path).describe("The folder to write."))
+                .input(InputSpec::new("count", PortType::Int).default(2000).min(1.0).max(1e7))
+                .input(InputSpec::new("seed", PortType::Int).default(0).min(0.0))
+                .input(InputSpec::new("width", PortType::Int).default(64).min(16.0).max(4096.0))
+                .input(InputSpec::new("height", PortType::Int).default(64).min(16.0).max(4096.0))
+                .input(
+                    InputSpec::new("aspect", PortType::enum_of(&["fixed", "mixed"]))
+                        .default("fixed")
+                        .describe("mixed: each image takes one of 1:1, 4:3, 3:4, 3:2, 2:3, 2:1, 1:2 at about width×height pixels (for bucketed multi-scale training)."),
+                )
+                .input(
+                    InputSpec::new("two_objects", PortType::Float)
+                        .default(0.5)
+                        .min(0.0)
+                        .max(1.0)
+                        .describe("Probability that a scene has two objects."),
+                )
+                .input(
+                    InputSpec::new("captions", PortType::enum_of(&["dense", "sparse"]))
+                        .default("dense")
+                        .describe(
+                            "dense: every object's size, colour, shape and position and the background; \
+                             sparse: like web alt-text, the first object's shape, sometimes with its colour \
+                             or position.",
+                        ),
+                )
+                .input(
+                    InputSpec::new("holdout", PortType::Bool)
+                        .default(true)
+                        .describe("Leave out the 13 colour-shape-position combinations kept for evaluation."),
+                )
+                .output("path", PortType::Path, "the folder, for dataset.folder")
+                .output("count", PortType::Int, "images written"),
+        }
+    }
+}
+
+impl Node for DatasetShapes {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let dir = ctx.output_path(inputs.path("path")?)?;
+        let count = inputs.int("count")? as u64;
+        let (width, height) = (inputs.int("width")? as u32, inputs.int("height")? as u32);
+        let mixed = inputs.str("aspect")? == "mixed";
+        let sparse = inputs.str("captions")? == "sparse";
+        let sampling = Sampling {
+            seed: inputs.int("seed")? as u64,
+            two_objects: inputs.float("two_objects")?,
+            holdout: inputs.bool("holdout")?,
+        };
+        let manifest = json!({
+            "world": 1,
+            "count": count,
+            "seed": sampling.seed,
+            "width": width,
+            "height": height,
+            "aspect": if mixed { "mixed" } else { "fixed" },
+            "two_objects": sampling.two_objects,
+            "captions": if sparse { "sparse" } else { "dense" },
+            "holdout": sampling.holdout,
+        });
+        let manifest_file = dir.join(MANIFEST);
+        let name = |i: u64| format!("{i:06}");
+        let complete = std::fs::read_to_string(&manifest_file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|m| m == manifest)
+            && (0..count).all(|i| dir.join(format!("{}.label", name(i))).is_file());
+        if !complete {
+            std::fs::create_dir_all(&dir).map_err(|e| NodeError::io(&dir, e))?;
+            // A stale manifest must not vouch for a half-rewritten folder.
+            let _ = std::fs::remove_file(&manifest_file);
+            let done = std::sync::atomic::AtomicU64::new(0);
+            (0..count)
+                .into_par_iter()
+                .try_for_each(|i| -> Result<(), NodeError> {
+                    ctx.check_cancelled()?;
+                    let scene = Scene::sample(&sampling, i);
+                    let (w, h) = frame(width, height, mixed, sampling.seed, i);
+                    let img = scene.render(w, h);
+                    let png = encode_png(img.as_raw(), w as usize, h as usize, 3, &[])
+                        .map_err(NodeError::msg)?;
+                    let text = if sparse {
+                        scene.sparse_caption(sampling.seed, i)
+                    } else {
+                        scene.dense_caption()
+                    };
+                    let base = dir.join(name(i));
+                    atomic_write(&base.with_extension("png"), &png)?;
+                    atomic_write(&base.with_extension("txt"), text.as_bytes())?;
+                    // The label last: its presence marks the item complete.
+                    atomic_write(&base.with_extension("label"), scene.label().as_bytes())?;
+                    let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    if n.is_multiple_of(64) || n == count {
+                        ctx.progress(n, count);
+                    }
+                    Ok(())
+                })?;
+            atomic_write(&manifest_file, manifest.to_string().as_bytes())?;
+        }
+        Ok(Outputs::one("path", Value::Path(dir)).with("count", Value::Int(count as i64)))
+    }
+}
+
+/// A prompt of the evaluation set.
+#[derive(Clone, Debug)]
+pub struct EvalPrompt {
+    pub objects: Vec<Object>,
+    pub background: Background,
+    pub held_out: bool,
+}
+
+impl EvalPrompt {
+    pub fn text(&self) -> String {
+        caption(&self.objects, self.background)
+    }
+}
+
+/// The evaluation prompts: every colour-shape-position combination once per
+/// sample, sizes and backgrounds rotating; or two-object scenes of the world.
+pub fn eval_prompts(two: bool, samples: usize) -> Vec<EvalPrompt> {
+    let mut out = Vec::new();
+    if two {
+        let sampling = Sampling {
+            seed: 0x5eed_e7a1,
+            two_objects: 1.0,
+            holdout: false,
+        };
+        for i in 0..(60 * samples as u64) {
+            let scene = Scene::sample(&sampling, i);
+            if scene.objects.len() == 2 {
+                let objects: Vec<Object> = scene.objects.iter().map(|p| p.object).collect();
+                out.push(EvalPrompt {
+                    held_out: objects
+                        .iter()
+                        .any(|o| held_out((o.colour, o.shape, o.position))),
+                    objects,
+                    background: scene.background,
+                });
+            }
+        }
+        return out;
+    }
+    for k in 0..samples {
+        for (i, combo) in all_combos().into_iter().enumerate() {
+            let (colour, shape, position) = combo;
+            out.push(EvalPrompt {
+                objects: vec![Object {
+                    shape,
+                    colour,
+                    size: Size::ALL[(i + k) % 2],
+                    position,
+                }],
+                background: Background::ALL[(i / 2 + k) % 3],
+                held_out: held_out(combo),
+            });
+        }
+    }
+    out
+}
+
+/// Scores of one evaluation: all prompts, and the seen / held-out split.
+#[derive(Clone, Debug, Default)]
+pub struct Evaluation {
+    pub all: Score,
+    pub seen: Score,
+    pub held_out: Score,
+}
+
+impl Evaluation {
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "all": self.all.to_json(),
+            "seen": self.seen.to_json(),
+            "held_out": self.held_out.to_json(),
+        })
+    }
+}
+
+pub struct EvalSettings {
+    pub size: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+}
+
+/// Generates one image per prompt and scores it; `each` sees every image.
+pub fn evaluate(
+    den: &Denoiser,
+    tok: &T5Tokenizer,
+    enc: &T5Encoder,
+    vae: &AutoencoderKl,
+    prompts: &[EvalPrompt],
+    s: &EvalSettings,
+    mut each: impl FnMut(usize, &RgbImage) -> Result<(), NodeError>,
+) -> Result<Evaluation, NodeError> {
+    let mut eval = Evaluation::default();
+    for (i, p) in prompts.iter().enumerate() {
+        let cond = encode_text(tok, enc, &p.text(), 120).map_err(NodeError::msg)?;
+        let image = generate(
+            den,
+            &Preview {
+                vae,
+                prompt: &cond,
+                size: s.size,
+                steps: s.steps,
+                guidance: s.guidance,
+                seed: s.seed.wrapping_add(i as u64),
+            },
+        )?;
+        let (_, h, w, _) = image.dims4()?;
+        let bytes = crate::image_io::to_bytes(&image)?;
+        let rgb = RgbImage::from_raw(w as u32, h as u32, bytes)
+            .ok_or_else(|| NodeError::msg("generated image has the wrong size"))?;
+        let sc = score(&rgb, &p.objects, p.background);
+        eval.all.add(&sc);
+        if p.held_out {
+            eval.held_out.add(&sc);
+        } else {
+            eval.seen.add(&sc);
+        }
+        each(i, &rgb)?;
+    }
+    Ok(eval)
+}
+
+/// Tiles images into rows of `columns`.
+pub fn contact_sheet(images: &[RgbImage], columns: usize) -> RgbImage {
+    let (w, h) = images.first().map_or((1, 1), |i| i.dimensions());
+    let rows = images.len().div_ceil(columns.max(1)).max(1);
+    let mut sheet = RgbImage::new(w * columns as u32, h * rows as u32);
+    for (i, img) in images.iter().enumerate() {
+        let (x, y) = (
+            (i % columns) as i64 * w as i64,
+            (i / columns) as i64 * h as i64,
+        );
+        image::imageops::replace(&mut sheet, img, x, y);
+    }
+    sheet
+}
+
+pub struct EvalShapes {
+    spec: NodeSpec,
+}
+
+impl EvalShapes {
+    fn new() -> Self {
+        EvalShapes {
+            spec: NodeSpec::new("eval.shapes", 1)
+                .category("training")
+                .describe(
+                    "Scores a model on the shapes world: generates each evaluation prompt (single: all 90 \
+                     colour-shape-position combinations per sample, 13 of them held out of training; two: \
+                     two-object scenes) and reads colour, shape, size and position back with a deterministic \
+                     detector. Writes report.json and a contact sheet to `out`.",
+                )
+                .input(InputSpec::new("transformer", PortType::Denoiser))
+                .input(InputSpec::new("tokenizer", PortType::Tokenizer))
+                .input(InputSpec::new("encoder", PortType::TextEncoder))
+                .input(InputSpec::new("vae", PortType::Vae))
+                .input(InputSpec::new("prompts", PortType::enum_of(&["single", "two"])).default("single"))
+                .input(
+                    InputSpec::new("samples", PortType::Int)
+                        .default(1)
+                        .min(1.0)
+                        .max(1000.0)
+                        .describe("Images per prompt (single) or sets of 60 scenes (two)."),
+                )
+                .input(InputSpec::new("size", PortType::Int).default(64).min(16.0).max(4096.0))
+                .input(InputSpec::new("steps", PortType::Int).default(20).min(1.0).max(1000.0))
+                .input(InputSpec::new("guidance", PortType::Float).default(4.5).min(0.0).max(100.0))
+                .input(InputSpec::new("seed", PortType::Int).default(0).min(0.0))
+                .input(InputSpec::new("out", PortType::Path).describe("Folder for report.json and sheet.png."))
+                .output("report", PortType::String, "the scores as JSON")
+                .output("colour", PortType::Float, "colour accuracy over all prompts")
+                .output("shape", PortType::Float, "shape accuracy over all prompts")
+                .output("position", PortType::Float, "position accuracy over all prompts"),
+        }
+    }
+}
+
+impl Node for EvalShapes {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let den = inputs.handle::<Denoiser>("transformer")?;
+        let tok = inputs.handle::<T5Tokenizer>("tokenizer")?;
+        let enc = inputs.handle::<T5Encoder>("encoder")?;
+        let vae = inputs.handle::<AutoencoderKl>("vae")?;
+        let out = ctx.output_path(inputs.path("out")?)?;
+        let size = inputs.int("size")? as usize;
+        let scale = vae.config().scale_factor() * den.model.config().patch_size;
+        if !size.is_multiple_of(scale) {
+            return Err(NodeError::input(
+                "size",
+                format!("{size} is not a multiple of {scale}"),
+            ));
+        }
+        let prompts = eval_prompts(
+            inputs.str("prompts")? == "two",
+            inputs.int("samples")? as usize,
+        );
+        let settings = EvalSettings {
+            size,
+            steps: inputs.int("steps")? as usize,
+            guidance: inputs.float("guidance")?,
+            seed: inputs.int("seed")? as u64,
+        };
+        let mut images = Vec::new();
+        let eval = evaluate(den, tok, enc, vae, &prompts, &settings, |i, img| {
+            ctx.check_cancelled()?;
+            ctx.progress(i as u64 + 1, prompts.len() as u64);
+            if images.len() < 90 {
+                images.push(img.clone());
+            }
+            Ok(())
+        })?;
+        let report = json!({
+            "prompts": prompts.len(),
+            "scores": eval.to_json(),
+            "settings": {"size": size, "steps": settings.steps, "guidance": settings.guidance, "seed": settings.seed},
+        });
+        std::fs::create_dir_all(&out).map_err(|e| NodeError::io(&out, e))?;
+        let text = serde_json::to_string_pretty(&report).map_err(NodeError::msg)?;
+        atomic_write(&out.join("report.json"), text.as_bytes())?;
+        let sheet = contact_sheet(&images, 15);
+        let png = encode_png(
+            sheet.as_raw(),
+            sheet.width() as usize,
+            sheet.height() as usize,
+            3,
+            &[],
+        )
+        .map_err(NodeError::msg)?;
+        atomic_write(&out.join("sheet.png"), &png)?;
+        Ok(Outputs::one("report", Value::String(text))
+            .with("colour", Value::Float(eval.all.colour_rate()))
+            .with("shape", Value::Float(eval.all.shape_rate()))
+            .with("position", Value::Float(eval.all.position_rate())))
+    }
+}
+
+pub fn nodes() -> Vec<Arc<dyn Node>> {
+    vec![Arc::new(DatasetShapes::new()), Arc::new(EvalShapes::new())]
+}
