@@ -31,6 +31,10 @@ pub fn builtin_nodes() -> Vec<Arc<dyn Node>> {
     nodes.extend(training::dataset::nodes());
     nodes.extend(training::precompute::nodes());
     nodes.extend(training::trainer::nodes());
+    nodes.extend(training::tokenizer_train::nodes());
+    nodes.extend(training::t5_init::nodes());
+    nodes.extend(training::vae_train::nodes());
+    nodes.extend(training::pipeline_save::nodes());
     nodes.extend(shapes::nodes::nodes());
     nodes
 }

@@ -3,6 +3,7 @@
 //! checkpoint's weight prefixes.
 
 pub mod cache;
+pub mod conv_ops;
 pub mod fast_ops;
 pub mod pixart;
 pub mod t5;

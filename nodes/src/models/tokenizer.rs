@@ -134,23 +134,7 @@ fn from_sentencepiece(bytes: &[u8], extra_ids: usize) -> Result<Tokenizer, Strin
             Precompiled::from(&spm.charsmap).map_err(|e| format!("precompiled charsmap: {e}"))?;
         tok.with_normalizer(Some(pre)).map_err(|e| e.to_string())?;
     }
-    let words: Vec<PreTokenizerWrapper> = vec![
-        WhitespaceSplit.into(),
-        Metaspace::new('▁', PrependScheme::Always, true).into(),
-    ];
-    tok.with_pre_tokenizer(Some(PreTokenizerSequence::new(words)));
-    tok.with_decoder(Some(tokenizers::decoders::metaspace::Metaspace::new(
-        '▁',
-        PrependScheme::Always,
-        true,
-    )));
-    let post = TemplateProcessing::builder()
-        .try_single("$A </s>")
-        .map_err(|e| e.to_string())?
-        .special_tokens(vec![("</s>".to_string(), eos as u32)])
-        .build()
-        .map_err(|e| e.to_string())?;
-    tok.with_post_processor(Some(post));
+    t5_pipeline(&mut tok, eos as u32)?;
     // The pieces that transformers registers as special, so a literal "</s>" in a
     // prompt is that token, as with tokenizer.json.
     let known: Vec<AddedToken> = ["<pad>", "</s>", "<unk>"]
@@ -169,6 +153,29 @@ fn from_sentencepiece(bytes: &[u8], extra_ids: usize) -> Result<Tokenizer, Strin
         return Err("cannot add the <extra_id_N> tokens".into());
     }
     Ok(tok)
+}
+
+/// T5's pipeline around a Unigram model: whitespace split, SentencePiece's
+/// `▁` prefix on every word (and back when decoding), `</s>` appended.
+pub fn t5_pipeline(tok: &mut Tokenizer, eos: u32) -> Result<(), String> {
+    let words: Vec<PreTokenizerWrapper> = vec![
+        WhitespaceSplit.into(),
+        Metaspace::new('▁', PrependScheme::Always, true).into(),
+    ];
+    tok.with_pre_tokenizer(Some(PreTokenizerSequence::new(words)));
+    tok.with_decoder(Some(tokenizers::decoders::metaspace::Metaspace::new(
+        '▁',
+        PrependScheme::Always,
+        true,
+    )));
+    let post = TemplateProcessing::builder()
+        .try_single("$A </s>")
+        .map_err(|e| e.to_string())?
+        .special_tokens(vec![("</s>".to_string(), eos)])
+        .build()
+        .map_err(|e| e.to_string())?;
+    tok.with_post_processor(Some(post));
+    Ok(())
 }
 
 fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, String> {

@@ -2,6 +2,7 @@
 //! diagonal Gaussian posterior, decoder back to pixels. Latents are scaled by
 //! `scaling_factor` (0.18215) outside, in the nodes.
 
+use super::conv_ops::conv2d as conv;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
@@ -122,10 +123,10 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = conv(&self.conv1, &self.norm1.forward(x)?.silu()?)?;
+        let h = conv(&self.conv2, &self.norm2.forward(&h)?.silu()?)?;
         let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(x)?,
+            Some(c) => conv(c, x)?,
             None => x.clone(),
         };
         shortcut + h
@@ -271,22 +272,22 @@ impl Encoder {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = self.conv_in.forward(x)?;
+        let mut x = conv(&self.conv_in, x)?;
         for block in &self.down {
             for r in &block.resnets {
                 x = r.forward(&x)?;
             }
-            if let Some(conv) = &block.downsample {
+            if let Some(c) = &block.downsample {
                 // diffusers pads right and bottom by one, then a stride-2 3×3 conv.
-                x = conv.forward(&x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(
-                    D::Minus2,
-                    0,
-                    1,
-                )?)?;
+                x = conv(
+                    c,
+                    &x.pad_with_zeros(D::Minus1, 0, 1)?
+                        .pad_with_zeros(D::Minus2, 0, 1)?,
+                )?;
             }
         }
         let x = self.mid.forward(&x)?;
-        self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)
+        conv(&self.conv_out, &self.norm_out.forward(&x)?.silu()?)
     }
 }
 
@@ -335,17 +336,17 @@ impl Decoder {
     }
 
     fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let mut x = self.mid.forward(&self.conv_in.forward(z)?)?;
+        let mut x = self.mid.forward(&conv(&self.conv_in, z)?)?;
         for block in &self.up {
             for r in &block.resnets {
                 x = r.forward(&x)?;
             }
-            if let Some(conv) = &block.upsample {
+            if let Some(c) = &block.upsample {
                 let (_, _, h, w) = x.dims4()?;
-                x = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+                x = conv(c, &x.upsample_nearest2d(2 * h, 2 * w)?)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)
+        conv(&self.conv_out, &self.norm_out.forward(&x)?.silu()?)
     }
 }
 
@@ -418,7 +419,7 @@ impl AutoencoderKl {
     pub fn encode(&self, x: &Tensor) -> Result<Posterior> {
         let mut h = self.encoder.forward(&x.to_dtype(self.dtype)?)?;
         if let Some(q) = &self.quant_conv {
-            h = q.forward(&h)?;
+            h = conv(q, &h)?;
         }
         let l = self.cfg.latent_channels;
         Ok(Posterior {
@@ -431,7 +432,7 @@ impl AutoencoderKl {
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         let mut z = z.to_dtype(self.dtype)?;
         if let Some(q) = &self.post_quant_conv {
-            z = q.forward(&z)?;
+            z = conv(q, &z)?;
         }
         self.decoder.forward(&z)
     }

@@ -309,6 +309,7 @@ impl EvalShapes {
         EvalShapes {
             spec: NodeSpec::new("eval.shapes", 1)
                 .category("training")
+                .output_node()
                 .describe(
                     "Scores a model on the shapes world: generates each evaluation prompt (single: all 90 \
                      colour-shape-position combinations per sample, 13 of them held out of training; two: \

@@ -1,0 +1,250 @@
+//! A 2-D convolution for training on the CPU: im2col (`Unfold`, whose backward
+//! is the matching fold) followed by the fused linear layer of
+//! [`super::train_ops`]. candle's own convolution differentiates its input with
+//! a scalar transposed-convolution loop and its kernel with a convolution the
+//! size of the image, which made a small VAE's training step take seconds.
+
+use super::train_ops::linear;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Geometry of one convolution: input `[B, C, H, W]`, a `k×k` kernel.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Geometry {
+    fn out_h(&self) -> usize {
+        (self.h + 2 * self.padding - self.k) / self.stride + 1
+    }
+    fn out_w(&self) -> usize {
+        (self.w + 2 * self.padding - self.k) / self.stride + 1
+    }
+    /// Values per column: C·k·k, in the kernel's (c, ky, kx) order.
+    fn patch(&self) -> usize {
+        self.c * self.k * self.k
+    }
+    /// For output pixel (oy, ox) and patch entry (c, ky, kx): the input pixel, if inside.
+    #[inline(always)]
+    fn source(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
+        let y = (oy * self.stride + ky).checked_sub(self.padding)?;
+        let x = (ox * self.stride + kx).checked_sub(self.padding)?;
+        (y < self.h && x < self.w).then_some((y, x))
+    }
+}
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((a, b))) => Ok(&data[a..b]),
+        _ => candle_core::bail!("conv unfold: contiguous f32 only, got {:?}", s.dtype()),
+    }
+}
+
+/// `[B, C, H, W]` → `[B, OH, OW, C·k·k]`.
+struct Unfold(Geometry);
+
+impl CustomOp1 for Unfold {
+    fn name(&self) -> &'static str {
+        "conv-unfold"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let x = contiguous(s, l)?;
+        let (oh, ow, patch) = (g.out_h(), g.out_w(), g.patch());
+        let mut cols = vec![0f32; g.b * oh * ow * patch];
+        cols.par_chunks_mut(ow * patch)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (bi, oy) = (row / oh, row % oh);
+                let image = &x[bi * g.c * g.h * g.w..][..g.c * g.h * g.w];
+                for ox in 0..ow {
+                    let col = &mut dst[ox * patch..][..patch];
+                    let x0 = (ox * g.stride).checked_sub(g.padding);
+                    // The kernel's row lies inside the image: copy it whole.
+                    let inside = x0.is_some_and(|x0| x0 + g.k <= g.w);
+                    for c in 0..g.c {
+                        let plane = &image[c * g.h * g.w..][..g.h * g.w];
+                        for ky in 0..g.k {
+                            let run = &mut col[(c * g.k + ky) * g.k..][..g.k];
+                            let Some(y) = (oy * g.stride + ky)
+                                .checked_sub(g.padding)
+                                .filter(|y| *y < g.h)
+                            else {
+                                continue;
+                            };
+                            match (inside, x0) {
+                                (true, Some(x0)) => {
+                                    run.copy_from_slice(&plane[y * g.w + x0..][..g.k])
+                                }
+                                _ => {
+                                    for (kx, v) in run.iter_mut().enumerate() {
+                                        if let Some((_, xx)) = g.source(oy, ox, ky, kx) {
+                                            *v = plane[y * g.w + xx];
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(cols), Shape::from((g.b, oh, ow, patch))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Fold(self.0))?))
+    }
+}
+
+/// The adjoint of [`Unfold`]: columns' gradients summed back onto input pixels.
+struct Fold(Geometry);
+
+impl CustomOp1 for Fold {
+    fn name(&self) -> &'static str {
+        "conv-fold"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let cols = contiguous(s, l)?;
+        let (oh, ow, patch) = (g.out_h(), g.out_w(), g.patch());
+        let mut dx = vec![0f32; g.b * g.c * g.h * g.w];
+        // One (image, channel) plane per task: its sums touch no other plane.
+        dx.par_chunks_mut(g.h * g.w)
+            .enumerate()
+            .for_each(|(plane_index, plane)| {
+                let (bi, c) = (plane_index / g.c, plane_index % g.c);
+                let image_cols = &cols[bi * oh * ow * patch..][..oh * ow * patch];
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let col =
+                            &image_cols[(oy * ow + ox) * patch + c * g.k * g.k..][..g.k * g.k];
+                        let x0 = (ox * g.stride).checked_sub(g.padding);
+                        let inside = x0.is_some_and(|x0| x0 + g.k <= g.w);
+                        for ky in 0..g.k {
+                            let Some(y) = (oy * g.stride + ky)
+                                .checked_sub(g.padding)
+                                .filter(|y| *y < g.h)
+                            else {
+                                continue;
+                            };
+                            let run = &col[ky * g.k..][..g.k];
+                            match (inside, x0) {
+                                (true, Some(x0)) => {
+                                    for (d, v) in plane[y * g.w + x0..][..g.k].iter_mut().zip(run) {
+                                        *d += v;
+                                    }
+                                }
+                                _ => {
+                                    for (kx, v) in run.iter().enumerate() {
+                                        if let Some((_, x)) = g.source(oy, ox, ky, kx) {
+                                            plane[y * g.w + x] += v;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), Shape::from((g.b, g.c, g.h, g.w))))
+    }
+}
+
+/// `conv.forward(x)`, on the CPU in f32 with fast gradients and bounded
+/// buffers; candle's convolution on other devices and dtypes.
+pub fn conv2d(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
+    use candle_core::Module;
+    let w = conv.weight();
+    let cfg = conv.config();
+    let square = w.dim(2)? == w.dim(3)?;
+    let plain = cfg.groups == 1 && cfg.dilation == 1 && square && conv.bias().is_some();
+    if !(plain && x.device().is_cpu() && x.dtype() == DType::F32) {
+        return conv.forward(x);
+    }
+    let (b, c, h, wd) = x.dims4()?;
+    let (o, k) = (w.dim(0)?, w.dim(2)?);
+    let mut g = Geometry {
+        b,
+        c,
+        h,
+        w: wd,
+        k,
+        stride: cfg.stride,
+        padding: cfg.padding,
+    };
+    let layer = candle_nn::Linear::new(w.reshape((o, c * k * k))?, conv.bias().cloned());
+    // A few images at a time, so the columns stay well under glibc's 32 MiB
+    // mmap threshold: bigger buffers are mapped fresh and page-faulted on every
+    // allocation, which cost more than the arithmetic.
+    let per_image = g.out_h() * g.out_w() * g.patch();
+    let chunk = (COLUMN_BUDGET / per_image.max(1)).clamp(1, b);
+    let x = x.contiguous()?;
+    let mut parts = Vec::with_capacity(b.div_ceil(chunk));
+    for start in (0..b).step_by(chunk) {
+        g.b = chunk.min(b - start);
+        let cols = x.narrow(0, start, g.b)?.apply_op1(Unfold(g))?;
+        parts.push(linear(&layer, &cols)?);
+    }
+    let y = if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        Tensor::cat(&parts, 0)?
+    };
+    y.permute((0, 3, 1, 2))?.contiguous()
+}
+
+/// Column values unfolded at once (4 MiB of f32; tiny in tests, so they take
+/// the chunked path).
+const COLUMN_BUDGET: usize = if cfg!(test) { 2000 } else { 1 << 20 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Same values and gradients as candle's convolution, strided and padded.
+    #[test]
+    fn matches_candle_conv_and_its_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        for (stride, padding, k) in [(1, 1, 3), (2, 0, 3), (1, 0, 1)] {
+            // Square inputs: candle's own backward takes the width's output padding from the height.
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 7, 7), &dev)?)?;
+            let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3, k, k), &dev)?)?;
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, 4, &dev)?)?;
+            let cfg = candle_nn::Conv2dConfig {
+                stride,
+                padding,
+                ..Default::default()
+            };
+            let conv =
+                candle_nn::Conv2d::new(w.as_tensor().clone(), Some(bias.as_tensor().clone()), cfg);
+            let ours = conv2d(&conv, x.as_tensor())?;
+            let theirs = candle_core::Module::forward(&conv, x.as_tensor())?;
+            let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "forward differs by {diff}");
+            let probe = Tensor::randn(0f32, 1.0, ours.dims(), &dev)?;
+            let ga = (&ours * &probe)?.sum_all()?.backward()?;
+            let gb = (&theirs * &probe)?.sum_all()?.backward()?;
+            for v in [&x, &w, &bias] {
+                let a = ga.get(v.as_tensor()).unwrap();
+                let b = gb.get(v.as_tensor()).unwrap();
+                let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    diff < 1e-4,
+                    "stride {stride}, padding {padding}: gradient differs by {diff}"
+                );
+            }
+        }
+        Ok(())
+    }
+}
