@@ -57,6 +57,16 @@ pub fn generation_size(
 
 /// Text features for the batch [negative, positive] (or just positive without
 /// guidance), with their masks.
+/// `[tokens, C]` cut or zero-padded to `len` tokens.
+fn fit_tokens(t: &Tensor, len: usize) -> Result<Tensor> {
+    let n = t.dim(0)?;
+    if n >= len {
+        t.narrow(0, 0, len)
+    } else {
+        t.pad_with_zeros(0, 0, len - n)
+    }
+}
+
 fn text_batch(
     den: &Denoiser,
     req: &Request,
@@ -71,7 +81,12 @@ fn text_batch(
     let (neg, neg_mask) = match (req.negative, &den.null_caption) {
         (Some(n), _) => (n.embeddings.to_device(device)?, n.mask.to_device(device)?.to_dtype(DType::F32)?),
         // The official sampler gives the null caption the positive prompt's mask.
-        (None, Some(null)) => (null.unsqueeze(0)?.to_dtype(pos.dtype())?, pos_mask.clone()),
+        // A null caption learnt at another text length is cut or zero-padded to
+        // the prompt's (padding tokens carry no weight under the mask).
+        (None, Some(null)) => (
+            fit_tokens(null, pos.dim(1)?)?.unsqueeze(0)?.to_dtype(pos.dtype())?,
+            pos_mask.clone(),
+        ),
         (None, None) => candle_core::bail!(
             "guidance > 1 needs a negative conditioning (this checkpoint has no learned null caption)"
         ),

@@ -384,26 +384,262 @@ impl Node for EvalShapes {
             "scores": eval.to_json(),
             "settings": {"size": size, "steps": settings.steps, "guidance": settings.guidance, "seed": settings.seed},
         });
-        std::fs::create_dir_all(&out).map_err(|e| NodeError::io(&out, e))?;
-        let text = serde_json::to_string_pretty(&report).map_err(NodeError::msg)?;
-        atomic_write(&out.join("report.json"), text.as_bytes())?;
-        let sheet = contact_sheet(&images, 15);
-        let png = encode_png(
-            sheet.as_raw(),
-            sheet.width() as usize,
-            sheet.height() as usize,
-            3,
-            &[],
-        )
-        .map_err(NodeError::msg)?;
-        atomic_write(&out.join("sheet.png"), &png)?;
-        Ok(Outputs::one("report", Value::String(text))
+        let outputs = write_report(&out, &report, &images)?;
+        Ok(outputs
             .with("colour", Value::Float(eval.all.colour_rate()))
             .with("shape", Value::Float(eval.all.shape_rate()))
             .with("position", Value::Float(eval.all.position_rate())))
     }
 }
 
+/// Scores VAE round trips of true renders of `prompts`: the ceiling any model
+/// decoded by this VAE can reach.
+pub fn evaluate_reconstruction(
+    vae: &AutoencoderKl,
+    prompts: &[EvalPrompt],
+    size: usize,
+    seed: u64,
+    mut each: impl FnMut(usize, &RgbImage) -> Result<(), NodeError>,
+) -> Result<Evaluation, NodeError> {
+    let mut eval = Evaluation::default();
+    for (i, p) in prompts.iter().enumerate() {
+        let scene = Scene::of(&p.objects, p.background, seed.wrapping_add(i as u64));
+        let img = scene.render(size as u32, size as u32);
+        let x = candle_core::Tensor::from_vec(
+            img.into_raw(),
+            (1, size, size, 3),
+            &candle_core::Device::Cpu,
+        )?
+        .permute((0, 3, 1, 2))?
+        .to_dtype(candle_core::DType::F32)?
+        .affine(2.0 / 255.0, -1.0)?;
+        let back = vae.decode(&vae.encode(&x)?.mean)?;
+        let pixels = ((back.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
+            .round()?
+            .permute((0, 2, 3, 1))?
+            .flatten_all()?
+            .to_dtype(candle_core::DType::U8)?
+            .to_vec1::<u8>()?;
+        let rgb = RgbImage::from_raw(size as u32, size as u32, pixels)
+            .ok_or_else(|| NodeError::msg("decoded image has the wrong size"))?;
+        let sc = score(&rgb, &p.objects, p.background);
+        eval.all.add(&sc);
+        if p.held_out {
+            eval.held_out.add(&sc);
+        } else {
+            eval.seen.add(&sc);
+        }
+        each(i, &rgb)?;
+    }
+    Ok(eval)
+}
+
+pub struct EvalReconstruction {
+    spec: NodeSpec,
+}
+
+impl EvalReconstruction {
+    fn new() -> Self {
+        EvalReconstruction {
+            spec: NodeSpec::new("eval.reconstruction", 1)
+                .category("training")
+                .output_node()
+                .describe(
+                    "Scores a VAE on the shapes world: true renders of the evaluation prompts, encoded \
+                     (posterior mean) and decoded, read back by the detector — the ceiling for any model \
+                     this VAE decodes. Writes report.json and sheet.png to `out`.",
+                )
+                .input(InputSpec::new("vae", PortType::Vae))
+                .input(InputSpec::new("samples", PortType::Int).default(1).min(1.0).max(1000.0))
+                .input(InputSpec::new("size", PortType::Int).default(64).min(16.0).max(4096.0))
+                .input(InputSpec::new("seed", PortType::Int).default(0).min(0.0))
+                .input(InputSpec::new("out", PortType::Path).describe("Folder for report.json and sheet.png."))
+                .output("report", PortType::String, "the scores as JSON"),
+        }
+    }
+}
+
+impl Node for EvalReconstruction {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let vae = inputs.handle::<AutoencoderKl>("vae")?;
+        let out = ctx.output_path(inputs.path("out")?)?;
+        let size = inputs.int("size")? as usize;
+        if !size.is_multiple_of(vae.config().scale_factor()) {
+            return Err(NodeError::input(
+                "size",
+                format!("{size} is not a multiple of the VAE's factor"),
+            ));
+        }
+        let prompts = eval_prompts(false, inputs.int("samples")? as usize);
+        let mut images = Vec::new();
+        let eval =
+            evaluate_reconstruction(vae, &prompts, size, inputs.int("seed")? as u64, |i, img| {
+                ctx.check_cancelled()?;
+                ctx.progress(i as u64 + 1, prompts.len() as u64);
+                if images.len() < 90 {
+                    images.push(img.clone());
+                }
+                Ok(())
+            })?;
+        write_report(
+            &out,
+            &json!({"prompts": prompts.len(), "scores": eval.to_json()}),
+            &images,
+        )
+    }
+}
+
+/// report.json and a contact sheet of (up to) the first 90 images.
+fn write_report(
+    out: &std::path::Path,
+    report: &serde_json::Value,
+    images: &[RgbImage],
+) -> Result<Outputs, NodeError> {
+    std::fs::create_dir_all(out).map_err(|e| NodeError::io(out, e))?;
+    let text = serde_json::to_string_pretty(report).map_err(NodeError::msg)?;
+    atomic_write(&out.join("report.json"), text.as_bytes())?;
+    let sheet = contact_sheet(images, 15);
+    let png = encode_png(
+        sheet.as_raw(),
+        sheet.width() as usize,
+        sheet.height() as usize,
+        3,
+        &[],
+    )
+    .map_err(NodeError::msg)?;
+    atomic_write(&out.join("sheet.png"), &png)?;
+    Ok(Outputs::one("report", Value::String(text)))
+}
+
+pub struct EvalCurve {
+    spec: NodeSpec,
+}
+
+impl EvalCurve {
+    fn new() -> Self {
+        EvalCurve {
+            spec: NodeSpec::new("eval.curve", 1)
+                .category("training")
+                .output_node()
+                .describe(
+                    "Scores every checkpoint of a training run (train.pixart's `out` folder) on the shapes \
+                     world's single-object prompts and writes the learning curve as CSV: step (plus \
+                     `offset`, the steps trained before this run), then colour, shape, position, size and \
+                     all-correct rates over all prompts and over the held-out ones. Checkpoints already in \
+                     the CSV are not scored again.",
+                )
+                .input(InputSpec::new("run", PortType::Path).describe("A train.pixart run folder."))
+                .input(InputSpec::new("tokenizer", PortType::Tokenizer))
+                .input(InputSpec::new("encoder", PortType::TextEncoder))
+                .input(InputSpec::new("vae", PortType::Vae))
+                .input(InputSpec::new("offset", PortType::Int).default(0).min(0.0))
+                .input(InputSpec::new("size", PortType::Int).default(64).min(16.0).max(4096.0))
+                .input(InputSpec::new("steps", PortType::Int).default(20).min(1.0).max(1000.0))
+                .input(InputSpec::new("guidance", PortType::Float).default(4.5).min(0.0).max(100.0))
+                .input(InputSpec::new("seed", PortType::Int).default(0).min(0.0))
+                .input(InputSpec::new("out", PortType::Path).describe("The CSV file to write."))
+                .output("csv", PortType::Path, "the learning curve"),
+        }
+    }
+}
+
+const CURVE_HEADER: &str =
+    "step,colour,shape,position,size,all,held_out_colour,held_out_shape,held_out_position";
+
+fn curve_row(step: u64, e: &Evaluation) -> String {
+    let (a, h) = (&e.all, &e.held_out);
+    format!(
+        "{step},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4}",
+        a.colour_rate(),
+        a.shape_rate(),
+        a.position_rate(),
+        a.size_rate(),
+        a.all_rate(),
+        h.colour_rate(),
+        h.shape_rate(),
+        h.position_rate()
+    )
+}
+
+impl Node for EvalCurve {
+    fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        let run = ctx.input_path(inputs.path("run")?)?;
+        let tok = inputs.handle::<T5Tokenizer>("tokenizer")?;
+        let enc = inputs.handle::<T5Encoder>("encoder")?;
+        let vae = inputs.handle::<AutoencoderKl>("vae")?;
+        let offset = inputs.int("offset")? as u64;
+        let out = ctx.output_path(inputs.path("out")?)?;
+        let settings = EvalSettings {
+            size: inputs.int("size")? as usize,
+            steps: inputs.int("steps")? as usize,
+            guidance: inputs.float("guidance")?,
+            seed: inputs.int("seed")? as u64,
+        };
+        let checkpoints = crate::training::checkpoint::list(&run);
+        if checkpoints.is_empty() {
+            return Err(NodeError::input(
+                "run",
+                format!("{}: no checkpoints", run.display()),
+            ));
+        }
+        // Rows already scored (same header) are kept.
+        let mut rows: Vec<String> = std::fs::read_to_string(&out)
+            .ok()
+            .filter(|t| t.lines().next() == Some(CURVE_HEADER))
+            .map(|t| t.lines().skip(1).map(str::to_string).collect())
+            .unwrap_or_default();
+        let done: std::collections::HashSet<u64> = rows
+            .iter()
+            .filter_map(|r| r.split(',').next()?.parse().ok())
+            .collect();
+        let prompts = eval_prompts(false, 1);
+        let device = candle_core::Device::Cpu;
+        for (i, (step, dir)) in checkpoints.iter().enumerate() {
+            ctx.check_cancelled()?;
+            ctx.progress(i as u64, checkpoints.len() as u64);
+            if done.contains(&(step + offset)) {
+                continue;
+            }
+            let den = crate::pixart::load::transformer(
+                &dir.join(crate::training::checkpoint::TRANSFORMER),
+                candle_core::DType::F32,
+                &device,
+            )
+            .map_err(NodeError::msg)?;
+            let eval = evaluate(&den, tok, enc, vae, &prompts, &settings, |_, _| {
+                ctx.check_cancelled()
+            })?;
+            rows.push(curve_row(step + offset, &eval));
+            rows.sort_by_key(|r| {
+                r.split(',')
+                    .next()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0)
+            });
+            let text = format!("{CURVE_HEADER}\n{}\n", rows.join("\n"));
+            if let Some(parent) = out.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| NodeError::io(parent, e))?;
+            }
+            atomic_write(&out, text.as_bytes())?;
+        }
+        ctx.progress(checkpoints.len() as u64, checkpoints.len() as u64);
+        Ok(Outputs::one("csv", Value::Path(out)))
+    }
+}
+
 pub fn nodes() -> Vec<Arc<dyn Node>> {
-    vec![Arc::new(DatasetShapes::new()), Arc::new(EvalShapes::new())]
+    vec![
+        Arc::new(DatasetShapes::new()),
+        Arc::new(EvalShapes::new()),
+        Arc::new(EvalCurve::new()),
+        Arc::new(EvalReconstruction::new()),
+    ]
 }

@@ -30,6 +30,7 @@ pub struct Settings {
     pub lr: f64,
     pub kl_weight: f64,
     pub seed: u64,
+    pub loss: Reconstruction,
     /// Side of the random crops trained on (the whole image when it is the resolution).
     pub crop: usize,
 }
@@ -64,19 +65,46 @@ fn initialise(vars: &[(String, Var)], seed: u64) -> candle_core::Result<()> {
     Ok(())
 }
 
-/// L1 reconstruction (summed per image) and KL (summed per image), batch means.
+/// The learning rate of step `step` of `steps`: a linear warm-up over the
+/// first 5% (at most 100 steps), then a cosine decay to zero — with an L1 loss
+/// Adam's steps never shrink by themselves, and a constant rate leaves the
+/// weights (and the decoded colours) jittering at the end.
+pub fn cosine_lr(lr: f64, step: u64, steps: u64) -> f64 {
+    let warmup = (steps / 20).clamp(1, 100);
+    if step < warmup {
+        return lr * (step + 1) as f64 / warmup as f64;
+    }
+    let t = (step - warmup) as f64 / (steps - warmup).max(1) as f64;
+    lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+}
+
+/// How reconstructions are compared with the images.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Reconstruction {
+    /// Latent diffusion's choice (with LPIPS, which we leave out).
+    L1,
+    /// Squared error: on flat-coloured images it fixes wrong colours much
+    /// sooner (measured in BENCHMARKS.md), as large errors weigh more.
+    Mse,
+}
+
+/// Reconstruction error (summed per image) and KL (summed per image), batch means.
 pub fn losses(
     vae: &AutoencoderKl,
     x: &Tensor,
     noise: &Tensor,
+    loss: Reconstruction,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let b = x.dim(0)? as f64;
     let posterior = vae.encode(x)?;
     let z = posterior.sample(noise)?;
-    let rec = (vae.decode(&z)? - x)?
-        .abs()?
-        .sum_all()?
-        .affine(1.0 / b, 0.0)?;
+    let diff = (vae.decode(&z)? - x)?;
+    let rec = match loss {
+        Reconstruction::L1 => diff.abs()?,
+        Reconstruction::Mse => diff.sqr()?,
+    }
+    .sum_all()?
+    .affine(1.0 / b, 0.0)?;
     let var = posterior.logvar.exp()?;
     let kl = ((posterior.mean.sqr()? + var)? - 1.0)?
         .sub(&posterior.logvar)?
@@ -122,7 +150,8 @@ impl TrainVae {
                 .category("training")
                 .describe(
                     "Trains an AutoencoderKL from scratch on a dataset's images (centre crops at its \
-                     resolution): L1 reconstruction of a posterior sample + kl_weight × KL, Adam, seeded. \
+                     resolution): reconstruction error (L1 or MSE) of a posterior sample + kl_weight × KL, Adam with a \
+                     warm-up and cosine decay, seeded. \
                      Sets scaling_factor to 1/std of the latents and writes a diffusers VAE folder. A \
                      folder already trained with the same settings and data is reused.",
                 )
@@ -134,6 +163,11 @@ impl TrainVae {
                 .input(InputSpec::new("steps", PortType::Int).default(2000).min(1.0).max(1e9))
                 .input(InputSpec::new("batch", PortType::Int).default(16).min(1.0).max(65536.0))
                 .input(InputSpec::new("lr", PortType::Float).default(5e-4).min(0.0).max(1.0))
+                .input(
+                    InputSpec::new("loss", PortType::enum_of(&["l1", "mse"]))
+                        .default("l1")
+                        .describe("Reconstruction error: l1 (latent diffusion's) or mse."),
+                )
                 .input(InputSpec::new("kl_weight", PortType::Float).default(1e-6).min(0.0).max(1e3))
                 .input(InputSpec::new("seed", PortType::Int).default(0).min(0.0))
                 .input(
@@ -149,7 +183,8 @@ impl TrainVae {
                 .input(InputSpec::new("out", PortType::Path).describe("The VAE folder to write."))
                 .output("vae", PortType::Vae, "the trained VAE")
                 .output("path", PortType::Path, "its folder")
-                .output("loss", PortType::Float, "mean L1 reconstruction error per pixel value at the end"),
+                .output("loss", PortType::Float, "mean reconstruction error (the chosen loss) per pixel value over the last 50 steps")
+                .output("psnr", PortType::Float, "PSNR (dB) of whole images decoded from their mean latents"),
         }
     }
 }
@@ -177,6 +212,11 @@ impl Node for TrainVae {
             lr: inputs.float("lr")?,
             kl_weight: inputs.float("kl_weight")?,
             seed: inputs.int("seed")? as u64,
+            loss: if inputs.str("loss")? == "mse" {
+                Reconstruction::Mse
+            } else {
+                Reconstruction::L1
+            },
             crop: match inputs.get("crop") {
                 Some(_) => inputs.int("crop")? as usize,
                 None => ds.resolution,
@@ -194,7 +234,7 @@ impl Node for TrainVae {
         }
         let fingerprint = json!({
             "config": given,
-            "steps": s.steps, "batch": s.batch, "crop": s.crop, "lr": s.lr, "kl_weight": s.kl_weight, "seed": s.seed,
+            "steps": s.steps, "batch": s.batch, "crop": s.crop, "loss": format!("{:?}", s.loss), "lr": s.lr, "kl_weight": s.kl_weight, "seed": s.seed,
             "resolution": ds.resolution,
             "images": ds.items.iter().map(|i| i.image.display().to_string()).collect::<Vec<_>>(),
         });
@@ -202,19 +242,18 @@ impl Node for TrainVae {
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .filter(|r| r.get("fingerprint") == Some(&fingerprint) && out.join(WEIGHTS).is_file());
-        let loss = match reuse {
-            Some(record) => record
-                .get("loss")
-                .and_then(|l| l.as_f64())
-                .unwrap_or(f64::NAN),
+        let record = match reuse {
+            Some(record) => record,
             None => train(ctx, ds, &given, &cfg, &s, &out, &fingerprint)?,
         };
+        let number = |k: &str| record.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
         let vae =
             crate::pixart::load::vae(&out, DType::F32, &Device::Cpu).map_err(NodeError::msg)?;
         Ok(
             Outputs::one("vae", Value::Handle(Handle::shared(PortType::Vae, 0, vae)))
                 .with("path", Value::Path(out))
-                .with("loss", Value::Float(loss)),
+                .with("loss", Value::Float(number("loss")))
+                .with("psnr", Value::Float(number("psnr"))),
         )
     }
 }
@@ -227,7 +266,7 @@ fn train(
     s: &Settings,
     out: &Path,
     fingerprint: &serde_json::Value,
-) -> Result<f64, NodeError> {
+) -> Result<serde_json::Value, NodeError> {
     let device = Device::Cpu;
     let images = ds
         .items
@@ -272,22 +311,23 @@ fn train(
         let mut shape = vec![s.batch];
         shape.extend(latent(&x)?);
         let noise = Tensor::from_vec(rng.normals(shape.iter().product()), shape, &device)?;
-        let (rec, kl) = losses(&vae, &x, &noise)?;
+        let (rec, kl) = losses(&vae, &x, &noise, s.loss)?;
         let loss = (&rec + (&kl * s.kl_weight)?)?;
         let grads = loss.backward()?;
-        adam.step(&vars, &grads, s.lr)?;
+        adam.step(&vars, &grads, cosine_lr(s.lr, step, s.steps))?;
         let per_value = rec.to_scalar::<f32>()? as f64 / (x.elem_count() / s.batch) as f64;
         recent.push(per_value);
         if recent.len() > 50 {
             recent.remove(0);
         }
-        ctx.progress_detail(step + 1, s.steps, &format!("L1 {per_value:.4}"));
+        ctx.progress_detail(step + 1, s.steps, &format!("{:?} {per_value:.4}", s.loss));
     }
     let loss = recent.iter().sum::<f64>() / recent.len().max(1) as f64;
 
     // The latents' spread over (up to) 512 images sets the scaling factor.
     let take = n.min(512) as usize;
     let mut zs = Vec::new();
+    let (mut squared_error, mut values) = (0f64, 0usize);
     for start in (0..take).step_by(8) {
         let x = images.narrow(0, start, 8.min(take - start))?;
         let p = vae.encode(&x)?;
@@ -299,7 +339,12 @@ fn train(
         )?;
         // Detached: the weights are variables, and a kept graph would hold every activation.
         zs.push(p.sample(&noise)?.flatten_all()?.detach());
+        let back = vae.decode(&p.mean)?.detach();
+        squared_error += (back - &x)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        values += x.elem_count();
     }
+    // Pixels span 2 (−1..1): PSNR = 10·log10(2² / MSE) of whole images from their mean latents.
+    let psnr = 10.0 * (4.0 / (squared_error / values.max(1) as f64)).log10();
     let z = Tensor::cat(&zs, 0)?;
     let mean = z.mean_all()?.to_scalar::<f32>()? as f64;
     let std = (z
@@ -317,7 +362,7 @@ fn train(
     let weights = model_folder::safetensors_bytes(&tensors).map_err(|e| NodeError::io(out, e))?;
     let config = serde_json::to_string_pretty(&diffusers_config(given, cfg, scaling))
         .map_err(NodeError::msg)?;
-    let record = json!({"fingerprint": fingerprint, "loss": loss, "latent_std": std});
+    let record = json!({"fingerprint": fingerprint, "loss": loss, "latent_std": std, "psnr": psnr});
     model_folder::write(
         out,
         &[
@@ -327,7 +372,7 @@ fn train(
         ],
     )
     .map_err(|e| NodeError::io(out, e))?;
-    Ok(loss)
+    Ok(record)
 }
 
 pub fn nodes() -> Vec<Arc<dyn Node>> {
