@@ -148,9 +148,33 @@ impl Ema {
     }
 
     pub fn update(&mut self, vars: &[Var]) -> Result<()> {
+        self.update_at(vars, self.rate)
+    }
+
+    /// One update with an explicit rate (a warmed-up average).
+    pub fn update_at(&mut self, vars: &[Var], rate: f64) -> Result<()> {
         for (e, v) in self.weights.iter_mut().zip(vars) {
-            *e = ((&*e * self.rate)? + (v.as_tensor().detach() * (1.0 - self.rate))?)?;
+            *e = ((&*e * rate)? + (v.as_tensor().detach() * (1.0 - rate))?)?;
         }
         Ok(())
+    }
+
+    /// The warmed-up rate of update `step` (0-based): min(rate, (1 + step)/(10 + step)),
+    /// as diffusers' `EMAModel` with `use_ema_warmup` — an average over the steps
+    /// so far rather than one dominated by the initial weights in a short run.
+    pub fn warmup_rate(rate: f64, step: u64) -> f64 {
+        rate.min((1.0 + step as f64) / (10.0 + step as f64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ema;
+
+    #[test]
+    fn ema_warmup_averages_the_steps_so_far_then_the_set_rate() {
+        assert_eq!(Ema::warmup_rate(0.999, 0), 0.1);
+        assert!((Ema::warmup_rate(0.999, 90) - 0.91).abs() < 1e-12);
+        assert_eq!(Ema::warmup_rate(0.999, 1_000_000), 0.999);
     }
 }

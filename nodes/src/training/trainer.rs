@@ -38,6 +38,7 @@ pub struct Settings {
     pub weight_decay: f64,
     pub grad_clip: f64,
     pub ema_rate: f64,
+    pub ema_warmup: bool,
     pub caption_dropout: f64,
     pub class_conditional: bool,
     pub frozen: Vec<String>,
@@ -49,7 +50,7 @@ pub struct Settings {
 impl Settings {
     /// The settings a resumed run must share (not the step count or cadence).
     fn fingerprint(&self, features: &Features, classes: &[String]) -> serde_json::Value {
-        json!({
+        let mut f = json!({
             "batch": self.batch,
             "lr": self.lr,
             "warmup": self.warmup,
@@ -62,7 +63,12 @@ impl Settings {
             "seed": self.seed,
             "features": features.key,
             "classes": classes,
-        })
+        });
+        // Only when on, so checkpoints from before the option still resume.
+        if self.ema_warmup {
+            f["ema_warmup"] = json!(true);
+        }
+        f
     }
 }
 
@@ -303,6 +309,14 @@ impl TrainPixArt {
                 .input(InputSpec::new("weight_decay", PortType::Float).default(0.03).min(0.0).max(1.0))
                 .input(InputSpec::new("grad_clip", PortType::Float).default(0.01).min(0.0).max(1e9))
                 .input(InputSpec::new("ema_rate", PortType::Float).default(0.9999).min(0.0).max(1.0))
+                .input(
+                    InputSpec::new("ema_warmup", PortType::Bool)
+                        .default(false)
+                        .describe(
+                            "Average with rate min(ema_rate, (1+step)/(10+step)) (diffusers' EMA warm-up): \
+                             for short runs, whose plain average would still lean on the initial weights.",
+                        ),
+                )
                 .input(InputSpec::new("caption_dropout", PortType::Float).default(0.1).min(0.0).max(1.0))
                 .input(InputSpec::new("condition", PortType::enum_of(&["text", "class"])).default("text"))
                 .input(
@@ -333,7 +347,8 @@ impl TrainPixArt {
                 .input(InputSpec::new("sample_steps", PortType::Int).default(20).min(1.0).max(1000.0))
                 .input(InputSpec::new("sample_guidance", PortType::Float).default(4.5).min(0.0).max(100.0))
                 .output("transformer", PortType::Denoiser, "the trained transformer (EMA weights)")
-                .output("checkpoint", PortType::Path, "the final checkpoint's folder"),
+                .output("checkpoint", PortType::Path, "the final checkpoint's folder")
+                .output("run", PortType::Path, "the run folder (`out`), once training is done"),
         }
     }
 }
@@ -359,6 +374,7 @@ impl Node for TrainPixArt {
             weight_decay: inputs.float("weight_decay")?,
             grad_clip: inputs.float("grad_clip")?,
             ema_rate: inputs.float("ema_rate")?,
+            ema_warmup: inputs.bool("ema_warmup")?,
             caption_dropout: inputs.float("caption_dropout")?,
             class_conditional: inputs.str("condition")? == "class",
             frozen: inputs
@@ -642,7 +658,11 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
             loss_and_gradients(&tm.model, &diffusion, &batch, &opt.vars)?;
         let lr = warmup_lr(s.lr, step, s.warmup);
         let grad_norm = opt.apply(&mut grads, lr)?;
-        ema.update(&all_vars)?;
+        if s.ema_warmup {
+            ema.update_at(&all_vars, Ema::warmup_rate(s.ema_rate, step))?;
+        } else {
+            ema.update(&all_vars)?;
+        }
         step += 1;
         if !loss.is_finite() {
             return Err(NodeError::msg(format!(
@@ -690,6 +710,15 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
     Ok(Outputs::one(
         "transformer",
         Value::Handle(Handle::new(PortType::Denoiser, bytes, den)),
+    )
+    .with(
+        "run",
+        Value::Path(
+            checkpoint
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+        ),
     )
     .with("checkpoint", Value::Path(checkpoint)))
 }
