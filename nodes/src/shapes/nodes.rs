@@ -229,6 +229,16 @@ pub struct Evaluation {
 }
 
 impl Evaluation {
+    /// Counts one prompt's score in the totals and in its seen / held-out part.
+    fn record(&mut self, held_out: bool, score: &Score) {
+        self.all.add(score);
+        if held_out {
+            self.held_out.add(score);
+        } else {
+            self.seen.add(score);
+        }
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         json!({
             "all": self.all.to_json(),
@@ -274,12 +284,7 @@ pub fn evaluate(
         let rgb = RgbImage::from_raw(w as u32, h as u32, bytes)
             .ok_or_else(|| NodeError::msg("generated image has the wrong size"))?;
         let sc = score(&rgb, &p.objects, p.background);
-        eval.all.add(&sc);
-        if p.held_out {
-            eval.held_out.add(&sc);
-        } else {
-            eval.seen.add(&sc);
-        }
+        eval.record(p.held_out, &sc);
         each(i, &rgb)?;
     }
     Ok(eval)
@@ -423,12 +428,7 @@ pub fn evaluate_reconstruction(
         let rgb = RgbImage::from_raw(size as u32, size as u32, pixels)
             .ok_or_else(|| NodeError::msg("decoded image has the wrong size"))?;
         let sc = score(&rgb, &p.objects, p.background);
-        eval.all.add(&sc);
-        if p.held_out {
-            eval.held_out.add(&sc);
-        } else {
-            eval.seen.add(&sc);
-        }
+        eval.record(p.held_out, &sc);
         each(i, &rgb)?;
     }
     Ok(eval)
