@@ -174,14 +174,7 @@ nodes:
     )
     .unwrap();
     let mean = vae.encode(&pixels).unwrap().mean.squeeze(0).unwrap();
-    let diff = (mean - &item["vae_mean"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&mean, &item["vae_mean"]);
     assert!(diff < 1e-6, "{diff}");
 
     // Same dataset: the cache is reused.

@@ -255,14 +255,7 @@ async fn images_save_with_the_workflow_and_load_back() {
         .clamp(-1f32, 1f32)
         .unwrap();
     let back = tensor(&report, "back", "tensor");
-    let diff = (noise - back)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&noise, &back);
     assert!(diff < 1e-6, "{diff}");
 }
 

@@ -306,6 +306,7 @@ fn conditioning(emb: &Tensor, mask: &Tensor) -> Conditioning {
     Conditioning {
         embeddings: emb.clone(),
         mask: mask.to_dtype(DType::F32).unwrap(),
+        empty_prompt: false,
     }
 }
 
@@ -358,6 +359,7 @@ fn whole_pipeline_matches_diffusers() {
             seed: 0,
             latents: Some(get(&r, &format!("{case}.latents")).clone()),
             resolution_binning: true,
+            vae_scale: 8,
         };
         let mut sampler = choice.config.start(&choice.sampler, 20).unwrap();
         let latents = sample(&den, sampler.as_mut(), &req, |_, _| Ok(())).unwrap();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{load, registry};
+use common::{load, max_abs_diff, registry};
 use pixart_runtime::candle_core::{DType, Device, Tensor};
 use pixart_runtime::executor::{CachePolicy, Executor, NodeStatus, RunOptions, RunReport};
 use pixart_runtime::{CancellationToken, Event, Value, Workflow};
@@ -104,20 +104,13 @@ async fn the_node_pipeline_equals_diffusers_given_the_same_noise() {
         assert!(report.ok(), "{:?}", report.failures);
         let got = image(&report, "decode").permute((0, 3, 1, 2)).unwrap();
         let want = &reference[&format!("{case}.image")];
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&got, want);
         assert!(diff <= 1e-3, "{case}: max difference {diff}");
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn official_checkpoint_samples_with_its_null_caption_and_other_samplers() {
+/// The official-format fixture checkpoint with its config.json beside it.
+fn official_checkpoint() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(
         fixtures().join("tiny-pixart-official.pth"),
@@ -129,6 +122,12 @@ async fn official_checkpoint_samples_with_its_null_caption_and_other_samplers() 
         dir.path().join("config.json"),
     )
     .unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_checkpoint_samples_with_its_null_caption_and_other_samplers() {
+    let dir = official_checkpoint();
     for sampler in ["iddpm", "ddim", "dpm_solver++"] {
         let yaml = format!(
             r#"version: 1
@@ -168,6 +167,47 @@ nodes:
         "{:?}",
         report.failures
     );
+}
+
+/// An empty negative prompt stands for "no negative": a checkpoint with a learned
+/// null caption samples exactly as without a negative (the official sampler); a
+/// real negative prompt changes the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_negative_uses_the_learned_null_caption() {
+    let dir = official_checkpoint();
+    let latents = |negative: Option<&str>| {
+        let (neg_node, neg_input) = match negative {
+            Some(text) => (
+                format!(
+                    "  neg: {{type: t5.encode, inputs: {{tokenizer: \"${{pipe.tokenizer}}\", encoder: \"${{pipe.text_encoder}}\", text: \"{text}\"}}}}\n"
+                ),
+                ", negative: \"${neg.conditioning}\"".to_string(),
+            ),
+            None => (String::new(), String::new()),
+        };
+        format!(
+            r#"version: 1
+nodes:
+  pipe: {{type: pixart.load, inputs: {{path: tiny-pixart, transformer: "{}"}}}}
+  pos: {{type: t5.encode, inputs: {{tokenizer: "${{pipe.tokenizer}}", encoder: "${{pipe.text_encoder}}", text: a red circle}}}}
+{neg_node}  sample: {{type: pixart.sample, inputs: {{transformer: "${{pipe.transformer}}", scheduler: "${{pipe.scheduler}}", positive: "${{pos.conditioning}}"{neg_input}, steps: 3, width: 64, height: 64, seed: 1}}}}
+  keep: {{type: tensor.save, inputs: {{tensor: "${{sample.latents}}", path: l.safetensors}}}}
+"#,
+            dir.path().join("model.pth").display()
+        )
+    };
+    let mut results = Vec::new();
+    for negative in [None, Some(""), Some("blurry")] {
+        let (reg, _) = registry();
+        let report = run(&load(&latents(negative), &reg), dir.path()).await;
+        assert!(report.ok(), "{negative:?}: {:?}", report.failures);
+        match report.output("sample", "latents") {
+            Some(Value::Latents(l)) => results.push(l.tensor.clone()),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(max_abs_diff(&results[0], &results[1]), 0.0);
+    assert!(max_abs_diff(&results[0], &results[2]) > 1e-4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

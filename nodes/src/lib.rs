@@ -8,6 +8,7 @@ pub mod math;
 pub mod models;
 pub mod noise;
 pub mod pixart;
+pub mod plot;
 pub mod schedulers;
 pub mod shapes;
 pub mod tensor_io;
@@ -36,6 +37,7 @@ pub fn builtin_nodes() -> Vec<Arc<dyn Node>> {
     nodes.extend(training::vae_train::nodes());
     nodes.extend(training::pipeline_save::nodes());
     nodes.extend(shapes::nodes::nodes());
+    nodes.extend(plot::nodes());
     nodes
 }
 

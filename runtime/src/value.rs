@@ -12,6 +12,9 @@ use std::sync::Arc;
 pub struct Conditioning {
     pub embeddings: Tensor,
     pub mask: Tensor,
+    /// Encoded from the empty prompt, i.e. "no prompt": a sampler may use a
+    /// checkpoint's learned null caption in its place.
+    pub empty_prompt: bool,
 }
 
 /// Latents `[batch, channels, height, width]` in the model's (scaled) latent space.

@@ -200,3 +200,18 @@ pub fn line_of(text: &str, needle: &str) -> usize {
         .map(|i| i + 1)
         .unwrap_or_else(|| panic!("{needle:?} not in the text"))
 }
+
+/// The largest absolute element-wise difference of two tensors of one shape.
+pub fn max_abs_diff(
+    a: &pixart_runtime::candle_core::Tensor,
+    b: &pixart_runtime::candle_core::Tensor,
+) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

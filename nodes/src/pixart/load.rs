@@ -22,6 +22,9 @@ pub struct Denoiser {
     pub null_caption: Option<Tensor>,
     /// The weights by diffusers name, shared with the model: where training starts.
     pub weights: std::collections::HashMap<String, Tensor>,
+    /// Pixels per latent cell of the VAE this transformer was trained with: the
+    /// pipeline folder's `vae/config.json` when there is one, else the SD VAE's 8.
+    pub vae_scale_factor: usize,
 }
 
 /// A scheduler configuration with the sampler chosen to run it.
@@ -99,6 +102,15 @@ fn tensor_bytes(w: &Weights) -> usize {
         .filter_map(|n| w.get(n))
         .map(|t| t.elem_count() * t.dtype().size_in_bytes())
         .sum()
+}
+
+/// The downsampling factor of the VAE next to a pipeline's `transformer/`
+/// folder (2^(levels − 1), as diffusers computes it).
+fn sibling_vae_scale(transformer_dir: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(transformer_dir.parent()?.join("vae/config.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let levels = json.get("block_out_channels")?.as_array()?.len();
+    (levels >= 1).then(|| 1 << (levels - 1))
 }
 
 /// The null caption our trainer stores next to a diffusers transformer
@@ -268,6 +280,10 @@ pub fn transformer(path: &Path, dtype: DType, device: &Device) -> Result<Arc<Den
                 model,
                 null_caption,
                 weights,
+                vae_scale_factor: config_dir
+                    .as_deref()
+                    .and_then(sibling_vae_scale)
+                    .unwrap_or(crate::pixart::sample::VAE_SCALE),
             },
             bytes,
         ))

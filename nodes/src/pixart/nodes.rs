@@ -3,7 +3,7 @@
 
 use super::binning::resize_and_crop;
 use super::load::{self, Denoiser, SchedulerChoice};
-use super::sample::{generation_size, sample, Request, VAE_SCALE};
+use super::sample::{generation_size, sample, Request};
 use crate::fsutil::input_file_fingerprint;
 use crate::models::t5::T5Encoder;
 use crate::models::tokenizer::T5Tokenizer;
@@ -266,7 +266,11 @@ pub fn encode_text(
         let ids = Tensor::from_vec(e.ids, (1, max_length), device)?;
         let mask = Tensor::from_vec(e.mask, (1, max_length), device)?.to_dtype(DType::F32)?;
         let embeddings = enc.forward(&ids, &mask)?;
-        Ok(Conditioning { embeddings, mask })
+        Ok(Conditioning {
+            embeddings,
+            mask,
+            empty_prompt: text.trim().is_empty(),
+        })
     };
     run().map_err(|e| e.to_string())
 }
@@ -342,6 +346,12 @@ impl Sample {
                         .describe("Starting noise [B, 4, h, w] instead of drawing it from the seed."),
                 )
                 .input(InputSpec::new("resolution_binning", PortType::Bool).default(true))
+                .input(
+                    InputSpec::new("vae", PortType::Vae).optional().describe(
+                        "The VAE that will decode the latents: its downsampling factor sets the latent \
+                         size (default: the pipeline folder's VAE, else SD's factor 8).",
+                    ),
+                )
                 .output("latents", PortType::Latents, "the denoised latents (scaled, as diffusers')"),
         }
     }
@@ -375,12 +385,19 @@ impl Node for Sample {
             inputs.int("height")? as usize,
         );
         let binning = inputs.bool("resolution_binning")?;
-        let generated = generation_size(den, width, height, binning)
-            .map_err(|e| NodeError::input("resolution_binning", e))?;
+        let vae_scale = match inputs.get("vae") {
+            Some(_) => inputs
+                .handle::<AutoencoderKl>("vae")?
+                .config()
+                .scale_factor(),
+            None => den.vae_scale_factor,
+        };
+        let generated = generation_size(den, width, height, binning, vae_scale)
+            .map_err(|e| NodeError::input("width", e))?;
         if let Some(Value::Tensor(t) | Value::Latents(Latents { tensor: t, .. })) =
             inputs.get("latents")
         {
-            let (h, w) = (generated.0 / VAE_SCALE, generated.1 / VAE_SCALE);
+            let (h, w) = (generated.0 / vae_scale, generated.1 / vae_scale);
             let c = den.model.config().in_channels;
             if t.rank() != 4 || t.dims()[1..] != [c, h, w] {
                 return Err(NodeError::input(
@@ -404,6 +421,7 @@ impl Node for Sample {
                 .map(|_| inputs.tensor("latents").cloned())
                 .transpose()?,
             resolution_binning: binning,
+            vae_scale,
         };
         let result = sample(den, sampler.as_mut(), &req, |i, n| {
             ctx.progress(i as u64, n as u64);
@@ -516,10 +534,11 @@ impl Node for Encode {
         let vae = inputs.handle::<AutoencoderKl>("vae")?;
         let image = inputs.image("image")?;
         let (_, h, w, c) = image.dims4()?;
-        if c != 3 || !h.is_multiple_of(VAE_SCALE) || !w.is_multiple_of(VAE_SCALE) {
+        let f = vae.config().scale_factor();
+        if c != 3 || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
             return Err(NodeError::input(
                 "image",
-                format!("needs RGB with sides multiple of {VAE_SCALE}, got {w}×{h}×{c}"),
+                format!("needs RGB with sides multiple of {f}, got {w}×{h}×{c}"),
             ));
         }
         let x = ((image.permute((0, 3, 1, 2))?.contiguous()? * 2.0)? - 1.0)?;

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use pixart_runtime::Conditioning;
 
 /// Pixels per latent: every PixArt-α VAE (Stable Diffusion's) downsamples by 8.
+/// The SD VAE's downsampling factor: the default when no VAE says otherwise.
 pub const VAE_SCALE: usize = 8;
 
 /// Attention over more tokens than this would need tens of GB for its scores.
@@ -27,6 +28,8 @@ pub struct Request<'a> {
     /// Starting noise `[B, C, h, w]`; drawn from `seed` when absent.
     pub latents: Option<Tensor>,
     pub resolution_binning: bool,
+    /// Pixels per latent cell of the VAE that will decode the result.
+    pub vae_scale: usize,
 }
 
 /// The generation size: the request, or its aspect-ratio bin.
@@ -35,21 +38,23 @@ pub fn generation_size(
     width: usize,
     height: usize,
     binning: bool,
+    vae_scale: usize,
 ) -> std::result::Result<(usize, usize), String> {
     let cfg = den.model.config();
-    if binning {
-        if let Some(bins) = binning::bins_for(cfg.sample_size) {
+    // The official aspect-ratio tables are for models whose native size (sample
+    // size × VAE factor) is 256, 512 or 1024 pixels with the SD VAE; other models
+    // generate at the size asked for.
+    let native = cfg.sample_size * vae_scale;
+    if binning && vae_scale == VAE_SCALE {
+        if let Some(bins) = binning::bins_for(native / VAE_SCALE) {
             return Ok(binning::classify(height, width, &bins));
         }
-        return Err(format!(
-            "resolution binning has no bins for sample_size {} (32, 64, 128); set resolution_binning: false",
-            cfg.sample_size
-        ));
     }
-    let multiple = VAE_SCALE * cfg.patch_size;
+    let multiple = vae_scale * cfg.patch_size;
     if !width.is_multiple_of(multiple) || !height.is_multiple_of(multiple) {
         return Err(format!(
-            "width and height must be multiples of {multiple} without resolution binning"
+            "width and height must be multiples of {multiple} (VAE factor {vae_scale} × patch size {})",
+            cfg.patch_size
         ));
     }
     Ok((height, width))
@@ -78,7 +83,15 @@ fn text_batch(
     if !cfg_on {
         return Ok((pos, pos_mask));
     }
-    let (neg, neg_mask) = match (req.negative, &den.null_caption) {
+    // An empty negative prompt means no negative prompt: a checkpoint with a
+    // learned null caption (official checkpoints, our trainer) gets it, as the
+    // official sampler does; one without (diffusers folders) gets the encoded
+    // empty prompt, as diffusers does.
+    let negative = match (req.negative, &den.null_caption) {
+        (Some(n), Some(_)) if n.empty_prompt => None,
+        (n, _) => n,
+    };
+    let (neg, neg_mask) = match (negative, &den.null_caption) {
         (Some(n), _) => (n.embeddings.to_device(device)?, n.mask.to_device(device)?.to_dtype(DType::F32)?),
         // The official sampler gives the null caption the positive prompt's mask.
         // A null caption learnt at another text length is cut or zero-padded to
@@ -115,9 +128,15 @@ pub fn sample(
     let model = &den.model;
     let device = model.device().clone();
     let cfg = model.config();
-    let (height, width) = generation_size(den, req.width, req.height, req.resolution_binning)
-        .map_err(candle_core::Error::msg)?;
-    let (lh, lw) = (height / VAE_SCALE, width / VAE_SCALE);
+    let (height, width) = generation_size(
+        den,
+        req.width,
+        req.height,
+        req.resolution_binning,
+        req.vae_scale,
+    )
+    .map_err(candle_core::Error::msg)?;
+    let (lh, lw) = (height / req.vae_scale, width / req.vae_scale);
     let tokens = (lh / cfg.patch_size) * (lw / cfg.patch_size);
     if tokens > MAX_TOKENS {
         candle_core::bail!(

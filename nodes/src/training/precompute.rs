@@ -28,6 +28,8 @@ pub struct Features {
     pub max_length: usize,
     /// The VAE's `scaling_factor` (0.18215 for SD's): latents = posterior × it.
     pub scaling_factor: f64,
+    /// Pixels per latent cell of that VAE.
+    pub vae_scale: usize,
     /// Identifies the data the cache was made from.
     pub key: String,
 }
@@ -182,6 +184,41 @@ fn dataset_key(ds: &Dataset, max_length: usize) -> String {
     h.finalize().to_hex().to_string()
 }
 
+/// What the features are computed with: the tokenizer, text encoder and VAE,
+/// identified by what they make of a fixed probe (the first caption, a fixed
+/// pattern image), rounded so that summation order cannot change it. A retrained
+/// VAE or another encoder gives another key, so stale features are never reused.
+fn models_key(
+    ds: &Dataset,
+    tok: &T5Tokenizer,
+    enc: &T5Encoder,
+    vae: &AutoencoderKl,
+    max_length: usize,
+) -> Result<String, NodeError> {
+    let device = enc.device().clone();
+    let caption = ds.items.first().map_or("", |i| i.caption.as_str());
+    let e = tok
+        .encode(caption, max_length)
+        .map_err(|e| NodeError::input("dataset", e))?;
+    let ids = Tensor::from_vec(e.ids.clone(), (1, max_length), &device)?;
+    let mask = Tensor::from_vec(e.mask, (1, max_length), &device)?.to_dtype(DType::F32)?;
+    let text = enc.forward(&ids, &mask)?;
+    let side = vae.config().scale_factor() * 4;
+    let pattern: Vec<f32> = (0..3 * side * side)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let pixels = Tensor::from_vec(pattern, (1, 3, side, side), &device)?;
+    let latents = vae.encode(&pixels)?.mean;
+    let mut h = blake3::Hasher::new();
+    h.update(format!("{:?}|", e.ids).as_bytes());
+    for t in [text, latents] {
+        for v in t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()? {
+            h.update(format!("{v:.3e}|").as_bytes());
+        }
+    }
+    Ok(h.finalize().to_hex()[..16].to_string())
+}
+
 pub struct Precompute {
     spec: NodeSpec,
 }
@@ -222,7 +259,11 @@ impl Node for Precompute {
         let vae = inputs.handle::<AutoencoderKl>("vae")?;
         let dir = ctx.output_path(inputs.path("path")?)?;
         let max_length = inputs.int("max_length")? as usize;
-        let key = dataset_key(ds, max_length);
+        let key = format!(
+            "{}-{}",
+            dataset_key(ds, max_length),
+            models_key(ds, tok, enc, vae, max_length)?
+        );
         let index_path = dir.join("index.json");
         let files: Vec<PathBuf> = (0..ds.items.len())
             .map(|i| dir.join(format!("item-{i:06}.safetensors")))
@@ -239,6 +280,7 @@ impl Node for Precompute {
             resolution: ds.resolution,
             max_length,
             scaling_factor: vae.config().scaling_factor,
+            vae_scale: vae.config().scale_factor(),
             key: key.clone(),
         };
         let handle =

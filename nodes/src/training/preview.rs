@@ -42,6 +42,7 @@ pub fn generate(den: &Denoiser, p: &Preview) -> Result<Tensor, NodeError> {
         seed: p.seed,
         latents: None,
         resolution_binning: false,
+        vae_scale: p.vae.config().scale_factor(),
     };
     let latents = sample(den, sampler.as_mut(), &req, |_, _| Ok(()))?;
     let cfg = p.vae.config();

@@ -225,6 +225,7 @@ fn denoiser(
     cfg: &Config,
     ema: &HashMap<String, Tensor>,
     null_caption: &Tensor,
+    vae_scale: usize,
     device: &Device,
 ) -> candle_core::Result<Denoiser> {
     let weights: HashMap<String, Tensor> = ema
@@ -240,6 +241,7 @@ fn denoiser(
         model,
         null_caption: Some(null_caption.clone()),
         weights,
+        vae_scale_factor: vae_scale,
     })
 }
 
@@ -695,7 +697,10 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
         if let Some((every, preview)) = &run.samples {
             if step.is_multiple_of(*every) || step == s.steps {
                 let weights = ema_tensors(&tm, &ema);
-                let png = render(&denoiser(cfg, &weights, &null_caption, device)?, preview)?;
+                let png = render(
+                    &denoiser(cfg, &weights, &null_caption, features.vae_scale, device)?,
+                    preview,
+                )?;
                 let path = out.join(format!("samples/step-{step:06}.png"));
                 crate::fsutil::atomic_write(&path, &png)?;
             }
@@ -705,7 +710,13 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
         Some(p) => p,
         None => save(step, &ema, &opt)?,
     };
-    let den = denoiser(cfg, &ema_tensors(&tm, &ema), &null_caption, device)?;
+    let den = denoiser(
+        cfg,
+        &ema_tensors(&tm, &ema),
+        &null_caption,
+        features.vae_scale,
+        device,
+    )?;
     let bytes = den.weights.values().map(|t| t.elem_count() * 4).sum();
     Ok(Outputs::one(
         "transformer",

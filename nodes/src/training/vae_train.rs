@@ -24,6 +24,17 @@ const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 /// What the folder was trained with, so an identical request reuses it.
 const RECORD: &str = "training.json";
 
+/// The training images, as a count and a hash of their paths and sizes (a list
+/// of every path would make the record as big as the weights).
+fn images_key(ds: &Dataset) -> serde_json::Value {
+    let mut h = blake3::Hasher::new();
+    for item in &ds.items {
+        let len = std::fs::metadata(&item.image).map_or(0, |m| m.len());
+        h.update(format!("{}|{len}\n", item.image.display()).as_bytes());
+    }
+    json!({"count": ds.items.len(), "hash": h.finalize().to_hex().to_string()})
+}
+
 pub struct Settings {
     pub steps: u64,
     pub batch: usize,
@@ -236,7 +247,7 @@ impl Node for TrainVae {
             "config": given,
             "steps": s.steps, "batch": s.batch, "crop": s.crop, "loss": format!("{:?}", s.loss), "lr": s.lr, "kl_weight": s.kl_weight, "seed": s.seed,
             "resolution": ds.resolution,
-            "images": ds.items.iter().map(|i| i.image.display().to_string()).collect::<Vec<_>>(),
+            "images": images_key(ds),
         });
         let reuse = std::fs::read_to_string(out.join(RECORD))
             .ok()
