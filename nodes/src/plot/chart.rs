@@ -212,7 +212,8 @@ impl Chart {
 
         if let Some((value, label)) = &self.target {
             cv.line((x0, py(*value)), (x1, py(*value)), 1, TARGET, Some(4));
-            cv.text(x1 + 8, py(*value) - 4, label, TARGET);
+            // Inside the plot, above the line: the legend owns the right margin.
+            cv.text(x0 + 6, py(*value) - 12, label, TARGET);
         }
 
         for (i, s) in self.series.iter().enumerate() {
