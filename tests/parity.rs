@@ -3,6 +3,8 @@
 //! `tests/fixtures/generate.py` builds. Tolerances are relative to each reference
 //! tensor's largest magnitude.
 
+mod common;
+
 use pixart_nodes::models::pixart::SizeConditions;
 use pixart_nodes::models::tokenizer::T5Tokenizer;
 use pixart_nodes::pixart::binning::resize_and_crop;
@@ -57,14 +59,7 @@ fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
         .unwrap()
         .to_device(&Device::Cpu)
         .unwrap();
-    let diff = (got - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&got, &want);
     let scale = want
         .abs()
         .unwrap()
