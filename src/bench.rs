@@ -32,6 +32,13 @@ pub struct BenchArgs {
     /// Device for `dit`: cpu or cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// For `plugins`: the testkit plugin (built by the tests from
+    /// plugins/examples/testkit).
+    #[arg(
+        long,
+        default_value = "target/wasm-plugins/wasm32-unknown-unknown/release/testkit.wasm"
+    )]
+    plugin: std::path::PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -41,6 +48,9 @@ enum Target {
     /// One training step of the `dit` config: forward, loss, backward, clip, AdamW
     /// (compare with scripts/bench_train_torch.py).
     Train,
+    /// The plugin boundary: a 4 MiB f32 tensor into a plugin and back, against a
+    /// memcpy of the same size, and the cost of calling an empty plugin node.
+    Plugins,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -122,6 +132,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     match args.target {
         Target::Dit => return dit(args.repeat.max(1), &args.device),
         Target::Train => return train(args.repeat.max(1), &args.device),
+        Target::Plugins => return plugins(&args.plugin, args.repeat.max(1)),
         Target::Runtime => {}
     }
     let n = args.nodes.max(1);
@@ -309,6 +320,75 @@ fn train(repeat: usize, device: &str) -> Result<ExitCode> {
         med.as_secs_f64() * 1e3,
         min.as_secs_f64() * 1e3,
         peak_rss_mib(),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plugins(path: &std::path::Path, repeat: usize) -> Result<ExitCode> {
+    use pixart_runtime::candle_core::{Device, Tensor};
+    let plugin = pixart_plugins::PluginHost::new(None)
+        .load(path, pixart_plugins::PluginOptions::default())
+        .map_err(|e| anyhow::anyhow!("{e} (build it with `cargo test --test plugins`)"))?;
+    let node = |name: &str| -> Result<Arc<pixart_plugins::PluginNode>> {
+        plugin
+            .nodes
+            .iter()
+            .find(|n| n.spec().name == format!("testkit/{name}"))
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("{} has no testkit/{name}", path.display()))
+    };
+    let (echo, noop) = (node("bench.echo")?, node("bench.noop")?);
+    let ctx = NodeContext::detached(".", std::env::temp_dir());
+    let n = 1 << 20; // 4 MiB of f32
+    let bytes = (n * 4) as f64;
+    let data: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let input = Tensor::from_vec(data.clone(), n, &Device::Cpu)?;
+    let rounds = 20 * repeat;
+
+    let mut copy = vec![0f32; n];
+    let mut memcpy = Vec::new();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        copy.copy_from_slice(std::hint::black_box(&data));
+        std::hint::black_box(&copy);
+        memcpy.push(t.elapsed());
+    }
+    let mut echo_times = Vec::new();
+    for _ in 0..rounds {
+        let inputs = Inputs::from_pairs(echo.clone(), [("tensor", Value::Tensor(input.clone()))])?;
+        let t = Instant::now();
+        let out = echo.run(&ctx, inputs)?;
+        echo_times.push(t.elapsed());
+        anyhow::ensure!(out.0.len() == 1, "echo returned {:?}", out.0);
+    }
+    let mut noop_times = Vec::new();
+    for _ in 0..500 * repeat {
+        let inputs = Inputs::from_pairs(noop.clone(), [])?;
+        let t = Instant::now();
+        noop.run(&ctx, inputs)?;
+        noop_times.push(t.elapsed());
+    }
+    let (memcpy, echo_t, noop_t) = (median(memcpy), median(echo_times), median(noop_times));
+    let rate = |b: f64, d: Duration| b / d.as_secs_f64() / 1e6;
+    println!("pixart bench plugins: {} (medians)", path.display());
+    println!(
+        "memcpy 4 MiB                      {:>9.3} ms  {:>8.0} MB/s",
+        memcpy.as_secs_f64() * 1e3,
+        rate(bytes, memcpy)
+    );
+    println!(
+        "4 MiB tensor into the plugin and back {:>5.3} ms  {:>8.0} MB/s across the boundary (8 MiB crossed: {:.0}% of memcpy)",
+        echo_t.as_secs_f64() * 1e3,
+        rate(2.0 * bytes, echo_t),
+        100.0 * rate(2.0 * bytes, echo_t) / rate(bytes, memcpy)
+    );
+    println!(
+        "  (round trip vs one memcpy of 4 MiB: {:.0}%)",
+        100.0 * memcpy.as_secs_f64() / echo_t.as_secs_f64()
+    );
+    println!(
+        "empty plugin node, per call        {:>9.1} µs (a reused instance; limits, context and handles reset)",
+        noop_t.as_secs_f64() * 1e6
     );
     Ok(ExitCode::SUCCESS)
 }

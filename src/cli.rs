@@ -20,6 +20,10 @@ use std::process::ExitCode;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Load every plugin (`*.wasm` component) in this folder. Default:
+    /// $PIXART_PLUGINS, else ~/.local/share/pixart/plugins when it exists.
+    #[arg(long, global = true, value_name = "DIR")]
+    plugins: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -98,10 +102,11 @@ enum GraphFormat {
 }
 
 pub fn registry() -> Registry {
-    pixart_nodes::builtin_registry()
+    crate::plugins::base_registry()
 }
 
 pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    crate::plugins::set_dir(cli.plugins);
     match cli.command {
         Command::Run {
             workflow,
@@ -183,7 +188,9 @@ fn parse_sets(set: &[String]) -> Result<Vec<(String, String)>> {
 /// Loads a workflow, printing its findings; `Err(exit code)` when it is invalid.
 fn load(path: &Path, set: &[String]) -> Result<Result<Workflow, ExitCode>> {
     let overrides = parse_sets(set)?;
-    match load_workflow_file(path, &registry(), &overrides) {
+    let loaded = crate::plugins::registry_for(path)
+        .and_then(|registry| load_workflow_file(path, &registry, &overrides));
+    match loaded {
         Ok(wf) => {
             for w in &wf.warnings {
                 eprintln!("{w}");
@@ -199,7 +206,8 @@ fn load(path: &Path, set: &[String]) -> Result<Result<Workflow, ExitCode>> {
 
 fn validate(path: &Path, set: &[String], json: bool) -> Result<ExitCode> {
     let overrides = parse_sets(set)?;
-    let result = load_workflow_file(path, &registry(), &overrides);
+    let result = crate::plugins::registry_for(path)
+        .and_then(|registry| load_workflow_file(path, &registry, &overrides));
     if json {
         let (ok, diagnostics) = match &result {
             Ok(wf) => (true, wf.warnings.clone()),

@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli;
+mod plugins;
 mod progress;
 
 use clap::Parser;

@@ -76,7 +76,9 @@ pub(crate) struct RunShared {
     pub confine_paths: bool,
 }
 
-/// A node's view of the run it is part of.
+/// A node's view of the run it is part of (cheap to clone: the plugin host keeps
+/// one in each sandbox).
+#[derive(Clone)]
 pub struct NodeContext {
     pub(crate) node_id: Arc<str>,
     pub(crate) run: Arc<RunShared>,

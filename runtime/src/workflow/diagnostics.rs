@@ -30,6 +30,8 @@ pub enum DiagnosticKind {
     UnusedParam,
     /// A value that is well-typed but unusable (bad identifier, bad `--set`, …).
     InvalidValue,
+    /// A plugin the workflow names could not be loaded.
+    Plugin,
 }
 
 impl DiagnosticKind {
@@ -47,6 +49,7 @@ impl DiagnosticKind {
             DiagnosticKind::Cycle => "cycle",
             DiagnosticKind::UnusedParam => "unused-param",
             DiagnosticKind::InvalidValue => "invalid-value",
+            DiagnosticKind::Plugin => "plugin",
         }
     }
 }

@@ -21,7 +21,15 @@ pub struct LoadOptions {
     pub overrides: Vec<(String, String)>,
 }
 
-const TOP_KEYS: &[&str] = &["version", "name", "description", "params", "nodes", "ui"];
+const TOP_KEYS: &[&str] = &[
+    "version",
+    "name",
+    "description",
+    "params",
+    "nodes",
+    "plugins",
+    "ui",
+];
 const NODE_KEYS: &[&str] = &["type", "inputs", "title", "description", "ui"];
 const PARAM_KEYS: &[&str] = &["type", "default", "min", "max", "choices", "description"];
 const FORMAT_VERSION: i64 = 1;
@@ -157,7 +165,8 @@ impl<'a> Loader<'a> {
                 "name" => name = value.as_str().map(str::to_string),
                 "params" => params_yaml = Some(value),
                 "nodes" => nodes_yaml = Some(value),
-                "description" | "ui" => {}
+                // `plugins:` is read (and checked) by `plugin_refs` before loading.
+                "description" | "ui" | "plugins" => {}
                 other => {
                     let mut d =
                         Diagnostic::error(K::Schema, format!("unknown top-level key `{other}`"))

@@ -3,11 +3,13 @@
 
 pub mod diagnostics;
 mod load;
+pub mod plugins;
 pub mod template;
 mod yaml;
 
 pub use diagnostics::{Diagnostic, DiagnosticKind, Severity, Span, WorkflowError};
 pub use load::{load_workflow, load_workflow_file, LoadOptions};
+pub use plugins::{plugin_refs, PluginRef};
 
 use crate::node::Node;
 use crate::types::PortType;
