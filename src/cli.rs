@@ -70,7 +70,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
         format: GraphFormat,
     },
-    /// Serve the HTTP/WebSocket API (and, later, the browser editor).
+    /// Serve the browser editor and the HTTP/WebSocket API.
     Serve {
         /// Address to bind; anything but loopback needs --allow-remote.
         #[arg(long, default_value = "127.0.0.1")]
@@ -159,6 +159,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 base_dir: PathBuf::from("."),
                 max_parallel_runs: parallel_runs,
                 allow_remote,
+                editor: crate::editor::EDITOR,
                 ..Default::default()
             };
             let state = pixart_runtime::server::State::start(
@@ -167,7 +168,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 config,
             );
             let addr = std::net::SocketAddr::new(host, port);
-            eprintln!("pixart serve: http://{addr}/api (OpenAPI at /api/openapi.json)");
+            eprintln!("pixart serve: the editor at http://{addr}/, the API at http://{addr}/api (OpenAPI at /api/openapi.json)");
             warp::serve(pixart_runtime::server::routes(state))
                 .run(addr)
                 .await;

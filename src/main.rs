@@ -3,6 +3,9 @@
 
 mod bench;
 mod cli;
+mod editor {
+    include!(concat!(env!("OUT_DIR"), "/editor_files.rs"));
+}
 mod plugins;
 mod progress;
 

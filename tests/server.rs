@@ -413,3 +413,55 @@ async fn served_workflows_cannot_touch_files_outside_the_server_folders() {
         "finished"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_editor_is_served_from_its_embedded_files_only() {
+    static FILES: &[(&str, &[u8])] = &[
+        ("index.html", b"<!doctype html><title>editor</title>"),
+        ("assets/editor.js", b"console.log(1)"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let (reg, _) = common::registry();
+    let config = ServerConfig {
+        out_dir: dir.path().to_path_buf(),
+        base_dir: dir.path().to_path_buf(),
+        editor: FILES,
+        ..ServerConfig::default()
+    };
+    let s = State::start(reg, Executor::new(CachePolicy::default()), config);
+    let host = [("host", "127.0.0.1:8188")];
+    let (status, _, body) = send(&s, "GET", "/", b"", &host).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, FILES[0].1);
+    let res = warp::test::request()
+        .path("/assets/editor.js")
+        .header("host", "127.0.0.1:8188")
+        .reply(&routes(s.clone()))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.headers()["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+    for path in [
+        "/assets/../Cargo.toml",
+        "/%2e%2e/Cargo.toml",
+        "/etc/passwd",
+        "/assets/missing.js",
+    ] {
+        let (status, _, _) = send(&s, "GET", path, b"", &host).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+    // The API keeps its own answers.
+    let (status, _, _) = send(&s, "GET", "/api/nope", b"", &host).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, json, _) = send(&s, "GET", "/api/nodes", b"", &host).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(json.as_array().is_some());
+
+    // Built without the editor: the page says so instead of a bare 404.
+    let bare = server(dir.path());
+    let (status, _, body) = send(&bare, "GET", "/", b"", &host).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&body).contains("built without the browser editor"));
+}

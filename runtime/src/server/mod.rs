@@ -312,6 +312,22 @@ pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = I
             warp::reply::with_header(OPENAPI, "content-type", "application/json").into_response()
         });
 
+    // The editor: its files by exact name from the embedded list (no paths
+    // reach the filesystem).
+    let editor_files = state.config.editor;
+    let editor = warp::get().and(warp::path::full()).and_then(
+        move |path: warp::path::FullPath| async move {
+            let name = match path.as_str().trim_start_matches('/') {
+                "" => "index.html",
+                other => other,
+            };
+            if name.starts_with("api/") || name == "api" {
+                return Err(warp::reject::not_found());
+            }
+            Ok::<Response, Rejection>(editor_file(editor_files, name))
+        },
+    );
+
     nodes
         .or(validate)
         .unify()
@@ -332,6 +348,8 @@ pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = I
         .or(events)
         .unify()
         .or(openapi)
+        .unify()
+        .or(editor)
         .unify()
         .recover(recover)
         .unify()
@@ -359,8 +377,42 @@ async fn recover(r: Rejection) -> Result<Response, Infallible> {
     })
 }
 
+const EDITOR_MISSING: &str = "<!doctype html><meta charset=utf-8><title>pixart-flow</title>\
+<p>This <code>pixart</code> was built without the browser editor (Node.js and npm were \
+not found, or <code>PIXART_SKIP_EDITOR</code> was set). The API is at <a href=api/openapi.json>\
+/api</a>; rebuild with Node.js 20 or newer for the editor.</p>";
+
+fn editor_file(files: &[(&str, &[u8])], name: &str) -> Response {
+    if let Some((_, bytes)) = files.iter().find(|(n, _)| *n == name) {
+        let mut response = warp::reply::with_header(
+            bytes.to_vec(),
+            "content-type",
+            mime_of(std::path::Path::new(name)),
+        )
+        .into_response();
+        response.headers_mut().insert(
+            "cache-control",
+            warp::http::HeaderValue::from_static("no-cache"),
+        );
+        return response;
+    }
+    if name == "index.html" && files.is_empty() {
+        return warp::reply::with_header(
+            EDITOR_MISSING,
+            "content-type",
+            "text/html; charset=utf-8",
+        )
+        .into_response();
+    }
+    error(StatusCode::NOT_FOUND, "no such file")
+}
+
 fn mime_of(path: &std::path::Path) -> &'static str {
     match path.extension().and_then(|e| e.to_str()) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("svg") => "image/svg+xml",
         Some("png") => "image/png",
         Some("jpg" | "jpeg") => "image/jpeg",
         Some("json") => "application/json",

@@ -26,6 +26,9 @@ pub struct ServerConfig {
     pub upload_limit: u64,
     /// Accept requests whose Host is not loopback (bound beyond this machine).
     pub allow_remote: bool,
+    /// The browser editor's files (path relative to the site root, bytes),
+    /// served at `/`; empty: the page says the editor was not built.
+    pub editor: &'static [(&'static str, &'static [u8])],
 }
 
 impl Default for ServerConfig {
@@ -37,6 +40,7 @@ impl Default for ServerConfig {
             history_limit: 200,
             upload_limit: 32 << 20,
             allow_remote: false,
+            editor: &[],
         }
     }
 }
