@@ -330,6 +330,7 @@ async fn run(
         cancel,
         run_id: None,
         confine_paths: false,
+        previews: false,
     };
     let report = executor
         .run(&wf, opts)

@@ -80,7 +80,7 @@ impl ProgressView {
                     }
                     Event::NodeSkipped { .. } => overall.inc(1),
                     Event::RunFinished { .. } | Event::RunCancelled { .. } => break,
-                    Event::RunQueued { .. } => {}
+                    Event::RunQueued { .. } | Event::NodePreview { .. } => {}
                 }
             }
             for bar in bars.into_values() {

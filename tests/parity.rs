@@ -357,7 +357,7 @@ fn whole_pipeline_matches_diffusers() {
             vae_scale: 8,
         };
         let mut sampler = choice.config.start(&choice.sampler, 20).unwrap();
-        let latents = sample(&den, sampler.as_mut(), &req, |_, _| Ok(())).unwrap();
+        let latents = sample(&den, sampler.as_mut(), &req, |_| Ok(())).unwrap();
         assert_close(
             &format!("{case} final latents"),
             &latents,

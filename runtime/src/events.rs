@@ -33,6 +33,15 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<Arc<str>>,
     },
+    /// A preview of what a long node is making (a sampler's current estimate of
+    /// the image), as a `data:image/png;base64,…` URL. Only in runs that ask
+    /// for previews (the server's).
+    NodePreview {
+        run_id: Arc<str>,
+        node: Arc<str>,
+        step: u64,
+        image: Arc<str>,
+    },
     NodeFinished {
         run_id: Arc<str>,
         node: Arc<str>,
@@ -67,6 +76,7 @@ impl Event {
             | Event::NodeStarted { run_id, .. }
             | Event::NodeCached { run_id, .. }
             | Event::NodeProgress { run_id, .. }
+            | Event::NodePreview { run_id, .. }
             | Event::NodeFinished { run_id, .. }
             | Event::NodeFailed { run_id, .. }
             | Event::NodeSkipped { run_id, .. }
@@ -81,6 +91,7 @@ impl Event {
             Event::NodeStarted { node, .. }
             | Event::NodeCached { node, .. }
             | Event::NodeProgress { node, .. }
+            | Event::NodePreview { node, .. }
             | Event::NodeFinished { node, .. }
             | Event::NodeFailed { node, .. }
             | Event::NodeSkipped { node, .. } => Some(node),

@@ -74,6 +74,8 @@ pub(crate) struct RunShared {
     pub params: serde_json::Value,
     /// Keep file access inside `base_dir` / `out_dir` (workflows from the network).
     pub confine_paths: bool,
+    /// Someone watches this run: previews are worth making.
+    pub previews: bool,
 }
 
 /// A node's view of the run it is part of (cheap to clone: the plugin host keeps
@@ -100,6 +102,7 @@ impl NodeContext {
                 workflow_source: Arc::from(""),
                 params: serde_json::Value::Null,
                 confine_paths: false,
+                previews: false,
             }),
         }
     }
@@ -143,6 +146,25 @@ impl NodeContext {
             value,
             max,
             detail,
+        });
+    }
+
+    /// Whether the run wants preview images (making one costs time: check first).
+    pub fn wants_previews(&self) -> bool {
+        self.run.previews
+    }
+
+    /// Sends a preview image (PNG bytes) of work in progress at `step`.
+    pub fn preview_png(&self, step: u64, png: &[u8]) {
+        if !self.run.previews {
+            return;
+        }
+        let image = format!("data:image/png;base64,{}", crate::fsutil::base64(png));
+        let _ = self.run.events.send(Event::NodePreview {
+            run_id: self.run.run_id.clone(),
+            node: self.node_id.clone(),
+            step,
+            image: image.into(),
         });
     }
 

@@ -255,6 +255,9 @@ export default function App() {
       case 'node_progress':
         node('running', { value: ev.value, max: ev.max, detail: ev.detail });
         break;
+      case 'node_preview':
+        setRunNodes((r) => ({ ...r, [ev.node]: { ...(r[ev.node] || {}), preview: ev.image, previewStep: ev.step } }));
+        break;
       case 'node_cached':
         node('cached');
         break;

@@ -160,6 +160,9 @@ export default function NodeCard({ id, data, selected }) {
           )}
           {state.detail && <span className="detail">{state.detail}</span>}
           {state.error && <div className="finding error">{state.error}</div>}
+          {state.preview && !files.length && (
+            <img className="preview" src={state.preview} alt={`${id} preview at step ${state.previewStep}`} title={`step ${state.previewStep}`} />
+          )}
         </div>
       )}
       {nodeFindings

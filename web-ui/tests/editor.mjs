@@ -176,9 +176,13 @@ try {
   check(/ok \(6 nodes/.test(execFileSync(pixart, ['validate', t2iSaved], { encoding: 'utf8' })), 'and pixart validate accepts it');
   await page.evaluate(() => {
     window.sawProgress = new Set();
+    window.sawPreview = new Set();
     new MutationObserver(() => {
       for (const p of document.querySelectorAll('.react-flow__node progress')) {
         window.sawProgress.add(p.closest('[data-node]').dataset.node);
+      }
+      for (const img of document.querySelectorAll('.react-flow__node img.preview')) {
+        if (img.src.startsWith('data:image/png;base64,')) window.sawPreview.add(img.alt);
       }
     }).observe(document.body, { subtree: true, childList: true, attributes: true });
   });
@@ -187,6 +191,8 @@ try {
   await page.waitForSelector('[data-node="save"] img.output-image');
   const progressed = await page.evaluate(() => [...window.sawProgress]);
   check(progressed.includes('sample'), `the sampler showed a progress bar (${progressed.join(', ')})`);
+  const previews = await page.evaluate(() => [...window.sawPreview]);
+  check(previews.some((p) => p.startsWith('sample preview')), `the sampler sent preview images (${previews.join('; ')})`);
   check(await page.locator('.side img.side-image').count() >= 1, 'the output image is listed in the side panel');
   await shot('4-txt2img');
 

@@ -3,7 +3,7 @@
 
 use super::binning::resize_and_crop;
 use super::load::{self, Denoiser, SchedulerChoice};
-use super::sample::{generation_size, sample, Request};
+use super::sample::{generation_size, sample, Request, Step};
 use crate::fsutil::input_file_fingerprint;
 use crate::models::t5::T5Encoder;
 use crate::models::tokenizer::T5Tokenizer;
@@ -349,8 +349,18 @@ impl Sample {
                 .input(
                     InputSpec::new("vae", PortType::Vae).optional().describe(
                         "The VAE that will decode the latents: its downsampling factor sets the latent \
-                         size (default: the pipeline folder's VAE, else SD's factor 8).",
+                         size (default: the pipeline folder's VAE, else SD's factor 8); with it the \
+                         sampler can show previews.",
                     ),
+                )
+                .input(
+                    InputSpec::new("preview_every", PortType::Int)
+                        .default(5)
+                        .min(0.0)
+                        .describe(
+                            "In runs someone watches (the editor): every this many steps, decode the \
+                             current estimate of the image with `vae` and send it as a preview (0: never).",
+                        ),
                 )
                 .output("latents", PortType::Latents, "the denoised latents (scaled, as diffusers')"),
         }
@@ -423,10 +433,25 @@ impl Node for Sample {
             resolution_binning: binning,
             vae_scale,
         };
-        let result = sample(den, sampler.as_mut(), &req, |i, n| {
-            ctx.progress(i as u64, n as u64);
+        let preview_vae = match inputs.get("vae") {
+            Some(_) if ctx.wants_previews() => Some(inputs.handle::<AutoencoderKl>("vae")?),
+            _ => None,
+        };
+        let every = inputs.int("preview_every")?.max(0) as usize;
+        let alphas = choice.config.alphas_cumprod();
+        let result = sample(den, sampler.as_mut(), &req, |step: &Step| {
+            ctx.progress(step.index as u64, step.total as u64);
             if ctx.is_cancelled() {
                 candle_core::bail!("cancelled");
+            }
+            if let Some(vae) = preview_vae {
+                if every > 0 && (step.index.is_multiple_of(every) || step.index == step.total) {
+                    // A failed preview must not fail the run.
+                    match preview_png(vae, &alphas, step) {
+                        Ok(png) => ctx.preview_png(step.index as u64, &png),
+                        Err(e) => tracing::debug!("no preview at step {}: {e}", step.index),
+                    }
+                }
             }
             Ok(())
         });
@@ -444,6 +469,34 @@ impl Node for Sample {
             }),
         ))
     }
+}
+
+/// The sampler's current estimate of the clean image, x̂₀ = (x − √(1−ᾱₜ)·ε) / √ᾱₜ,
+/// decoded by the VAE (first image of the batch) and encoded as PNG.
+fn preview_png(vae: &AutoencoderKl, alphas: &[f32], step: &Step) -> candle_core::Result<Vec<u8>> {
+    let t = (step.timestep.round().max(0.0) as usize).min(alphas.len().saturating_sub(1));
+    let a = *alphas.get(t).unwrap_or(&1.0) as f64;
+    let x = step.sample.narrow(0, 0, 1)?;
+    let eps = step.eps.narrow(0, 0, 1)?;
+    let x0 = ((x - (eps * (1.0 - a).sqrt())?)? / a.sqrt())?;
+    let cfg = vae.config();
+    let mut z = (x0 / cfg.scaling_factor)?;
+    if let Some(shift) = cfg.shift_factor {
+        z = (z + shift)?;
+    }
+    let image = ((vae
+        .decode(&z)?
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        / 2.0)?
+        + 0.5)?
+        .clamp(0f32, 1f32)?
+        .permute((0, 2, 3, 1))?
+        .squeeze(0)?
+        .contiguous()?;
+    let (h, w, c) = image.dims3()?;
+    let pixels = crate::image_io::to_bytes(&image).map_err(candle_core::Error::msg)?;
+    crate::image_io::encode_png(&pixels, w, h, c, &[]).map_err(candle_core::Error::msg)
 }
 
 pub struct Decode {

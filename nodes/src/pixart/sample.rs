@@ -117,13 +117,26 @@ fn text_batch(
     ))
 }
 
-/// Runs the sampler; `on_step(i, n)` is called after each step and may stop the
-/// run by returning an error (cancellation). Returns the final latents.
+/// What the sampling loop reports after each step.
+pub struct Step<'a> {
+    /// Steps done (1-based) of `total`.
+    pub index: usize,
+    pub total: usize,
+    /// The model timestep of this step.
+    pub timestep: f64,
+    /// The latents this step started from, and the (guided) ε the model
+    /// predicted for them: enough to estimate the clean image (previews).
+    pub sample: &'a Tensor,
+    pub eps: &'a Tensor,
+}
+
+/// Runs the sampler; `on_step` is called after each step and may stop the run by
+/// returning an error (cancellation). Returns the final latents.
 pub fn sample(
     den: &Denoiser,
     sampler: &mut dyn Sampler,
     req: &Request,
-    mut on_step: impl FnMut(usize, usize) -> Result<()>,
+    mut on_step: impl FnMut(&Step) -> Result<()>,
 ) -> Result<Tensor> {
     let model = &den.model;
     let device = model.device().clone();
@@ -223,8 +236,15 @@ pub fn sample(
         } else {
             None
         };
-        x = sampler.step(&model_output, &x, noise.as_ref())?;
-        on_step(i + 1, timesteps.len())?;
+        let next = sampler.step(&model_output, &x, noise.as_ref())?;
+        on_step(&Step {
+            index: i + 1,
+            total: timesteps.len(),
+            timestep: t,
+            sample: &x,
+            eps: &model_output.narrow(1, 0, channels)?,
+        })?;
+        x = next;
     }
     Ok(x)
 }

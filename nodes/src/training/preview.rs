@@ -44,7 +44,7 @@ pub fn generate(den: &Denoiser, p: &Preview) -> Result<Tensor, NodeError> {
         resolution_binning: false,
         vae_scale: p.vae.config().scale_factor(),
     };
-    let latents = sample(den, sampler.as_mut(), &req, |_, _| Ok(()))?;
+    let latents = sample(den, sampler.as_mut(), &req, |_| Ok(()))?;
     let cfg = p.vae.config();
     let mut z = (latents / cfg.scaling_factor)?;
     if let Some(shift) = cfg.shift_factor {

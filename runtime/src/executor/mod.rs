@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub run_id: Option<String>,
     /// Refuse file paths outside `base_dir` / `out_dir` (for untrusted workflows).
     pub confine_paths: bool,
+    /// Let nodes send preview images (someone is watching, e.g. the editor).
+    pub previews: bool,
 }
 
 impl Default for RunOptions {
@@ -49,6 +51,7 @@ impl Default for RunOptions {
             base_dir: PathBuf::from("."),
             cancel: CancellationToken::new(),
             run_id: None,
+            previews: false,
             confine_paths: false,
         }
     }
@@ -208,6 +211,7 @@ impl Executor {
             workflow_source: wf.source.clone(),
             params: wf.params_json(),
             confine_paths: opts.confine_paths,
+            previews: opts.previews,
         });
         let mut run = Run::new(self, wf, needed, shared, run_no);
         self.emit(Event::RunStarted {

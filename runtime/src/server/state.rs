@@ -373,6 +373,7 @@ impl State {
             cancel,
             run_id: Some(id.clone()),
             confine_paths: true,
+            previews: true,
         };
         let result = self.executor.run(&wf, opts).await;
         let mut runs = self.runs();
