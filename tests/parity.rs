@@ -46,33 +46,8 @@ fn get<'a>(r: &'a HashMap<String, Tensor>, key: &str) -> &'a Tensor {
         .unwrap_or_else(|| panic!("reference has no {key}"))
 }
 
-/// max |got − want| / max |want|
-fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims(), "shapes differ");
-    let got = got
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_device(&Device::Cpu)
-        .unwrap();
-    let want = want
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_device(&Device::Cpu)
-        .unwrap();
-    let diff = common::max_abs_diff(&got, &want);
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1e-12);
-    diff / scale
-}
-
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
-    let e = rel_err(got, want);
+    let e = common::rel_err(got, want);
     assert!(e <= tol, "{what}: relative error {e:e} > {tol:e}");
 }
 
@@ -485,8 +460,8 @@ fn t5_in_half_precision_matches_transformers_half_precision() {
         .forward(&ids_u32(get(&r, "input_ids")), get(&r, "attention_mask"))
         .unwrap();
     assert_eq!(out.dtype(), DType::F16);
-    let vs_f16 = rel_err(&out, get(&r, "f16_last_hidden_state"));
-    let vs_f32 = rel_err(&out, get(&r, "last_hidden_state"));
+    let vs_f16 = common::rel_err(&out, get(&r, "f16_last_hidden_state"));
+    let vs_f32 = common::rel_err(&out, get(&r, "last_hidden_state"));
     eprintln!("T5 f16: {vs_f16:e} from transformers' f16, {vs_f32:e} from f32");
     // Two f16 computations agree to a few f16 ulps (2^-10 relative) of the largest
     // value; and ours follows transformers' f16 path more than the f32 one.

@@ -1,6 +1,7 @@
 //! pixart-flow's built-in nodes. Each module declares its nodes in one place
 //! (a `NodeSpec` built in the node's constructor) and implements them.
 
+pub mod captioner;
 pub mod fsutil;
 pub mod image_io;
 pub mod literal;

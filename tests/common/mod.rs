@@ -201,17 +201,37 @@ pub fn line_of(text: &str, needle: &str) -> usize {
         .unwrap_or_else(|| panic!("{needle:?} not in the text"))
 }
 
-/// The largest absolute element-wise difference of two tensors of one shape.
-pub fn max_abs_diff(
-    a: &pixart_runtime::candle_core::Tensor,
-    b: &pixart_runtime::candle_core::Tensor,
-) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
+/// The largest absolute element of a tensor.
+pub fn abs_max(t: &pixart_runtime::candle_core::Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .max_all()
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// The largest absolute element-wise difference of two tensors of one shape.
+pub fn max_abs_diff(
+    a: &pixart_runtime::candle_core::Tensor,
+    b: &pixart_runtime::candle_core::Tensor,
+) -> f32 {
+    abs_max(&(a - b).unwrap())
+}
+
+/// max |got − want| / max |want|, compared in f32 on the CPU.
+pub fn rel_err(
+    got: &pixart_runtime::candle_core::Tensor,
+    want: &pixart_runtime::candle_core::Tensor,
+) -> f32 {
+    use pixart_runtime::candle_core::{DType, Device};
+    assert_eq!(got.dims(), want.dims(), "shapes differ");
+    let f32_cpu = |t: &pixart_runtime::candle_core::Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
+    let (got, want) = (f32_cpu(got), f32_cpu(want));
+    max_abs_diff(&got, &want) / abs_max(&want).max(1e-12)
 }

@@ -3,8 +3,10 @@
 //! checkpoint's weight prefixes.
 
 pub mod cache;
+pub mod clip_image;
 pub mod conv_ops;
 pub mod fast_ops;
+pub mod llava;
 pub mod pixart;
 pub mod t5;
 pub mod tokenizer;

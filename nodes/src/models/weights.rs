@@ -152,6 +152,16 @@ impl Weights {
         self.tensors.contains_key(name)
     }
 
+    /// The same tensors under new names; those `rename` maps to `None` are dropped.
+    pub fn renamed(self, rename: impl Fn(&str) -> Option<String>) -> Weights {
+        let tensors = self
+            .tensors
+            .into_iter()
+            .filter_map(|(name, t)| rename(&name).map(|new| (new, t)))
+            .collect();
+        Weights { tensors, ..self }
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
     }
