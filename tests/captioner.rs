@@ -123,3 +123,241 @@ fn tiny_llava_matches_transformers() {
         "one fixture case stops at end-of-sequence"
     );
 }
+
+/// The issue's workflow, as written (paths pointed at the fixtures).
+#[test]
+fn the_issue_workflow_captions_an_image() {
+    let out = tempfile::tempdir().unwrap();
+    let wf = out.path().join("cat.yaml");
+    let fx = fixtures();
+    std::fs::write(
+        &wf,
+        format!(
+            r#"version: 1
+nodes:
+  cap:  {{type: captioner.load, inputs: {{path: "{}"}}}}
+  img:  {{type: image.load, inputs: {{path: "{}"}}}}
+  text:
+    type: caption.generate
+    inputs: {{captioner: "${{cap.captioner}}", image: "${{img.image}}", prompt: "Describe this image and its style in a very detailed manner.", max_tokens: 120, temperature: 0}}
+  save: {{type: text.save, inputs: {{text: "${{text.text}}", path: "out/cat.txt"}}}}
+"#,
+            fx.join("tiny-llava").display(),
+            fx.join("reference/llava-0.png").display()
+        ),
+    )
+    .unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_pixart"))
+        .arg("run")
+        .arg(&wf)
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let written = std::fs::read_to_string(out.path().join("out/cat.txt")).unwrap();
+    let captioner = Captioner::load(&fx.join("tiny-llava"), DType::F32, &Device::Cpu).unwrap();
+    let (bytes, w, h) = rgb(&fx.join("reference/llava-0.png"));
+    let opts = Generation {
+        max_tokens: 120,
+        temperature: 0.0,
+        seed: 0,
+    };
+    let want = captioner
+        .caption(
+            &bytes,
+            w,
+            h,
+            "Describe this image and its style in a very detailed manner.",
+            &opts,
+            |_, _| Ok(()),
+        )
+        .unwrap();
+    assert_eq!(written, want.text);
+    assert!(!written.is_empty());
+
+    // Sampling is seeded: the same seed gives the same caption, another seed another.
+    let hot = |seed| Generation {
+        max_tokens: 24,
+        temperature: 1.0,
+        seed,
+    };
+    let a = captioner
+        .caption(&bytes, w, h, "What is in the picture?", &hot(1), |_, _| {
+            Ok(())
+        })
+        .unwrap();
+    let b = captioner
+        .caption(&bytes, w, h, "What is in the picture?", &hot(1), |_, _| {
+            Ok(())
+        })
+        .unwrap();
+    let c = captioner
+        .caption(&bytes, w, h, "What is in the picture?", &hot(2), |_, _| {
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a.ids, c.ids);
+}
+
+#[test]
+fn other_folders_are_clear_errors() {
+    let fx = fixtures();
+    let err = |dir: &Path| {
+        Captioner::load(dir, DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    // A PixArt transformer folder is not a LLaVA.
+    let e = err(&fx.join("tiny-pixart/transformer"));
+    assert!(e.contains("config.json") && e.contains("model_type"), "{e}");
+    // A LLaVA folder missing its tokenizer.
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "chat_template.jinja",
+    ] {
+        std::fs::copy(fx.join("tiny-llava").join(f), dir.path().join(f)).unwrap();
+    }
+    let e = err(dir.path());
+    assert!(e.contains("tokenizer.json"), "{e}");
+    // A damaged checkpoint names the missing tensor instead of panicking.
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(fx.join("tiny-llava")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let tensors = pixart_runtime::candle_core::safetensors::load(
+        fx.join("tiny-llava/model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .into_iter()
+    .filter(|(k, _)| !k.contains("layers.1.mlp.down_proj"))
+    .collect::<std::collections::HashMap<_, _>>();
+    pixart_runtime::candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors"))
+        .unwrap();
+    let e = err(dir.path());
+    assert!(e.contains("layers.1.mlp.down_proj"), "{e}");
+}
+
+/// A folder of `n` small images with short captions, as the trainer reads them.
+fn image_folder(dir: &Path, n: usize) {
+    for i in 0..n {
+        let mut pixels = Vec::with_capacity(32 * 32 * 3);
+        for y in 0..32u32 {
+            for x in 0..32u32 {
+                pixels.extend([(x * 8 + i as u32 * 13) as u8, (y * 8) as u8, (i * 40) as u8]);
+            }
+        }
+        let file = std::fs::File::create(dir.join(format!("img{i:04}.png"))).unwrap();
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), 32, 32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.write_header()
+            .unwrap()
+            .write_image_data(&pixels)
+            .unwrap();
+        std::fs::write(dir.join(format!("img{i:04}.txt")), format!("square {i}")).unwrap();
+    }
+}
+
+fn caption_run(folder: &Path, out: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pixart"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["run", "workflows/caption-dataset.yaml", "--set"])
+        .arg(format!("model={}", fixtures().join("tiny-llava").display()))
+        .arg("--set")
+        .arg(format!("folder={}", folder.display()))
+        .args(["--set", "use_original=true", "--set", "batch=3", "--out"])
+        .arg(out);
+    cmd
+}
+
+/// `workflows/caption-dataset.yaml` relabels a folder; killed half-way, a rerun
+/// finishes it without redoing or losing a caption.
+#[test]
+fn caption_dataset_workflow_survives_a_kill_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("images");
+    std::fs::create_dir(&folder).unwrap();
+    let n = 150;
+    image_folder(&folder, n);
+    let done = |folder: &Path| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(folder)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().ends_with(".orig.txt"))
+            .filter(|p| {
+                let txt = PathBuf::from(p.to_string_lossy().replace(".orig.txt", ".txt"));
+                std::fs::read_to_string(&txt).unwrap() != std::fs::read_to_string(p).unwrap()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let mut child = caption_run(&folder, dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while done(&folder).len() < 5 {
+        assert!(started.elapsed().as_secs() < 120, "no captions appeared");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before_kill: Vec<(PathBuf, String, std::time::SystemTime)> = done(&folder)
+        .into_iter()
+        .map(|orig| {
+            let txt = PathBuf::from(orig.to_string_lossy().replace(".orig.txt", ".txt"));
+            let text = std::fs::read_to_string(&txt).unwrap();
+            let mtime = std::fs::metadata(&txt).unwrap().modified().unwrap();
+            (txt, text, mtime)
+        })
+        .collect();
+    assert!(
+        before_kill.len() < n,
+        "the run finished before it could be killed; make the folder larger"
+    );
+    eprintln!("killed after {} of {n} captions", before_kill.len());
+
+    let out = caption_run(&folder, dir.path()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(done(&folder).len(), n, "every image has a dense caption");
+    for (txt, text, mtime) in &before_kill {
+        assert_eq!(
+            &std::fs::read_to_string(txt).unwrap(),
+            text,
+            "{} was redone",
+            txt.display()
+        );
+        assert_eq!(&std::fs::metadata(txt).unwrap().modified().unwrap(), mtime);
+    }
+    for i in 0..n {
+        let orig = std::fs::read_to_string(folder.join(format!("img{i:04}.orig.txt"))).unwrap();
+        assert_eq!(orig, format!("square {i}"), "the original caption is kept");
+    }
+    let report = std::fs::read_to_string(dir.path().join("caption-report.txt")).unwrap();
+    assert!(
+        report.contains(&format!("before: {n} captions (original)")),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("after:  {n} captions (current)")),
+        "{report}"
+    );
+    eprint!("{report}");
+}

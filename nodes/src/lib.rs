@@ -39,6 +39,7 @@ pub fn builtin_nodes() -> Vec<Arc<dyn Node>> {
     nodes.extend(training::pipeline_save::nodes());
     nodes.extend(shapes::nodes::nodes());
     nodes.extend(plot::nodes());
+    nodes.extend(captioner::nodes::nodes());
     nodes
 }
 

@@ -177,30 +177,66 @@ impl Captioner {
         opts: &Generation,
         mut on_token: impl FnMut(usize, usize) -> candle_core::Result<()>,
     ) -> Result<Caption, String> {
-        let text = self.prompt_text(prompt)?;
-        let ids = self.input_ids(&text)?;
-        if ids.len() + opts.max_tokens > self.model.max_positions() {
-            return Err(format!(
-                "the prompt ({} tokens) plus {} new tokens exceed the model's {} positions",
-                ids.len(),
-                opts.max_tokens,
-                self.model.max_positions()
-            ));
-        }
-        let px = self.pixel_values(rgb, width, height)?;
-        self.generate(&ids, &px, opts, &mut on_token)
-            .map_err(|e| e.to_string())
+        let mut captions = self.caption_many(
+            &[(rgb, width, height, prompt)],
+            opts,
+            |_, done, max| on_token(done, max),
+            |_, _| Ok(()),
+        )?;
+        Ok(captions.remove(0))
     }
 
+    /// Captions several images (`(rgb, width, height, prompt)`): the vision
+    /// tower sees them as one batch, then each caption is generated in turn.
+    /// `on_token(image, done, max)` may stop generation by returning an error;
+    /// `on_caption(image, caption)` sees each caption as soon as it is done (to
+    /// save it before the next one starts).
+    pub fn caption_many(
+        &self,
+        images: &[(&[u8], usize, usize, &str)],
+        opts: &Generation,
+        mut on_token: impl FnMut(usize, usize, usize) -> candle_core::Result<()>,
+        mut on_caption: impl FnMut(usize, &Caption) -> candle_core::Result<()>,
+    ) -> Result<Vec<Caption>, String> {
+        let mut prompts = Vec::with_capacity(images.len());
+        let mut pixels = Vec::with_capacity(images.len());
+        for &(rgb, width, height, prompt) in images {
+            let ids = self.input_ids(&self.prompt_text(prompt)?)?;
+            if ids.len() + opts.max_tokens > self.model.max_positions() {
+                return Err(format!(
+                    "the prompt ({} tokens) plus {} new tokens exceed the model's {} positions",
+                    ids.len(),
+                    opts.max_tokens,
+                    self.model.max_positions()
+                ));
+            }
+            prompts.push(ids);
+            pixels.push(self.pixel_values(rgb, width, height)?);
+        }
+        let mut run = || -> candle_core::Result<Vec<Caption>> {
+            let features = self.model.image_features(&Tensor::cat(&pixels, 0)?)?;
+            let mut out = Vec::with_capacity(prompts.len());
+            for (i, ids) in prompts.iter().enumerate() {
+                let caption = self.generate(ids, &features.get(i)?, opts, &mut |done, max| {
+                    on_token(i, done, max)
+                })?;
+                on_caption(i, &caption)?;
+                out.push(caption);
+            }
+            Ok(out)
+        };
+        run().map_err(|e| e.to_string())
+    }
+
+    /// Generates after `ids`, the image features `[N, hidden]` in the image tokens.
     fn generate(
         &self,
         ids: &[u32],
-        pixel_values: &Tensor,
+        features: &Tensor,
         opts: &Generation,
         on_token: &mut dyn FnMut(usize, usize) -> candle_core::Result<()>,
     ) -> candle_core::Result<Caption> {
-        let features = self.model.image_features(pixel_values)?.squeeze(0)?;
-        let embeds = self.model.embed_prompt(ids, &features)?;
+        let embeds = self.model.embed_prompt(ids, features)?;
         let mut cache = self.model.new_cache()?;
         let mut logits = self.model.forward_embeds(&embeds, 0, &mut cache)?;
         let mut key = [0u8; 32];

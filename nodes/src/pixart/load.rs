@@ -65,7 +65,11 @@ pub fn dtype(name: &str) -> Result<DType, String> {
 }
 
 /// candle's CPU matmul has no bf16 kernel: refuse the pair up front.
-fn check_dtype_device(path: &Path, dtype: DType, device: &Device) -> Result<(), LoadError> {
+pub(crate) fn check_dtype_device(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(), LoadError> {
     if dtype == DType::BF16 && device.is_cpu() {
         return Err(LoadError::file(
             path,
@@ -83,7 +87,7 @@ fn device_key(d: &Device) -> String {
 }
 
 /// Cache key: what, where (canonical path + modification time), dtype, device.
-fn key(kind: &str, path: &Path, dtype: DType, device: &Device) -> String {
+pub(crate) fn key(kind: &str, path: &Path, dtype: DType, device: &Device) -> String {
     let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     let stamp = std::fs::metadata(path)
         .and_then(|m| m.modified())

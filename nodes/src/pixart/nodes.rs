@@ -17,13 +17,13 @@ use pixart_runtime::{
 };
 use std::sync::Arc;
 
-fn dtype_input() -> InputSpec {
+pub(crate) fn dtype_input() -> InputSpec {
     InputSpec::new("dtype", PortType::enum_of(&["f32", "f16", "bf16"]))
         .default("f32")
         .describe("Weights and compute precision (bf16: GPU only).")
 }
 
-fn device_input() -> InputSpec {
+pub(crate) fn device_input() -> InputSpec {
     InputSpec::new("device", PortType::enum_of(&["auto", "cpu", "cuda"]))
         .default("auto")
         .describe("auto: what `pixart run --device` chose (cpu by default).")
@@ -33,7 +33,7 @@ fn load_err(e: impl std::fmt::Display) -> NodeError {
     NodeError::msg(e)
 }
 
-fn dtype_device(inputs: &Inputs) -> Result<(DType, candle_core::Device), NodeError> {
+pub(crate) fn dtype_device(inputs: &Inputs) -> Result<(DType, candle_core::Device), NodeError> {
     let dtype = load::dtype(inputs.str("dtype")?).map_err(|e| NodeError::input("dtype", e))?;
     let device = load::device(inputs.str("device")?).map_err(|e| NodeError::input("device", e))?;
     Ok((dtype, device))
