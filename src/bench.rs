@@ -39,6 +39,12 @@ pub struct BenchArgs {
         default_value = "target/wasm-plugins/wasm32-unknown-unknown/release/testkit.wasm"
     )]
     plugin: std::path::PathBuf,
+    /// For `caption`: the LLaVA folder.
+    #[arg(long, default_value = "/tmp/llava-mid")]
+    model: std::path::PathBuf,
+    /// For `caption`: new tokens per generation.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -51,6 +57,9 @@ enum Target {
     /// The plugin boundary: a 4 MiB f32 tensor into a plugin and back, against a
     /// memcpy of the same size, and the cost of calling an empty plugin node.
     Plugins,
+    /// Greedy LLaVA captioning: prefill and decode tokens/s of `--model`
+    /// (compare with scripts/bench_llava_torch.py, which writes that folder).
+    Caption,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -133,6 +142,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         Target::Dit => return dit(args.repeat.max(1), &args.device),
         Target::Train => return train(args.repeat.max(1), &args.device),
         Target::Plugins => return plugins(&args.plugin, args.repeat.max(1)),
+        Target::Caption => return caption(&args.model, args.tokens.max(2), args.repeat.max(1)),
         Target::Runtime => {}
     }
     let n = args.nodes.max(1);
@@ -389,6 +399,57 @@ fn plugins(path: &std::path::Path, repeat: usize) -> Result<ExitCode> {
     println!(
         "empty plugin node, per call        {:>9.1} µs (a reused instance; limits, context and handles reset)",
         noop_t.as_secs_f64() * 1e6
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn caption(model: &std::path::Path, tokens: usize, repeat: usize) -> Result<ExitCode> {
+    use pixart_nodes::captioner::{read_rgb, Captioner, Generation};
+    use pixart_runtime::candle_core::{DType, Device};
+    let captioner = Captioner::load(model, DType::F32, &Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("{e} (write it with scripts/bench_llava_torch.py)"))?;
+    let (rgb, w, h) = read_rgb(std::path::Path::new("tests/fixtures/reference/llava-2.png"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let prompt = "Describe this image and its style in a very detailed manner.";
+    let prompt_tokens = captioner
+        .input_ids(&captioner.prompt_text(prompt).map_err(anyhow::Error::msg)?)
+        .map_err(anyhow::Error::msg)?
+        .len();
+    let run = |max_tokens| {
+        let opts = Generation {
+            max_tokens,
+            temperature: 0.0,
+            seed: 0,
+        };
+        let t = Instant::now();
+        let c = captioner
+            .caption(&rgb, w, h, prompt, &opts, |_, _| Ok(()))
+            .map_err(anyhow::Error::msg)?;
+        anyhow::Ok((t.elapsed(), c))
+    };
+    run(2)?; // warm-up
+    let (mut prefill, mut decode, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..repeat {
+        let (one, _) = run(1)?;
+        let (all, c) = run(tokens)?;
+        anyhow::ensure!(
+            c.ids.len() == tokens,
+            "stopped after {} tokens",
+            c.ids.len()
+        );
+        prefill.push(one);
+        decode.push((tokens - 1) as f64 / (all.as_secs_f64() - one.as_secs_f64()));
+        ids = c.ids;
+    }
+    decode.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        serde_json::json!({
+            "prompt_tokens": prompt_tokens,
+            "prefill_s": median(prefill).as_secs_f64(),
+            "decode_tokens_per_s": decode[decode.len() / 2],
+            "ids": ids,
+        })
     );
     Ok(ExitCode::SUCCESS)
 }

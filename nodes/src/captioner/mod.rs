@@ -5,4 +5,4 @@ pub mod model;
 pub mod nodes;
 pub mod stats;
 
-pub use model::{Caption, Captioner, Generation};
+pub use model::{read_rgb, Caption, Captioner, Generation};

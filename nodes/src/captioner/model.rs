@@ -263,6 +263,20 @@ impl Captioner {
     }
 }
 
+/// An image file (PNG, JPEG) as 8-bit RGB: (bytes, width, height).
+pub fn read_rgb(path: &Path) -> Result<(Vec<u8>, usize, usize), pixart_runtime::NodeError> {
+    use pixart_runtime::NodeError;
+    let img = image::ImageReader::open(path)
+        .map_err(|e| NodeError::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| NodeError::io(path, e))?
+        .decode()
+        .map_err(|e| NodeError::msg(format!("{}: {e}", path.display())))?
+        .to_rgb8();
+    let (w, h) = img.dimensions();
+    Ok((img.into_raw(), w as usize, h as usize))
+}
+
 fn read_json(path: &Path) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(path).ok()?;
     serde_json::from_str(&text).ok()

@@ -2,7 +2,7 @@
 //! `dataset.caption` (auto-label a trainer folder, resumable) and
 //! `caption.stats`.
 
-use super::model::{Captioner, Generation};
+use super::model::{read_rgb, Captioner, Generation};
 use super::stats::stats;
 use crate::fsutil::{atomic_write, input_file_fingerprint};
 use crate::image_io::{image_dims, to_bytes};
@@ -302,7 +302,7 @@ impl Node for CaptionDataset {
             // The chunk is decoded together and goes through the vision tower as one batch.
             let decoded = chunk
                 .iter()
-                .map(|item| decode(&item.image))
+                .map(|item| read_rgb(&item.image))
                 .collect::<Result<Vec<_>, _>>()?;
             ctx.check_cancelled()?;
             let mut asked = Vec::with_capacity(chunk.len());
@@ -370,18 +370,6 @@ fn eta(seconds: f64) -> String {
     } else {
         format!("{}m{:02}s", s / 60, s % 60)
     }
-}
-
-fn decode(path: &Path) -> Result<(Vec<u8>, usize, usize), NodeError> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| NodeError::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| NodeError::io(path, e))?
-        .decode()
-        .map_err(|e| NodeError::msg(format!("{}: {e}", path.display())))?
-        .to_rgb8();
-    let (w, h) = img.dimensions();
-    Ok((img.into_raw(), w as usize, h as usize))
 }
 
 // ---- caption.stats ----------------------------------------------------------------

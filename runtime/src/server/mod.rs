@@ -149,7 +149,10 @@ const WORKFLOW_TYPES: &[&str] = &[
 const IMAGE_TYPES: &[&str] = &["image/png", "image/jpeg"];
 
 /// Every route of the API.
-pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+///
+/// Boxed: the combined filter is a very deep type, and every crate that serves
+/// it would otherwise have to prove it `Send` and `Unpin` level by level.
+pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
     let api = warp::path("api").and(same_origin(state.config.allow_remote));
     let limit = warp::body::content_length_limit(4 << 20);
 
@@ -353,6 +356,7 @@ pub fn routes(state: Arc<State>) -> impl Filter<Extract = (Response,), Error = I
         .unify()
         .recover(recover)
         .unify()
+        .boxed()
 }
 
 async fn recover(r: Rejection) -> Result<Response, Infallible> {
