@@ -361,3 +361,24 @@ fn caption_dataset_workflow_survives_a_kill_and_resumes() {
     );
     eprint!("{report}");
 }
+
+/// Half precision on the CPU: the same model in f16 gives logits close to f32's
+/// (f16 has 11 bits of mantissa; errors add up over the layers).
+#[test]
+fn half_precision_stays_close() {
+    let dir = fixtures().join("tiny-llava");
+    let f32m = Captioner::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let f16m = Captioner::load(&dir, DType::F16, &Device::Cpu).unwrap();
+    let (bytes, w, h) = rgb(&fixtures().join("reference/llava-2.png"));
+    let ids = f32m
+        .input_ids(&f32m.prompt_text("What is in the picture?").unwrap())
+        .unwrap();
+    let px = f32m.pixel_values(&bytes, w, h).unwrap();
+    let a = f32m.first_logits(&ids, &px).unwrap();
+    let b = f16m.first_logits(&ids, &px).unwrap();
+    let e = common::rel_err(&b, &a);
+    assert!(
+        e > 0.0 && e < 2e-2,
+        "f16 vs f32 logits: relative error {e:e}"
+    );
+}
