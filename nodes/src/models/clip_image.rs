@@ -93,6 +93,12 @@ impl ImageProcessorConfig {
         let (mut img, mut w, mut h) = (rgb.to_vec(), width, height);
         if self.do_resize {
             let (nw, nh) = self.resize_target(w, h)?;
+            if nw == 0 || nh == 0 {
+                return Err(format!(
+                    "resizing {w}×{h} by {:?} leaves nothing",
+                    self.size
+                ));
+            }
             let filter = match self.resample {
                 2 => Filter::Bilinear,
                 3 => Filter::Bicubic,
