@@ -247,6 +247,23 @@ fn other_folders_are_clear_errors() {
         .unwrap();
     let e = err(dir.path());
     assert!(e.contains("layers.1.mlp.down_proj"), "{e}");
+    // A config.json that does not fit the weights names the first tensor that differs.
+    std::fs::copy(
+        fx.join("tiny-llava/model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(fx.join("tiny-llava/config.json")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        config.replace("\"intermediate_size\": 96", "\"intermediate_size\": 97"),
+    )
+    .unwrap();
+    let e = err(dir.path());
+    assert!(
+        e.contains("layers.0.mlp.gate_proj.weight has shape [96, 48]"),
+        "{e}"
+    );
 }
 
 /// A folder of `n` small images with short captions, as the trainer reads them.

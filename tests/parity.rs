@@ -715,7 +715,7 @@ fn two_training_steps_match_the_official_loop() {
             let largest = tm
                 .params
                 .iter()
-                .map(|p| max_abs(get(&r, &format!("grad.{}", p.name))))
+                .map(|p| common::abs_max(get(&r, &format!("grad.{}", p.name))))
                 .fold(0f32, f32::max);
             for p in &tm.params {
                 let g = grads.get(p.var.as_tensor()).unwrap();
@@ -724,7 +724,7 @@ fn two_training_steps_match_the_official_loop() {
                     // Adding b to every key shifts a query's scores by q·b: softmax
                     // ignores it, so both sides hold only rounding noise.
                     for (side, t) in [("ours", g), ("reference", want)] {
-                        let m = max_abs(t);
+                        let m = common::abs_max(t);
                         assert!(m <= 1e-6 * largest, "{} ({side}): {m:e}", p.name);
                     }
                 } else {
@@ -746,7 +746,7 @@ fn two_training_steps_match_the_official_loop() {
             // too): a key bias random-walks by at most ~lr per step on both sides.
             let start = &weights[&p.name];
             for (side, t) in [("ours", after), ("reference", want)] {
-                let moved = max_abs(&(t - start).unwrap());
+                let moved = common::abs_max(&(t - start).unwrap());
                 assert!(moved <= 2.5e-3, "{} ({side}) moved {moved:e}", p.name);
             }
         } else {
@@ -758,15 +758,6 @@ fn two_training_steps_match_the_official_loop() {
 /// Parameters whose exact gradient is zero: the attention key biases.
 fn analytically_zero(name: &str) -> bool {
     name.ends_with(".to_k.bias")
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// The tiny fixture transformer's config and weights.

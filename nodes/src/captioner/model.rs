@@ -15,7 +15,8 @@ pub struct Captioner {
     model: Llava,
     images: ImageProcessorConfig,
     tokenizer: Tokenizer,
-    template: String,
+    /// The chat template, parsed once at load.
+    template: minijinja::Environment<'static>,
     /// `bos_token` and `eos_token` as the chat template sees them.
     specials: (String, String),
     image_token: String,
@@ -46,7 +47,7 @@ impl Captioner {
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| LoadError::file(&tok_path, format!("not a tokenizer.json: {e}")))?;
-        let template = chat_template(dir)?;
+        let template = chat_environment(dir)?;
         let tok_config = read_json(&dir.join("tokenizer_config.json"));
         let special = |key: &str, fallback: &str| {
             let v = tok_config.as_ref().and_then(|c| c.get(key));
@@ -105,24 +106,12 @@ impl Captioner {
     /// The conversation text for one image and a user prompt, by the folder's
     /// chat template (with the generation prompt).
     pub fn prompt_text(&self, prompt: &str) -> Result<String, String> {
-        let mut env = minijinja::Environment::new();
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", &self.template)
-            .map_err(|e| format!("the chat template does not parse: {e}"))?;
         let messages = serde_json::json!([{
             "role": "user",
             "content": [{"type": "image"}, {"type": "text", "text": prompt}],
         }]);
-        env.get_template("chat")
+        self.template
+            .get_template("chat")
             .and_then(|t| {
                 t.render(minijinja::context! {
                     messages => messages,
@@ -280,6 +269,25 @@ pub fn read_rgb(path: &Path) -> Result<(Vec<u8>, usize, usize), pixart_runtime::
 fn read_json(path: &Path) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(path).ok()?;
     serde_json::from_str(&text).ok()
+}
+
+/// A Jinja environment holding the folder's chat template as "chat"; a template
+/// that does not parse is a load error.
+fn chat_environment(dir: &Path) -> Result<minijinja::Environment<'static>, LoadError> {
+    let mut env = minijinja::Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template_owned("chat", chat_template(dir)?)
+        .map_err(|e| LoadError::file(dir, format!("the chat template does not parse: {e}")))?;
+    Ok(env)
 }
 
 /// The chat template: `chat_template.jinja` (transformers 5), `chat_template.json`

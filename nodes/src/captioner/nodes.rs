@@ -151,26 +151,32 @@ impl Node for Generate {
         let (batch, h, w, c) = image_dims(image)?;
         let prompt = inputs.str("prompt")?;
         let opts = generation(&inputs)?;
-        let mut texts = Vec::with_capacity(batch);
-        for i in 0..batch {
-            let rgb = rgb_bytes(&image.narrow(0, i, 1)?, c)?;
-            let caption = captioner
-                .caption(&rgb, w, h, prompt, &opts, |done, max| {
+        let rgb = (0..batch)
+            .map(|i| rgb_bytes(&image.narrow(0, i, 1)?, c))
+            .collect::<Result<Vec<_>, NodeError>>()?;
+        let images: Vec<(&[u8], usize, usize, &str)> =
+            rgb.iter().map(|b| (b.as_slice(), w, h, prompt)).collect();
+        let captions = captioner
+            .caption_many(
+                &images,
+                &opts,
+                |i, done, max| {
                     ctx.progress((i * max + done) as u64, (batch * max) as u64);
                     if ctx.is_cancelled() {
                         candle_core::bail!("cancelled");
                     }
                     Ok(())
-                })
-                .map_err(|e| {
-                    if ctx.is_cancelled() {
-                        NodeError::Cancelled
-                    } else {
-                        NodeError::msg(e)
-                    }
-                })?;
-            texts.push(caption.text);
-        }
+                },
+                |_, _| Ok(()),
+            )
+            .map_err(|e| {
+                if ctx.is_cancelled() {
+                    NodeError::Cancelled
+                } else {
+                    NodeError::msg(e)
+                }
+            })?;
+        let texts: Vec<String> = captions.into_iter().map(|c| c.text).collect();
         let first = texts.first().cloned().unwrap_or_default();
         Ok(Outputs::one("text", Value::String(first)).with(
             "texts",

@@ -440,41 +440,55 @@ fn projector(vb: &VarBuilder, config: &Config) -> candle_core::Result<(Linear, L
     ))
 }
 
-/// candle-transformers' Llama loader panics on a missing layer tensor: check
-/// every one first, so a damaged checkpoint is an error naming the tensor.
+/// candle-transformers' Llama loader panics on a missing or misshapen layer
+/// tensor: check every one first, so a damaged checkpoint (or one whose config
+/// does not fit it) is an error naming the tensor.
 fn check_language_weights(
     weights: &Weights,
     cfg: &candle_transformers::models::llama::Config,
 ) -> Result<(), LoadError> {
-    let mut names = vec![
-        "language.model.embed_tokens.weight".to_string(),
-        "language.model.norm.weight".into(),
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let head = h / cfg.num_attention_heads;
+    let kv = cfg.num_key_value_heads * head;
+    let mut expected: Vec<(String, Vec<usize>)> = vec![
+        (
+            "language.model.embed_tokens.weight".into(),
+            vec![cfg.vocab_size, h],
+        ),
+        ("language.model.norm.weight".into(), vec![h]),
     ];
     if !cfg.tie_word_embeddings {
-        names.push("language.lm_head.weight".into());
+        expected.push(("language.lm_head.weight".into(), vec![cfg.vocab_size, h]));
     }
-    for i in 0..cfg.num_hidden_layers {
-        for part in [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-            "input_layernorm",
-            "post_attention_layernorm",
+    for l in 0..cfg.num_hidden_layers {
+        for (part, shape) in [
+            ("self_attn.q_proj", vec![h, h]),
+            ("self_attn.k_proj", vec![kv, h]),
+            ("self_attn.v_proj", vec![kv, h]),
+            ("self_attn.o_proj", vec![h, h]),
+            ("mlp.gate_proj", vec![i, h]),
+            ("mlp.up_proj", vec![i, h]),
+            ("mlp.down_proj", vec![h, i]),
+            ("input_layernorm", vec![h]),
+            ("post_attention_layernorm", vec![h]),
         ] {
-            names.push(format!("language.model.layers.{i}.{part}.weight"));
+            expected.push((format!("language.model.layers.{l}.{part}.weight"), shape));
         }
     }
-    match names.iter().find(|n| !weights.contains(n)) {
-        Some(missing) => Err(weights.model_error(
-            "the Llama model",
-            candle_core::Error::msg(format!("missing tensor {missing}")),
-        )),
-        None => Ok(()),
+    for (name, shape) in expected {
+        let problem = match weights.get(&name) {
+            None => format!("missing tensor {name}"),
+            Some(t) if t.dims() != shape.as_slice() => {
+                format!(
+                    "tensor {name} has shape {:?}, config.json says {shape:?}",
+                    t.dims()
+                )
+            }
+            Some(_) => continue,
+        };
+        return Err(weights.model_error("the Llama model", candle_core::Error::msg(problem)));
     }
+    Ok(())
 }
 
 /// Picks the next token from logits `[1, vocab]`: the most likely (first on
