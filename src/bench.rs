@@ -304,6 +304,7 @@ fn train(repeat: usize, device: &str) -> Result<ExitCode> {
         text,
         mask,
         sizes: None,
+        mse_weights: None,
     };
     let diffusion = Diffusion::linear(1e-4, 0.02, 1000);
     let mut opt = Optimizer {

@@ -690,6 +690,7 @@ fn two_training_steps_match_the_official_loop() {
         text: get(&r, "text").clone(),
         mask: get(&r, "mask").to_dtype(DType::F32).unwrap(),
         sizes: None,
+        mse_weights: None,
     };
     assert!(batch.t.contains(&0) && batch.t.contains(&999));
     let diffusion = Diffusion::linear(1e-4, 0.02, 1000);

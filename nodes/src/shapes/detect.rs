@@ -43,11 +43,58 @@ pub fn background(img: &RgbImage) -> Background {
     Background::ALL[best]
 }
 
-/// A blob's fill of its bounding box tells the shape: a square fills it, a
-/// circle π/4 of it, a triangle about half.
-fn shape_of(fill: f64) -> Shape {
+/// A blob's shape from its pixels and bounding box. Its fill of the box tells
+/// most shapes apart (a square fills it, a circle π/4 of it, a triangle about
+/// half); between those, where a blurred small square or triangle looks as full
+/// as a circle, the box's corners decide: a square fills all four, a circle
+/// none, an upright triangle the two at its base.
+fn shape_of(pixels: &[(usize, usize)], x0: usize, y0: usize, bw: usize, bh: usize) -> Shape {
+    let fill = pixels.len() as f64 / (bw * bh) as f64;
     if fill >= 0.89 {
+        return Shape::Square;
+    }
+    if fill < 0.6 {
+        return Shape::Triangle;
+    }
+    let mut inside = vec![false; bw * bh];
+    for &(x, y) in pixels {
+        inside[(y - y0) * bw + (x - x0)] = true;
+    }
+    // Each corner's region: the box pixels whose centres lie within 0.3 of the
+    // box's size (in u + v, box-relative) of that corner.
+    let mut filled = [0usize; 4];
+    let mut total = [0usize; 4];
+    for y in 0..bh {
+        for x in 0..bw {
+            let u = (x as f64 + 0.5) / bw as f64;
+            let v = (y as f64 + 0.5) / bh as f64;
+            for (k, (cu, cv)) in [(u, v), (1.0 - u, v), (u, 1.0 - v), (1.0 - u, 1.0 - v)]
+                .into_iter()
+                .enumerate()
+            {
+                if cu + cv < 0.3 {
+                    total[k] += 1;
+                    filled[k] += usize::from(inside[y * bw + x]);
+                }
+            }
+        }
+    }
+    let mut occupancy: Vec<f64> = (0..4)
+        .map(|k| {
+            if total[k] == 0 {
+                0.0
+            } else {
+                filled[k] as f64 / total[k] as f64
+            }
+        })
+        .collect();
+    occupancy.sort_by(f64::total_cmp);
+    let emptier = (occupancy[0] + occupancy[1]) / 2.0;
+    let fuller = (occupancy[2] + occupancy[3]) / 2.0;
+    if emptier >= 0.4 {
         Shape::Square
+    } else if fuller - emptier >= 0.4 {
+        Shape::Triangle
     } else if fill >= 0.64 {
         Shape::Circle
     } else {
@@ -89,10 +136,12 @@ pub fn detect(img: &RgbImage) -> Vec<Detection> {
         let label = labels[start];
         seen[start] = true;
         stack.push(start);
+        let mut pixels = Vec::new();
         let (mut area, mut sx, mut sy) = (0usize, 0f64, 0f64);
         let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
         while let Some(i) = stack.pop() {
             let (x, y) = (i % wu, i / wu);
+            pixels.push((x, y));
             area += 1;
             sx += x as f64 + 0.5;
             sy += y as f64 + 0.5;
@@ -137,7 +186,7 @@ pub fn detect(img: &RgbImage) -> Vec<Detection> {
             .unwrap_or(Position::Center);
         found.push(Detection {
             colour: Colour::ALL[label as usize],
-            shape: shape_of(area as f64 / (bw * bh)),
+            shape: shape_of(&pixels, x0, y0, x1 - x0 + 1, y1 - y0 + 1),
             size: if bw.max(bh) / side >= 0.3 {
                 Size::Large
             } else {

@@ -19,6 +19,8 @@ pub struct Batch {
     pub mask: Tensor,
     /// Micro-conditions for models that take them: `[B, 2]` (height, width) and `[B, 1]`.
     pub sizes: Option<(Tensor, Tensor)>,
+    /// Per-sample weights `[B]` of the ε term (min-SNR); `None` weighs all alike.
+    pub mse_weights: Option<Tensor>,
 }
 
 /// The per-sample loss terms, their batch mean and the gradients of that mean
@@ -76,12 +78,15 @@ fn part_gradients(
         aspect_ratio: a,
     });
     let out = model.forward_train(&x_t, &t, &batch.text, Some(&batch.mask), sizes.as_ref())?;
-    let terms = diffusion.loss(
+    let mut terms = diffusion.loss(
         &batch.x0,
         &batch.t,
         &batch.noise,
         &out.to_dtype(DType::F32)?,
     )?;
+    if let Some(w) = &batch.mse_weights {
+        terms.loss = ((&terms.mse * w)? + &terms.vb)?;
+    }
     let share = (terms.loss.sum_all()? / total as f64)?;
     let grads = share.backward()?;
     let value = share.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -102,6 +107,7 @@ impl Batch {
                 Some((r, a)) => Some((cut(r)?, cut(a)?)),
                 None => None,
             },
+            mse_weights: self.mse_weights.as_ref().map(cut).transpose()?,
         })
     }
 }

@@ -40,6 +40,8 @@ pub struct Settings {
     pub ema_rate: f64,
     pub ema_warmup: bool,
     pub caption_dropout: f64,
+    /// γ of min-SNR loss weighting; 0 weighs every timestep alike (PixArt's loss).
+    pub min_snr_gamma: f64,
     pub class_conditional: bool,
     pub frozen: Vec<String>,
     pub seed: u64,
@@ -67,6 +69,9 @@ impl Settings {
         // Only when on, so checkpoints from before the option still resume.
         if self.ema_warmup {
             f["ema_warmup"] = json!(true);
+        }
+        if self.min_snr_gamma > 0.0 {
+            f["min_snr_gamma"] = json!(self.min_snr_gamma);
         }
         f
     }
@@ -139,6 +144,7 @@ fn make_batch(
     null_caption: &Tensor,
     class_table: Option<(&Tensor, &[String])>,
     with_sizes: bool,
+    diffusion: &Diffusion,
 ) -> candle_core::Result<Batch> {
     let mut rng = TrainRng::new(s.seed, Stream::Step, step);
     let b = indices.len();
@@ -188,6 +194,12 @@ fn make_batch(
     } else {
         None
     };
+    let mse_weights = if s.min_snr_gamma > 0.0 {
+        let w = diffusion.min_snr_weights(&t, s.min_snr_gamma);
+        Some(Tensor::from_vec(w, b, &device)?)
+    } else {
+        None
+    };
     Ok(Batch {
         x0,
         t,
@@ -195,6 +207,7 @@ fn make_batch(
         text,
         mask,
         sizes,
+        mse_weights,
     })
 }
 
@@ -320,6 +333,16 @@ impl TrainPixArt {
                         ),
                 )
                 .input(InputSpec::new("caption_dropout", PortType::Float).default(0.1).min(0.0).max(1.0))
+                .input(
+                    InputSpec::new("min_snr_gamma", PortType::Float)
+                        .default(0.0)
+                        .min(0.0)
+                        .max(1e6)
+                        .describe(
+                            "Min-SNR-γ weighting of the ε loss (Hang et al. 2023; 5 is their choice): \
+                             weight min(SNR, γ)/SNR per sample. 0: every timestep alike, as PixArt trains.",
+                        ),
+                )
                 .input(InputSpec::new("condition", PortType::enum_of(&["text", "class"])).default("text"))
                 .input(
                     InputSpec::new("freeze", PortType::String)
@@ -378,6 +401,7 @@ impl Node for TrainPixArt {
             ema_rate: inputs.float("ema_rate")?,
             ema_warmup: inputs.bool("ema_warmup")?,
             caption_dropout: inputs.float("caption_dropout")?,
+            min_snr_gamma: inputs.float("min_snr_gamma")?,
             class_conditional: inputs.str("condition")? == "class",
             frozen: inputs
                 .str("freeze")?
@@ -655,6 +679,7 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
             &null_caption,
             table.as_ref().map(|t| (t, classes.as_slice())),
             with_sizes,
+            &diffusion,
         )?;
         let (terms, loss, mut grads) =
             loss_and_gradients(&tm.model, &diffusion, &batch, &opt.vars)?;
