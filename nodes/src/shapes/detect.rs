@@ -79,15 +79,12 @@ fn shape_of(pixels: &[(usize, usize)], x0: usize, y0: usize, bw: usize, bh: usiz
             }
         }
     }
-    let mut occupancy: Vec<f64> = (0..4)
-        .map(|k| {
-            if total[k] == 0 {
-                0.0
-            } else {
-                filled[k] as f64 / total[k] as f64
-            }
-        })
-        .collect();
+    let mut occupancy = [0f64; 4];
+    for k in 0..4 {
+        if total[k] > 0 {
+            occupancy[k] = filled[k] as f64 / total[k] as f64;
+        }
+    }
     occupancy.sort_by(f64::total_cmp);
     let emptier = (occupancy[0] + occupancy[1]) / 2.0;
     let fuller = (occupancy[2] + occupancy[3]) / 2.0;
@@ -137,12 +134,11 @@ pub fn detect(img: &RgbImage) -> Vec<Detection> {
         seen[start] = true;
         stack.push(start);
         let mut pixels = Vec::new();
-        let (mut area, mut sx, mut sy) = (0usize, 0f64, 0f64);
+        let (mut sx, mut sy) = (0f64, 0f64);
         let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
         while let Some(i) = stack.pop() {
             let (x, y) = (i % wu, i / wu);
             pixels.push((x, y));
-            area += 1;
             sx += x as f64 + 0.5;
             sy += y as f64 + 0.5;
             x0 = x0.min(x);
@@ -168,10 +164,11 @@ pub fn detect(img: &RgbImage) -> Vec<Detection> {
                 visit(i + wu);
             }
         }
+        let area = pixels.len();
         if area < min_area.max(1) {
             continue;
         }
-        let (bw, bh) = ((x1 - x0 + 1) as f64, (y1 - y0 + 1) as f64);
+        let (bw, bh) = (x1 - x0 + 1, y1 - y0 + 1);
         let centre = (sx / area as f64 / w as f64, sy / area as f64 / h as f64);
         let position = Position::ALL
             .iter()
@@ -186,8 +183,8 @@ pub fn detect(img: &RgbImage) -> Vec<Detection> {
             .unwrap_or(Position::Center);
         found.push(Detection {
             colour: Colour::ALL[label as usize],
-            shape: shape_of(&pixels, x0, y0, x1 - x0 + 1, y1 - y0 + 1),
-            size: if bw.max(bh) / side >= 0.3 {
+            shape: shape_of(&pixels, x0, y0, bw, bh),
+            size: if bw.max(bh) as f64 / side >= 0.3 {
                 Size::Large
             } else {
                 Size::Small
@@ -332,5 +329,32 @@ mod tests {
         ] {
             assert!(rate >= 0.98, "{name}: {rate:.4} ({total:?})");
         }
+    }
+
+    /// Small shapes softened as a VAE softens them (a Gaussian blur) keep their
+    /// shape: a rounded square still fills its box's corners, where the fill
+    /// ratio alone calls some of them circles.
+    #[test]
+    fn blurred_small_shapes_keep_their_shape() {
+        let (mut right, mut total) = (0, 0);
+        for (i, shape) in Shape::ALL.iter().copied().enumerate() {
+            for (j, position) in Position::ALL.iter().copied().enumerate() {
+                for seed in 0..4u64 {
+                    let object = Object {
+                        shape,
+                        colour: Colour::ALL[(i + j) % Colour::ALL.len()],
+                        size: Size::Small,
+                        position,
+                    };
+                    let scene = Scene::of(&[object], Background::ALL[j % 3], seed);
+                    let img = image::imageops::blur(&scene.render(64, 64), 1.4);
+                    let found = detect(&img);
+                    total += 1;
+                    right += usize::from(found.len() == 1 && found[0].shape == shape);
+                }
+            }
+        }
+        // Measured: 57 of 60; the fill ratio alone reads 51.
+        assert!(right as f64 >= 0.9 * total as f64, "{right} of {total}");
     }
 }
