@@ -26,12 +26,13 @@ fn run(workflow: &str, dir: &Path) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// The committed model's measured rates (BENCHMARKS.md: 0.911 / 0.711 / 0.911 on
-/// this prompt set) less a margin for floating-point differences between
-/// machines, which can flip a detection here and there. The goals (0.9 /
-/// 0.8 / 0.8) are not all reached yet (shape is not): raise these floors to them
-/// with the model that reaches them.
-const FLOORS: [(&str, f64); 3] = [("colour", 0.86), ("shape", 0.66), ("position", 0.86)];
+/// The committed model's rates on this prompt set (BENCHMARKS.md: 0.944 / 0.867 /
+/// 0.944) must stay at the goals for colour and shape (0.9 / 0.8), and
+/// position at colour's (it is drawn as reliably). These 90 images are one draw:
+/// over 720 (8 samples a prompt) shape is 0.79, so a margin remains for
+/// floating-point differences between machines, which can flip a detection here
+/// and there.
+const FLOORS: [(&str, f64); 3] = [("colour", 0.9), ("shape", 0.8), ("position", 0.9)];
 
 /// Runs a workflow of one scoring node over the committed model (`{model}` in
 /// it) and returns the `scores` of the report it writes into `out`.

@@ -173,6 +173,71 @@ fn a_killed_run_resumes_to_the_same_weights_and_checkpoints_are_whole() {
     assert_eq!(losses(&straight.join("run")), losses(&killed.join("run")));
 }
 
+/// Warmup-stable-decay: a run at a constant rate, resumed from a checkpoint with an
+/// anneal over its last steps, ends exactly where the annealed run from the start
+/// does (the schedule is not part of what a resume must share).
+#[test]
+fn a_constant_rate_checkpoint_resumes_into_its_anneal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 8);
+    let constant = tmp.path().join("constant.yaml");
+    std::fs::rename(workflow(tmp.path(), &data, 10, 10, ""), &constant).unwrap();
+    let annealed = tmp.path().join("annealed.yaml");
+    let yaml = std::fs::read_to_string(workflow(tmp.path(), &data, 20, 10, ""))
+        .unwrap()
+        .replace(
+            "      out: \"run\"",
+            "      lr_schedule: linear\n      decay_steps: 10\n      out: \"run\"",
+        );
+    std::fs::write(&annealed, yaml).unwrap();
+
+    let straight = tmp.path().join("straight");
+    std::fs::create_dir(&straight).unwrap();
+    run_ok(&annealed, &straight);
+    let resumed = tmp.path().join("resumed");
+    std::fs::create_dir(&resumed).unwrap();
+    run_ok(&constant, &resumed);
+    run_ok(&annealed, &resumed);
+
+    for last in ["run/checkpoint-000010", "run/checkpoint-000020"] {
+        // trainer.json records each run's own step count (10 against 20).
+        for part in PARTS
+            .iter()
+            .filter(|p| !(last.ends_with("10") && p.ends_with("trainer.json")))
+        {
+            assert!(
+                read(&straight.join(last).join(part)) == read(&resumed.join(last).join(part)),
+                "{last}/{part} differs"
+            );
+        }
+    }
+    // Warm-up over 5 steps, the base rate, then a line to 0 over the last 10.
+    let rates: Vec<f64> = std::fs::read_to_string(straight.join("run/loss.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    let expected: Vec<f64> = (0..20)
+        .map(|k| match k {
+            0..5 => 1e-3 * k as f64 / 5.0,
+            5..10 => 1e-3,
+            _ => 1e-3 * (1.0 - (k - 10) as f64 / 10.0),
+        })
+        .collect();
+    assert_eq!(rates.len(), expected.len());
+    for (k, (got, want)) in rates.iter().zip(&expected).enumerate() {
+        assert!(
+            (got - want).abs() < 1e-12,
+            "step {k}: lr {got}, expected {want}"
+        );
+    }
+}
+
 #[test]
 fn the_loss_goes_down_and_stages_chain() {
     let tmp = tempfile::tempdir().unwrap();

@@ -125,6 +125,63 @@ pub fn warmup_lr(base_lr: f64, step: u64, warmup: u64) -> f64 {
     }
 }
 
+/// How the learning rate moves after the warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LrSchedule {
+    /// PixArt's: the base rate to the end.
+    Constant,
+    /// A straight line down to 0 at the last step.
+    Linear,
+    /// Half a cosine down to 0 at the last step.
+    Cosine,
+}
+
+impl LrSchedule {
+    pub const NAMES: [&'static str; 3] = ["constant", "linear", "cosine"];
+
+    pub fn parse(name: &str) -> Option<LrSchedule> {
+        match name {
+            "constant" => Some(LrSchedule::Constant),
+            "linear" => Some(LrSchedule::Linear),
+            "cosine" => Some(LrSchedule::Cosine),
+            _ => None,
+        }
+    }
+}
+
+/// The learning rate of optimiser step `step` (0-based) of `steps`: the warm-up of
+/// [`warmup_lr`], then the base rate, annealed to 0 over the last `decay_steps`
+/// steps (0: all the steps after the warm-up, as diffusers'
+/// `get_{linear,cosine}_schedule_with_warmup`; otherwise a warmup-stable-decay
+/// schedule, whose stable part a constant-rate run's checkpoints share).
+pub fn scheduled_lr(
+    base_lr: f64,
+    step: u64,
+    steps: u64,
+    warmup: u64,
+    schedule: LrSchedule,
+    decay_steps: u64,
+) -> f64 {
+    if step < warmup || schedule == LrSchedule::Constant {
+        return warmup_lr(base_lr, step, warmup);
+    }
+    let start = if decay_steps == 0 {
+        warmup
+    } else {
+        steps.saturating_sub(decay_steps).max(warmup)
+    };
+    if step < start {
+        return base_lr;
+    }
+    let progress = ((step - start) as f64 / steps.saturating_sub(start).max(1) as f64).min(1.0);
+    let factor = match schedule {
+        LrSchedule::Constant => 1.0,
+        LrSchedule::Linear => 1.0 - progress,
+        LrSchedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+    };
+    base_lr * factor
+}
+
 /// PixArt's `auto_scale_lr` rule 'sqrt': lr·√(effective batch / 256).
 pub fn scale_lr(base_lr: f64, effective_batch: usize) -> f64 {
     base_lr * (effective_batch as f64 / 256.0).sqrt()
@@ -169,7 +226,31 @@ impl Ema {
 
 #[cfg(test)]
 mod tests {
-    use super::Ema;
+    use super::{scheduled_lr, Ema, LrSchedule};
+
+    #[test]
+    fn schedules_warm_up_alike_then_anneal_to_zero() {
+        use LrSchedule::*;
+        for schedule in [Constant, Linear, Cosine] {
+            assert_eq!(scheduled_lr(1.0, 5, 100, 10, schedule, 0), 0.5);
+            assert_eq!(scheduled_lr(1.0, 10, 100, 10, schedule, 0), 1.0);
+        }
+        assert_eq!(scheduled_lr(1.0, 99, 100, 10, Constant, 0), 1.0);
+        // diffusers: linear is (steps − step)/(steps − warmup) after the warm-up.
+        assert!((scheduled_lr(1.0, 55, 100, 10, Linear, 0) - 0.5).abs() < 1e-12);
+        assert!((scheduled_lr(1.0, 55, 100, 10, Cosine, 0) - 0.5).abs() < 1e-12);
+        assert!((scheduled_lr(1.0, 99, 100, 10, Linear, 0) - 1.0 / 90.0).abs() < 1e-12);
+        // Warmup-stable-decay: the base rate until the last 20 steps.
+        assert_eq!(scheduled_lr(1.0, 79, 100, 10, Linear, 20), 1.0);
+        assert_eq!(scheduled_lr(1.0, 80, 100, 10, Linear, 20), 1.0);
+        assert!((scheduled_lr(1.0, 90, 100, 10, Linear, 20) - 0.5).abs() < 1e-12);
+        assert!((scheduled_lr(1.0, 90, 100, 10, Cosine, 20) - 0.5).abs() < 1e-12);
+        // A decay longer than the run starts after the warm-up.
+        assert_eq!(
+            scheduled_lr(1.0, 55, 100, 10, Linear, 500),
+            scheduled_lr(1.0, 55, 100, 10, Linear, 0)
+        );
+    }
 
     #[test]
     fn ema_warmup_averages_the_steps_so_far_then_the_set_rate() {

@@ -6,7 +6,7 @@
 use super::checkpoint::{self, Saved};
 use super::loss::Diffusion;
 use super::model::{Start, TrainModel, CLASS_TABLE};
-use super::optim::{scale_lr, warmup_lr, AdamW, Ema};
+use super::optim::{scale_lr, scheduled_lr, AdamW, Ema, LrSchedule};
 use super::precompute::{FeatureItem, Features};
 use super::preview::{render, Preview};
 use super::rng::{Stream, TrainRng};
@@ -35,6 +35,10 @@ pub struct Settings {
     pub batch: usize,
     pub lr: f64,
     pub warmup: u64,
+    /// Not in the fingerprint, like `steps`: a constant-rate run may be resumed
+    /// with an anneal added (warmup-stable-decay).
+    pub lr_schedule: LrSchedule,
+    pub decay_steps: u64,
     pub weight_decay: f64,
     pub grad_clip: f64,
     pub ema_rate: f64,
@@ -321,6 +325,24 @@ impl TrainPixArt {
                         .describe("Scale lr by √(batch / 256), PixArt's auto_scale_lr rule."),
                 )
                 .input(InputSpec::new("warmup", PortType::Int).default(1000).min(0.0).max(1e9))
+                .input(
+                    InputSpec::new("lr_schedule", PortType::enum_of(&LrSchedule::NAMES))
+                        .default("constant")
+                        .describe(
+                            "After the warm-up: constant (PixArt's), or annealed to 0 at the last step, \
+                             linearly or along a cosine (diffusers' schedules of those names).",
+                        ),
+                )
+                .input(
+                    InputSpec::new("decay_steps", PortType::Int)
+                        .default(0)
+                        .min(0.0)
+                        .max(1e9)
+                        .describe(
+                            "Anneal over only the last N steps, at the base rate until then \
+                             (warmup-stable-decay); 0: over every step after the warm-up.",
+                        ),
+                )
                 .input(InputSpec::new("weight_decay", PortType::Float).default(0.03).min(0.0).max(1.0))
                 .input(InputSpec::new("grad_clip", PortType::Float).default(0.01).min(0.0).max(1e9))
                 .input(InputSpec::new("ema_rate", PortType::Float).default(0.9999).min(0.0).max(1.0))
@@ -396,6 +418,10 @@ impl Node for TrainPixArt {
                 base_lr
             },
             warmup: inputs.int("warmup")? as u64,
+            lr_schedule: LrSchedule::parse(inputs.str("lr_schedule")?).ok_or_else(|| {
+                NodeError::msg("lr_schedule: expected constant, linear or cosine")
+            })?,
+            decay_steps: inputs.int("decay_steps")? as u64,
             weight_decay: inputs.float("weight_decay")?,
             grad_clip: inputs.float("grad_clip")?,
             ema_rate: inputs.float("ema_rate")?,
@@ -683,7 +709,7 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
         )?;
         let (terms, loss, mut grads) =
             loss_and_gradients(&tm.model, &diffusion, &batch, &opt.vars)?;
-        let lr = warmup_lr(s.lr, step, s.warmup);
+        let lr = scheduled_lr(s.lr, step, s.steps, s.warmup, s.lr_schedule, s.decay_steps);
         let grad_norm = opt.apply(&mut grads, lr)?;
         if s.ema_warmup {
             ema.update_at(&all_vars, Ema::warmup_rate(s.ema_rate, step))?;
