@@ -28,10 +28,9 @@ fn run(workflow: &str, dir: &Path) {
 
 /// The committed model's rates on this prompt set (BENCHMARKS.md: 0.944 / 0.867 /
 /// 0.944) must stay at the goals for colour and shape (0.9 / 0.8), and
-/// position at colour's (it is drawn as reliably). These 90 images are one draw:
-/// over 720 (8 samples a prompt) shape is 0.79, so a margin remains for
-/// floating-point differences between machines, which can flip a detection here
-/// and there.
+/// position at colour's (it is drawn as reliably). These 90 images are one draw
+/// (over 2160, shape is 0.796): they leave a margin for floating-point differences
+/// between machines, which can flip a detection here and there.
 const FLOORS: [(&str, f64); 3] = [("colour", 0.9), ("shape", 0.8), ("position", 0.9)];
 
 /// Runs a workflow of one scoring node over the committed model (`{model}` in
