@@ -162,7 +162,7 @@ pub fn scheduled_lr(
     schedule: LrSchedule,
     decay_steps: u64,
 ) -> f64 {
-    if step < warmup || schedule == LrSchedule::Constant {
+    if step < warmup {
         return warmup_lr(base_lr, step, warmup);
     }
     let start = if decay_steps == 0 {
