@@ -93,11 +93,16 @@ fn run_ok(workflow: &Path, out: &Path) {
 }
 
 fn losses(run: &Path) -> Vec<f64> {
+    logged(run, "loss")
+}
+
+/// One number from every line of a run's loss.jsonl.
+fn logged(run: &Path, field: &str) -> Vec<f64> {
     std::fs::read_to_string(run.join("loss.jsonl"))
         .unwrap()
         .lines()
         .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+            serde_json::from_str::<serde_json::Value>(l).unwrap()[field]
                 .as_f64()
                 .unwrap()
         })
@@ -213,15 +218,7 @@ fn a_constant_rate_checkpoint_resumes_into_its_anneal() {
         }
     }
     // Warm-up over 5 steps, the base rate, then a line to 0 over the last 10.
-    let rates: Vec<f64> = std::fs::read_to_string(straight.join("run/loss.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect();
+    let rates = logged(&straight.join("run"), "lr");
     let expected: Vec<f64> = (0..20)
         .map(|k| match k {
             0..5 => 1e-3 * k as f64 / 5.0,

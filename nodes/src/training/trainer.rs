@@ -419,7 +419,10 @@ impl Node for TrainPixArt {
             },
             warmup: inputs.int("warmup")? as u64,
             lr_schedule: LrSchedule::parse(inputs.str("lr_schedule")?).ok_or_else(|| {
-                NodeError::msg("lr_schedule: expected constant, linear or cosine")
+                NodeError::input(
+                    "lr_schedule",
+                    format!("expected one of {}", LrSchedule::NAMES.join(", ")),
+                )
             })?,
             decay_steps: inputs.int("decay_steps")? as u64,
             weight_decay: inputs.float("weight_decay")?,
