@@ -194,7 +194,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
 
 /// The benchmark transformer: 12 layers, 6 heads × 64, 32×32 latents, patch 2,
 /// caption_channels 4096, random weights.
-fn bench_config() -> Result<pixart_nodes::models::pixart::Config> {
+fn bench_config() -> Result<pixart_models::pixart::Config> {
     Ok(serde_json::from_value(serde_json::json!({
         "num_attention_heads": 6, "attention_head_dim": 64, "in_channels": 4, "out_channels": 8,
         "num_layers": 12, "sample_size": 32, "patch_size": 2, "caption_channels": 4096,
@@ -250,11 +250,11 @@ fn peak_rss_mib() -> f64 {
 /// One forward of the benchmark transformer (batch 2, f32). Threads:
 /// RAYON_NUM_THREADS (default: all cores).
 fn dit(repeat: usize, device: &str) -> Result<ExitCode> {
-    use pixart_nodes::models::pixart::PixArtTransformer;
+    use pixart_models::pixart::PixArtTransformer;
     use pixart_runtime::candle_core::DType;
 
     let cfg = bench_config()?;
-    let dev = pixart_nodes::pixart::load::device(device).map_err(anyhow::Error::msg)?;
+    let dev = pixart_nodes::device::device(device).map_err(anyhow::Error::msg)?;
     let varmap = candle_nn::VarMap::new();
     let model = PixArtTransformer::new(
         candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev),
@@ -291,7 +291,7 @@ fn train(repeat: usize, device: &str) -> Result<ExitCode> {
     use pixart_nodes::training::step::{loss_and_gradients, Batch, Optimizer};
 
     let cfg = bench_config()?;
-    let dev = pixart_nodes::pixart::load::device(device).map_err(anyhow::Error::msg)?;
+    let dev = pixart_nodes::device::device(device).map_err(anyhow::Error::msg)?;
     let tm = TrainModel::new(&cfg, Start::Scratch, 0, 0, &[], &dev)?;
     let vars = tm.trainable();
     randomize(&vars)?;

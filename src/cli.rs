@@ -116,8 +116,8 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             jobs,
             device,
         } => {
-            pixart_nodes::pixart::load::device(&device).map_err(anyhow::Error::msg)?;
-            pixart_nodes::pixart::load::set_default_device(&device);
+            pixart_nodes::device::device(&device).map_err(anyhow::Error::msg)?;
+            pixart_nodes::device::set_default_device(&device);
             run(&workflow, &set, out, targets, jobs).await
         }
         Command::Validate {
@@ -152,8 +152,8 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             if !host.is_loopback() {
                 eprintln!("warning: serving on {host}: anyone who can reach it can run workflows that read and write files here");
             }
-            pixart_nodes::pixart::load::device(&device).map_err(anyhow::Error::msg)?;
-            pixart_nodes::pixart::load::set_default_device(&device);
+            pixart_nodes::device::device(&device).map_err(anyhow::Error::msg)?;
+            pixart_nodes::device::set_default_device(&device);
             let config = pixart_runtime::server::ServerConfig {
                 out_dir: out,
                 base_dir: PathBuf::from("."),

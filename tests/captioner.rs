@@ -124,6 +124,91 @@ fn tiny_llava_matches_transformers() {
     );
 }
 
+/// llava-hf/llava-1.5-7b-hf's chat template as the hub publishes it (its
+/// `chat_template.json`), with transformers' `{% generation %}` tag around the
+/// assistant's text.
+const LLAVA_15_CHAT_TEMPLATE: &str = r#"{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>
+' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"#;
+
+/// The tiny LLaVA folder with its chat template swapped for the published one,
+/// as `chat_template.json` (the hub's layout).
+fn llava_with_published_template(dir: &Path) {
+    for entry in std::fs::read_dir(fixtures().join("tiny-llava")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() != "chat_template.jinja" {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let json = serde_json::json!({ "chat_template": LLAVA_15_CHAT_TEMPLATE });
+    std::fs::write(dir.join("chat_template.json"), json.to_string()).unwrap();
+}
+
+/// The published template renders a single image-and-prompt turn exactly as the
+/// fixture's own template (which transformers rendered for the reference), so
+/// the captions must be the reference's, token for token.
+#[test]
+fn the_published_llava_15_template_loads_and_captions() {
+    let dir = tempfile::tempdir().unwrap();
+    llava_with_published_template(dir.path());
+    let captioner = Captioner::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let (_, json) = reference();
+    let case = &json["cases"][0];
+    let prompt = case["prompt"].as_str().unwrap();
+    assert_eq!(
+        captioner.prompt_text(prompt).unwrap(),
+        case["text"].as_str().unwrap()
+    );
+    assert_eq!(
+        captioner
+            .prompt_text("What is shown in this image?")
+            .unwrap(),
+        "USER: <image>\nWhat is shown in this image? ASSISTANT:",
+        "as transformers renders the published template"
+    );
+    let (bytes, w, h) = rgb(&fixtures()
+        .join("reference")
+        .join(case["image"].as_str().unwrap()));
+    let opts = Generation {
+        max_tokens: json["max_new_tokens"].as_u64().unwrap() as usize,
+        temperature: 0.0,
+        seed: 0,
+    };
+    let caption = captioner
+        .caption(&bytes, w, h, prompt, &opts, |_, _| Ok(()))
+        .unwrap();
+    assert_eq!(caption.text, case["caption"].as_str().unwrap());
+}
+
+/// `captioner.load` puts the model in the model cache at its weights' size, so
+/// the cache's memory budget sees it.
+#[test]
+fn the_captioner_counts_its_weights_in_the_model_cache() {
+    use pixart_nodes::model_cache;
+    use pixart_runtime::{NodeContext, Value};
+    let folder = fixtures().join("tiny-llava");
+    let node = pixart_nodes::builtin_registry()
+        .lookup("captioner.load")
+        .unwrap();
+    let inputs = pixart_runtime::Inputs::from_pairs(
+        node.clone(),
+        vec![("path", Value::Path(folder.clone()))],
+    )
+    .unwrap();
+    let ctx = NodeContext::detached(fixtures(), std::env::temp_dir());
+    node.run(&ctx, inputs).unwrap();
+
+    let file = std::fs::read(folder.join("model.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&file).unwrap();
+    let f32_bytes: usize = tensors
+        .tensors()
+        .iter()
+        .map(|(_, t)| t.shape().iter().product::<usize>() * 4)
+        .sum();
+    let key = model_cache::key("llava", &folder, DType::F32, &Device::Cpu);
+    let counted = model_cache::global().lock().unwrap().bytes(&key);
+    assert_eq!(counted, Some(f32_bytes));
+}
+
 /// The issue's workflow, as written (paths pointed at the fixtures).
 #[test]
 fn the_issue_workflow_captions_an_image() {

@@ -5,12 +5,12 @@
 
 mod common;
 
-use pixart_nodes::models::pixart::SizeConditions;
-use pixart_nodes::models::tokenizer::T5Tokenizer;
+use pixart_models::pixart::SizeConditions;
+use pixart_models::schedulers::SchedulerConfig;
+use pixart_models::tokenizer::T5Tokenizer;
 use pixart_nodes::pixart::binning::resize_and_crop;
 use pixart_nodes::pixart::load;
 use pixart_nodes::pixart::sample::{sample, Request};
-use pixart_nodes::schedulers::SchedulerConfig;
 use pixart_runtime::candle_core::{DType, Device, Tensor};
 use pixart_runtime::Conditioning;
 use std::collections::HashMap;
@@ -106,7 +106,11 @@ fn t5_encoder_with_mask_matches_transformers() {
     );
 }
 
-fn run_transformer(den: &load::Denoiser, r: &HashMap<String, Tensor>, case: &str) -> Tensor {
+fn run_transformer(
+    den: &pixart_nodes::pixart::Denoiser,
+    r: &HashMap<String, Tensor>,
+    case: &str,
+) -> Tensor {
     let k = |n: &str| get(r, &format!("{case}.{n}")).clone();
     let (res, ar) = (
         r.get(&format!("{case}.resolution")),
@@ -520,7 +524,7 @@ fn training_loss_matches_the_official_objective() {
 
 #[test]
 fn training_forward_equals_inference_and_every_parameter_gets_a_gradient() {
-    use pixart_nodes::models::pixart::PixArtTransformer;
+    use pixart_models::pixart::PixArtTransformer;
     use pixart_nodes::training::loss::Diffusion;
     use pixart_runtime::candle_core::Var;
     let (cfg, weights) = tiny_transformer();
@@ -762,12 +766,9 @@ fn analytically_zero(name: &str) -> bool {
 }
 
 /// The tiny fixture transformer's config and weights.
-fn tiny_transformer() -> (
-    pixart_nodes::models::pixart::Config,
-    HashMap<String, Tensor>,
-) {
+fn tiny_transformer() -> (pixart_models::pixart::Config, HashMap<String, Tensor>) {
     let dir = fixtures().join("tiny-pixart/transformer");
-    let cfg = pixart_nodes::models::weights::read_config(&dir).unwrap();
+    let cfg = pixart_models::weights::read_config(&dir).unwrap();
     let weights = pixart_runtime::candle_core::safetensors::load(
         dir.join("diffusion_pytorch_model.safetensors"),
         &dev(),

@@ -329,13 +329,7 @@ async fn broken_checkpoints_are_clear_errors() {
 
     // A corrupt weights file: named.
     let broken = dir.path().join("broken");
-    for part in [
-        "tokenizer",
-        "text_encoder",
-        "transformer",
-        "vae",
-        "scheduler",
-    ] {
+    for part in pixart_nodes::pixart::load::PipelineFolder::PARTS {
         copy(
             &fixtures().join("tiny-pixart").join(part),
             &broken.join(part),

@@ -2,15 +2,15 @@
 //! (a `NodeSpec` built in the node's constructor) and implements them.
 
 pub mod captioner;
+pub mod device;
 pub mod fsutil;
 pub mod image_io;
 pub mod literal;
 pub mod math;
-pub mod models;
+pub mod model_cache;
 pub mod noise;
 pub mod pixart;
 pub mod plot;
-pub mod schedulers;
 pub mod shapes;
 pub mod tensor_io;
 pub mod text;

@@ -2,10 +2,11 @@
 //! and generation (greedy or seeded temperature sampling, stopping at
 //! end-of-sequence).
 
-use crate::models::clip_image::ImageProcessorConfig;
-use crate::models::llava::{pick, Llava};
-use crate::models::weights::{parse_json, LoadError};
+use super::chat_template::chat_environment;
 use candle_core::{DType, Device, Tensor};
+use pixart_models::clip_image::ImageProcessorConfig;
+use pixart_models::llava::{pick, Llava};
+use pixart_models::weights::LoadError;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use std::path::{Path, PathBuf};
@@ -97,6 +98,12 @@ impl Captioner {
             eos,
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// The memory it holds, in bytes: its weights (the tokenizer and template
+    /// are small beside them).
+    pub fn bytes(&self) -> usize {
+        self.model.weight_bytes()
     }
 
     pub fn dir(&self) -> &Path {
@@ -269,50 +276,4 @@ pub fn read_rgb(path: &Path) -> Result<(Vec<u8>, usize, usize), pixart_runtime::
 fn read_json(path: &Path) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(path).ok()?;
     serde_json::from_str(&text).ok()
-}
-
-/// A Jinja environment holding the folder's chat template as "chat"; a template
-/// that does not parse is a load error.
-fn chat_environment(dir: &Path) -> Result<minijinja::Environment<'static>, LoadError> {
-    let mut env = minijinja::Environment::new();
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        },
-    );
-    env.add_template_owned("chat", chat_template(dir)?)
-        .map_err(|e| LoadError::file(dir, format!("the chat template does not parse: {e}")))?;
-    Ok(env)
-}
-
-/// The chat template: `chat_template.jinja` (transformers 5), `chat_template.json`
-/// (the hub's llava-1.5 folders), or the `chat_template` of the processor or
-/// tokenizer config.
-fn chat_template(dir: &Path) -> Result<String, LoadError> {
-    let jinja = dir.join("chat_template.jinja");
-    if jinja.is_file() {
-        return std::fs::read_to_string(&jinja).map_err(|e| LoadError::file(&jinja, e));
-    }
-    for file in [
-        "chat_template.json",
-        "processor_config.json",
-        "tokenizer_config.json",
-    ] {
-        let path = dir.join(file);
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            let json: serde_json::Value = parse_json(&path, &text)?;
-            if let Some(t) = json.get("chat_template").and_then(|t| t.as_str()) {
-                return Ok(t.to_string());
-            }
-        }
-    }
-    Err(LoadError::file(
-        dir,
-        "no chat template (chat_template.jinja, chat_template.json, or `chat_template` in processor_config.json or tokenizer_config.json)",
-    ))
 }

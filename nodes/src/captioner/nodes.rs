@@ -4,11 +4,10 @@
 
 use super::model::{read_rgb, Captioner, Generation};
 use super::stats::stats;
+use crate::device::{check_dtype_device, device_input, dtype_device, dtype_input};
 use crate::fsutil::{atomic_write, input_file_fingerprint};
 use crate::image_io::{image_dims, to_bytes};
-use crate::models::cache;
-use crate::pixart::load::{check_dtype_device, key};
-use crate::pixart::nodes::{device_input, dtype_device, dtype_input};
+use crate::model_cache::{self as cache, key};
 use pixart_runtime::{
     Handle, InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
 };
@@ -103,7 +102,10 @@ impl Node for LoadCaptioner {
         let dir = ctx.input_path(inputs.path("path")?)?;
         check_dtype_device(&dir, dtype, &device).map_err(NodeError::msg)?;
         let captioner = cache::get_or_load(&key("llava", &dir, dtype, &device), || {
-            Captioner::load(&dir, dtype, &device).map(|c| (c, 0))
+            Captioner::load(&dir, dtype, &device).map(|c| {
+                let bytes = c.bytes();
+                (c, bytes)
+            })
         })
         .map_err(|e| NodeError::input("path", e))?;
         Ok(Outputs::one(

@@ -3,109 +3,24 @@
 //! component folder, or an official `.pth` transformer checkpoint. Loaded models go
 //! through the shared model cache.
 
-use crate::models::cache;
-use crate::models::pixart::{self, PixArtTransformer};
-use crate::models::t5::{self, T5Encoder};
-use crate::models::tokenizer::T5Tokenizer;
-use crate::models::vae::{self, AutoencoderKl};
-use crate::models::weights::{read_config, LoadError, Weights};
-use crate::schedulers::SchedulerConfig;
+use super::denoiser::{Denoiser, DEFAULT_VAE_SCALE, NULL_CAPTION};
+use crate::device::check_dtype_device;
+use crate::model_cache::{self as cache, key};
 use candle_core::{DType, Device, Tensor};
+use pixart_models::pixart::{self, PixArtTransformer};
+use pixart_models::schedulers::SchedulerConfig;
+use pixart_models::t5::{self, T5Encoder};
+use pixart_models::tokenizer::T5Tokenizer;
+use pixart_models::vae::{self, AutoencoderKl};
+use pixart_models::weights::{read_config, LoadError, Weights};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
-
-/// A transformer with what sampling needs besides its weights.
-pub struct Denoiser {
-    pub model: PixArtTransformer,
-    /// The official checkpoints' learned null caption (`y_embedding`,
-    /// `[tokens, caption_channels]`), used as the negative when none is given.
-    pub null_caption: Option<Tensor>,
-    /// The weights by diffusers name, shared with the model: where training starts.
-    pub weights: std::collections::HashMap<String, Tensor>,
-    /// Pixels per latent cell of the VAE this transformer was trained with: the
-    /// pipeline folder's `vae/config.json` when there is one, else the SD VAE's 8.
-    pub vae_scale_factor: usize,
-}
+use std::sync::Arc;
 
 /// A scheduler configuration with the sampler chosen to run it.
 #[derive(Clone, Debug)]
 pub struct SchedulerChoice {
     pub config: SchedulerConfig,
     pub sampler: String,
-}
-
-/// The device `auto` means: set once by the CLI's `--device`, CPU otherwise.
-pub fn set_default_device(name: &str) {
-    let _ = DEFAULT_DEVICE.set(name.to_string());
-}
-
-static DEFAULT_DEVICE: OnceLock<String> = OnceLock::new();
-
-pub fn device(name: &str) -> Result<Device, String> {
-    let name = match name {
-        "auto" => DEFAULT_DEVICE.get().map(String::as_str).unwrap_or("cpu"),
-        other => other,
-    };
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).map_err(|e| {
-            format!("cannot use CUDA: {e} (build pixart with `--features cuda` on a machine with the CUDA toolkit)")
-        }),
-        other => Err(format!("unknown device {other:?} (cpu, cuda)")),
-    }
-}
-
-pub fn dtype(name: &str) -> Result<DType, String> {
-    match name {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        other => Err(format!("unknown dtype {other:?} (f32, f16, bf16)")),
-    }
-}
-
-/// candle's CPU matmul has no bf16 kernel: refuse the pair up front.
-pub(crate) fn check_dtype_device(
-    path: &Path,
-    dtype: DType,
-    device: &Device,
-) -> Result<(), LoadError> {
-    if dtype == DType::BF16 && device.is_cpu() {
-        return Err(LoadError::file(
-            path,
-            "bf16 needs a GPU (candle's CPU matmul has no bf16 kernel); use f32 or f16 on the CPU",
-        ));
-    }
-    Ok(())
-}
-
-fn device_key(d: &Device) -> String {
-    match d {
-        Device::Cpu => "cpu".into(),
-        other => format!("{:?}", other.location()),
-    }
-}
-
-/// Cache key: what, where (canonical path + modification time), dtype, device.
-pub(crate) fn key(kind: &str, path: &Path, dtype: DType, device: &Device) -> String {
-    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    let stamp = std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "{kind}|{}|{stamp}|{dtype:?}|{}",
-        canonical.display(),
-        device_key(device)
-    )
-}
-
-fn tensor_bytes(w: &Weights) -> usize {
-    w.names()
-        .filter_map(|n| w.get(n))
-        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-        .sum()
 }
 
 /// The downsampling factor of the VAE next to a pipeline's `transformer/`
@@ -124,7 +39,7 @@ fn read_null_caption(
     dtype: DType,
     device: &Device,
 ) -> Result<Option<Tensor>, LoadError> {
-    let file = path.join(crate::training::checkpoint::NULL_CAPTION);
+    let file = path.join(NULL_CAPTION);
     if !path.is_dir() || !file.is_file() {
         return Ok(None);
     }
@@ -144,6 +59,15 @@ pub struct PipelineFolder {
 }
 
 impl PipelineFolder {
+    /// The component folders a PixArt-α pipeline folder holds.
+    pub const PARTS: [&str; 5] = [
+        "tokenizer",
+        "text_encoder",
+        "transformer",
+        "vae",
+        "scheduler",
+    ];
+
     pub fn open(root: &Path) -> Result<PipelineFolder, LoadError> {
         let index = root.join("model_index.json");
         if !index.is_file() {
@@ -153,7 +77,7 @@ impl PipelineFolder {
             ));
         }
         let text = std::fs::read_to_string(&index).map_err(|e| LoadError::file(&index, e))?;
-        let json: serde_json::Value = crate::models::weights::parse_json(&index, &text)?;
+        let json: serde_json::Value = pixart_models::weights::parse_json(&index, &text)?;
         let class = json
             .get("_class_name")
             .and_then(|c| c.as_str())
@@ -164,13 +88,7 @@ impl PipelineFolder {
                 format!("a {class:?} pipeline, not PixArt-α"),
             ));
         }
-        for part in [
-            "tokenizer",
-            "text_encoder",
-            "transformer",
-            "vae",
-            "scheduler",
-        ] {
+        for part in PipelineFolder::PARTS {
             if json.get(part).is_none() || !root.join(part).is_dir() {
                 return Err(LoadError::file(
                     &index,
@@ -207,7 +125,7 @@ pub fn text_encoder(
             Weights::from_folder_keeping(dir, &["model", "pytorch_model"], dtype, device, keep)?;
         let model =
             T5Encoder::new(w.var_builder(), &cfg).map_err(|e| w.model_error("T5 encoder", e))?;
-        Ok((model, tensor_bytes(&w)))
+        Ok((model, w.bytes()))
     })
 }
 
@@ -218,14 +136,14 @@ pub fn vae(dir: &Path, dtype: DType, device: &Device) -> Result<Arc<AutoencoderK
         let w = Weights::from_folder(dir, &["diffusion_pytorch_model", "model"], dtype, device)?;
         let model =
             AutoencoderKl::new(w.var_builder(), &cfg).map_err(|e| w.model_error("VAE", e))?;
-        Ok((model, tensor_bytes(&w)))
+        Ok((model, w.bytes()))
     })
 }
 
 pub fn scheduler(dir: &Path) -> Result<SchedulerChoice, LoadError> {
     let path = dir.join("scheduler_config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| LoadError::file(&path, e))?;
-    let config: SchedulerConfig = crate::models::weights::parse_json(&path, &text)?;
+    let config: SchedulerConfig = pixart_models::weights::parse_json(&path, &text)?;
     config.check().map_err(|e| LoadError::file(&path, e))?;
     Ok(SchedulerChoice {
         sampler: config.default_sampler().to_string(),
@@ -274,7 +192,7 @@ pub fn transformer(path: &Path, dtype: DType, device: &Device) -> Result<Arc<Den
         };
         let model = PixArtTransformer::new(w.var_builder(), &cfg)
             .map_err(|e| w.model_error("PixArt transformer", e))?;
-        let bytes = tensor_bytes(&w);
+        let bytes = w.bytes();
         let weights = w
             .names()
             .filter_map(|n| Some((n.to_string(), w.get(n)?.clone())))
@@ -287,7 +205,7 @@ pub fn transformer(path: &Path, dtype: DType, device: &Device) -> Result<Arc<Den
                 vae_scale_factor: config_dir
                     .as_deref()
                     .and_then(sibling_vae_scale)
-                    .unwrap_or(crate::pixart::sample::VAE_SCALE),
+                    .unwrap_or(DEFAULT_VAE_SCALE),
             },
             bytes,
         ))

@@ -1,6 +1,10 @@
-//! PixArt-α text-to-image: loading, sampling, and the nodes.
+//! PixArt-α text-to-image: the loaded denoiser, loading, sampling, and the nodes.
 
 pub mod binning;
+pub mod denoiser;
+pub mod latents;
 pub mod load;
 pub mod nodes;
 pub mod sample;
+
+pub use denoiser::Denoiser;

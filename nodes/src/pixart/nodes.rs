@@ -2,41 +2,26 @@
 //! encoding, sampler choice.
 
 use super::binning::resize_and_crop;
-use super::load::{self, Denoiser, SchedulerChoice};
-use super::sample::{generation_size, sample, Request, Step};
+use super::latents;
+use super::load::{self, SchedulerChoice};
+use super::sample::{plan, sample, Request, Step};
+use super::Denoiser;
+use crate::device::{device_input, dtype_device, dtype_input};
 use crate::fsutil::input_file_fingerprint;
-use crate::models::t5::T5Encoder;
-use crate::models::tokenizer::T5Tokenizer;
-use crate::models::vae::AutoencoderKl;
 use crate::noise::gaussian;
-use crate::schedulers::{SchedulerConfig, SAMPLER_NAMES};
 use candle_core::{DType, Device, Tensor};
+use pixart_models::schedulers::{SchedulerConfig, SAMPLER_NAMES};
+use pixart_models::t5::T5Encoder;
+use pixart_models::tokenizer::T5Tokenizer;
+use pixart_models::vae::AutoencoderKl;
 use pixart_runtime::{
     Conditioning, Handle, InputSpec, Inputs, Latents, Node, NodeContext, NodeError, NodeSpec,
     Outputs, PortType, Value,
 };
 use std::sync::Arc;
 
-pub(crate) fn dtype_input() -> InputSpec {
-    InputSpec::new("dtype", PortType::enum_of(&["f32", "f16", "bf16"]))
-        .default("f32")
-        .describe("Weights and compute precision (bf16: GPU only).")
-}
-
-pub(crate) fn device_input() -> InputSpec {
-    InputSpec::new("device", PortType::enum_of(&["auto", "cpu", "cuda"]))
-        .default("auto")
-        .describe("auto: what `pixart run --device` chose (cpu by default).")
-}
-
 fn load_err(e: impl std::fmt::Display) -> NodeError {
     NodeError::msg(e)
-}
-
-pub(crate) fn dtype_device(inputs: &Inputs) -> Result<(DType, candle_core::Device), NodeError> {
-    let dtype = load::dtype(inputs.str("dtype")?).map_err(|e| NodeError::input("dtype", e))?;
-    let device = load::device(inputs.str("device")?).map_err(|e| NodeError::input("device", e))?;
-    Ok((dtype, device))
 }
 
 /// A handle to a model held by the model cache; its memory is accounted there,
@@ -384,17 +369,6 @@ impl Node for Sample {
             Some(_) => Some(inputs.conditioning("negative")?),
             None => None,
         };
-        if negative.is_none() && den.null_caption.is_none() && inputs.float("guidance")? > 1.0 {
-            return Err(NodeError::input(
-                "negative",
-                "guidance > 1 needs a negative conditioning (this checkpoint has no learned null caption)",
-            ));
-        }
-        let (width, height) = (
-            inputs.int("width")? as usize,
-            inputs.int("height")? as usize,
-        );
-        let binning = inputs.bool("resolution_binning")?;
         let vae_scale = match inputs.get("vae") {
             Some(_) => inputs
                 .handle::<AutoencoderKl>("vae")?
@@ -402,37 +376,23 @@ impl Node for Sample {
                 .scale_factor(),
             None => den.vae_scale_factor,
         };
-        let generated = generation_size(den, width, height, binning, vae_scale)
-            .map_err(|e| NodeError::input("width", e))?;
-        if let Some(Value::Tensor(t) | Value::Latents(Latents { tensor: t, .. })) =
-            inputs.get("latents")
-        {
-            let (h, w) = (generated.0 / vae_scale, generated.1 / vae_scale);
-            let c = den.model.config().in_channels;
-            if t.rank() != 4 || t.dims()[1..] != [c, h, w] {
-                return Err(NodeError::input(
-                    "latents",
-                    format!(
-                        "shape {:?}, but this request needs [B, {c}, {h}, {w}]",
-                        t.dims()
-                    ),
-                ));
-            }
-        }
         let req = Request {
             positive: inputs.conditioning("positive")?,
             negative,
             guidance: inputs.float("guidance")?,
-            width,
-            height,
+            width: inputs.int("width")? as usize,
+            height: inputs.int("height")? as usize,
             seed: inputs.int("seed")? as u64,
             latents: inputs
                 .get("latents")
                 .map(|_| inputs.tensor("latents").cloned())
                 .transpose()?,
-            resolution_binning: binning,
+            resolution_binning: inputs.bool("resolution_binning")?,
             vae_scale,
         };
+        let image_size = plan(den, &req)
+            .map_err(|u| NodeError::input(u.input, u.message))?
+            .image_size(&req);
         let preview_vae = match inputs.get("vae") {
             Some(_) if ctx.wants_previews() => Some(inputs.handle::<AutoencoderKl>("vae")?),
             _ => None,
@@ -460,7 +420,6 @@ impl Node for Sample {
             Err(_) if ctx.is_cancelled() => return Err(NodeError::Cancelled),
             Err(e) => return Err(e.into()),
         };
-        let image_size = (generated != (height, width)).then_some((height, width));
         Ok(Outputs::one(
             "latents",
             Value::Latents(Latents {
@@ -479,21 +438,7 @@ fn preview_png(vae: &AutoencoderKl, alphas: &[f32], step: &Step) -> candle_core:
     let x = step.sample.narrow(0, 0, 1)?;
     let eps = step.eps.narrow(0, 0, 1)?;
     let x0 = ((x - (eps * (1.0 - a).sqrt())?)? / a.sqrt())?;
-    let cfg = vae.config();
-    let mut z = (x0 / cfg.scaling_factor)?;
-    if let Some(shift) = cfg.shift_factor {
-        z = (z + shift)?;
-    }
-    let image = ((vae
-        .decode(&z)?
-        .to_dtype(DType::F32)?
-        .to_device(&Device::Cpu)?
-        / 2.0)?
-        + 0.5)?
-        .clamp(0f32, 1f32)?
-        .permute((0, 2, 3, 1))?
-        .squeeze(0)?
-        .contiguous()?;
+    let image = latents::decode(vae, &x0)?.squeeze(0)?;
     let (h, w, c) = image.dims3()?;
     let pixels = crate::image_io::to_bytes(&image).map_err(candle_core::Error::msg)?;
     crate::image_io::encode_png(&pixels, w, h, c, &[]).map_err(candle_core::Error::msg)
@@ -527,12 +472,8 @@ impl Node for Decode {
 
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
         let vae = inputs.handle::<AutoencoderKl>("vae")?;
-        let latents = inputs.latents("latents")?;
-        let cfg = vae.config();
-        let mut z = (&latents.tensor / cfg.scaling_factor)?;
-        if let Some(shift) = cfg.shift_factor {
-            z = (z + shift)?;
-        }
+        let given = inputs.latents("latents")?;
+        let z = latents::to_vae(vae, &given.tensor)?;
         let mut frames = Vec::new();
         let batch = z.dim(0)?;
         for i in 0..batch {
@@ -540,15 +481,11 @@ impl Node for Decode {
             let mut x = vae
                 .decode(&z.narrow(0, i, 1)?)?
                 .to_dtype(DType::F32)?
-                .to_device(&candle_core::Device::Cpu)?;
-            if let Some((h, w)) = latents.image_size {
+                .to_device(&Device::Cpu)?;
+            if let Some((h, w)) = given.image_size {
                 x = resize_and_crop(&x, h, w)?;
             }
-            frames.push(
-                ((x / 2.0)? + 0.5)?
-                    .clamp(0f32, 1f32)?
-                    .permute((0, 2, 3, 1))?,
-            );
+            frames.push(latents::to_images(&x)?);
             ctx.progress(i as u64 + 1, batch as u64);
         }
         let image = Tensor::cat(&frames, 0)?.contiguous()?;
@@ -608,12 +545,7 @@ impl Node for Encode {
             .to_dtype(post.mean.dtype())?;
             post.sample(&noise)?
         };
-        let cfg = vae.config();
-        let mut z = z;
-        if let Some(shift) = cfg.shift_factor {
-            z = (z - shift)?;
-        }
-        let z = (z * cfg.scaling_factor)?;
+        let z = latents::from_vae(vae, &z)?;
         Ok(Outputs::one("latents", Value::Latents(Latents::new(z))))
     }
 }

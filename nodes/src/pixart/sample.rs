@@ -3,16 +3,12 @@
 //! ε and the variance) to the sampler; micro-conditions from the (binned) size.
 
 use super::binning;
-use super::load::Denoiser;
-use crate::models::pixart::SizeConditions;
+use super::denoiser::{Denoiser, DEFAULT_VAE_SCALE};
 use crate::noise::gaussian;
-use crate::schedulers::Sampler;
 use candle_core::{DType, Device, Result, Tensor};
+use pixart_models::pixart::SizeConditions;
+use pixart_models::schedulers::Sampler;
 use pixart_runtime::Conditioning;
-
-/// Pixels per latent: every PixArt-α VAE (Stable Diffusion's) downsamples by 8.
-/// The SD VAE's downsampling factor: the default when no VAE says otherwise.
-pub const VAE_SCALE: usize = 8;
 
 /// Attention over more tokens than this would need tens of GB for its scores.
 pub const MAX_TOKENS: usize = 16_384;
@@ -32,36 +28,138 @@ pub struct Request<'a> {
     pub vae_scale: usize,
 }
 
+/// A request that cannot be sampled: the input at fault (as `pixart.sample`
+/// names it) and why.
+#[derive(Debug)]
+pub struct Unfit {
+    pub input: &'static str,
+    pub message: String,
+}
+
+impl Unfit {
+    fn new(input: &'static str, message: impl Into<String>) -> Unfit {
+        Unfit {
+            input,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Unfit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.input, self.message)
+    }
+}
+
+/// What the negative half of a guided batch is.
+enum Negative<'a> {
+    /// No guidance: the batch is the positive prompt alone.
+    Unguided,
+    Given(&'a Conditioning),
+    /// The checkpoint's learned null caption.
+    NullCaption(&'a Tensor),
+}
+
+/// A request checked against its denoiser: the size it samples at and its text.
+pub struct Plan<'a> {
+    /// The generation size (the request's, or its aspect-ratio bin).
+    pub height: usize,
+    pub width: usize,
+    /// The latent grid, `height / vae_scale` × `width / vae_scale`.
+    pub latent_height: usize,
+    pub latent_width: usize,
+    negative: Negative<'a>,
+}
+
+impl Plan<'_> {
+    /// The size the decoder must crop back to, where binning changed it.
+    pub fn image_size(&self, req: &Request) -> Option<(usize, usize)> {
+        ((self.height, self.width) != (req.height, req.width)).then_some((req.height, req.width))
+    }
+}
+
+/// Every check a request must pass before sampling starts, in one place: the
+/// node reports a failure at its input, [`sample`] as an error.
+pub fn plan<'a>(den: &'a Denoiser, req: &Request<'a>) -> std::result::Result<Plan<'a>, Unfit> {
+    let cfg = den.model.config();
+    let scale = req.vae_scale;
+    let (height, width) =
+        generation_size(den, req.width, req.height, req.resolution_binning, scale)?;
+    let (latent_height, latent_width) = (height / scale, width / scale);
+    let tokens = (latent_height / cfg.patch_size) * (latent_width / cfg.patch_size);
+    if tokens > MAX_TOKENS {
+        return Err(Unfit::new(
+            "width",
+            format!("{width}×{height} is {tokens} transformer tokens; the limit is {MAX_TOKENS} (2048×2048 at patch 2)"),
+        ));
+    }
+    if let Some(l) = &req.latents {
+        let c = cfg.in_channels;
+        if l.rank() != 4 || l.dims()[1..] != [c, latent_height, latent_width] {
+            return Err(Unfit::new(
+                "latents",
+                format!(
+                    "shape {:?}, but this request needs [B, {c}, {latent_height}, {latent_width}]",
+                    l.dims()
+                ),
+            ));
+        }
+    }
+    // An empty negative prompt means no negative prompt: a checkpoint with a
+    // learned null caption (official checkpoints, our trainer) gets it, as the
+    // official sampler does; one without (diffusers folders) gets the encoded
+    // empty prompt, as diffusers does.
+    let negative = match (req.guidance > 1.0, req.negative, &den.null_caption) {
+        (false, _, _) => Negative::Unguided,
+        (true, Some(n), Some(null)) if n.empty_prompt => Negative::NullCaption(null),
+        (true, Some(n), _) => Negative::Given(n),
+        (true, None, Some(null)) => Negative::NullCaption(null),
+        (true, None, None) => {
+            return Err(Unfit::new(
+                "negative",
+                "guidance > 1 needs a negative conditioning (this checkpoint has no learned null caption)",
+            ))
+        }
+    };
+    Ok(Plan {
+        height,
+        width,
+        latent_height,
+        latent_width,
+        negative,
+    })
+}
+
 /// The generation size: the request, or its aspect-ratio bin.
-pub fn generation_size(
+fn generation_size(
     den: &Denoiser,
     width: usize,
     height: usize,
     binning: bool,
     vae_scale: usize,
-) -> std::result::Result<(usize, usize), String> {
+) -> std::result::Result<(usize, usize), Unfit> {
     let cfg = den.model.config();
     // The official aspect-ratio tables are for models whose native size (sample
     // size × VAE factor) is 256, 512 or 1024 pixels with the SD VAE; other models
     // generate at the size asked for.
-    let native = cfg.sample_size * vae_scale;
-    if binning && vae_scale == VAE_SCALE {
-        if let Some(bins) = binning::bins_for(native / VAE_SCALE) {
+    if binning && vae_scale == DEFAULT_VAE_SCALE {
+        if let Some(bins) = binning::bins_for(cfg.sample_size) {
             return Ok(binning::classify(height, width, &bins));
         }
     }
     let multiple = vae_scale * cfg.patch_size;
     if !width.is_multiple_of(multiple) || !height.is_multiple_of(multiple) {
-        return Err(format!(
-            "width and height must be multiples of {multiple} (VAE factor {vae_scale} × patch size {})",
-            cfg.patch_size
+        return Err(Unfit::new(
+            "width",
+            format!(
+                "width and height must be multiples of {multiple} (VAE factor {vae_scale} × patch size {})",
+                cfg.patch_size
+            ),
         ));
     }
     Ok((height, width))
 }
 
-/// Text features for the batch [negative, positive] (or just positive without
-/// guidance), with their masks.
 /// `[tokens, C]` cut or zero-padded to `len` tokens.
 fn fit_tokens(t: &Tensor, len: usize) -> Result<Tensor> {
     let n = t.dim(0)?;
@@ -72,36 +170,25 @@ fn fit_tokens(t: &Tensor, len: usize) -> Result<Tensor> {
     }
 }
 
-fn text_batch(
-    den: &Denoiser,
-    req: &Request,
-    cfg_on: bool,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
+/// Text features for the batch [negative, positive] (or just positive without
+/// guidance), with their masks.
+fn text_batch(req: &Request, negative: &Negative, device: &Device) -> Result<(Tensor, Tensor)> {
     let pos = req.positive.embeddings.to_device(device)?;
     let pos_mask = req.positive.mask.to_device(device)?.to_dtype(DType::F32)?;
-    if !cfg_on {
-        return Ok((pos, pos_mask));
-    }
-    // An empty negative prompt means no negative prompt: a checkpoint with a
-    // learned null caption (official checkpoints, our trainer) gets it, as the
-    // official sampler does; one without (diffusers folders) gets the encoded
-    // empty prompt, as diffusers does.
-    let negative = match (req.negative, &den.null_caption) {
-        (Some(n), Some(_)) if n.empty_prompt => None,
-        (n, _) => n,
-    };
-    let (neg, neg_mask) = match (negative, &den.null_caption) {
-        (Some(n), _) => (n.embeddings.to_device(device)?, n.mask.to_device(device)?.to_dtype(DType::F32)?),
+    let (neg, neg_mask) = match negative {
+        Negative::Unguided => return Ok((pos, pos_mask)),
+        Negative::Given(n) => (
+            n.embeddings.to_device(device)?,
+            n.mask.to_device(device)?.to_dtype(DType::F32)?,
+        ),
         // The official sampler gives the null caption the positive prompt's mask.
         // A null caption learnt at another text length is cut or zero-padded to
         // the prompt's (padding tokens carry no weight under the mask).
-        (None, Some(null)) => (
-            fit_tokens(null, pos.dim(1)?)?.unsqueeze(0)?.to_dtype(pos.dtype())?,
+        Negative::NullCaption(null) => (
+            fit_tokens(null, pos.dim(1)?)?
+                .unsqueeze(0)?
+                .to_dtype(pos.dtype())?,
             pos_mask.clone(),
-        ),
-        (None, None) => candle_core::bail!(
-            "guidance > 1 needs a negative conditioning (this checkpoint has no learned null caption)"
         ),
     };
     if neg.dims() != pos.dims() {
@@ -141,30 +228,12 @@ pub fn sample(
     let model = &den.model;
     let device = model.device().clone();
     let cfg = model.config();
-    let (height, width) = generation_size(
-        den,
-        req.width,
-        req.height,
-        req.resolution_binning,
-        req.vae_scale,
-    )
-    .map_err(candle_core::Error::msg)?;
-    let (lh, lw) = (height / req.vae_scale, width / req.vae_scale);
-    let tokens = (lh / cfg.patch_size) * (lw / cfg.patch_size);
-    if tokens > MAX_TOKENS {
-        candle_core::bail!(
-            "{width}×{height} is {tokens} transformer tokens; the limit is {MAX_TOKENS} (2048×2048 at patch 2)"
-        );
-    }
+    let plan = plan(den, req).map_err(|u| candle_core::Error::msg(u.message))?;
+    let (height, width) = (plan.height, plan.width);
+    let (lh, lw) = (plan.latent_height, plan.latent_width);
     let channels = cfg.in_channels;
     let mut x = match &req.latents {
-        Some(l) => {
-            let dims = l.dims();
-            if dims.len() != 4 || dims[1] != channels || dims[2] != lh || dims[3] != lw {
-                candle_core::bail!("given latents have shape {dims:?}; this request needs [B, {channels}, {lh}, {lw}]");
-            }
-            l.to_device(&device)?.to_dtype(DType::F32)?
-        }
+        Some(l) => l.to_device(&device)?.to_dtype(DType::F32)?,
         None => Tensor::from_vec(
             gaussian(req.seed, channels * lh * lw),
             (1, channels, lh, lw),
@@ -173,8 +242,8 @@ pub fn sample(
     };
     x = (x * sampler.init_noise_sigma())?;
     let batch = x.dim(0)?;
-    let cfg_on = req.guidance > 1.0;
-    let (text, mask) = text_batch(den, req, cfg_on, &device)?;
+    let cfg_on = !matches!(plan.negative, Negative::Unguided);
+    let (text, mask) = text_batch(req, &plan.negative, &device)?;
     // Several images of one prompt: each prompt row repeated per image.
     let (text, mask) = (repeat_each(&text, batch)?, repeat_each(&mask, batch)?);
     let model_batch = if cfg_on { 2 * batch } else { batch };

@@ -5,13 +5,13 @@ use super::detect::{score, Score};
 use super::world::{all_combos, caption, held_out, Background, Object, Sampling, Scene, Size};
 use crate::fsutil::atomic_write;
 use crate::image_io::encode_png;
-use crate::models::t5::T5Encoder;
-use crate::models::tokenizer::T5Tokenizer;
-use crate::models::vae::AutoencoderKl;
-use crate::pixart::load::Denoiser;
 use crate::pixart::nodes::encode_text;
+use crate::pixart::Denoiser;
 use crate::training::preview::{generate, Preview};
 use image::RgbImage;
+use pixart_models::t5::T5Encoder;
+use pixart_models::tokenizer::T5Tokenizer;
+use pixart_models::vae::AutoencoderKl;
 use pixart_runtime::{
     InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
 };

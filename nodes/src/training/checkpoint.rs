@@ -6,8 +6,9 @@
 //! all; the randomness of every step derives from (seed, step), so no generator
 //! state is needed beyond the step.
 
-use crate::models::pixart::Config;
+use crate::pixart::denoiser::NULL_CAPTION;
 use candle_core::{Device, Tensor};
+use pixart_models::pixart::Config;
 use pixart_runtime::fsutil::atomic_write;
 use std::collections::HashMap;
 use std::io;
@@ -15,7 +16,6 @@ use std::path::{Path, PathBuf};
 
 pub const TRANSFORMER: &str = "transformer";
 const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
-pub const NULL_CAPTION: &str = "null_caption.safetensors";
 const PARAMS: &str = "state/params.safetensors";
 const OPTIMIZER: &str = "state/optimizer.safetensors";
 const TRAINER: &str = "state/trainer.json";

@@ -5,18 +5,17 @@
 //! only). Linear betas, 1000 steps, no respacing. Differentiable candle ops only.
 
 use candle_core::{Result, Tensor, D};
+use pixart_models::schedulers::diffusion::{
+    alphas_cumprod, linear_betas, Posterior, PIXART_BETA_END, PIXART_BETA_START,
+    PIXART_TRAIN_TIMESTEPS,
+};
 
 /// Noise-schedule tables (float64, as the original builds them with numpy).
 pub struct Diffusion {
     pub num_timesteps: usize,
     sqrt_ac: Vec<f64>,
     sqrt_1m_ac: Vec<f64>,
-    sqrt_recip_ac: Vec<f64>,
-    sqrt_recipm1_ac: Vec<f64>,
-    coef1: Vec<f64>,
-    coef2: Vec<f64>,
-    log_var_clipped: Vec<f64>,
-    log_betas: Vec<f64>,
+    posterior: Posterior,
 }
 
 /// The loss terms, one value per sample.
@@ -27,53 +26,20 @@ pub struct LossTerms {
 }
 
 impl Diffusion {
-    /// Linear betas `beta_start..=beta_end` over `n` steps (PixArt: 1e-4, 0.02, 1000).
+    /// PixArt's schedule: linear betas 1e-4 … 0.02 over 1000 steps.
+    pub fn pixart() -> Diffusion {
+        Diffusion::linear(PIXART_BETA_START, PIXART_BETA_END, PIXART_TRAIN_TIMESTEPS)
+    }
+
+    /// Linear betas `beta_start..=beta_end` over `n` steps.
     pub fn linear(beta_start: f64, beta_end: f64, n: usize) -> Diffusion {
-        let step = (beta_end - beta_start) / (n - 1).max(1) as f64;
-        let betas: Vec<f64> = (0..n)
-            .map(|i| {
-                if i + 1 == n {
-                    beta_end
-                } else {
-                    i as f64 * step + beta_start
-                }
-            })
-            .collect();
-        let mut ac = Vec::with_capacity(n);
-        let mut acc = 1.0;
-        for b in &betas {
-            acc *= 1.0 - b;
-            ac.push(acc);
-        }
-        let ac_prev: Vec<f64> = std::iter::once(1.0)
-            .chain(ac[..n - 1].iter().copied())
-            .collect();
-        let post_var: Vec<f64> = (0..n)
-            .map(|i| betas[i] * (1.0 - ac_prev[i]) / (1.0 - ac[i]))
-            .collect();
+        let betas = linear_betas(beta_start, beta_end, n);
+        let ac = alphas_cumprod(&betas);
         Diffusion {
             num_timesteps: n,
             sqrt_ac: ac.iter().map(|a| a.sqrt()).collect(),
             sqrt_1m_ac: ac.iter().map(|a| (1.0 - a).sqrt()).collect(),
-            sqrt_recip_ac: ac.iter().map(|a| (1.0 / a).sqrt()).collect(),
-            sqrt_recipm1_ac: ac.iter().map(|a| (1.0 / a - 1.0).sqrt()).collect(),
-            coef1: (0..n)
-                .map(|i| betas[i] * ac_prev[i].sqrt() / (1.0 - ac[i]))
-                .collect(),
-            coef2: (0..n)
-                .map(|i| (1.0 - ac_prev[i]) * (1.0 - betas[i]).sqrt() / (1.0 - ac[i]))
-                .collect(),
-            log_var_clipped: (0..n)
-                .map(|i| {
-                    if i == 0 && n > 1 {
-                        post_var[1]
-                    } else {
-                        post_var[i]
-                    }
-                })
-                .map(f64::ln)
-                .collect(),
-            log_betas: betas.iter().map(|b| b.ln()).collect(),
+            posterior: Posterior::new(&betas),
         }
     }
 
@@ -139,16 +105,16 @@ impl Diffusion {
         // The bound sees the mean as a constant: its gradients reach only v.
         let eps_frozen = eps.detach();
         let k = |table: &[f64]| Self::coef(table, t, x0);
-        let true_mean =
-            (k(&self.coef1)?.broadcast_mul(x0)? + k(&self.coef2)?.broadcast_mul(&x_t)?)?;
-        let true_log_var = k(&self.log_var_clipped)?;
-        let pred_x0 = (k(&self.sqrt_recip_ac)?.broadcast_mul(&x_t)?
-            - k(&self.sqrt_recipm1_ac)?.broadcast_mul(&eps_frozen)?)?;
-        let model_mean =
-            (k(&self.coef1)?.broadcast_mul(&pred_x0)? + k(&self.coef2)?.broadcast_mul(&x_t)?)?;
+        let true_mean = (k(&self.posterior.coef1)?.broadcast_mul(x0)?
+            + k(&self.posterior.coef2)?.broadcast_mul(&x_t)?)?;
+        let true_log_var = k(&self.posterior.log_var_clipped)?;
+        let pred_x0 = (k(&self.posterior.sqrt_recip_ac)?.broadcast_mul(&x_t)?
+            - k(&self.posterior.sqrt_recipm1_ac)?.broadcast_mul(&eps_frozen)?)?;
+        let model_mean = (k(&self.posterior.coef1)?.broadcast_mul(&pred_x0)?
+            + k(&self.posterior.coef2)?.broadcast_mul(&x_t)?)?;
         // log σ² = frac·log β + (1 − frac)·log β̃, frac = (v + 1)/2
         let frac = ((v + 1.0)? * 0.5)?;
-        let model_log_var = (frac.broadcast_mul(&k(&self.log_betas)?)?
+        let model_log_var = (frac.broadcast_mul(&k(&self.posterior.log_betas)?)?
             + (1.0 - &frac)?.broadcast_mul(&true_log_var)?)?;
 
         let ln2 = std::f64::consts::LN_2;
@@ -211,7 +177,7 @@ mod tests {
     /// noise, γ/SNR where it is nearly clean, never above 1.
     #[test]
     fn min_snr_weights_follow_the_schedule() {
-        let d = Diffusion::linear(1e-4, 0.02, 1000);
+        let d = Diffusion::pixart();
         let alpha_bar = |t: usize| -> f64 {
             (0..=t)
                 .map(|i| 1.0 - (1e-4 + (0.02 - 1e-4) * i as f64 / 999.0))

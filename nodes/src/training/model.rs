@@ -4,9 +4,9 @@
 //! table of class embeddings in caption space.
 
 use super::rng::{Stream, TrainRng};
-use crate::models::pixart::{Config, PixArtTransformer};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use pixart_models::pixart::{Config, PixArtTransformer};
 use std::collections::HashMap;
 
 /// The name of the class table among the parameters; it is not a transformer
@@ -50,7 +50,7 @@ impl TrainModel {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = PixArtTransformer::new(vb.clone(), cfg)?;
-        let caption = cfg.caption_channels.unwrap_or(4096);
+        let caption = cfg.caption_channels();
         if classes > 0 {
             vb.get((classes, caption), CLASS_TABLE)?;
         }

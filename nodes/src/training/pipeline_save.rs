@@ -2,9 +2,12 @@
 //! encoder and VAE into a diffusers `PixArtAlphaPipeline` folder — what
 //! `pixart.load` and diffusers' `from_pretrained` read — written whole.
 
-use super::checkpoint::NULL_CAPTION;
 use super::model_folder::safetensors_bytes;
-use crate::pixart::load::Denoiser;
+use crate::pixart::denoiser::NULL_CAPTION;
+use crate::pixart::Denoiser;
+use pixart_models::schedulers::diffusion::{
+    PIXART_BETA_END, PIXART_BETA_START, PIXART_TRAIN_TIMESTEPS,
+};
 use pixart_runtime::{
     InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
 };
@@ -26,10 +29,10 @@ fn scheduler_config() -> serde_json::Value {
     json!({
         "_class_name": "DPMSolverMultistepScheduler",
         "algorithm_type": "dpmsolver++",
-        "beta_start": 0.0001,
-        "beta_end": 0.02,
+        "beta_start": PIXART_BETA_START,
+        "beta_end": PIXART_BETA_END,
         "beta_schedule": "linear",
-        "num_train_timesteps": 1000,
+        "num_train_timesteps": PIXART_TRAIN_TIMESTEPS,
         "prediction_type": "epsilon",
         "solver_order": 2,
         "solver_type": "midpoint",

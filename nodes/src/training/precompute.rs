@@ -6,10 +6,10 @@
 use super::buckets;
 use super::dataset::Dataset;
 use crate::fsutil::atomic_write;
-use crate::models::t5::T5Encoder;
-use crate::models::tokenizer::T5Tokenizer;
-use crate::models::vae::AutoencoderKl;
 use candle_core::{DType, Device, Tensor};
+use pixart_models::t5::T5Encoder;
+use pixart_models::tokenizer::T5Tokenizer;
+use pixart_models::vae::AutoencoderKl;
 use pixart_runtime::{
     Handle, InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
 };

@@ -4,11 +4,12 @@
 //! visualisation hook does.
 
 use crate::image_io::{encode_png, to_bytes};
-use crate::models::vae::AutoencoderKl;
-use crate::pixart::load::Denoiser;
+use crate::pixart::latents;
 use crate::pixart::sample::{sample, Request};
-use crate::schedulers::SchedulerConfig;
-use candle_core::{DType, Device, Tensor};
+use crate::pixart::Denoiser;
+use candle_core::Tensor;
+use pixart_models::schedulers::SchedulerConfig;
+use pixart_models::vae::AutoencoderKl;
 use pixart_runtime::{Conditioning, NodeError};
 
 pub struct Preview<'a> {
@@ -44,15 +45,6 @@ pub fn generate(den: &Denoiser, p: &Preview) -> Result<Tensor, NodeError> {
         resolution_binning: false,
         vae_scale: p.vae.config().scale_factor(),
     };
-    let latents = sample(den, sampler.as_mut(), &req, |_| Ok(()))?;
-    let cfg = p.vae.config();
-    let mut z = (latents / cfg.scaling_factor)?;
-    if let Some(shift) = cfg.shift_factor {
-        z = (z + shift)?;
-    }
-    Ok(((p.vae.decode(&z)?.to_dtype(DType::F32)? / 2.0)? + 0.5)?
-        .clamp(0f32, 1f32)?
-        .to_device(&Device::Cpu)?
-        .permute((0, 2, 3, 1))?
-        .contiguous()?)
+    let z = sample(den, sampler.as_mut(), &req, |_| Ok(()))?;
+    Ok(latents::decode(p.vae, &z)?)
 }

@@ -4,9 +4,9 @@
 
 use super::loss::{Diffusion, LossTerms};
 use super::optim::{clip_grad_norm, AdamW};
-use crate::models::pixart::{batch_parallel, PixArtTransformer, SizeConditions};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
+use pixart_models::pixart::{batch_parallel, PixArtTransformer, SizeConditions};
 
 /// One batch, ready for the model.
 pub struct Batch {

@@ -6,8 +6,8 @@
 
 use super::model_folder;
 use super::rng::{Stream, TrainRng};
-use crate::models::tokenizer::T5Tokenizer;
 use candle_core::{Device, Tensor};
+use pixart_models::tokenizer::T5Tokenizer;
 use pixart_runtime::{
     Handle, InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
 };

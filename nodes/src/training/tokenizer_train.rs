@@ -3,7 +3,7 @@
 
 use super::dataset::Dataset;
 use super::model_folder;
-use crate::models::tokenizer::{t5_pipeline, T5Tokenizer};
+use pixart_models::tokenizer::{t5_pipeline, T5Tokenizer};
 use pixart_runtime::{
     Handle, InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
 };

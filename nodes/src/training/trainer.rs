@@ -4,18 +4,18 @@
 //! warm-up, EMA — with crash-safe checkpoints and exact resumption.
 
 use super::checkpoint::{self, Saved};
-use super::loss::Diffusion;
+use super::loss::{Diffusion, LossTerms};
 use super::model::{Start, TrainModel, CLASS_TABLE};
 use super::optim::{scale_lr, scheduled_lr, AdamW, Ema, LrSchedule};
 use super::precompute::{FeatureItem, Features};
 use super::preview::{render, Preview};
 use super::rng::{Stream, TrainRng};
 use super::step::{loss_and_gradients, Batch, Optimizer};
-use crate::models::pixart::{Config, PixArtTransformer};
-use crate::models::vae::AutoencoderKl;
-use crate::pixart::load::Denoiser;
+use crate::pixart::Denoiser;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use pixart_models::pixart::{Config, PixArtTransformer};
+use pixart_models::vae::AutoencoderKl;
 use pixart_runtime::{
     Handle, InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
 };
@@ -452,7 +452,7 @@ impl Node for TrainPixArt {
             Some(_) => {
                 let path = ctx.input_path(inputs.path("config")?)?;
                 let text = std::fs::read_to_string(&path).map_err(|e| NodeError::io(&path, e))?;
-                let cfg: Config = crate::models::weights::parse_json(&path, &text)
+                let cfg: Config = pixart_models::weights::parse_json(&path, &text)
                     .map_err(|e| NodeError::input("config", e))?;
                 cfg.check().map_err(|e| NodeError::input("config", e))?;
                 Some(cfg)
@@ -529,18 +529,110 @@ struct Run<'a> {
 }
 
 fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
-    let Run {
-        settings: s,
-        features,
-        init,
-        extend,
-        cfg,
-        device,
-        out,
-        ..
-    } = *run;
-    let data = Data::load(features, s.batch, device)?;
-    let caption_channels = cfg.caption_channels.unwrap_or(4096);
+    let s = run.settings;
+    let data = Data::load(run.features, s.batch, run.device)?;
+    check_features(run, &data)?;
+    let classes = if s.class_conditional {
+        class_names(&data)
+    } else {
+        Vec::new()
+    };
+    let fingerprint = s.fingerprint(run.features, &classes);
+    let resumed = resume_point(run, &fingerprint)?;
+    let mut state = State::start(run, &data, classes, fingerprint, resumed)?;
+    std::fs::create_dir_all(run.out).map_err(|e| NodeError::io(run.out, e))?;
+    let mut log = LossLog::open(run.out, state.step)?;
+
+    let diffusion = Diffusion::pixart();
+    let table = state.tm.class_table().map(|v| v.as_tensor().clone());
+    let with_sizes = run.cfg.additional_conditions();
+    let first = state.step;
+    let mut last_checkpoint = checkpoint::list(run.out)
+        .into_iter()
+        .find(|(s, _)| *s == first)
+        .map(|(_, p)| p);
+    ctx.progress(first, s.steps);
+    while state.step < s.steps {
+        if ctx.is_cancelled() {
+            if state.step > first {
+                state.save(run)?;
+            }
+            return Err(NodeError::Cancelled);
+        }
+        let step = state.step;
+        let indices = data.batch_of(s.seed, s.batch, step);
+        let batch = make_batch(
+            &data,
+            &indices,
+            step,
+            s,
+            run.features.scaling_factor,
+            &state.null_caption,
+            table.as_ref().map(|t| (t, state.classes.as_slice())),
+            with_sizes,
+            &diffusion,
+        )?;
+        let (terms, loss, mut grads) =
+            loss_and_gradients(&state.tm.model, &diffusion, &batch, &state.opt.vars)?;
+        let lr = scheduled_lr(s.lr, step, s.steps, s.warmup, s.lr_schedule, s.decay_steps);
+        let grad_norm = state.opt.apply(&mut grads, lr)?;
+        if s.ema_warmup {
+            state
+                .ema
+                .update_at(&state.all_vars, Ema::warmup_rate(s.ema_rate, step))?;
+        } else {
+            state.ema.update(&state.all_vars)?;
+        }
+        state.step += 1;
+        let step = state.step;
+        if !loss.is_finite() {
+            return Err(NodeError::msg(format!(
+                "the loss became {loss} at step {step}: lower the learning rate (the last checkpoint is kept)"
+            )));
+        }
+        let rate = log.write(step, loss, &terms, lr, grad_norm, first)?;
+        ctx.progress_detail(
+            step,
+            s.steps,
+            &format!("loss {loss:.4} · lr {lr:.2e} · |g| {grad_norm:.3} · {rate:.2} it/s"),
+        );
+        if step == s.steps || (s.checkpoint_every > 0 && step.is_multiple_of(s.checkpoint_every)) {
+            last_checkpoint = Some(state.save(run)?);
+        }
+        if let Some((every, preview)) = &run.samples {
+            if step.is_multiple_of(*every) || step == s.steps {
+                let png = render(&state.ema_denoiser(run)?, preview)?;
+                let path = run.out.join(format!("samples/step-{step:06}.png"));
+                crate::fsutil::atomic_write(&path, &png)?;
+            }
+        }
+    }
+    let checkpoint = match last_checkpoint {
+        Some(p) => p,
+        None => state.save(run)?,
+    };
+    let den = state.ema_denoiser(run)?;
+    let bytes = den.weights.values().map(|t| t.elem_count() * 4).sum();
+    Ok(Outputs::one(
+        "transformer",
+        Value::Handle(Handle::new(PortType::Denoiser, bytes, den)),
+    )
+    .with(
+        "run",
+        Value::Path(
+            checkpoint
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+        ),
+    )
+    .with("checkpoint", Value::Path(checkpoint)))
+}
+
+/// The feature cache must fit the transformer: text width and latent channels.
+fn check_features(run: &Run, data: &Data) -> Result<(), NodeError> {
+    let (s, cfg) = (run.settings, run.cfg);
+    let caption_channels = cfg.caption_channels();
     let text_dim = data.items[0].text.dim(1)?;
     if !s.class_conditional && text_dim != caption_channels {
         return Err(NodeError::input(
@@ -561,79 +653,116 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
             ),
         ));
     }
-    let classes = if s.class_conditional {
-        class_names(&data)
-    } else {
-        Vec::new()
-    };
-    let fingerprint = s.fingerprint(features, &classes);
+    Ok(())
+}
 
-    // Where to start: the newest checkpoint of this run, or init / scratch.
-    let resumed = if s.resume {
-        match checkpoint::list(out)
-            .into_iter()
-            .rev()
-            .find(|(step, _)| *step <= s.steps)
-        {
-            Some((_, dir)) => {
-                let saved = checkpoint::load(&dir, device).map_err(|e| NodeError::io(&dir, e))?;
-                check_same_run(&saved.meta["settings"], &fingerprint, &dir)?;
-                Some(saved)
+/// The newest checkpoint of this run to go on from (with `resume`), refused if
+/// it was made with other settings.
+fn resume_point(run: &Run, fingerprint: &serde_json::Value) -> Result<Option<Saved>, NodeError> {
+    if !run.settings.resume {
+        return Ok(None);
+    }
+    let newest = checkpoint::list(run.out)
+        .into_iter()
+        .rev()
+        .find(|(step, _)| *step <= run.settings.steps);
+    let Some((_, dir)) = newest else {
+        return Ok(None);
+    };
+    let saved = checkpoint::load(&dir, run.device).map_err(|e| NodeError::io(&dir, e))?;
+    check_same_run(&saved.meta["settings"], fingerprint, &dir)?;
+    Ok(Some(saved))
+}
+
+/// What a stage trains and carries from step to step: model, optimiser, EMA,
+/// the null caption dropped captions become, and the step count.
+struct State {
+    tm: TrainModel,
+    opt: Optimizer,
+    ema: Ema,
+    all_vars: Vec<candle_core::Var>,
+    trainable_names: Vec<String>,
+    null_caption: Tensor,
+    classes: Vec<String>,
+    fingerprint: serde_json::Value,
+    step: u64,
+}
+
+impl State {
+    /// From a checkpoint of this run, else from `init` (or nothing).
+    fn start(
+        run: &Run,
+        data: &Data,
+        classes: Vec<String>,
+        fingerprint: serde_json::Value,
+        resumed: Option<Saved>,
+    ) -> Result<State, NodeError> {
+        let (s, device) = (run.settings, run.device);
+        let start = match (&resumed, run.init) {
+            (Some(saved), _) => Start::Tensors(&saved.params),
+            (None, Some(den)) if run.extend => Start::Extend(&den.weights),
+            (None, Some(den)) => Start::Tensors(&den.weights),
+            (None, None) => Start::Scratch,
+        };
+        let tm = TrainModel::new(run.cfg, start, s.seed, classes.len(), &s.frozen, device)
+            .map_err(|e| NodeError::input("init", e))?;
+        let null_caption = match (&resumed, run.init.and_then(|d| d.null_caption.as_ref())) {
+            (Some(saved), _) => saved.null_caption.clone(),
+            (None, Some(null)) => null.to_dtype(DType::F32)?.to_device(device)?,
+            (None, None) => {
+                let (len, width) = (run.features.max_length, run.cfg.caption_channels());
+                let v = TrainRng::new(s.seed, Stream::Init, u64::MAX).normals(len * width);
+                (Tensor::from_vec(v, (len, width), device)? / (width as f64).sqrt())?
             }
-            None => None,
+        };
+        let caption_tokens = data.items[0].text.dim(0)?;
+        if !s.class_conditional && null_caption.dim(0)? < caption_tokens {
+            return Err(NodeError::input(
+                "features",
+                format!(
+                    "captions of {caption_tokens} tokens, but the null caption has {}",
+                    null_caption.dim(0)?
+                ),
+            ));
         }
-    } else {
-        None
-    };
-    let start = match (&resumed, init) {
-        (Some(saved), _) => Start::Tensors(&saved.params),
-        (None, Some(den)) if extend => Start::Extend(&den.weights),
-        (None, Some(den)) => Start::Tensors(&den.weights),
-        (None, None) => Start::Scratch,
-    };
-    let tm = TrainModel::new(cfg, start, s.seed, classes.len(), &s.frozen, device)
-        .map_err(|e| NodeError::input("init", e))?;
-    let null_caption = match (&resumed, init.and_then(|d| d.null_caption.as_ref())) {
-        (Some(saved), _) => saved.null_caption.clone(),
-        (None, Some(null)) => null.to_dtype(DType::F32)?.to_device(device)?,
-        (None, None) => {
-            let len = features.max_length;
-            let v = TrainRng::new(s.seed, Stream::Init, u64::MAX).normals(len * caption_channels);
-            (Tensor::from_vec(v, (len, caption_channels), device)?
-                / (caption_channels as f64).sqrt())?
+        let trainable = tm.trainable();
+        if trainable.is_empty() {
+            return Err(NodeError::input("freeze", "every parameter is frozen"));
         }
-    };
-    if !s.class_conditional && null_caption.dim(0)? < data.items[0].text.dim(0)? {
-        return Err(NodeError::input(
-            "features",
-            format!(
-                "captions of {} tokens, but the null caption has {}",
-                data.items[0].text.dim(0)?,
-                null_caption.dim(0)?
-            ),
-        ));
+        let trainable_names = tm
+            .params
+            .iter()
+            .filter(|p| p.trainable)
+            .map(|p| p.name.clone())
+            .collect();
+        let opt = Optimizer {
+            adam: AdamW::new(&trainable, 0.9, 0.999, 1e-10, s.weight_decay)?,
+            vars: trainable,
+            max_grad_norm: s.grad_clip,
+        };
+        let all_vars: Vec<candle_core::Var> = tm.params.iter().map(|p| p.var.clone()).collect();
+        let ema = Ema::new(&all_vars, s.ema_rate)?;
+        let mut state = State {
+            tm,
+            opt,
+            ema,
+            all_vars,
+            trainable_names,
+            null_caption,
+            classes,
+            fingerprint,
+            step: 0,
+        };
+        if let Some(saved) = resumed {
+            state.restore(&saved)?;
+        }
+        Ok(state)
     }
 
-    let trainable = tm.trainable();
-    let trainable_names: Vec<String> = tm
-        .params
-        .iter()
-        .filter(|p| p.trainable)
-        .map(|p| p.name.clone())
-        .collect();
-    if trainable.is_empty() {
-        return Err(NodeError::input("freeze", "every parameter is frozen"));
-    }
-    let mut opt = Optimizer {
-        adam: AdamW::new(&trainable, 0.9, 0.999, 1e-10, s.weight_decay)?,
-        vars: trainable,
-        max_grad_norm: s.grad_clip,
-    };
-    let all_vars: Vec<candle_core::Var> = tm.params.iter().map(|p| p.var.clone()).collect();
-    let mut ema = Ema::new(&all_vars, s.ema_rate)?;
-    let mut step = 0u64;
-    if let Some(saved) = &resumed {
-        let moments = trainable_names
+    /// The optimiser moments, EMA and step of a checkpoint.
+    fn restore(&mut self, saved: &Saved) -> Result<(), NodeError> {
+        let moments = self
+            .trainable_names
             .iter()
             .map(|n| {
                 saved.moments.get(n).cloned().ok_or_else(|| {
@@ -641,8 +770,9 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        opt.adam.restore(saved.adam_step, moments)?;
-        ema.weights = tm
+        self.opt.adam.restore(saved.adam_step, moments)?;
+        self.ema.weights = self
+            .tm
             .params
             .iter()
             .map(|p| {
@@ -651,84 +781,82 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        step = saved.step;
+        self.step = saved.step;
+        Ok(())
     }
 
-    std::fs::create_dir_all(out).map_err(|e| NodeError::io(out, e))?;
-    let log_path = out.join(LOSS_LOG);
-    truncate_log(&log_path, step)?;
-    let mut log = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(&log_path)
-        .map_err(|e| NodeError::io(&log_path, e))?;
-
-    let save = |step: u64, ema: &Ema, opt: &Optimizer| -> Result<PathBuf, NodeError> {
+    /// A checkpoint of the current step; its folder.
+    fn save(&self, run: &Run) -> Result<PathBuf, NodeError> {
         let saved = Saved {
-            step,
-            params: tm.tensors().into_iter().collect(),
-            ema: ema_tensors(&tm, ema),
-            moments: trainable_names
+            step: self.step,
+            params: self.tm.tensors().into_iter().collect(),
+            ema: ema_tensors(&self.tm, &self.ema),
+            moments: self
+                .trainable_names
                 .iter()
                 .cloned()
-                .zip(opt.adam.moments().iter().cloned())
+                .zip(self.opt.adam.moments().iter().cloned())
                 .collect(),
-            adam_step: opt.adam.steps(),
-            null_caption: null_caption.clone(),
-            meta: json!({ "settings": fingerprint, "total_steps": s.steps }),
+            adam_step: self.opt.adam.steps(),
+            null_caption: self.null_caption.clone(),
+            meta: json!({ "settings": self.fingerprint, "total_steps": run.settings.steps }),
         };
-        let class_table = s.class_conditional.then_some(CLASS_TABLE);
-        checkpoint::save(out, cfg, class_table, &saved).map_err(|e| NodeError::io(out, e))
-    };
+        let class_table = run.settings.class_conditional.then_some(CLASS_TABLE);
+        checkpoint::save(run.out, run.cfg, class_table, &saved)
+            .map_err(|e| NodeError::io(run.out, e))
+    }
 
-    let diffusion = Diffusion::linear(1e-4, 0.02, 1000);
-    let table = tm.class_table().map(|v| v.as_tensor().clone());
-    let with_sizes = cfg.additional_conditions();
-    let started = Instant::now();
-    let first = step;
-    let mut last_checkpoint = checkpoint::list(out)
-        .into_iter()
-        .find(|(s, _)| *s == step)
-        .map(|(_, p)| p);
-    ctx.progress(step, s.steps);
-    while step < s.steps {
-        if ctx.is_cancelled() {
-            if step > first {
-                save(step, &ema, &opt)?;
-            }
-            return Err(NodeError::Cancelled);
-        }
-        let indices = data.batch_of(s.seed, s.batch, step);
-        let batch = make_batch(
-            &data,
-            &indices,
-            step,
-            s,
-            features.scaling_factor,
-            &null_caption,
-            table.as_ref().map(|t| (t, classes.as_slice())),
-            with_sizes,
-            &diffusion,
-        )?;
-        let (terms, loss, mut grads) =
-            loss_and_gradients(&tm.model, &diffusion, &batch, &opt.vars)?;
-        let lr = scheduled_lr(s.lr, step, s.steps, s.warmup, s.lr_schedule, s.decay_steps);
-        let grad_norm = opt.apply(&mut grads, lr)?;
-        if s.ema_warmup {
-            ema.update_at(&all_vars, Ema::warmup_rate(s.ema_rate, step))?;
-        } else {
-            ema.update(&all_vars)?;
-        }
-        step += 1;
-        if !loss.is_finite() {
-            return Err(NodeError::msg(format!(
-                "the loss became {loss} at step {step}: lower the learning rate (the last checkpoint is kept)"
-            )));
-        }
+    /// The EMA weights as a denoiser: what samples and the stage's output use.
+    fn ema_denoiser(&self, run: &Run) -> Result<Denoiser, NodeError> {
+        Ok(denoiser(
+            run.cfg,
+            &ema_tensors(&self.tm, &self.ema),
+            &self.null_caption,
+            run.features.vae_scale,
+            run.device,
+        )?)
+    }
+}
 
+/// `loss.jsonl`: one line a step, kept in step with the checkpoints on resume.
+struct LossLog {
+    file: std::fs::File,
+    path: PathBuf,
+    started: Instant,
+}
+
+impl LossLog {
+    /// Opens the run's log for appending, dropping lines past `step` (a resume
+    /// redoes those steps).
+    fn open(out: &Path, step: u64) -> Result<LossLog, NodeError> {
+        let path = out.join(LOSS_LOG);
+        truncate_log(&path, step)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|e| NodeError::io(&path, e))?;
+        Ok(LossLog {
+            file,
+            path,
+            started: Instant::now(),
+        })
+    }
+
+    /// Logs one step; returns the steps per second since `first`.
+    fn write(
+        &mut self,
+        step: u64,
+        loss: f64,
+        terms: &LossTerms,
+        lr: f64,
+        grad_norm: f64,
+        first: u64,
+    ) -> Result<f64, NodeError> {
         let mean = |t: &Tensor| -> candle_core::Result<f64> {
             t.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
         };
+        let seconds = self.started.elapsed().as_secs_f64();
         let line = json!({
             "step": step,
             "loss": loss,
@@ -736,56 +864,11 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
             "vb": mean(&terms.vb)?,
             "lr": lr,
             "grad_norm": grad_norm,
-            "seconds": started.elapsed().as_secs_f64(),
+            "seconds": seconds,
         });
-        writeln!(log, "{line}").map_err(|e| NodeError::io(&log_path, e))?;
-        let rate = (step - first) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        ctx.progress_detail(
-            step,
-            s.steps,
-            &format!("loss {loss:.4} · lr {lr:.2e} · |g| {grad_norm:.3} · {rate:.2} it/s"),
-        );
-        if step == s.steps || (s.checkpoint_every > 0 && step.is_multiple_of(s.checkpoint_every)) {
-            last_checkpoint = Some(save(step, &ema, &opt)?);
-        }
-        if let Some((every, preview)) = &run.samples {
-            if step.is_multiple_of(*every) || step == s.steps {
-                let weights = ema_tensors(&tm, &ema);
-                let png = render(
-                    &denoiser(cfg, &weights, &null_caption, features.vae_scale, device)?,
-                    preview,
-                )?;
-                let path = out.join(format!("samples/step-{step:06}.png"));
-                crate::fsutil::atomic_write(&path, &png)?;
-            }
-        }
+        writeln!(self.file, "{line}").map_err(|e| NodeError::io(&self.path, e))?;
+        Ok((step - first) as f64 / seconds.max(1e-9))
     }
-    let checkpoint = match last_checkpoint {
-        Some(p) => p,
-        None => save(step, &ema, &opt)?,
-    };
-    let den = denoiser(
-        cfg,
-        &ema_tensors(&tm, &ema),
-        &null_caption,
-        features.vae_scale,
-        device,
-    )?;
-    let bytes = den.weights.values().map(|t| t.elem_count() * 4).sum();
-    Ok(Outputs::one(
-        "transformer",
-        Value::Handle(Handle::new(PortType::Denoiser, bytes, den)),
-    )
-    .with(
-        "run",
-        Value::Path(
-            checkpoint
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_default(),
-        ),
-    )
-    .with("checkpoint", Value::Path(checkpoint)))
 }
 
 /// A checkpoint made with other settings is not this run: refuse to mix them.

@@ -9,9 +9,9 @@ use super::model_folder;
 use super::optim::AdamW;
 use super::precompute::load_square;
 use super::rng::{Stream, TrainRng};
-use crate::models::vae::{AutoencoderKl, Config};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use pixart_models::vae::{AutoencoderKl, Config};
 use pixart_runtime::{
     Handle, InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
 };
@@ -211,7 +211,7 @@ impl Node for TrainVae {
         let out = ctx.output_path(inputs.path("out")?)?;
         let text =
             std::fs::read_to_string(&config_path).map_err(|e| NodeError::io(&config_path, e))?;
-        let given: serde_json::Value = crate::models::weights::parse_json(&config_path, &text)
+        let given: serde_json::Value = pixart_models::weights::parse_json(&config_path, &text)
             .map_err(|e| NodeError::input("config", e))?;
         let cfg: Config = serde_json::from_value(given.clone())
             .map_err(|e| NodeError::input("config", format!("{}: {e}", config_path.display())))?;

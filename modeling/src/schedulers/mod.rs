@@ -6,6 +6,7 @@
 //! run.
 
 mod ddim;
+pub mod diffusion;
 mod dpm_solver;
 mod iddpm;
 
@@ -69,13 +70,13 @@ fn default_class() -> String {
     "DPMSolverMultistepScheduler".into()
 }
 fn default_train_steps() -> usize {
-    1000
+    diffusion::PIXART_TRAIN_TIMESTEPS
 }
 fn default_beta_start() -> f64 {
-    1e-4
+    diffusion::PIXART_BETA_START
 }
 fn default_beta_end() -> f64 {
-    0.02
+    diffusion::PIXART_BETA_END
 }
 fn default_beta_schedule() -> String {
     "linear".into()

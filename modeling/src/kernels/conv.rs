@@ -4,7 +4,7 @@
 //! a scalar transposed-convolution loop and its kernel with a convolution the
 //! size of the image, which made a small VAE's training step take seconds.
 
-use super::train_ops::linear;
+use super::linear::linear;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;

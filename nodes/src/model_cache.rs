@@ -2,9 +2,26 @@
 //! not the executor's output cache: it keys on what was loaded (files, dtype,
 //! device), so two workflows loading the same checkpoint share one copy.
 
+use candle_core::{DType, Device};
 use std::any::Any;
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
+
+/// Cache key: what, where (canonical path + modification time), dtype, device.
+pub fn key(kind: &str, path: &Path, dtype: DType, device: &Device) -> String {
+    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let stamp = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let device = match device {
+        Device::Cpu => "cpu".into(),
+        other => format!("{:?}", other.location()),
+    };
+    format!("{kind}|{}|{stamp}|{dtype:?}|{device}", canonical.display())
+}
 
 struct Entry {
     model: Arc<dyn Any + Send + Sync>,
@@ -74,6 +91,11 @@ impl ModelCache {
                 None => break,
             }
         }
+    }
+
+    /// The bytes counted for the model under `key`, if it is cached.
+    pub fn bytes(&self, key: &str) -> Option<usize> {
+        self.entries.get(key).map(|e| e.bytes)
     }
 
     pub fn len(&self) -> usize {

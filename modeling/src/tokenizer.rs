@@ -5,7 +5,7 @@
 //! Reads `tokenizer.json`; without one, builds the same Unigram tokenizer from the
 //! SentencePiece `spiece.model` (as transformers' converter does).
 
-use super::weights::LoadError;
+use crate::weights::LoadError;
 use std::path::Path;
 use tokenizers::models::unigram::Unigram;
 use tokenizers::normalizers::precompiled::Precompiled;

@@ -8,9 +8,8 @@
 //! masked cross-attention, MLP) → final layer → unpatchify. Output channels: ε then
 //! the learned variance interpolation.
 
-use super::fast_ops::gelu;
-use super::train_ops;
-use super::weights::{LoadError, Weights};
+use crate::kernels;
+use crate::weights::{LoadError, Weights};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{conv2d, linear, linear_b, Conv2d, Conv2dConfig, Linear, VarBuilder};
 use serde::Deserialize;
@@ -58,9 +57,20 @@ fn default_true() -> bool {
     true
 }
 
+/// The width of PixArt's sinusoidal timestep (and micro-condition) features.
+pub const TIMESTEP_CHANNELS: usize = 256;
+
+/// T5-XXL's width: the caption features every PixArt-α release takes.
+const DEFAULT_CAPTION_CHANNELS: usize = 4096;
+
 impl Config {
     pub fn hidden(&self) -> usize {
         self.num_attention_heads * self.attention_head_dim
+    }
+
+    /// The width of the caption features (`caption_channels`, T5-XXL's 4096 unset).
+    pub fn caption_channels(&self) -> usize {
+        self.caption_channels.unwrap_or(DEFAULT_CAPTION_CHANNELS)
     }
 
     pub fn out_channels(&self) -> usize {
@@ -89,7 +99,7 @@ impl Config {
             "attention_bias": self.attention_bias,
             "attention_head_dim": self.attention_head_dim,
             "attention_type": "default",
-            "caption_channels": self.caption_channels.unwrap_or(4096),
+            "caption_channels": self.caption_channels(),
             "cross_attention_dim": self.cross_attention_dim.unwrap_or(d),
             "dropout": 0.0,
             "in_channels": self.in_channels,
@@ -156,7 +166,7 @@ impl LayerNorm {
     /// kernel, which has none.
     fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if differentiable {
-            return train_ops::layer_norm(x, self.eps);
+            return kernels::layer_norm(x, self.eps);
         }
         candle_nn::ops::layer_norm(&x.contiguous()?, &self.ones, &self.zeros, self.eps as f32)
     }
@@ -247,14 +257,22 @@ impl AdaLnSingle {
         let emb = vb.pp("emb");
         let (resolution_embedder, aspect_ratio_embedder) = if cfg.additional_conditions() {
             (
-                Some(Mlp2::new(emb.pp("resolution_embedder"), 256, d / 3)?),
-                Some(Mlp2::new(emb.pp("aspect_ratio_embedder"), 256, d / 3)?),
+                Some(Mlp2::new(
+                    emb.pp("resolution_embedder"),
+                    TIMESTEP_CHANNELS,
+                    d / 3,
+                )?),
+                Some(Mlp2::new(
+                    emb.pp("aspect_ratio_embedder"),
+                    TIMESTEP_CHANNELS,
+                    d / 3,
+                )?),
             )
         } else {
             (None, None)
         };
         Ok(AdaLnSingle {
-            timestep_embedder: Mlp2::new(emb.pp("timestep_embedder"), 256, d)?,
+            timestep_embedder: Mlp2::new(emb.pp("timestep_embedder"), TIMESTEP_CHANNELS, d)?,
             resolution_embedder,
             aspect_ratio_embedder,
             linear: linear(d, 6 * d, vb.pp("linear"))?,
@@ -271,7 +289,7 @@ impl AdaLnSingle {
         let batch = t.dim(0)?;
         let mut emb = self
             .timestep_embedder
-            .forward(&timestep_sinusoid(t, 256)?.to_dtype(dtype)?)?;
+            .forward(&timestep_sinusoid(t, TIMESTEP_CHANNELS)?.to_dtype(dtype)?)?;
         if let (Some(res_mlp), Some(ar_mlp)) =
             (&self.resolution_embedder, &self.aspect_ratio_embedder)
         {
@@ -282,12 +300,14 @@ impl AdaLnSingle {
             };
             let res = res_mlp
                 .forward(
-                    &timestep_sinusoid(&sizes.resolution.flatten_all()?, 256)?.to_dtype(dtype)?,
+                    &timestep_sinusoid(&sizes.resolution.flatten_all()?, TIMESTEP_CHANNELS)?
+                        .to_dtype(dtype)?,
                 )?
                 .reshape((batch, ()))?;
             let ar = ar_mlp
                 .forward(
-                    &timestep_sinusoid(&sizes.aspect_ratio.flatten_all()?, 256)?.to_dtype(dtype)?,
+                    &timestep_sinusoid(&sizes.aspect_ratio.flatten_all()?, TIMESTEP_CHANNELS)?
+                        .to_dtype(dtype)?,
                 )?
                 .reshape((batch, ()))?;
             emb = (emb + Tensor::cat(&[res, ar], 1)?)?;
@@ -343,9 +363,9 @@ impl Attention {
         );
         let key_bias = bias.map(|b| b.reshape((b.dim(0)?, ()))).transpose()?;
         let fused = if diff {
-            train_ops::attention(&q, &k, &v, self.heads, key_bias.as_ref())?
+            kernels::attention(&q, &k, &v, self.heads, key_bias.as_ref())?
         } else {
-            train_ops::attention_inference(&q, &k, &v, self.heads, key_bias.as_ref())?
+            kernels::attention_inference(&q, &k, &v, self.heads, key_bias.as_ref())?
         };
         if let Some(out) = fused {
             return linear_for(&self.to_out, &out, diff);
@@ -358,7 +378,7 @@ impl Attention {
             scores = scores.broadcast_add(bias)?;
         }
         let probs = if differentiable {
-            train_ops::softmax_last_dim(&scores)?
+            kernels::softmax_last_dim(&scores)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
@@ -438,9 +458,9 @@ impl Block {
 /// Tanh-GELU: our vectorised kernel for inference, its differentiable twin for training.
 fn gelu_for(x: &Tensor, differentiable: bool) -> Result<Tensor> {
     if differentiable {
-        train_ops::gelu(x)
+        kernels::gelu(x)
     } else {
-        gelu(x)
+        kernels::gelu_inference(x)
     }
 }
 
@@ -452,7 +472,7 @@ fn modulate_for(
     differentiable: bool,
 ) -> Result<Tensor> {
     if differentiable {
-        train_ops::modulate(x, shift, scale)
+        kernels::modulate(x, shift, scale)
     } else {
         modulate(x, shift, scale)
     }
@@ -460,7 +480,7 @@ fn modulate_for(
 
 fn gated_add_for(x: &Tensor, gate: &Tensor, y: &Tensor, differentiable: bool) -> Result<Tensor> {
     if differentiable {
-        train_ops::gated_add(x, gate, y)
+        kernels::gated_add(x, gate, y)
     } else {
         x + gate.broadcast_mul(y)?
     }
@@ -469,9 +489,9 @@ fn gated_add_for(x: &Tensor, gate: &Tensor, y: &Tensor, differentiable: bool) ->
 /// A linear layer: the training path's version has a fast bias gradient.
 fn linear_for(layer: &Linear, x: &Tensor, differentiable: bool) -> Result<Tensor> {
     if differentiable {
-        train_ops::linear(layer, x)
+        kernels::linear(layer, x)
     } else {
-        train_ops::linear_inference(layer, x)
+        kernels::linear_inference(layer, x)
     }
 }
 
@@ -505,7 +525,7 @@ impl PixArtTransformer {
             ..Default::default()
         };
         let caption = vb.pp("caption_projection");
-        let caption_channels = cfg.caption_channels.unwrap_or(4096);
+        let caption_channels = cfg.caption_channels();
         Ok(PixArtTransformer {
             proj: conv2d(cfg.in_channels, d, p, conv_cfg, vb.pp("pos_embed.proj"))?,
             adaln_single: AdaLnSingle::new(vb.pp("adaln_single"), cfg)?,

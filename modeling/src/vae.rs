@@ -2,7 +2,7 @@
 //! diagonal Gaussian posterior, decoder back to pixels. Latents are scaled by
 //! `scaling_factor` (0.18215) outside, in the nodes.
 
-use super::conv_ops::conv2d as conv;
+use crate::kernels::conv2d as conv;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;

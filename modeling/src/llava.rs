@@ -8,7 +8,7 @@
 //! the projector, the projector, and putting the image features where the
 //! prompt has image tokens.
 
-use super::weights::{read_config, LoadError, Weights};
+use crate::weights::{read_config, LoadError, Weights};
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::{linear_b, Linear, VarBuilder};
 use candle_transformers::models::clip::text_model::Activation;
@@ -284,6 +284,8 @@ pub struct Llava {
     llama_config: candle_transformers::models::llama::Config,
     dtype: DType,
     device: Device,
+    /// The memory its weights hold.
+    bytes: usize,
 }
 
 /// transformers' key layouts → ours: `vision.*`, `projector.*`, `language.*`.
@@ -328,7 +330,13 @@ impl Llava {
             llama_config,
             dtype,
             device: device.clone(),
+            bytes: weights.bytes(),
         })
+    }
+
+    /// The memory its weights hold, in bytes.
+    pub fn weight_bytes(&self) -> usize {
+        self.bytes
     }
 
     pub fn config(&self) -> &Config {

@@ -1,15 +1,15 @@
-//! Element-wise kernels that candle's CPU backend computes through scalar libm
-//! calls (`tanhf`), written so the compiler vectorises them. Same formulas, f32
-//! rounding-level differences; other devices and dtypes use candle's own ops.
+//! GELU (tanh approximation) and the exponential it is built on. candle's CPU
+//! backend computes tanh through scalar libm calls; these are written so the
+//! compiler vectorises them. Same formulas, f32 rounding-level differences.
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor,
-};
+use super::{contiguous_f32, last_dim, par_rows, use_kernels};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// e^x for f32 with ~1 ulp-level relative error: Cody–Waite reduction to
 /// r ∈ [−ln2/2, ln2/2], a degree-6 Taylor polynomial, and the exponent by bits.
 #[inline(always)]
-pub(crate) fn exp_f32(x: f32) -> f32 {
+pub(super) fn exp_f32(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     // Round to nearest by adding and removing 1.5·2^23: plain float adds, which
     // vectorise without SSE4.1 (`round` becomes a libm call per element there).
@@ -25,7 +25,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 
 /// GELU, tanh approximation: ½x(1 + tanh z) = x·σ(2z), z = √(2/π)(x + 0.044715x³).
 #[inline(always)]
-pub(crate) fn gelu_tanh(x: f32) -> f32 {
+fn gelu_tanh(x: f32) -> f32 {
     let z = 0.797_884_6 * (x + 0.044_715 * x * x * x);
     x / (1.0 + exp_f32(-2.0 * z))
 }
@@ -42,7 +42,7 @@ unsafe fn gelu_slice_avx2(src: &[f32], dst: &mut [f32]) {
     gelu_slice(src, dst)
 }
 
-pub(crate) fn gelu_dispatch(src: &[f32], dst: &mut [f32]) {
+fn gelu_dispatch(src: &[f32], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports the features the function was compiled for.
@@ -86,9 +86,99 @@ impl CustomOp1 for GeluTanh {
 }
 
 /// GELU (tanh approximation), as PyTorch's `gelu(approximate="tanh")`.
-pub fn gelu(x: &Tensor) -> Result<Tensor> {
+pub fn gelu_inference(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         x.contiguous()?.apply_op1_no_bwd(&GeluTanh)
+    } else {
+        x.gelu()
+    }
+}
+
+// ---------------------------------------------------------------- GELU
+
+/// d/dx ½x(1 + tanh z) with z = c(x + a·x³): s + 2x·s(1 − s)·c(1 + 3a·x²), s = σ(2z).
+#[inline(always)]
+fn gelu_tanh_grad(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6;
+    const A: f32 = 0.044_715;
+    let z = C * (x + A * x * x * x);
+    let s = 1.0 / (1.0 + exp_f32(-2.0 * z));
+    s + 2.0 * x * s * (1.0 - s) * C * (1.0 + 3.0 * A * x * x)
+}
+
+#[inline(always)]
+fn gelu_grad_slice(x: &[f32], g: &[f32], dst: &mut [f32]) {
+    for ((d, &v), &gv) in dst.iter_mut().zip(x).zip(g) {
+        *d = gv * gelu_tanh_grad(v);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_grad_avx2(x: &[f32], g: &[f32], dst: &mut [f32]) {
+    gelu_grad_slice(x, g, dst)
+}
+
+fn gelu_grad_dispatch(x: &[f32], g: &[f32], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function was compiled for.
+        return unsafe { gelu_grad_avx2(x, g, dst) };
+    }
+    gelu_grad_slice(x, g, dst)
+}
+
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu-tanh-train"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(self.name(), s, l)?;
+        let w = last_dim(l);
+        let out = par_rows(x.len() / w, w, |rows, dst| {
+            gelu_dispatch(&x[rows.start * w..rows.end * w], dst)
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluGrad)?))
+    }
+}
+
+/// (x, dy) → dy·gelu'(x)
+struct GeluGrad;
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "gelu-tanh-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(self.name(), s1, l1)?;
+        let g = contiguous_f32(self.name(), s2, l2)?;
+        let w = last_dim(l1);
+        let out = par_rows(x.len() / w, w, |rows, dst| {
+            let r = rows.start * w..rows.end * w;
+            gelu_grad_dispatch(&x[r.clone()], &g[r], dst)
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// GELU (tanh approximation) with gradients.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if use_kernels(x) {
+        x.contiguous()?.apply_op1(Gelu)
     } else {
         x.gelu()
     }

@@ -166,6 +166,14 @@ impl Weights {
         self.tensors.keys().map(String::as_str)
     }
 
+    /// The memory the tensors hold, in bytes: what a model built on them costs.
+    pub fn bytes(&self) -> usize {
+        self.tensors
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
     pub fn remove(&mut self, name: &str) -> Option<Tensor> {
         self.tensors.remove(name)
     }

@@ -4,7 +4,7 @@
 //! PIL's own algorithm, fixed-point arithmetic and 8-bit rounding between the
 //! two passes included, so pixel values equal transformers' exactly.
 
-use super::weights::{parse_json, LoadError};
+use crate::weights::{parse_json, LoadError};
 use serde::Deserialize;
 use std::path::Path;
 

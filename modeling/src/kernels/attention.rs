@@ -1,0 +1,329 @@
+//! Multi-head attention with an additive key bias, softmax(q·kᵀ/√d + bias)·v,
+//! computed one (batch, head) block at a time, with its backward pass.
+
+use super::gemm::{matmul, Product};
+use super::softmax::softmax_rows_dispatch;
+use super::{bnd, contiguous_f32, use_kernels};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+/// A raw pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: every task writes only its own (batch, head) block.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// A method, so closures capture the whole (Send) wrapper, not the bare pointer.
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Multi-head attention on `q` `[B, N, H·d]`, `k`, `v` `[B, L, H·d]` (heads side by
+/// side in the last dimension, as the projections produce them), with an
+/// additive key bias `[B, L]`: softmax(q·kᵀ/√d + bias)·v per head, output
+/// `[B, N, H·d]`. The probabilities are never kept: the backward pass recomputes
+/// them one (batch, head) block at a time.
+struct Attention {
+    heads: usize,
+    bias: Option<Vec<f32>>,
+}
+
+struct Dims {
+    b: usize,
+    n: usize,
+    l: usize,
+    width: usize,
+    dh: usize,
+    scale: f32,
+    /// Rows between one sample's q (k and v) and the next's, and where k and v
+    /// start within a sample: q, k and v may be separate buffers or one packed.
+    q_stride: usize,
+    kv_stride: usize,
+    k_start: usize,
+    v_start: usize,
+}
+
+impl Dims {
+    /// Offsets of block (sample `bi`, head `h`) in q, k and v.
+    fn q_at(&self, bi: usize, h: usize) -> usize {
+        bi * self.q_stride * self.width + h * self.dh
+    }
+
+    fn k_at(&self, bi: usize, h: usize) -> usize {
+        (bi * self.kv_stride + self.k_start) * self.width + h * self.dh
+    }
+
+    fn v_at(&self, bi: usize, h: usize) -> usize {
+        (bi * self.kv_stride + self.v_start) * self.width + h * self.dh
+    }
+}
+
+impl Attention {
+    fn dims(&self, lq: &Layout, lk: &Layout) -> Result<Dims> {
+        let (b, n, width) = bnd(lq)?;
+        let (_, l, _) = bnd(lk)?;
+        let dh = width / self.heads;
+        Ok(Dims {
+            b,
+            n,
+            l,
+            width,
+            dh,
+            scale: 1.0 / (dh as f32).sqrt(),
+            q_stride: n,
+            kv_stride: l,
+            k_start: 0,
+            v_start: 0,
+        })
+    }
+
+    /// The probabilities of block (batch `bi`, head `h`) into `p` `[N, L]`.
+    fn probabilities(&self, d: &Dims, q: &[f32], k: &[f32], bi: usize, h: usize, p: &mut [f32]) {
+        let (off_q, off_k) = (d.q_at(bi, h), d.k_at(bi, h));
+        // SAFETY: the pointers and strides stay inside q, k and p.
+        unsafe {
+            matmul(
+                (d.n, d.l, d.dh),
+                p.as_mut_ptr(),
+                (d.l, 1),
+                q[off_q..].as_ptr(),
+                (d.width, 1),
+                k[off_k..].as_ptr(),
+                (1, d.width),
+                Product::one_thread(d.scale),
+            );
+        }
+        let bias = self.bias.as_ref().map(|b| &b[bi * d.l..(bi + 1) * d.l]);
+        softmax_rows_dispatch(p, d.l, bias);
+    }
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (q, k, v) = (
+            contiguous_f32(self.name(), s1, l1)?,
+            contiguous_f32(self.name(), s2, l2)?,
+            contiguous_f32(self.name(), s3, l3)?,
+        );
+        let d = self.dims(l1, l2)?;
+        let mut out = vec![0f32; q.len()];
+        let dst = Shared(out.as_mut_ptr());
+        (0..d.b * self.heads).into_par_iter().for_each(|i| {
+            let (bi, h) = (i / self.heads, i % self.heads);
+            let mut p = vec![0f32; d.n * d.l];
+            self.probabilities(&d, q, k, bi, h, &mut p);
+            // SAFETY: block (bi, h) of `out` is written by this task only.
+            unsafe {
+                matmul(
+                    (d.n, d.dh, d.l),
+                    dst.ptr().add(bi * d.n * d.width + h * d.dh),
+                    (d.width, 1),
+                    p.as_ptr(),
+                    (d.l, 1),
+                    v[d.v_at(bi, h)..].as_ptr(),
+                    (d.width, 1),
+                    Product::one_thread(1.0),
+                );
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let grads = AttentionGrad {
+            forward: Attention {
+                heads: self.heads,
+                bias: self.bias.clone(),
+            },
+        };
+        // One op computes the three gradients, packed side by side.
+        let packed = Tensor::cat(&[q, k, v], 1)?.apply_op2_no_bwd(&g, &grads)?;
+        let (n, l) = (q.dim(1)?, k.dim(1)?);
+        Ok((
+            Some(packed.narrow(1, 0, n)?),
+            Some(packed.narrow(1, n, l)?),
+            Some(packed.narrow(1, n + l, l)?),
+        ))
+    }
+}
+
+/// (`[q; k; v]` packed along tokens, dO) → `[dq; dk; dv]` packed the same way.
+struct AttentionGrad {
+    forward: Attention,
+}
+
+impl CustomOp2 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let packed = contiguous_f32(self.name(), s1, l1)?;
+        let g = contiguous_f32(self.name(), s2, l2)?;
+        let (b, total, width) = bnd(l1)?;
+        let (_, n, _) = bnd(l2)?;
+        let l = (total - n) / 2;
+        let heads = self.forward.heads;
+        // q, k and v are read in place from the packed rows.
+        let (q, k, v) = (packed, packed, packed);
+        let d = Dims {
+            b,
+            n,
+            l,
+            width,
+            dh: width / heads,
+            scale: 1.0 / ((width / heads) as f32).sqrt(),
+            q_stride: total,
+            kv_stride: total,
+            k_start: n,
+            v_start: n + l,
+        };
+        let mut out = vec![0f32; packed.len()];
+        let dst = Shared(out.as_mut_ptr());
+        (0..b * heads).into_par_iter().for_each(|i| {
+            let (bi, h) = (i / heads, i % heads);
+            let mut p = vec![0f32; n * l];
+            self.forward.probabilities(&d, q, k, bi, h, &mut p);
+            let go = &g[bi * n * width + h * d.dh..];
+            let base = bi * total * width + h * d.dh;
+            let mut dp = vec![0f32; n * l];
+            // SAFETY: each task writes only block (bi, h) of dq, dk and dv, and
+            // reads its inputs within bounds.
+            unsafe {
+                // dV = Pᵀ·dO
+                matmul(
+                    (l, d.dh, n),
+                    dst.ptr().add(base + (n + l) * width),
+                    (width, 1),
+                    p.as_ptr(),
+                    (1, l),
+                    go.as_ptr(),
+                    (width, 1),
+                    Product::one_thread(1.0),
+                );
+                // dP = dO·Vᵀ
+                matmul(
+                    (n, l, d.dh),
+                    dp.as_mut_ptr(),
+                    (l, 1),
+                    go.as_ptr(),
+                    (width, 1),
+                    v[d.v_at(bi, h)..].as_ptr(),
+                    (1, width),
+                    Product::one_thread(1.0),
+                );
+            }
+            // dS = P ∘ (dP − Σ dP∘P), in place
+            for (prow, drow) in p.chunks(l).zip(dp.chunks_mut(l)) {
+                let dot: f32 = prow.iter().zip(drow.iter()).map(|(a, b)| a * b).sum();
+                drow.iter_mut()
+                    .zip(prow)
+                    .for_each(|(ds, &pv)| *ds = pv * (*ds - dot));
+            }
+            // SAFETY: as above.
+            unsafe {
+                // dQ = scale·dS·K
+                matmul(
+                    (n, d.dh, l),
+                    dst.ptr().add(base),
+                    (width, 1),
+                    dp.as_ptr(),
+                    (l, 1),
+                    k[d.k_at(bi, h)..].as_ptr(),
+                    (width, 1),
+                    Product::one_thread(d.scale),
+                );
+                // dK = scale·dSᵀ·Q
+                matmul(
+                    (l, d.dh, n),
+                    dst.ptr().add(base + n * width),
+                    (width, 1),
+                    dp.as_ptr(),
+                    (1, l),
+                    q[d.q_at(bi, h)..].as_ptr(),
+                    (width, 1),
+                    Product::one_thread(d.scale),
+                );
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Multi-head attention with gradients: `q` `[B, N, H·d]`, `k` and `v`
+/// `[B, L, H·d]`, an optional additive key bias `[B, L]` (no gradient). `None`
+/// where the fused kernel does not apply (not CPU f32): use the composition.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    attention_with(q, k, v, heads, bias, true)
+}
+
+/// Attention without gradients (inference), or `None` as [`attention`].
+pub fn attention_inference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    attention_with(q, k, v, heads, bias, false)
+}
+
+fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    bias: Option<&Tensor>,
+    grad: bool,
+) -> Result<Option<Tensor>> {
+    if !use_kernels(q) || q.rank() != 3 {
+        return Ok(None);
+    }
+    let bias = match bias {
+        Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let op = Attention { heads, bias };
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    Ok(Some(if grad {
+        q.apply_op3(&k, &v, op)?
+    } else {
+        q.apply_op3_no_bwd(&k, &v, &op)?
+    }))
+}

@@ -1,0 +1,199 @@
+//! Each fused kernel against the composition of candle's primitive ops it
+//! replaces, forward and backward.
+
+use super::*;
+use candle_core::{Device, Var, D};
+
+/// The fused op and the composition of primitive ops agree, forward and backward.
+fn check(fused: impl Fn(&Tensor) -> Result<Tensor>, reference: impl Fn(&Tensor) -> Result<Tensor>) {
+    let n = 7 * 300;
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((i * 37 % 101) as f32 / 25.0) - 2.0)
+        .collect();
+    let x = Var::from_tensor(&Tensor::from_vec(v, (7, 300), &Device::Cpu).unwrap()).unwrap();
+    let w: Vec<f32> = (0..n).map(|i| ((i * 13 % 17) as f32 / 8.0) - 1.0).collect();
+    let w = Tensor::from_vec(w, (7, 300), &Device::Cpu).unwrap();
+    let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| {
+        let y = f(x.as_tensor()).unwrap();
+        let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, g.get(x.as_tensor()).unwrap().clone())
+    };
+    let (y1, g1) = run(&fused);
+    let (y2, g2) = run(&reference);
+    let err = |a: &Tensor, b: &Tensor| {
+        let (a, b) = (a.flatten_all().unwrap(), b.flatten_all().unwrap());
+        let (a, b) = (a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+        let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        a.iter()
+            .zip(&b)
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()))
+            / scale
+    };
+    assert!(err(&y1, &y2) < 1e-5, "forward {}", err(&y1, &y2));
+    assert!(err(&g1, &g2) < 1e-4, "backward {}", err(&g1, &g2));
+}
+
+#[test]
+fn fused_ops_match_their_compositions() {
+    check(gelu, |x| x.gelu());
+    check(
+        |x| layer_norm(x, 1e-6),
+        |x| {
+            let c = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+            c.broadcast_div(&(c.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?)
+        },
+    );
+    check(softmax_last_dim, |x| candle_nn::ops::softmax(x, D::Minus1));
+}
+
+#[test]
+fn fused_attention_matches_the_composition() {
+    let dev = Device::Cpu;
+    let var = |shape: &[usize], seed: usize| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i + seed) * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &dev).unwrap()).unwrap()
+    };
+    let (b, n, l, heads, dh) = (2, 5, 7, 3, 4);
+    let (q, k, v) = (
+        var(&[b, n, heads * dh], 1),
+        var(&[b, l, heads * dh], 2),
+        var(&[b, l, heads * dh], 3),
+    );
+    let mask: Vec<f32> = (0..b * l)
+        .map(|i| if i % l < 4 + i / l { 0.0 } else { -10000.0 })
+        .collect();
+    let bias = Tensor::from_vec(mask, (b, l), &dev).unwrap();
+    let probe = var(&[b, n, heads * dh], 4);
+    let split = |x: &Tensor| {
+        x.reshape((b, (), heads, dh))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let run = |fused: bool| {
+        let out = if fused {
+            attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                heads,
+                Some(&bias),
+            )
+            .unwrap()
+            .unwrap()
+        } else {
+            let scores = (split(q.as_tensor())
+                .matmul(&split(k.as_tensor()).t().unwrap())
+                .unwrap()
+                * (1.0 / (dh as f64).sqrt()))
+            .unwrap()
+            .broadcast_add(&bias.reshape((b, 1, 1, l)).unwrap())
+            .unwrap();
+            let p = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+            p.matmul(&split(v.as_tensor()))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, n, heads * dh))
+                .unwrap()
+        };
+        let g = (&out * probe.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut all = vec![out.flatten_all().unwrap().to_vec1::<f32>().unwrap()];
+        for x in [&q, &k, &v] {
+            all.push(
+                g.get(x.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
+        }
+        all
+    };
+    for (i, (a, c)) in run(true).iter().zip(run(false)).enumerate() {
+        for (p, r) in a.iter().zip(&c) {
+            assert!(
+                (p - r).abs() <= 1e-5 * r.abs().max(1.0),
+                "part {i}: {p} vs {r}"
+            );
+        }
+    }
+}
+
+#[test]
+fn linear_modulate_and_gate_match_broadcast_ops() {
+    let dev = Device::Cpu;
+    let var = |shape: &[usize], seed: usize| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i + seed) * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &dev).unwrap()).unwrap()
+    };
+    let (x, shift, scale, y) = (
+        var(&[2, 5, 8], 1),
+        var(&[2, 1, 8], 2),
+        var(&[2, 1, 8], 3),
+        var(&[2, 5, 8], 4),
+    );
+    let w = var(&[6, 8], 5);
+    let b = var(&[6], 6);
+    let layer = candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+    let probe = var(&[2, 5, 6], 7);
+    let all = [&x, &shift, &scale, &y, &w, &b];
+    let grads = |fused: bool| {
+        let (m, ga, l) = if fused {
+            (
+                modulate(x.as_tensor(), shift.as_tensor(), scale.as_tensor()).unwrap(),
+                gated_add(x.as_tensor(), scale.as_tensor(), y.as_tensor()).unwrap(),
+                linear(&layer, x.as_tensor()).unwrap(),
+            )
+        } else {
+            use candle_core::Module;
+            (
+                x.as_tensor()
+                    .broadcast_mul(&(scale.as_tensor() + 1.0).unwrap())
+                    .unwrap()
+                    .broadcast_add(shift.as_tensor())
+                    .unwrap(),
+                (x.as_tensor() + scale.as_tensor().broadcast_mul(y.as_tensor()).unwrap()).unwrap(),
+                layer.forward(x.as_tensor()).unwrap(),
+            )
+        };
+        let total = ((m.sqr().unwrap().sum_all().unwrap()
+            + (ga * 0.5).unwrap().sqr().unwrap().sum_all().unwrap())
+        .unwrap()
+            + (l * probe.as_tensor()).unwrap().sum_all().unwrap())
+        .unwrap();
+        let g = total.backward().unwrap();
+        all.iter()
+            .map(|v| {
+                g.get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    for (i, (a, b)) in grads(true).iter().zip(grads(false)).enumerate() {
+        for (p, q) in a.iter().zip(&b) {
+            assert!(
+                (p - q).abs() <= 1e-4 * q.abs().max(1.0),
+                "variable {i}: {p} vs {q}"
+            );
+        }
+    }
+}

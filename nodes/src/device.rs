@@ -1,0 +1,68 @@
+//! Where and in what precision models run: the `dtype` and `device` inputs every
+//! model loader declares, and what `auto` means (the CLI's `--device`).
+
+use candle_core::{DType, Device};
+use pixart_models::weights::LoadError;
+use pixart_runtime::{InputSpec, Inputs, NodeError, PortType};
+use std::path::Path;
+use std::sync::OnceLock;
+
+static DEFAULT_DEVICE: OnceLock<String> = OnceLock::new();
+
+/// The device `auto` means: set once by the CLI's `--device`, CPU otherwise.
+pub fn set_default_device(name: &str) {
+    let _ = DEFAULT_DEVICE.set(name.to_string());
+}
+
+pub fn device(name: &str) -> Result<Device, String> {
+    let name = match name {
+        "auto" => DEFAULT_DEVICE.get().map(String::as_str).unwrap_or("cpu"),
+        other => other,
+    };
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).map_err(|e| {
+            format!("cannot use CUDA: {e} (build pixart with `--features cuda` on a machine with the CUDA toolkit)")
+        }),
+        other => Err(format!("unknown device {other:?} (cpu, cuda)")),
+    }
+}
+
+pub fn dtype(name: &str) -> Result<DType, String> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("unknown dtype {other:?} (f32, f16, bf16)")),
+    }
+}
+
+/// candle's CPU matmul has no bf16 kernel: refuse the pair up front.
+pub fn check_dtype_device(path: &Path, dtype: DType, device: &Device) -> Result<(), LoadError> {
+    if dtype == DType::BF16 && device.is_cpu() {
+        return Err(LoadError::file(
+            path,
+            "bf16 needs a GPU (candle's CPU matmul has no bf16 kernel); use f32 or f16 on the CPU",
+        ));
+    }
+    Ok(())
+}
+
+pub fn dtype_input() -> InputSpec {
+    InputSpec::new("dtype", PortType::enum_of(&["f32", "f16", "bf16"]))
+        .default("f32")
+        .describe("Weights and compute precision (bf16: GPU only).")
+}
+
+pub fn device_input() -> InputSpec {
+    InputSpec::new("device", PortType::enum_of(&["auto", "cpu", "cuda"]))
+        .default("auto")
+        .describe("auto: what `pixart run --device` chose (cpu by default).")
+}
+
+/// The node's `dtype` and `device` inputs, resolved.
+pub fn dtype_device(inputs: &Inputs) -> Result<(DType, Device), NodeError> {
+    let dtype = dtype(inputs.str("dtype")?).map_err(|e| NodeError::input("dtype", e))?;
+    let device = device(inputs.str("device")?).map_err(|e| NodeError::input("device", e))?;
+    Ok((dtype, device))
+}
