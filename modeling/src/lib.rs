@@ -11,6 +11,7 @@ pub mod clip_image;
 pub mod kernels;
 pub mod llava;
 pub mod pixart;
+pub mod safetensors_reader;
 pub mod schedulers;
 pub mod t5;
 pub mod tokenizer;

@@ -371,18 +371,9 @@ impl Attention {
             return linear_for(&self.to_out, &out, diff);
         }
         let (q, k, v) = (self.heads(&q)?, self.heads(&k)?, self.heads(&v)?);
-        // Scaling q (tokens × head_dim) is cheaper than scaling the scores.
-        let q = (q * (1.0 / (self.head_dim as f64).sqrt()))?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(bias) = bias {
-            scores = scores.broadcast_add(bias)?;
-        }
-        let probs = if differentiable {
-            kernels::softmax_last_dim(&scores)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        let out = kernels::attention_composed(&q, &k, &v, bias, differentiable)?
+            .transpose(1, 2)?
+            .reshape((b, n, d))?;
         linear_for(&self.to_out, &out, diff)
     }
 }

@@ -2,7 +2,7 @@
 //! diagonal Gaussian posterior, decoder back to pixels. Latents are scaled by
 //! `scaling_factor` (0.18215) outside, in the nodes.
 
-use crate::kernels::conv2d as conv;
+use crate::kernels::{self, conv2d as conv};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
@@ -169,14 +169,27 @@ impl AttentionBlock {
         let q = self.to_q.forward(&n)?;
         let k = self.to_k.forward(&n)?;
         let v = self.to_v.forward(&n)?;
+        // diffusers upcasts the softmax of the VAE's attention: f32 throughout
+        // here. One head of all `c` channels; tiled over query rows, so a 1024 px
+        // image's 16,384 tokens never make a 16,384² score matrix.
         let dtype = q.dtype();
-        // diffusers upcasts the softmax of the VAE's attention.
-        let scores = (q
-            .to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)?
-            / (c as f64).sqrt())?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out = self.to_out.forward(&probs.matmul(&v)?)?;
+        let (q, k, v) = (
+            q.to_dtype(DType::F32)?,
+            k.to_dtype(DType::F32)?,
+            v.to_dtype(DType::F32)?,
+        );
+        let attended = match kernels::attention_inference(&q, &k, &v, 1, None)? {
+            Some(out) => out,
+            None => kernels::attention_composed(
+                &q.unsqueeze(1)?,
+                &k.unsqueeze(1)?,
+                &v.unsqueeze(1)?,
+                None,
+                false,
+            )?
+            .squeeze(1)?,
+        };
+        let out = self.to_out.forward(&attended.to_dtype(dtype)?)?;
         x + out.transpose(1, 2)?.reshape((b, c, h, w))?
     }
 }

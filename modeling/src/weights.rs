@@ -96,15 +96,14 @@ impl Weights {
     ) -> Result<Weights, LoadError> {
         let mut tensors = HashMap::new();
         for file in files {
-            let loaded = candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| {
-                LoadError::file(file, format!("not a readable safetensors file: {e}"))
-            })?;
-            for (name, t) in loaded {
+            // Tensor by tensor: each converted as it is read, never the whole file twice.
+            crate::safetensors_reader::for_each_tensor(file, |name, t| {
                 let target = if keep_f32(&name) { DType::F32 } else { dtype };
-                let t = convert(t, target, device)
-                    .map_err(|e| LoadError::file(file, format!("tensor {name}: {e}")))?;
+                let t = convert(t, target, device).map_err(|e| format!("tensor {name}: {e}"))?;
                 tensors.insert(name, t);
-            }
+                Ok(())
+            })
+            .map_err(|e| LoadError::file(file, format!("not a readable safetensors file: {e}")))?;
         }
         Ok(Weights {
             tensors,

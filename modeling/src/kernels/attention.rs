@@ -1,15 +1,29 @@
 //! Multi-head attention with an additive key bias, softmax(q·kᵀ/√d + bias)·v,
-//! computed one (batch, head) block at a time, with its backward pass.
+//! with its backward pass. The forward works in tiles of query rows — one task
+//! per (batch, head, row tile), the scores of a tile never more than a few MiB —
+//! so no `[N, L]` score matrix exists even at 1024 px (4096 tokens in the
+//! transformer, 16,384 in the VAE's mid-block), and a single head still spreads
+//! over every thread.
 
 use super::gemm::{matmul, Product};
 use super::softmax::softmax_rows_dispatch;
 use super::{bnd, contiguous_f32, use_kernels};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
+/// Scores a forward task may hold: 2^20 f32 (4 MiB), a tile of query rows
+/// times every key.
+const TILE_SCORES: usize = 1 << 20;
+
+/// Query rows per tile for `l` keys: within `budget` scores, at least 16 rows
+/// (below that the products lose their efficiency), at most `n`.
+fn tile_rows(n: usize, l: usize, budget: usize) -> usize {
+    (budget / l.max(1)).max(16).min(n.max(1))
+}
+
 /// A raw pointer shared by tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 struct Shared(*mut f32);
-// SAFETY: every task writes only its own (batch, head) block.
+// SAFETY: every task writes only its own block (rows of one head).
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
@@ -28,6 +42,8 @@ impl Shared {
 struct Attention {
     heads: usize,
     bias: Option<Vec<f32>>,
+    /// Scores a forward tile may hold ([`TILE_SCORES`] but in tests).
+    tile_scores: usize,
 }
 
 struct Dims {
@@ -81,11 +97,25 @@ impl Attention {
 
     /// The probabilities of block (batch `bi`, head `h`) into `p` `[N, L]`.
     fn probabilities(&self, d: &Dims, q: &[f32], k: &[f32], bi: usize, h: usize, p: &mut [f32]) {
-        let (off_q, off_k) = (d.q_at(bi, h), d.k_at(bi, h));
+        self.probability_rows(d, q, k, (bi, h), 0..d.n, p)
+    }
+
+    /// The probabilities of query rows `rows` of block (batch `bi`, head `h`)
+    /// into `p` `[rows, L]`.
+    fn probability_rows(
+        &self,
+        d: &Dims,
+        q: &[f32],
+        k: &[f32],
+        (bi, h): (usize, usize),
+        rows: std::ops::Range<usize>,
+        p: &mut [f32],
+    ) {
+        let (off_q, off_k) = (d.q_at(bi, h) + rows.start * d.width, d.k_at(bi, h));
         // SAFETY: the pointers and strides stay inside q, k and p.
         unsafe {
             matmul(
-                (d.n, d.l, d.dh),
+                (rows.len(), d.l, d.dh),
                 p.as_mut_ptr(),
                 (d.l, 1),
                 q[off_q..].as_ptr(),
@@ -96,7 +126,7 @@ impl Attention {
             );
         }
         let bias = self.bias.as_ref().map(|b| &b[bi * d.l..(bi + 1) * d.l]);
-        softmax_rows_dispatch(p, d.l, bias);
+        softmax_rows_dispatch(&mut p[..rows.len() * d.l], d.l, bias);
     }
 }
 
@@ -123,24 +153,32 @@ impl candle_core::CustomOp3 for Attention {
         let d = self.dims(l1, l2)?;
         let mut out = vec![0f32; q.len()];
         let dst = Shared(out.as_mut_ptr());
-        (0..d.b * self.heads).into_par_iter().for_each(|i| {
-            let (bi, h) = (i / self.heads, i % self.heads);
-            let mut p = vec![0f32; d.n * d.l];
-            self.probabilities(&d, q, k, bi, h, &mut p);
-            // SAFETY: block (bi, h) of `out` is written by this task only.
-            unsafe {
-                matmul(
-                    (d.n, d.dh, d.l),
-                    dst.ptr().add(bi * d.n * d.width + h * d.dh),
-                    (d.width, 1),
-                    p.as_ptr(),
-                    (d.l, 1),
-                    v[d.v_at(bi, h)..].as_ptr(),
-                    (d.width, 1),
-                    Product::one_thread(1.0),
-                );
-            }
-        });
+        let rows = tile_rows(d.n, d.l, self.tile_scores);
+        let tiles = d.n.div_ceil(rows);
+        (0..d.b * self.heads * tiles).into_par_iter().for_each_init(
+            || vec![0f32; rows * d.l],
+            |p, i| {
+                let (block, t) = (i / tiles, i % tiles);
+                let (bi, h) = (block / self.heads, block % self.heads);
+                let span = t * rows..((t + 1) * rows).min(d.n);
+                let m = span.len();
+                self.probability_rows(&d, q, k, (bi, h), span.clone(), p);
+                // SAFETY: rows `span` of head h of sample bi in `out` are
+                // written by this task only.
+                unsafe {
+                    matmul(
+                        (m, d.dh, d.l),
+                        dst.ptr().add((bi * d.n + span.start) * d.width + h * d.dh),
+                        (d.width, 1),
+                        p.as_ptr(),
+                        (d.l, 1),
+                        v[d.v_at(bi, h)..].as_ptr(),
+                        (d.width, 1),
+                        Product::one_thread(1.0),
+                    );
+                }
+            },
+        );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -157,6 +195,7 @@ impl candle_core::CustomOp3 for Attention {
             forward: Attention {
                 heads: self.heads,
                 bias: self.bias.clone(),
+                tile_scores: self.tile_scores,
             },
         };
         // One op computes the three gradients, packed side by side.
@@ -290,7 +329,7 @@ pub fn attention(
     heads: usize,
     bias: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    attention_with(q, k, v, heads, bias, true)
+    attention_with(q, k, v, heads, bias, true, TILE_SCORES)
 }
 
 /// Attention without gradients (inference), or `None` as [`attention`].
@@ -301,16 +340,70 @@ pub fn attention_inference(
     heads: usize,
     bias: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    attention_with(q, k, v, heads, bias, false)
+    attention_with(q, k, v, heads, bias, false, TILE_SCORES)
 }
 
-fn attention_with(
+/// Attention by candle's ops, for any device and dtype: `q` `[B, H, N, d]`,
+/// `k` and `v` `[B, H, L, d]`, an optional additive bias broadcast to the scores
+/// (`[B, 1, 1, L]`), output `[B, H, N, d]`. Computed in chunks of query rows so
+/// the scores never exceed about 2^26 values (256 MiB in f32) however long the
+/// sequence; `differentiable` keeps the softmax on ops with a backward pass.
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    differentiable: bool,
+) -> Result<Tensor> {
+    composed_in_chunks(q, k, v, bias, differentiable, TILE_SCORES << 6)
+}
+
+/// [`attention_composed`] with at most about `budget` scores at once.
+pub(super) fn composed_in_chunks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    differentiable: bool,
+    budget: usize,
+) -> Result<Tensor> {
+    let (b, h, n, dh) = q.dims4()?;
+    let l = k.dim(2)?;
+    // Scaling q (tokens × head_dim) is cheaper than scaling the scores.
+    let q = (q * (1.0 / (dh as f64).sqrt()))?;
+    let kt = k.t()?;
+    let rows = tile_rows(n, b * h * l, budget);
+    let chunk = |start: usize, len: usize| -> Result<Tensor> {
+        let mut scores = q.narrow(2, start, len)?.matmul(&kt)?;
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        let probs = if differentiable {
+            super::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        probs.matmul(v)
+    };
+    if rows >= n {
+        return chunk(0, n);
+    }
+    let parts = (0..n)
+        .step_by(rows)
+        .map(|start| chunk(start, rows.min(n - start)))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 2)
+}
+
+/// The fused attention with forward tiles of at most `tile_scores` scores.
+pub(super) fn attention_with(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     bias: Option<&Tensor>,
     grad: bool,
+    tile_scores: usize,
 ) -> Result<Option<Tensor>> {
     if !use_kernels(q) || q.rank() != 3 {
         return Ok(None);
@@ -319,7 +412,11 @@ fn attention_with(
         Some(b) => Some(b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
         None => None,
     };
-    let op = Attention { heads, bias };
+    let op = Attention {
+        heads,
+        bias,
+        tile_scores,
+    };
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     Ok(Some(if grad {
         q.apply_op3(&k, &v, op)?

@@ -1,8 +1,10 @@
-//! A 2-D convolution for training on the CPU: im2col (`Unfold`, whose backward
-//! is the matching fold) followed by the fused linear layer of
-//! [`super::train_ops`]. candle's own convolution differentiates its input with
-//! a scalar transposed-convolution loop and its kernel with a convolution the
-//! size of the image, which made a small VAE's training step take seconds.
+//! A 2-D convolution on the CPU: im2col (`Unfold`, whose backward is the
+//! matching fold) followed by the fused linear layer of [`super::linear`]. candle's
+//! own convolution differentiates its input with a scalar transposed-convolution
+//! loop and its kernel with a convolution the size of the image, which made a
+//! small VAE's training step take seconds. The columns are made a band of output
+//! rows at a time, so a large image (the VAE's 1024 px decode: 128 channels × 9
+//! taps per pixel) never holds gigabytes of them.
 
 use super::linear::linear;
 use candle_core::backend::BackendStorage;
@@ -19,6 +21,8 @@ struct Geometry {
     k: usize,
     stride: usize,
     padding: usize,
+    /// The output rows this op makes: the first, and how many.
+    band: (usize, usize),
 }
 
 impl Geometry {
@@ -59,12 +63,13 @@ impl CustomOp1 for Unfold {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
         let x = contiguous(s, l)?;
-        let (oh, ow, patch) = (g.out_h(), g.out_w(), g.patch());
+        let (ow, patch) = (g.out_w(), g.patch());
+        let (first, oh) = g.band;
         let mut cols = vec![0f32; g.b * oh * ow * patch];
         cols.par_chunks_mut(ow * patch)
             .enumerate()
             .for_each(|(row, dst)| {
-                let (bi, oy) = (row / oh, row % oh);
+                let (bi, oy) = (row / oh, first + row % oh);
                 let image = &x[bi * g.c * g.h * g.w..][..g.c * g.h * g.w];
                 for ox in 0..ow {
                     let col = &mut dst[ox * patch..][..patch];
@@ -116,7 +121,8 @@ impl CustomOp1 for Fold {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
         let cols = contiguous(s, l)?;
-        let (oh, ow, patch) = (g.out_h(), g.out_w(), g.patch());
+        let (ow, patch) = (g.out_w(), g.patch());
+        let (first, oh) = g.band;
         let mut dx = vec![0f32; g.b * g.c * g.h * g.w];
         // One (image, channel) plane per task: its sums touch no other plane.
         dx.par_chunks_mut(g.h * g.w)
@@ -124,10 +130,10 @@ impl CustomOp1 for Fold {
             .for_each(|(plane_index, plane)| {
                 let (bi, c) = (plane_index / g.c, plane_index % g.c);
                 let image_cols = &cols[bi * oh * ow * patch..][..oh * ow * patch];
-                for oy in 0..oh {
+                for (row, oy) in (first..first + oh).enumerate() {
                     for ox in 0..ow {
                         let col =
-                            &image_cols[(oy * ow + ox) * patch + c * g.k * g.k..][..g.k * g.k];
+                            &image_cols[(row * ow + ox) * patch + c * g.k * g.k..][..g.k * g.k];
                         let x0 = (ox * g.stride).checked_sub(g.padding);
                         let inside = x0.is_some_and(|x0| x0 + g.k <= g.w);
                         for ky in 0..g.k {
@@ -181,26 +187,42 @@ pub fn conv2d(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
         k,
         stride: cfg.stride,
         padding: cfg.padding,
+        band: (0, 0),
     };
     let layer = candle_nn::Linear::new(w.reshape((o, c * k * k))?, conv.bias().cloned());
-    // A few images at a time, so the columns stay well under glibc's 32 MiB
-    // mmap threshold: bigger buffers are mapped fresh and page-faulted on every
-    // allocation, which cost more than the arithmetic.
-    let per_image = g.out_h() * g.out_w() * g.patch();
-    let chunk = (COLUMN_BUDGET / per_image.max(1)).clamp(1, b);
-    let x = x.contiguous()?;
-    let mut parts = Vec::with_capacity(b.div_ceil(chunk));
-    for start in (0..b).step_by(chunk) {
-        g.b = chunk.min(b - start);
-        let cols = x.narrow(0, start, g.b)?.apply_op1(Unfold(g))?;
-        parts.push(linear(&layer, &cols)?);
-    }
-    let y = if parts.len() == 1 {
-        parts.remove(0)
+    // A few images, or a band of one image's output rows, at a time, so the
+    // columns stay well under glibc's 32 MiB mmap threshold: bigger buffers are
+    // mapped fresh and page-faulted on every allocation, which cost more than
+    // the arithmetic (and a 1024 px image's would take gigabytes).
+    let (oh, row_values) = (g.out_h(), g.out_w() * g.patch());
+    let rows = (COLUMN_BUDGET / row_values.max(1)).clamp(1, oh);
+    let images = if rows < oh {
+        1
     } else {
-        Tensor::cat(&parts, 0)?
+        (COLUMN_BUDGET / (oh * row_values).max(1)).clamp(1, b)
     };
-    y.permute((0, 3, 1, 2))?.contiguous()
+    let x = x.contiguous()?;
+    let mut parts = Vec::new();
+    for start in (0..b).step_by(images) {
+        g.b = images.min(b - start);
+        let batch = x.narrow(0, start, g.b)?;
+        let mut bands = Vec::with_capacity(oh.div_ceil(rows));
+        for first in (0..oh).step_by(rows) {
+            g.band = (first, rows.min(oh - first));
+            let cols = batch.apply_op1(Unfold(g))?;
+            bands.push(linear(&layer, &cols)?);
+        }
+        parts.push(cat_or_one(bands, 1)?);
+    }
+    cat_or_one(parts, 0)?.permute((0, 3, 1, 2))?.contiguous()
+}
+
+fn cat_or_one(mut parts: Vec<Tensor>, dim: usize) -> Result<Tensor> {
+    if parts.len() == 1 {
+        Ok(parts.remove(0))
+    } else {
+        Tensor::cat(&parts, dim)
+    }
 }
 
 /// Column values unfolded at once (4 MiB of f32; tiny in tests, so they take
@@ -212,13 +234,21 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// Same values and gradients as candle's convolution, strided and padded.
+    /// Same values and gradients as candle's convolution, strided and padded; at
+    /// 13 px the columns are made in bands of output rows (5, 5, 3 with a 3×3
+    /// kernel), at 7 px whole images at once.
     #[test]
     fn matches_candle_conv_and_its_gradients() -> Result<()> {
         let dev = Device::Cpu;
-        for (stride, padding, k) in [(1, 1, 3), (2, 0, 3), (1, 0, 1)] {
+        for (stride, padding, k, side) in [
+            (1, 1, 3, 7),
+            (2, 0, 3, 7),
+            (1, 0, 1, 7),
+            (1, 1, 3, 13),
+            (2, 1, 3, 13),
+        ] {
             // Square inputs: candle's own backward takes the width's output padding from the height.
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 7, 7), &dev)?)?;
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, side, side), &dev)?)?;
             let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3, k, k), &dev)?)?;
             let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, 4, &dev)?)?;
             let cfg = candle_nn::Conv2dConfig {

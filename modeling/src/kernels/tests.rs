@@ -67,14 +67,6 @@ fn fused_attention_matches_the_composition() {
         .collect();
     let bias = Tensor::from_vec(mask, (b, l), &dev).unwrap();
     let probe = var(&[b, n, heads * dh], 4);
-    let split = |x: &Tensor| {
-        x.reshape((b, (), heads, dh))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap()
-    };
     let run = |fused: bool| {
         let out = if fused {
             attention(
@@ -87,20 +79,13 @@ fn fused_attention_matches_the_composition() {
             .unwrap()
             .unwrap()
         } else {
-            let scores = (split(q.as_tensor())
-                .matmul(&split(k.as_tensor()).t().unwrap())
-                .unwrap()
-                * (1.0 / (dh as f64).sqrt()))
-            .unwrap()
-            .broadcast_add(&bias.reshape((b, 1, 1, l)).unwrap())
-            .unwrap();
-            let p = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
-            p.matmul(&split(v.as_tensor()))
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .reshape((b, n, heads * dh))
-                .unwrap()
+            plain_attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                heads,
+                Some(&bias),
+            )
         };
         let g = (&out * probe.as_tensor())
             .unwrap()
@@ -195,5 +180,123 @@ fn linear_modulate_and_gate_match_broadcast_ops() {
                 "variable {i}: {p} vs {q}"
             );
         }
+    }
+}
+
+/// Seeded values in about −1..1 for a tensor of `shape`.
+fn filled(shape: &[usize], seed: usize) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Plain attention by candle's ops, one `[N, L]` score matrix per head.
+fn plain_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    bias: Option<&Tensor>,
+) -> Tensor {
+    let (b, n, width) = q.dims3().unwrap();
+    let (l, dh) = (k.dim(1).unwrap(), width / heads);
+    let split = |x: &Tensor| {
+        x.reshape((b, (), heads, dh))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let mut scores =
+        (split(q).matmul(&split(k).t().unwrap()).unwrap() * (1.0 / (dh as f64).sqrt())).unwrap();
+    if let Some(bias) = bias {
+        scores = scores
+            .broadcast_add(&bias.reshape((b, 1, 1, l)).unwrap())
+            .unwrap();
+    }
+    candle_nn::ops::softmax(&scores, D::Minus1)
+        .unwrap()
+        .matmul(&split(v))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((b, n, width))
+        .unwrap()
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(&b)
+        .fold(0f32, |m, (p, q)| m.max((p - q).abs()))
+        / scale
+}
+
+/// Cases: (batch, query rows, keys, heads, head width, tile budget in scores).
+/// Square and ragged, one tile and many, tiles that do not divide the rows, a
+/// single query row, cross-attention's few keys.
+const TILED_CASES: &[(usize, usize, usize, usize, usize, usize)] = &[
+    (1, 64, 64, 1, 16, 1 << 20),
+    (2, 64, 64, 2, 8, 16 * 64),
+    (2, 103, 77, 3, 8, 40 * 77),
+    (1, 1, 9, 2, 4, 16),
+    (2, 257, 12, 4, 8, 16 * 12),
+];
+
+/// The row-tiled fused forward equals plain attention, with and without a key
+/// mask, whatever the tiling.
+#[test]
+fn tiled_attention_matches_plain_attention() {
+    for (i, &(b, n, l, heads, dh, budget)) in TILED_CASES.iter().enumerate() {
+        let (q, k, v) = (
+            filled(&[b, n, heads * dh], 1 + i),
+            filled(&[b, l, heads * dh], 2 + i),
+            filled(&[b, l, heads * dh], 3 + i),
+        );
+        let mask: Vec<f32> = (0..b * l)
+            .map(|j| {
+                if j % l < 1 + (j / l) * 3 {
+                    0.0
+                } else {
+                    -10000.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, l), &Device::Cpu).unwrap();
+        for bias in [None, Some(&mask)] {
+            let want = plain_attention(&q, &k, &v, heads, bias);
+            for grad in [false, true] {
+                let got = attention::attention_with(&q, &k, &v, heads, bias, grad, budget)
+                    .unwrap()
+                    .unwrap();
+                let e = rel_err(&got, &want);
+                assert!(e < 1e-5, "case {i} (masked {}): {e:e}", bias.is_some());
+            }
+        }
+    }
+}
+
+/// Attention by candle's ops in query chunks equals it in one piece.
+#[test]
+fn chunked_composed_attention_matches_one_piece() {
+    for (i, &(b, n, l, heads, dh, budget)) in TILED_CASES.iter().enumerate() {
+        let q = filled(&[b, heads, n, dh], 4 + i);
+        let (k, v) = (
+            filled(&[b, heads, l, dh], 5 + i),
+            filled(&[b, heads, l, dh], 6 + i),
+        );
+        let bias = filled(&[b, 1, 1, l], 7 + i);
+        let whole =
+            attention::composed_in_chunks(&q, &k, &v, Some(&bias), false, usize::MAX).unwrap();
+        let chunked =
+            attention::composed_in_chunks(&q, &k, &v, Some(&bias), false, budget * b * heads)
+                .unwrap();
+        assert!(rel_err(&chunked, &whole) < 1e-6, "case {i}");
     }
 }

@@ -1,6 +1,10 @@
 //! `pixart bench`: the runtime's own cost per node, measured on generated graphs
 //! of nodes that do nothing, so only parsing, validation, scheduling, caching and
-//! events are timed.
+//! events are timed; and the models' speed (one transformer forward, one training
+//! step, captioning, a whole pipeline run), each with a PyTorch script under
+//! `scripts/` for the same job.
+
+mod pipeline;
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
@@ -39,9 +43,22 @@ pub struct BenchArgs {
         default_value = "target/wasm-plugins/wasm32-unknown-unknown/release/testkit.wasm"
     )]
     plugin: std::path::PathBuf,
-    /// For `caption`: the LLaVA folder.
+    /// For `caption`: the LLaVA folder; for `pipeline`: the PixArt pipeline folder
+    /// (tests/fixtures/generate_real_scale.py writes full-size ones).
     #[arg(long, default_value = "/tmp/llava-mid")]
     model: std::path::PathBuf,
+    /// For `pipeline`: image side in pixels.
+    #[arg(long, default_value_t = 512)]
+    size: usize,
+    /// For `pipeline`: sampler steps (DPM-Solver++).
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// For `pipeline`: classifier-free guidance (a batch of 2 above 1).
+    #[arg(long, default_value_t = 4.5)]
+    guidance: f64,
+    /// For `pipeline`: weights and compute precision (f32, f16; bf16 on a GPU).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// For `caption`: new tokens per generation.
     #[arg(long, default_value_t = 64)]
     tokens: usize,
@@ -60,6 +77,10 @@ enum Target {
     /// Greedy LLaVA captioning: prefill and decode tokens/s of `--model`
     /// (compare with scripts/bench_llava_torch.py, which writes that folder).
     Caption,
+    /// A whole txt2img run of the pipeline folder `--model`: load, T5, each
+    /// sampler step, VAE decode, peak memory, as JSON (compare with
+    /// scripts/bench_pipeline_torch.py on the same folder).
+    Pipeline,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -128,7 +149,7 @@ fn workflow_yaml(n: usize, shape: Shape, node_type: &str) -> String {
     s
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
@@ -143,6 +164,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         Target::Train => return train(args.repeat.max(1), &args.device),
         Target::Plugins => return plugins(&args.plugin, args.repeat.max(1)),
         Target::Caption => return caption(&args.model, args.tokens.max(2), args.repeat.max(1)),
+        Target::Pipeline => return pipeline::run(&args),
         Target::Runtime => {}
     }
     let n = args.nodes.max(1);
@@ -236,7 +258,7 @@ fn bench_inputs(
 }
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
-fn peak_rss_mib() -> f64 {
+pub(crate) fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -306,7 +328,7 @@ fn train(repeat: usize, device: &str) -> Result<ExitCode> {
         sizes: None,
         mse_weights: None,
     };
-    let diffusion = Diffusion::linear(1e-4, 0.02, 1000);
+    let diffusion = Diffusion::pixart();
     let mut opt = Optimizer {
         adam: AdamW::pixart(&vars)?,
         vars,
