@@ -48,13 +48,13 @@ def main():
 
         stamps = [time.perf_counter()]
 
-        def on_step(_pipe, _i, _t, kwargs):
+        def on_step(_i, _t, _latents):
             stamps.append(time.perf_counter())
-            return kwargs
 
         latents = pipe(
             prompt_embeds=pos,
             prompt_attention_mask=pos_mask,
+            negative_prompt=None,
             negative_prompt_embeds=neg,
             negative_prompt_attention_mask=neg_mask,
             num_inference_steps=args.steps,
@@ -63,7 +63,8 @@ def main():
             width=args.size,
             generator=torch.Generator().manual_seed(0),
             output_type="latent",
-            callback_on_step_end=on_step,
+            callback=on_step,
+            callback_steps=1,
         ).images
         steps = [b - a for a, b in zip(stamps, stamps[1:])]
 

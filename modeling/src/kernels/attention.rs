@@ -7,7 +7,7 @@
 
 use super::gemm::{matmul, Product};
 use super::softmax::softmax_rows_dispatch;
-use super::{bnd, contiguous_f32, use_kernels};
+use super::{bnd, contiguous_f32, use_kernels, Shared};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// Scores a forward task may hold: 2^20 f32 (4 MiB), a tile of query rows
@@ -18,20 +18,6 @@ const TILE_SCORES: usize = 1 << 20;
 /// (below that the products lose their efficiency), at most `n`.
 fn tile_rows(n: usize, l: usize, budget: usize) -> usize {
     (budget / l.max(1)).max(16).min(n.max(1))
-}
-
-/// A raw pointer shared by tasks that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: every task writes only its own block (rows of one head).
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// A method, so closures capture the whole (Send) wrapper, not the bare pointer.
-    fn ptr(&self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Multi-head attention on `q` `[B, N, H·d]`, `k`, `v` `[B, L, H·d]` (heads side by

@@ -6,9 +6,11 @@
 //! rows at a time, so a large image (the VAE's 1024 px decode: 128 channels × 9
 //! taps per pixel) never holds gigabytes of them.
 
+use super::gemm::{matmul, Product};
 use super::linear::linear;
+use super::Shared;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Geometry of one convolution: input `[B, C, H, W]`, a `k×k` kernel.
@@ -166,8 +168,130 @@ impl CustomOp1 for Fold {
     }
 }
 
-/// `conv.forward(x)`, on the CPU in f32 with fast gradients and bounded
-/// buffers; candle's convolution on other devices and dtypes.
+/// Column values a forward-only task fills at once: 2^21 f32 (8 MiB).
+const BAND_VALUES: usize = if cfg!(test) { 3000 } else { 1 << 21 };
+
+/// The convolution without gradients: `[B, C, H, W]` ∗ `[O, C, k, k]` + `[O]` →
+/// `[B, O, OH, OW]`. Each task takes a band of output rows of one image, lays its
+/// input patches out as `[C·k·k, pixels]` in a buffer it reuses, and multiplies
+/// the kernel `[O, C·k·k]` by them straight into the output's channel planes:
+/// no `[pixels, C·k·k]` matrix of the whole image, no permute afterwards.
+struct ConvForward(Geometry);
+
+impl ConvForward {
+    /// Input patches of output rows `first..first + rows` of `image` `[C, H, W]`
+    /// into `cols` `[C·k·k, rows·OW]`.
+    fn patches(&self, image: &[f32], first: usize, rows: usize, cols: &mut [f32]) {
+        let g = self.0;
+        let ow = g.out_w();
+        let pixels = rows * ow;
+        for c in 0..g.c {
+            let plane = &image[c * g.h * g.w..][..g.h * g.w];
+            for ky in 0..g.k {
+                for kx in 0..g.k {
+                    let tap = (c * g.k + ky) * g.k + kx;
+                    let dst = &mut cols[tap * pixels..][..pixels];
+                    for (r, out_row) in dst.chunks_mut(ow).enumerate() {
+                        let oy = first + r;
+                        let Some(y) = (oy * g.stride + ky)
+                            .checked_sub(g.padding)
+                            .filter(|y| *y < g.h)
+                        else {
+                            out_row.fill(0.0);
+                            continue;
+                        };
+                        let src = &plane[y * g.w..][..g.w];
+                        if g.stride == 1 {
+                            // Output x reads input x + kx − padding: one shifted copy,
+                            // zeros where it falls outside.
+                            let lo = g.padding.saturating_sub(kx).min(ow);
+                            let hi = (g.w + g.padding).saturating_sub(kx).clamp(lo, ow);
+                            out_row[..lo].fill(0.0);
+                            out_row[lo..hi]
+                                .copy_from_slice(&src[lo + kx - g.padding..hi + kx - g.padding]);
+                            out_row[hi..].fill(0.0);
+                        } else {
+                            for (ox, v) in out_row.iter_mut().enumerate() {
+                                *v = (ox * g.stride + kx)
+                                    .checked_sub(g.padding)
+                                    .filter(|x| *x < g.w)
+                                    .map_or(0.0, |x| src[x]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp3 for ConvForward {
+    fn name(&self) -> &'static str {
+        "conv-forward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let g = self.0;
+        let (x, w, bias) = (
+            contiguous(s1, l1)?,
+            contiguous(s2, l2)?,
+            contiguous(s3, l3)?,
+        );
+        let (o, patch) = (bias.len(), g.patch());
+        let (oh, ow) = (g.out_h(), g.out_w());
+        let rows = (BAND_VALUES / (patch * ow).max(1)).clamp(1, oh);
+        let bands = oh.div_ceil(rows);
+        let mut out = vec![0f32; g.b * o * oh * ow];
+        let dst = Shared(out.as_mut_ptr());
+        (0..g.b * bands).into_par_iter().for_each_init(
+            || vec![0f32; patch * rows * ow],
+            |cols, task| {
+                let (bi, band) = (task / bands, task % bands);
+                let first = band * rows;
+                let n = rows.min(oh - first);
+                let pixels = n * ow;
+                let image = &x[bi * g.c * g.h * g.w..][..g.c * g.h * g.w];
+                self.patches(image, first, n, cols);
+                // SAFETY: this task alone writes rows first..first + n of every
+                // channel plane of image bi; the products stay inside `out`,
+                // `w` and `cols`.
+                unsafe {
+                    let at = dst.ptr().add(bi * o * oh * ow + first * ow);
+                    for (oc, b) in bias.iter().enumerate() {
+                        std::slice::from_raw_parts_mut(at.add(oc * oh * ow), pixels).fill(*b);
+                    }
+                    matmul(
+                        (o, pixels, patch),
+                        at,
+                        (oh * ow, 1),
+                        w.as_ptr(),
+                        (patch, 1),
+                        cols.as_ptr(),
+                        (pixels, 1),
+                        Product {
+                            accumulate: true,
+                            ..Product::one_thread(1.0)
+                        },
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((g.b, o, oh, ow))))
+    }
+}
+
+/// `conv.forward(x)`, on the CPU in f32 with bounded buffers — a forward-only
+/// kernel where no gradient is wanted, im2col with fast gradients where one is;
+/// candle's convolution on other devices and dtypes.
 pub fn conv2d(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
     use candle_core::Module;
     let w = conv.weight();
@@ -189,7 +313,19 @@ pub fn conv2d(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
         padding: cfg.padding,
         band: (0, 0),
     };
-    let layer = candle_nn::Linear::new(w.reshape((o, c * k * k))?, conv.bias().cloned());
+    let bias = conv.bias().cloned();
+    let wants_grad = x.track_op() || w.track_op() || bias.as_ref().is_some_and(|b| b.track_op());
+    if !wants_grad {
+        g.band = (0, g.out_h());
+        if let Some(bias) = &bias {
+            return x.contiguous()?.apply_op3_no_bwd(
+                &w.contiguous()?,
+                &bias.contiguous()?,
+                &ConvForward(g),
+            );
+        }
+    }
+    let layer = candle_nn::Linear::new(w.reshape((o, c * k * k))?, bias);
     // A few images, or a band of one image's output rows, at a time, so the
     // columns stay well under glibc's 32 MiB mmap threshold: bigger buffers are
     // mapped fresh and page-faulted on every allocation, which cost more than
@@ -262,6 +398,15 @@ mod tests {
             let theirs = candle_core::Module::forward(&conv, x.as_tensor())?;
             let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "forward differs by {diff}");
+            // Without gradients: the forward-only kernel (bands of output rows).
+            let detached = candle_nn::Conv2d::new(
+                w.as_tensor().detach(),
+                Some(bias.as_tensor().detach()),
+                cfg,
+            );
+            let plain = conv2d(&detached, &x.as_tensor().detach())?;
+            let diff = (&plain - &theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "stride {stride}, padding {padding}, {side} px: forward-only kernel differs by {diff}");
             let probe = Tensor::randn(0f32, 1.0, ours.dims(), &dev)?;
             let ga = (&ours * &probe)?.sum_all()?.backward()?;
             let gb = (&theirs * &probe)?.sum_all()?.backward()?;

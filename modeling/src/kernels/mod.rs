@@ -77,3 +77,17 @@ fn bnd(l: &Layout) -> Result<(usize, usize, usize)> {
         ref other => candle_core::bail!("expected [batch, tokens, width], got {other:?}"),
     }
 }
+
+/// A raw pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: users give each task a part of the buffer no other task touches.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// A method, so closures capture the whole (Send) wrapper, not the bare pointer.
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
