@@ -4,7 +4,7 @@
 
 use crate::kernels::{self, conv2d as conv};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
 use serde::Deserialize;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -92,6 +92,32 @@ fn conv3(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Conv2d> {
     conv2d(c_in, c_out, 3, cfg, vb)
 }
 
+/// diffusers' `GroupNorm` (affine), optionally followed by SiLU: one fused pass
+/// on the CPU (`kernels::group_norm`).
+struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+}
+
+fn group_norm(groups: usize, channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
+    Ok(GroupNorm {
+        weight: vb.get(channels, "weight")?,
+        bias: vb.get(channels, "bias")?,
+        groups,
+    })
+}
+
+impl GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        kernels::group_norm(x, &self.weight, &self.bias, self.groups, EPS, false)
+    }
+
+    fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        kernels::group_norm(x, &self.weight, &self.bias, self.groups, EPS, true)
+    }
+}
+
 struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
@@ -114,17 +140,17 @@ impl ResnetBlock {
             None
         };
         Ok(ResnetBlock {
-            norm1: group_norm(groups, c_in, EPS, vb.pp("norm1"))?,
+            norm1: group_norm(groups, c_in, vb.pp("norm1"))?,
             conv1: conv3(vb.pp("conv1"), c_in, c_out)?,
-            norm2: group_norm(groups, c_out, EPS, vb.pp("norm2"))?,
+            norm2: group_norm(groups, c_out, vb.pp("norm2"))?,
             conv2: conv3(vb.pp("conv2"), c_out, c_out)?,
             conv_shortcut,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = conv(&self.conv1, &self.norm1.forward(x)?.silu()?)?;
-        let h = conv(&self.conv2, &self.norm2.forward(&h)?.silu()?)?;
+        let h = conv(&self.conv1, &self.norm1.forward_silu(x)?)?;
+        let h = conv(&self.conv2, &self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => conv(c, x)?,
             None => x.clone(),
@@ -151,7 +177,7 @@ impl AttentionBlock {
             ["to_q", "to_k", "to_v", "to_out.0"]
         };
         Ok(AttentionBlock {
-            group_norm: group_norm(groups, c, EPS, vb.pp("group_norm"))?,
+            group_norm: group_norm(groups, c, vb.pp("group_norm"))?,
             to_q: linear(c, c, vb.pp(names[0]))?,
             to_k: linear(c, c, vb.pp(names[1]))?,
             to_v: linear(c, c, vb.pp(names[2]))?,
@@ -279,7 +305,7 @@ impl Encoder {
             conv_in: conv3(vb.pp("conv_in"), cfg.in_channels, ch[0])?,
             down,
             mid: MidBlock::new(vb.pp("mid_block"), last, cfg)?,
-            norm_out: group_norm(g, last, EPS, vb.pp("conv_norm_out"))?,
+            norm_out: group_norm(g, last, vb.pp("conv_norm_out"))?,
             conv_out: conv3(vb.pp("conv_out"), last, 2 * cfg.latent_channels)?,
         })
     }
@@ -300,7 +326,7 @@ impl Encoder {
             }
         }
         let x = self.mid.forward(&x)?;
-        conv(&self.conv_out, &self.norm_out.forward(&x)?.silu()?)
+        conv(&self.conv_out, &self.norm_out.forward_silu(&x)?)
     }
 }
 
@@ -343,7 +369,7 @@ impl Decoder {
             conv_in: conv3(vb.pp("conv_in"), cfg.latent_channels, reversed[0])?,
             mid: MidBlock::new(vb.pp("mid_block"), reversed[0], cfg)?,
             up,
-            norm_out: group_norm(g, first, EPS, vb.pp("conv_norm_out"))?,
+            norm_out: group_norm(g, first, vb.pp("conv_norm_out"))?,
             conv_out: conv3(vb.pp("conv_out"), first, cfg.out_channels)?,
         })
     }
@@ -359,7 +385,7 @@ impl Decoder {
                 x = conv(c, &x.upsample_nearest2d(2 * h, 2 * w)?)?;
             }
         }
-        conv(&self.conv_out, &self.norm_out.forward(&x)?.silu()?)
+        conv(&self.conv_out, &self.norm_out.forward_silu(&x)?)
     }
 }
 

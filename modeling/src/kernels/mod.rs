@@ -27,7 +27,7 @@ pub use attention::{attention, attention_composed, attention_inference};
 pub use conv::conv2d;
 pub use linear::{linear, linear_inference};
 pub use modulation::{gated_add, modulate};
-pub use norm::layer_norm;
+pub use norm::{group_norm, layer_norm};
 pub use softmax::softmax_last_dim;
 
 use candle_core::backend::BackendStorage;

@@ -300,3 +300,28 @@ fn chunked_composed_attention_matches_one_piece() {
         assert!(rel_err(&chunked, &whole) < 1e-6, "case {i}");
     }
 }
+
+/// The fused group norm (+ SiLU) equals the differentiable composition it
+/// stands in for where no gradient is wanted.
+#[test]
+fn fused_group_norm_matches_the_composition() {
+    for (shape, groups) in [
+        (vec![2, 8, 5, 7], 4),
+        (vec![1, 6, 9], 3),
+        (vec![1, 64, 16, 16], 32),
+    ] {
+        let c = shape[1];
+        let x = filled(&shape, 11);
+        let x = ((x * 3.0).unwrap() + 0.5).unwrap();
+        let weight = (filled(&[c], 12) + 1.0).unwrap();
+        let bias = filled(&[c], 13);
+        for silu in [false, true] {
+            let fused = group_norm(&x, &weight, &bias, groups, 1e-6, silu).unwrap();
+            // A variable input takes the differentiable composition.
+            let var = Var::from_tensor(&x).unwrap();
+            let composed = group_norm(var.as_tensor(), &weight, &bias, groups, 1e-6, silu).unwrap();
+            let e = rel_err(&fused, &composed);
+            assert!(e < 1e-5, "{shape:?}, {groups} groups, silu {silu}: {e:e}");
+        }
+    }
+}
