@@ -362,11 +362,7 @@ impl Attention {
             linear_for(&self.to_v, context, diff)?,
         );
         let key_bias = bias.map(|b| b.reshape((b.dim(0)?, ()))).transpose()?;
-        let fused = if diff {
-            kernels::attention(&q, &k, &v, self.heads, key_bias.as_ref())?
-        } else {
-            kernels::attention_inference(&q, &k, &v, self.heads, key_bias.as_ref())?
-        };
+        let fused = kernels::attention(&q, &k, &v, self.heads, key_bias.as_ref(), diff)?;
         if let Some(out) = fused {
             return linear_for(&self.to_out, &out, diff);
         }

@@ -89,6 +89,11 @@ fn header(file: &mut std::fs::File, len: u64) -> Result<(Vec<Entry>, u64), Strin
 
 /// `n` elements of `T` read from `file` into a vector of their own.
 fn read_vec<T: Copy + Default>(file: &mut std::fs::File, n: usize) -> std::io::Result<Vec<T>> {
+    if cfg!(target_endian = "big") {
+        return Err(std::io::Error::other(
+            "safetensors are little-endian; this machine is not",
+        ));
+    }
     let mut v = vec![T::default(); n];
     // SAFETY: the vector's memory is n initialised elements of a plain-data type
     // (floats and integers), viewed as bytes only to be overwritten.
@@ -96,11 +101,6 @@ fn read_vec<T: Copy + Default>(file: &mut std::fs::File, n: usize) -> std::io::R
         std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), n * std::mem::size_of::<T>())
     };
     file.read_exact(bytes)?;
-    if cfg!(target_endian = "big") {
-        return Err(std::io::Error::other(
-            "safetensors are little-endian; this machine is not",
-        ));
-    }
     Ok(v)
 }
 

@@ -204,7 +204,7 @@ impl AttentionBlock {
             k.to_dtype(DType::F32)?,
             v.to_dtype(DType::F32)?,
         );
-        let attended = match kernels::attention_inference(&q, &k, &v, 1, None)? {
+        let attended = match kernels::attention(&q, &k, &v, 1, None, false)? {
             Some(out) => out,
             None => kernels::attention_composed(
                 &q.unsqueeze(1)?,

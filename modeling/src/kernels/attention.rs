@@ -305,28 +305,19 @@ impl CustomOp2 for AttentionGrad {
     }
 }
 
-/// Multi-head attention with gradients: `q` `[B, N, H·d]`, `k` and `v`
-/// `[B, L, H·d]`, an optional additive key bias `[B, L]` (no gradient). `None`
-/// where the fused kernel does not apply (not CPU f32): use the composition.
+/// Multi-head attention: `q` `[B, N, H·d]`, `k` and `v` `[B, L, H·d]`, an
+/// optional additive key bias `[B, L]` (no gradient); with gradients for `q`, `k`
+/// and `v` when `grad`. `None` where the fused kernel does not apply (not CPU
+/// f32): use [`attention_composed`].
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     bias: Option<&Tensor>,
+    grad: bool,
 ) -> Result<Option<Tensor>> {
-    attention_with(q, k, v, heads, bias, true, TILE_SCORES)
-}
-
-/// Attention without gradients (inference), or `None` as [`attention`].
-pub fn attention_inference(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    bias: Option<&Tensor>,
-) -> Result<Option<Tensor>> {
-    attention_with(q, k, v, heads, bias, false, TILE_SCORES)
+    attention_with(q, k, v, heads, bias, grad, TILE_SCORES)
 }
 
 /// Attention by candle's ops, for any device and dtype: `q` `[B, H, N, d]`,

@@ -315,15 +315,13 @@ pub fn conv2d(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
     };
     let bias = conv.bias().cloned();
     let wants_grad = x.track_op() || w.track_op() || bias.as_ref().is_some_and(|b| b.track_op());
-    if !wants_grad {
+    if let (false, Some(bias)) = (wants_grad, &bias) {
         g.band = (0, g.out_h());
-        if let Some(bias) = &bias {
-            return x.contiguous()?.apply_op3_no_bwd(
-                &w.contiguous()?,
-                &bias.contiguous()?,
-                &ConvForward(g),
-            );
-        }
+        return x.contiguous()?.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &bias.contiguous()?,
+            &ConvForward(g),
+        );
     }
     let layer = candle_nn::Linear::new(w.reshape((o, c * k * k))?, bias);
     // A few images, or a band of one image's output rows, at a time, so the

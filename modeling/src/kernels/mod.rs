@@ -23,7 +23,7 @@ mod softmax;
 mod tests;
 
 pub use activation::{gelu, gelu_inference};
-pub use attention::{attention, attention_composed, attention_inference};
+pub use attention::{attention, attention_composed};
 pub use conv::conv2d;
 pub use linear::{linear, linear_inference};
 pub use modulation::{gated_add, modulate};

@@ -75,6 +75,7 @@ fn fused_attention_matches_the_composition() {
                 v.as_tensor(),
                 heads,
                 Some(&bias),
+                true,
             )
             .unwrap()
             .unwrap()
