@@ -8,6 +8,7 @@ mod common;
 use pixart_models::pixart::SizeConditions;
 use pixart_models::schedulers::SchedulerConfig;
 use pixart_models::tokenizer::T5Tokenizer;
+use pixart_nodes::device::TextWeights;
 use pixart_nodes::pixart::binning::resize_and_crop;
 use pixart_nodes::pixart::load;
 use pixart_nodes::pixart::sample::{sample, Request};
@@ -92,6 +93,7 @@ fn t5_encoder_with_mask_matches_transformers() {
     let enc = load::text_encoder(
         &fixtures().join("tiny-pixart/text_encoder"),
         DType::F32,
+        TextWeights::Auto,
         &dev(),
     )
     .unwrap();
@@ -290,7 +292,13 @@ fn whole_pipeline_matches_diffusers() {
     let root = fixtures().join("tiny-pixart");
     let dev = dev();
     let tok = load::tokenizer(&root.join("tokenizer")).unwrap();
-    let enc = load::text_encoder(&root.join("text_encoder"), DType::F32, &dev).unwrap();
+    let enc = load::text_encoder(
+        &root.join("text_encoder"),
+        DType::F32,
+        TextWeights::Auto,
+        &dev,
+    )
+    .unwrap();
     let den = load::transformer(&root.join("transformer"), DType::F32, &dev).unwrap();
     let vae = load::vae(&root.join("vae"), DType::F32, &dev).unwrap();
     let choice = load::scheduler(&root.join("scheduler")).unwrap();
@@ -410,7 +418,7 @@ fn hub_layout_variants_load_unchanged() {
     )
     .unwrap();
     let r = reference("t5.safetensors");
-    let enc = load::text_encoder(&edir, DType::F32, &dev()).unwrap();
+    let enc = load::text_encoder(&edir, DType::F32, TextWeights::Auto, &dev()).unwrap();
     let out = enc
         .forward(&ids_u32(get(&r, "input_ids")), get(&r, "attention_mask"))
         .unwrap();
@@ -457,6 +465,7 @@ fn t5_in_half_precision_matches_transformers_half_precision() {
     let enc = load::text_encoder(
         &fixtures().join("tiny-pixart/text_encoder"),
         DType::F16,
+        TextWeights::Auto,
         &dev(),
     )
     .unwrap();

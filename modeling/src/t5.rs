@@ -7,7 +7,7 @@
 //! not gated), `…layer.1.layer_norm`, `encoder.final_layer_norm`.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -79,7 +79,7 @@ enum Activation {
 impl Activation {
     fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Activation::GeluTanh => x.gelu(),
+            Activation::GeluTanh => crate::kernels::gelu_inference(x),
             Activation::GeluErf => x.gelu_erf(),
             Activation::Silu => x.silu(),
             Activation::Relu => x.relu(),
@@ -114,17 +114,17 @@ impl RmsNorm {
 }
 
 struct SelfAttention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Projection,
+    k: Projection,
+    v: Projection,
+    o: Projection,
     heads: usize,
     d_kv: usize,
     relative_attention_bias: Option<Embedding>,
 }
 
 impl SelfAttention {
-    fn new(vb: VarBuilder, cfg: &Config, has_bias: bool) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &Config, has_bias: bool, proj: Projections) -> Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
         let relative_attention_bias = if has_bias {
             Some(embedding(
@@ -136,10 +136,10 @@ impl SelfAttention {
             None
         };
         Ok(SelfAttention {
-            q: linear_no_bias(cfg.d_model, inner, vb.pp("q"))?,
-            k: linear_no_bias(cfg.d_model, inner, vb.pp("k"))?,
-            v: linear_no_bias(cfg.d_model, inner, vb.pp("v"))?,
-            o: linear_no_bias(inner, cfg.d_model, vb.pp("o"))?,
+            q: Projection::new(cfg.d_model, inner, vb.pp("q"), proj)?,
+            k: Projection::new(cfg.d_model, inner, vb.pp("k"), proj)?,
+            v: Projection::new(cfg.d_model, inner, vb.pp("v"), proj)?,
+            o: Projection::new(inner, cfg.d_model, vb.pp("o"), proj)?,
             heads: cfg.num_heads,
             d_kv: cfg.d_kv,
             relative_attention_bias,
@@ -174,35 +174,31 @@ impl SelfAttention {
 }
 
 struct FeedForward {
-    wi_0: Linear,
-    wi_1: Option<Linear>,
-    wo: Linear,
+    wi_0: Projection,
+    wi_1: Option<Projection>,
+    wo: Projection,
     act: Activation,
 }
 
 impl FeedForward {
-    fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &Config, proj: Projections) -> Result<Self> {
+        let wi = |name: &str| Projection::new(cfg.d_model, cfg.d_ff, vb.pp(name), proj);
         let (wi_0, wi_1) = if cfg.gated() {
-            (
-                linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_0"))?,
-                Some(linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi_1"))?),
-            )
+            (wi("wi_0")?, Some(wi("wi_1")?))
         } else {
-            (linear_no_bias(cfg.d_model, cfg.d_ff, vb.pp("wi"))?, None)
+            (wi("wi")?, None)
         };
         // transformers keeps `wo` in f32 for f16 models (`_keep_in_fp32_modules`):
         // T5's feed-forward output overflows f16 otherwise.
-        let wo = if vb.dtype() == DType::F16 {
-            let w = vb.pp("wo").get_with_hints_dtype(
-                (cfg.d_model, cfg.d_ff),
-                "weight",
-                Default::default(),
-                DType::F32,
-            )?;
-            Linear::new(w, None)
+        let wo_how = if vb.dtype() == DType::F16 {
+            Projections {
+                dtype: DType::F32,
+                ..proj
+            }
         } else {
-            linear_no_bias(cfg.d_ff, cfg.d_model, vb.pp("wo"))?
+            proj
         };
+        let wo = Projection::new(cfg.d_ff, cfg.d_model, vb.pp("wo"), wo_how)?;
         Ok(FeedForward {
             wi_0,
             wi_1,
@@ -217,7 +213,14 @@ impl FeedForward {
             Some(wi_1) => (h * wi_1.forward(x)?)?,
             None => h,
         };
-        self.wo.forward(&h.to_dtype(self.wo.weight().dtype())?)
+        // An f32 `wo` in an f16 model takes f32 inputs; bf16 weights under f32
+        // activations are widened by the product itself.
+        let h = if self.wo.dtype() == DType::F32 {
+            h.to_dtype(DType::F32)?
+        } else {
+            h
+        };
+        self.wo.forward(&h)
     }
 }
 
@@ -229,13 +232,13 @@ struct Block {
 }
 
 impl Block {
-    fn new(vb: VarBuilder, cfg: &Config, first: bool) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &Config, first: bool, proj: Projections) -> Result<Self> {
         let eps = cfg.layer_norm_epsilon;
         Ok(Block {
             attn_norm: RmsNorm::new(vb.pp("layer.0.layer_norm"), cfg.d_model, eps)?,
-            attn: SelfAttention::new(vb.pp("layer.0.SelfAttention"), cfg, first)?,
+            attn: SelfAttention::new(vb.pp("layer.0.SelfAttention"), cfg, first, proj)?,
             ff_norm: RmsNorm::new(vb.pp("layer.1.layer_norm"), cfg.d_model, eps)?,
-            ff: FeedForward::new(vb.pp("layer.1.DenseReluDense"), cfg)?,
+            ff: FeedForward::new(vb.pp("layer.1.DenseReluDense"), cfg, proj)?,
         })
     }
 
@@ -244,6 +247,48 @@ impl Block {
         let x = clamp_f16(&x)?;
         let x = add_promoting(&x, &self.ff.forward(&self.ff_norm.forward(&x)?)?)?;
         clamp_f16(&x)
+    }
+}
+
+/// How the blocks' projection weights are kept: their dtype, and whether the
+/// loader stored them transposed (`[in, out]`, see `weights::Keep`).
+#[derive(Clone, Copy, Debug)]
+pub struct Projections {
+    pub dtype: DType,
+    pub transposed: bool,
+}
+
+/// A projection without bias. Its weight may be narrower than the activations
+/// (bf16 weights under f32 arithmetic) and stored transposed.
+struct Projection {
+    weight: Tensor,
+    transposed: bool,
+}
+
+impl Projection {
+    fn new(in_dim: usize, out_dim: usize, vb: VarBuilder, how: Projections) -> Result<Self> {
+        let shape = if how.transposed {
+            (in_dim, out_dim)
+        } else {
+            (out_dim, in_dim)
+        };
+        let weight = vb.get_with_hints_dtype(shape, "weight", Default::default(), how.dtype)?;
+        Ok(Projection {
+            weight,
+            transposed: how.transposed,
+        })
+    }
+
+    fn dtype(&self) -> DType {
+        self.weight.dtype()
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.transposed {
+            crate::kernels::linear_transposed_inference(&self.weight, None, x)
+        } else {
+            crate::kernels::linear_inference(&Linear::new(self.weight.clone(), None), x)
+        }
     }
 }
 
@@ -274,7 +319,22 @@ pub struct T5Encoder {
 }
 
 impl T5Encoder {
+    /// The encoder computing in `vb`'s dtype, its weights in that dtype too.
     pub fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let dtype = vb.dtype();
+        let proj = Projections {
+            dtype,
+            transposed: false,
+        };
+        T5Encoder::with_projections(vb, cfg, proj)
+    }
+
+    /// The encoder computing in `vb`'s dtype with the blocks' projection weights
+    /// (q, k, v, o, wi, wo: nearly all of T5's parameters) kept as `proj` says.
+    /// bf16 projections under f32 arithmetic halve T5-XXL's 19 GB; the CPU
+    /// kernels widen them to f32 a band at a time (exactly: bf16 is f32's upper
+    /// half). Transposed, the products run at twice the speed on 120 tokens.
+    pub fn with_projections(vb: VarBuilder, cfg: &Config, proj: Projections) -> Result<Self> {
         // transformers 5 may save only the tied `shared.weight`; older checkpoints
         // (and some conversions) only `encoder.embed_tokens.weight`.
         let embed_vb = if vb.contains_tensor("shared.weight") {
@@ -285,7 +345,7 @@ impl T5Encoder {
         let embed = embedding(cfg.vocab_size, cfg.d_model, embed_vb)?;
         let enc = vb.pp("encoder");
         let blocks = (0..cfg.num_layers)
-            .map(|i| Block::new(enc.pp(format!("block.{i}")), cfg, i == 0))
+            .map(|i| Block::new(enc.pp(format!("block.{i}")), cfg, i == 0, proj))
             .collect::<Result<Vec<_>>>()?;
         Ok(T5Encoder {
             embed,

@@ -45,26 +45,28 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Weights, LoadError> {
-        Weights::from_folder_keeping(dir, stems, dtype, device, |_| false)
+        Weights::from_folder_choosing(dir, stems, dtype, device, |_, _| Keep::as_is(dtype))
     }
 
-    /// As [`Weights::from_folder`], but tensors for which `keep_f32(name)` holds
-    /// stay f32 whatever `dtype` is (layers a half-precision model keeps in f32).
-    pub fn from_folder_keeping(
+    /// As [`Weights::from_folder`], but each floating-point tensor is kept as
+    /// `choose(name, stored dtype)` says (layers a half-precision model keeps in
+    /// f32, weights narrower than the arithmetic, weights transposed for the
+    /// products); `dtype` is the model's.
+    pub fn from_folder_choosing(
         dir: &Path,
         stems: &[&str],
         dtype: DType,
         device: &Device,
-        keep_f32: impl Fn(&str) -> bool,
+        choose: impl Fn(&str, DType) -> Keep,
     ) -> Result<Weights, LoadError> {
         for stem in stems {
             let single = dir.join(format!("{stem}.safetensors"));
             if single.is_file() {
-                return Weights::read_safetensors(&[single], dtype, device, &keep_f32);
+                return Weights::read_safetensors(&[single], dtype, device, &choose);
             }
             let index = dir.join(format!("{stem}.safetensors.index.json"));
             if index.is_file() {
-                return Weights::read_safetensors(&shards(&index)?, dtype, device, &keep_f32);
+                return Weights::read_safetensors(&shards(&index)?, dtype, device, &choose);
             }
         }
         Err(LoadError::file(
@@ -85,21 +87,29 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Weights, LoadError> {
-        Weights::read_safetensors(files, dtype, device, &|_| false)
+        Weights::read_safetensors(files, dtype, device, &|_, _| Keep::as_is(dtype))
     }
 
     fn read_safetensors(
         files: &[PathBuf],
         dtype: DType,
         device: &Device,
-        keep_f32: &dyn Fn(&str) -> bool,
+        choose: &dyn Fn(&str, DType) -> Keep,
     ) -> Result<Weights, LoadError> {
         let mut tensors = HashMap::new();
         for file in files {
             // Tensor by tensor: each converted as it is read, never the whole file twice.
             crate::safetensors_reader::for_each_tensor(file, |name, t| {
-                let target = if keep_f32(&name) { DType::F32 } else { dtype };
-                let t = convert(t, target, device).map_err(|e| format!("tensor {name}: {e}"))?;
+                let keep = choose(&name, t.dtype());
+                let t = convert(t, keep.dtype, device)
+                    .and_then(|t| {
+                        if keep.transposed {
+                            transposed(t)
+                        } else {
+                            Ok(t)
+                        }
+                    })
+                    .map_err(|e| format!("tensor {name}: {e}"))?;
                 tensors.insert(name, t);
                 Ok(())
             })
@@ -219,6 +229,60 @@ impl Weights {
     }
 }
 
+/// How the loader keeps one tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keep {
+    /// Its dtype (integer tensors keep theirs).
+    pub dtype: DType,
+    /// A 2-D weight `[out, in]` stored as `[in, out]`: the layout the CPU's
+    /// products read fastest when few rows go through (a model that asks for it
+    /// knows its weights come this way).
+    pub transposed: bool,
+}
+
+impl Keep {
+    pub fn as_is(dtype: DType) -> Keep {
+        Keep {
+            dtype,
+            transposed: false,
+        }
+    }
+}
+
+/// `t` `[r, c]` as a contiguous `[c, r]`, in tiles that stay in cache (candle's
+/// strided copy goes element by element through an index iterator).
+fn transposed(t: Tensor) -> candle_core::Result<Tensor> {
+    fn tiles<T: candle_core::WithDType>(
+        t: &Tensor,
+        r: usize,
+        c: usize,
+    ) -> candle_core::Result<Tensor> {
+        const TILE: usize = 32;
+        let src = t.flatten_all()?.to_vec1::<T>()?;
+        let mut dst = vec![T::zero(); src.len()];
+        for i0 in (0..r).step_by(TILE) {
+            for j0 in (0..c).step_by(TILE) {
+                for i in i0..(i0 + TILE).min(r) {
+                    for j in j0..(j0 + TILE).min(c) {
+                        dst[j * r + i] = src[i * c + j];
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(dst, (c, r), t.device())
+    }
+    let (r, c) = t.dims2()?;
+    if !t.device().is_cpu() {
+        return t.t()?.contiguous();
+    }
+    match t.dtype() {
+        DType::F32 => tiles::<f32>(&t, r, c),
+        DType::BF16 => tiles::<half::bf16>(&t, r, c),
+        DType::F16 => tiles::<half::f16>(&t, r, c),
+        _ => t.t()?.contiguous(),
+    }
+}
+
 fn convert(t: Tensor, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
     // Integer buffers (position ids and the like) keep their type.
     let t = if t.dtype().is_float() {
@@ -330,5 +394,43 @@ mod tests {
         .unwrap();
         assert!(c.lambda_min_clipped < -1e300);
         assert_eq!(c.name, "NaN -Infinity");
+    }
+
+    /// Tensors the loader keeps transposed equal candle's transpose, in every
+    /// float dtype and for sizes that do not fill the tiles.
+    #[test]
+    fn transposed_weights_equal_candle_transpose() {
+        let dir = std::env::temp_dir().join(format!("pixart-keep-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let v: Vec<f32> = (0..70 * 45).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let w = Tensor::from_vec(v, (70, 45), &Device::Cpu).unwrap();
+        let b = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu).unwrap();
+        let tensors: HashMap<String, Tensor> =
+            [("w".to_string(), w.clone()), ("b".into(), b)].into();
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let loaded =
+                Weights::from_folder_choosing(&dir, &["model"], dtype, &Device::Cpu, |n, _| Keep {
+                    dtype,
+                    transposed: n == "w",
+                })
+                .unwrap();
+            let want = w
+                .to_dtype(dtype)
+                .unwrap()
+                .t()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let got = loaded.get("w").unwrap();
+            assert_eq!(got.dims(), [45, 70]);
+            let diff = (got.to_dtype(DType::F32).unwrap() - want)
+                .unwrap()
+                .abs()
+                .unwrap();
+            assert_eq!(diff.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+            assert_eq!(loaded.get("b").unwrap().dims(), [3]);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

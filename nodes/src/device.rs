@@ -66,3 +66,45 @@ pub fn dtype_device(inputs: &Inputs) -> Result<(DType, Device), NodeError> {
     let device = device(inputs.str("device")?).map_err(|e| NodeError::input("device", e))?;
     Ok((dtype, device))
 }
+
+/// How a T5 encoder keeps its projection weights (q, k, v, o and the
+/// feed-forward: nearly all of its parameters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextWeights {
+    /// In `dtype`; but bf16 weights stay bf16 under f32 arithmetic on the CPU
+    /// (widening them is exact, so nothing changes but the memory).
+    Auto,
+    /// Rounded to bf16 under f32 arithmetic on the CPU: half the memory of f32
+    /// (T5-XXL: 9.5 GB instead of 19), outputs within bf16's rounding of f32's.
+    Bf16,
+}
+
+impl TextWeights {
+    pub fn name(self) -> &'static str {
+        match self {
+            TextWeights::Auto => "auto",
+            TextWeights::Bf16 => "bf16",
+        }
+    }
+}
+
+pub fn text_weights_input() -> InputSpec {
+    InputSpec::new("text_encoder_weights", PortType::enum_of(&["auto", "bf16"]))
+        .default("auto")
+        .describe(
+            "T5's projection weights: auto (as dtype; bf16 checkpoints stay bf16 on the CPU) or \
+             bf16 (half the memory of f32, arithmetic still f32; CPU f32 only).",
+        )
+}
+
+/// The node's `text_encoder_weights` input, resolved.
+pub fn text_weights(inputs: &Inputs) -> Result<TextWeights, NodeError> {
+    match inputs.str("text_encoder_weights")? {
+        "auto" => Ok(TextWeights::Auto),
+        "bf16" => Ok(TextWeights::Bf16),
+        other => Err(NodeError::input(
+            "text_encoder_weights",
+            format!("unknown choice {other:?} (auto, bf16)"),
+        )),
+    }
+}

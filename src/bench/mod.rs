@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// For `pipeline`: weights and compute precision (f32, f16; bf16 on a GPU).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// For `pipeline`: T5's projection weights (auto, or bf16: half the memory,
+    /// f32 arithmetic).
+    #[arg(long, default_value = "auto")]
+    text_weights: String,
     /// For `caption`: new tokens per generation.
     #[arg(long, default_value_t = 64)]
     tokens: usize,

@@ -5,6 +5,7 @@
 
 use super::{median, peak_rss_mib, BenchArgs};
 use anyhow::Result;
+use pixart_nodes::device::TextWeights;
 use pixart_nodes::pixart::latents;
 use pixart_nodes::pixart::load::{self, PipelineFolder};
 use pixart_nodes::pixart::nodes::encode_text;
@@ -23,7 +24,12 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
 
     let start = Instant::now();
     let tokenizer = load::tokenizer(&folder.part("tokenizer"))?;
-    let encoder = load::text_encoder(&folder.part("text_encoder"), dtype, &device)?;
+    let text_weights = match args.text_weights.as_str() {
+        "auto" => TextWeights::Auto,
+        "bf16" => TextWeights::Bf16,
+        other => anyhow::bail!("--text-weights {other:?}: auto or bf16"),
+    };
+    let encoder = load::text_encoder(&folder.part("text_encoder"), dtype, text_weights, &device)?;
     let den = load::transformer(&folder.part("transformer"), dtype, &device)?;
     let vae = load::vae(&folder.part("vae"), dtype, &device)?;
     let choice = load::scheduler(&folder.part("scheduler"))?;
@@ -74,6 +80,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         "size": args.size,
         "steps": steps,
         "dtype": args.dtype,
+        "text_weights": args.text_weights,
         "device": args.device,
         "threads": threads,
         "load_s": round(load_s),

@@ -1,9 +1,11 @@
-//! The linear layer `x·Wᵀ + b` as one graph node, with its backward pass.
+//! The linear layer `x·Wᵀ + b` as one graph node, with its backward pass; and the
+//! inference product, which also takes bf16 weights and weights stored transposed.
 
 use super::gemm::{matmul, Product};
 use super::reduce::TokenSum;
 use super::{contiguous_f32, last_dim, use_kernels};
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// y = x·Wᵀ + b over rows: x `[.., K]`, W `[O, K]`, b `[O]`; one graph node, its
 /// backward three products (dx = dy·W, dW = dyᵀ·x, db = Σ dy).
@@ -23,36 +25,13 @@ impl candle_core::CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(self.name(), s1, l1)?;
-        let w = contiguous_f32(self.name(), s2, l2)?;
         let b = contiguous_f32(self.name(), s3, l3)?;
-        let (o, k) = (b.len(), last_dim(l1));
-        let rows = x.len() / k;
-        let mut y = vec![0f32; rows * o];
-        for row in y.chunks_mut(o) {
-            row.copy_from_slice(b);
-        }
-        // SAFETY: shapes checked by the caller; dst accumulates onto the bias.
-        unsafe {
-            matmul(
-                (rows, o, k),
-                y.as_mut_ptr(),
-                (o, 1),
-                x.as_ptr(),
-                (k, 1),
-                w.as_ptr(),
-                (1, k),
-                Product {
-                    accumulate: true,
-                    ..Product::SPLIT
-                },
-            );
-        }
-        let mut dims = l1.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = o;
-        }
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        let weight = Weight {
+            storage: s2,
+            layout: l2,
+            transposed: false,
+        };
+        dense_cpu(self.name(), s1, l1, weight, Some(b), WIDEN_ELEMENTS)
     }
 
     fn bwd(
@@ -109,11 +88,7 @@ impl CustomOp2 for LinearGradInput {
                 Product::SPLIT,
             )
         };
-        let mut dims = l1.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = k;
-        }
-        Ok((CpuStorage::F32(dx), Shape::from(dims)))
+        Ok((CpuStorage::F32(dx), with_last_dim(l1, k)))
     }
 }
 
@@ -168,16 +143,245 @@ pub fn linear(layer: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The same fused linear without gradients (inference): the bias is written
-/// first and the product accumulated onto it, one pass instead of two.
+/// Elements of a bf16 weight widened to f32 at a time (16 MiB): a band of whole
+/// rows, so the product over it stays one call, while the whole of T5-XXL's
+/// 10,240 × 4,096 `wo` would be 160 MiB.
+const WIDEN_ELEMENTS: usize = 1 << 22;
+
+/// `y = x·Wᵀ (+ b)` without gradients: x `[.., K]` f32, W in f32 or bf16, either
+/// `[O, K]` as checkpoints store it or `[K, O]` (`transposed`: the layout gemm
+/// streams fastest when x has few rows, twice the speed at T5's 120 tokens). The
+/// bias, if any, is written first and the product accumulated onto it. A bf16
+/// weight is widened to f32 one band of rows at a time, so a model can keep its
+/// weights in half the memory and still compute in f32.
+struct DenseForward {
+    bias: Option<Vec<f32>>,
+    transposed: bool,
+    /// Elements of a bf16 weight widened at a time ([`WIDEN_ELEMENTS`] but in tests).
+    band_elements: usize,
+}
+
+impl CustomOp2 for DenseForward {
+    fn name(&self) -> &'static str {
+        "dense-forward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let weight = Weight {
+            storage: s2,
+            layout: l2,
+            transposed: self.transposed,
+        };
+        let bias = self.bias.as_deref();
+        dense_cpu(self.name(), s1, l1, weight, bias, self.band_elements)
+    }
+}
+
+/// A weight as the product finds it.
+struct Weight<'a> {
+    storage: &'a CpuStorage,
+    layout: &'a Layout,
+    /// `[K, O]` rather than `[O, K]`.
+    transposed: bool,
+}
+
+/// `y = x·Wᵀ (+ b)` on the CPU (see [`DenseForward`]).
+fn dense_cpu(
+    name: &str,
+    s1: &CpuStorage,
+    l1: &Layout,
+    weight: Weight,
+    bias: Option<&[f32]>,
+    band_elements: usize,
+) -> Result<(CpuStorage, Shape)> {
+    let x = contiguous_f32(name, s1, l1)?;
+    let k = last_dim(l1);
+    let (o, width) = match *weight.layout.dims() {
+        [a, b] if weight.transposed => (b, a),
+        [a, b] => (a, b),
+        ref other => candle_core::bail!("{name}: weight {other:?}"),
+    };
+    if width != k {
+        candle_core::bail!(
+            "{name}: weight {:?} for inputs of width {k}",
+            weight.layout.dims()
+        );
+    }
+    let rows = x.len() / k;
+    let mut y = vec![0f32; rows * o];
+    let with_bias = match bias {
+        Some(b) if b.len() == o => {
+            for row in y.chunks_mut(o) {
+                row.copy_from_slice(b);
+            }
+            true
+        }
+        Some(b) => candle_core::bail!("{name}: bias of {} for {o} outputs", b.len()),
+        None => false,
+    };
+    // Rows of the stored weight, and the length of each.
+    let (stored_rows, row_len) = if weight.transposed { (k, o) } else { (o, k) };
+    let dims = (rows, o, k);
+    let product = |y: &mut [f32], band: &[f32], first: usize, n: usize, accumulate: bool| {
+        // SAFETY: x is rows×k, y rows×o, and `band` holds stored rows first..first+n.
+        unsafe { band_product(weight.transposed, dims, y, x, band, first, n, accumulate) }
+    };
+    match (weight.storage, weight.layout.contiguous_offsets()) {
+        (CpuStorage::F32(w), Some((a, b))) => product(&mut y, &w[a..b], 0, stored_rows, with_bias),
+        (CpuStorage::BF16(w), Some((a, b))) => {
+            let w = &w[a..b];
+            let per_band = (band_elements / row_len).clamp(1, stored_rows);
+            let mut band = vec![0f32; per_band * row_len];
+            for first in (0..stored_rows).step_by(per_band) {
+                let n = per_band.min(stored_rows - first);
+                let band = &mut band[..n * row_len];
+                widen_bf16(&w[first * row_len..(first + n) * row_len], band);
+                // Bands along k accumulate onto each other; along o they fill
+                // their own columns.
+                let accumulate = with_bias || (weight.transposed && first > 0);
+                product(&mut y, band, first, n, accumulate);
+            }
+        }
+        (other, _) => candle_core::bail!(
+            "{name}: contiguous f32 or bf16 weights only, got {:?}",
+            other.dtype()
+        ),
+    }
+    Ok((CpuStorage::F32(y), with_last_dim(l1, o)))
+}
+
+/// `y (+)= x·band` for one band of the weight (f32), in the band's layout: `[O, K]`
+/// rows `first..first+n` (outputs), or `[K, O]` rows `first..first+n` (inputs).
+///
+/// # Safety
+/// `band` holds those n rows; x is rows×k and y rows×o.
+#[allow(clippy::too_many_arguments)]
+unsafe fn band_product(
+    transposed: bool,
+    (rows, o, k): (usize, usize, usize),
+    y: &mut [f32],
+    x: &[f32],
+    band: &[f32],
+    first: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    let how = Product {
+        accumulate,
+        ..Product::SPLIT
+    };
+    if transposed {
+        matmul(
+            (rows, o, n),
+            y.as_mut_ptr(),
+            (o, 1),
+            x.as_ptr().add(first),
+            (k, 1),
+            band.as_ptr(),
+            (o, 1),
+            how,
+        )
+    } else {
+        matmul(
+            (rows, n, k),
+            y.as_mut_ptr().add(first),
+            (o, 1),
+            x.as_ptr(),
+            (k, 1),
+            band.as_ptr(),
+            (1, k),
+            how,
+        )
+    }
+}
+
+/// `l`'s shape with its last dimension `n`.
+fn with_last_dim(l: &Layout, n: usize) -> Shape {
+    let mut dims = l.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Shape::from(dims)
+}
+
+/// bf16 → f32 is exact: the bf16 bits are the f32's upper half.
+fn widen_bf16(src: &[half::bf16], dst: &mut [f32]) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let widen = |(s, d): (&[half::bf16], &mut [f32])| {
+        for (x, y) in s.iter().zip(d.iter_mut()) {
+            *y = f32::from_bits(u32::from(x.to_bits()) << 16);
+        }
+    };
+    if rayon::current_num_threads() > 1 && src.len() > CHUNK {
+        src.par_chunks(CHUNK)
+            .zip(dst.par_chunks_mut(CHUNK))
+            .for_each(widen);
+    } else {
+        widen((src, dst));
+    }
+}
+
+/// Whether the fused product takes this input and weight: f32 inputs on the
+/// CPU, f32 or bf16 weights there.
+fn dense_applies(x: &Tensor, w: &Tensor) -> bool {
+    use_kernels(x) && w.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::BF16)
+}
+
+/// The fused product on the CPU (see [`DenseForward`]).
+pub(super) fn dense(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    transposed: bool,
+    band_elements: usize,
+) -> Result<Tensor> {
+    let op = DenseForward {
+        bias: bias
+            .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+            .transpose()?,
+        transposed,
+        band_elements,
+    };
+    x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &op)
+}
+
+/// A linear layer without gradients (inference), bias or not. On the CPU with
+/// f32 inputs it is one fused node and takes f32 or bf16 weights (the latter
+/// widened as it goes: half the memory, f32 arithmetic); elsewhere candle's
+/// layer, the weight cast to the input's dtype where they differ.
 pub fn linear_inference(layer: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     use candle_core::Module;
-    match layer.bias() {
-        Some(b) if use_kernels(x) => x.contiguous()?.apply_op3_no_bwd(
-            &layer.weight().contiguous()?,
-            &b.contiguous()?,
-            &LinearOp,
-        ),
-        _ => layer.forward(x),
+    let w = layer.weight();
+    if dense_applies(x, w) {
+        return dense(x, w, layer.bias(), false, WIDEN_ELEMENTS);
+    }
+    if w.dtype() != x.dtype() {
+        let b = layer.bias().map(|b| b.to_dtype(x.dtype())).transpose()?;
+        return candle_nn::Linear::new(w.to_dtype(x.dtype())?, b).forward(x);
+    }
+    layer.forward(x)
+}
+
+/// [`linear_inference`] with the weight stored transposed, `wt` `[K, O]`
+/// (see `Keep::transposed` in the weights loader): `x·wt (+ b)`.
+pub fn linear_transposed_inference(
+    wt: &Tensor,
+    bias: Option<&Tensor>,
+    x: &Tensor,
+) -> Result<Tensor> {
+    if dense_applies(x, wt) {
+        return dense(x, wt, bias, true, WIDEN_ELEMENTS);
+    }
+    let y = x.broadcast_matmul(&wt.to_dtype(x.dtype())?)?;
+    match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
+        None => Ok(y),
     }
 }

@@ -25,7 +25,7 @@ mod tests;
 pub use activation::{gelu, gelu_inference};
 pub use attention::{attention, attention_composed};
 pub use conv::conv2d;
-pub use linear::{linear, linear_inference};
+pub use linear::{linear, linear_inference, linear_transposed_inference};
 pub use modulation::{gated_add, modulate};
 pub use norm::{group_norm, layer_norm};
 pub use softmax::softmax_last_dim;

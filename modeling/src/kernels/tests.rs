@@ -326,3 +326,55 @@ fn fused_group_norm_matches_the_composition() {
         }
     }
 }
+
+/// The inference product against candle's matmul: weights `[O, K]` or stored
+/// transposed, f32 or bf16 (widened in one band or in several, ragged), bias or
+/// not, on one row and on many.
+#[test]
+fn dense_forward_matches_matmul() {
+    let (o, k) = (37, 29);
+    let w = filled(&[o, k], 3);
+    let b = filled(&[o], 5);
+    let wt = w.t().unwrap().contiguous().unwrap();
+    for rows in [1, 2 * 13] {
+        let x = filled(&[rows, k], 7).reshape((1, rows, k)).unwrap();
+        for narrow in [false, true] {
+            let (w, wt) = if narrow {
+                (
+                    w.to_dtype(DType::BF16).unwrap(),
+                    wt.to_dtype(DType::BF16).unwrap(),
+                )
+            } else {
+                (w.clone(), wt.clone())
+            };
+            // The reference computes with the weight as the product sees it.
+            let plain = x
+                .broadcast_matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
+                .unwrap();
+            for bias in [None, Some(&b)] {
+                let want = match bias {
+                    Some(b) => plain.broadcast_add(b).unwrap(),
+                    None => plain.clone(),
+                };
+                // One band, then bands of 5 rows of either layout (ragged).
+                for band in [1 << 22, 5 * 37] {
+                    let got = linear::dense(&x, &w, bias, false, band).unwrap();
+                    assert!(rel_err(&got, &want) < 1e-6, "[O, K] {rows} {narrow} {band}");
+                    let got = linear::dense(&x, &wt, bias, true, band).unwrap();
+                    assert!(rel_err(&got, &want) < 1e-6, "[K, O] {rows} {narrow} {band}");
+                }
+            }
+        }
+    }
+    // The public entry points take the same paths.
+    let x = filled(&[3, k], 9);
+    let layer = candle_nn::Linear::new(w.clone(), Some(b.clone()));
+    let want = x
+        .matmul(&w.t().unwrap())
+        .unwrap()
+        .broadcast_add(&b)
+        .unwrap();
+    assert!(rel_err(&linear_inference(&layer, &x).unwrap(), &want) < 1e-6);
+    let got = linear_transposed_inference(&wt, Some(&b), &x).unwrap();
+    assert!(rel_err(&got, &want) < 1e-6);
+}

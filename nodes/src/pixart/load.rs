@@ -4,15 +4,15 @@
 //! through the shared model cache.
 
 use super::denoiser::{Denoiser, DEFAULT_VAE_SCALE, NULL_CAPTION};
-use crate::device::check_dtype_device;
+use crate::device::{check_dtype_device, TextWeights};
 use crate::model_cache::{self as cache, key};
 use candle_core::{DType, Device, Tensor};
 use pixart_models::pixart::{self, PixArtTransformer};
 use pixart_models::schedulers::SchedulerConfig;
-use pixart_models::t5::{self, T5Encoder};
+use pixart_models::t5::{self, Projections, T5Encoder};
 use pixart_models::tokenizer::T5Tokenizer;
 use pixart_models::vae::{self, AutoencoderKl};
-use pixart_models::weights::{read_config, LoadError, Weights};
+use pixart_models::weights::{read_config, Keep, LoadError, Weights};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -115,16 +115,56 @@ pub fn tokenizer(dir: &Path) -> Result<Arc<T5Tokenizer>, LoadError> {
 pub fn text_encoder(
     dir: &Path,
     dtype: DType,
+    weights: TextWeights,
     device: &Device,
 ) -> Result<Arc<T5Encoder>, LoadError> {
-    cache::get_or_load(&key("t5", dir, dtype, device), || {
+    let narrow = device.is_cpu() && dtype == DType::F32;
+    if weights == TextWeights::Bf16 && !narrow {
+        return Err(LoadError::file(
+            dir,
+            "bf16 text encoder weights are for f32 on the CPU; elsewhere choose dtype bf16",
+        ));
+    }
+    let kind = format!("t5-{}", weights.name());
+    cache::get_or_load(&key(&kind, dir, dtype, device), || {
         let cfg: t5::Config = read_config(dir)?;
-        // transformers keeps T5's `wo` in f32 in half precision.
-        let keep = |name: &str| dtype == DType::F16 && name.ends_with("DenseReluDense.wo.weight");
+        let projection = |name: &str| {
+            name.starts_with("encoder.block.")
+                && (name.contains(".SelfAttention.") || name.contains(".DenseReluDense."))
+                && !name.contains("relative_attention_bias")
+        };
+        // On the CPU in f32 the projections are stored transposed, the layout
+        // the product reads fastest with T5's few rows.
+        let proj_dtype = |name: &str, stored: DType| {
+            if dtype == DType::F16 && name.ends_with("DenseReluDense.wo.weight") {
+                // transformers keeps T5's `wo` in f32 in half precision.
+                DType::F32
+            } else if narrow && (weights == TextWeights::Bf16 || stored == DType::BF16) {
+                DType::BF16
+            } else {
+                dtype
+            }
+        };
+        let choose = |name: &str, stored: DType| {
+            if projection(name) {
+                Keep {
+                    dtype: proj_dtype(name, stored),
+                    transposed: narrow,
+                }
+            } else {
+                Keep::as_is(dtype)
+            }
+        };
         let w =
-            Weights::from_folder_keeping(dir, &["model", "pytorch_model"], dtype, device, keep)?;
-        let model =
-            T5Encoder::new(w.var_builder(), &cfg).map_err(|e| w.model_error("T5 encoder", e))?;
+            Weights::from_folder_choosing(dir, &["model", "pytorch_model"], dtype, device, choose)?;
+        let proj = Projections {
+            dtype: w
+                .get("encoder.block.0.layer.0.SelfAttention.q.weight")
+                .map_or(dtype, |t| t.dtype()),
+            transposed: narrow,
+        };
+        let model = T5Encoder::with_projections(w.var_builder(), &cfg, proj)
+            .map_err(|e| w.model_error("T5 encoder", e))?;
         Ok((model, w.bytes()))
     })
 }

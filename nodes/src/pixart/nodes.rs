@@ -6,7 +6,7 @@ use super::latents;
 use super::load::{self, SchedulerChoice};
 use super::sample::{plan, sample, Request, Step};
 use super::Denoiser;
-use crate::device::{device_input, dtype_device, dtype_input};
+use crate::device::{device_input, dtype_device, dtype_input, text_weights, text_weights_input};
 use crate::fsutil::input_file_fingerprint;
 use crate::noise::gaussian;
 use candle_core::{DType, Device, Tensor};
@@ -79,7 +79,9 @@ fn load_pipeline(
     let folder = load::PipelineFolder::open(&root).map_err(load_err)?;
     ctx.progress(0, 4);
     let tok = load::tokenizer(&folder.part("tokenizer")).map_err(load_err)?;
-    let enc = load::text_encoder(&folder.part("text_encoder"), dtype, device).map_err(load_err)?;
+    let weights = text_weights(inputs)?;
+    let enc = load::text_encoder(&folder.part("text_encoder"), dtype, weights, device)
+        .map_err(load_err)?;
     ctx.check_cancelled()?;
     ctx.progress(1, 4);
     let transformer_path = match inputs.get("transformer") {
@@ -126,8 +128,14 @@ fn load_t5(
     device: &Device,
 ) -> Result<Outputs, NodeError> {
     let tok = load::tokenizer(&ctx.input_path(inputs.path("tokenizer")?)?).map_err(load_err)?;
-    let enc = load::text_encoder(&ctx.input_path(inputs.path("path")?)?, dtype, device)
-        .map_err(load_err)?;
+    let weights = text_weights(inputs)?;
+    let enc = load::text_encoder(
+        &ctx.input_path(inputs.path("path")?)?,
+        dtype,
+        weights,
+        device,
+    )
+    .map_err(load_err)?;
     Ok(
         Outputs::one("tokenizer", handle(PortType::Tokenizer, 1 << 20, tok))
             .with("text_encoder", handle(PortType::TextEncoder, 0, enc)),
@@ -152,6 +160,7 @@ fn loaders() -> Vec<ComponentLoader> {
                 "Loads a diffusers PixArt-α pipeline folder (model_index.json with tokenizer, \
                  text_encoder, transformer, vae, scheduler). Models are shared between nodes and runs.",
             )
+            .input(text_weights_input())
             .input(
                 InputSpec::new("transformer", PortType::Path)
                     .optional()
@@ -181,6 +190,7 @@ fn loaders() -> Vec<ComponentLoader> {
                  tokenizer folder.",
             )
             .input(InputSpec::new("tokenizer", PortType::Path).describe("The tokenizer folder."))
+            .input(text_weights_input())
             .output("tokenizer", PortType::Tokenizer, "T5 tokenizer")
             .output("text_encoder", PortType::TextEncoder, "T5 encoder"),
             load: load_t5,

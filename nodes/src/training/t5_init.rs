@@ -185,9 +185,13 @@ impl Node for InitT5 {
             ],
         )
         .map_err(|e| NodeError::io(&out, e))?;
-        let encoder =
-            crate::pixart::load::text_encoder(&out, candle_core::DType::F32, &Device::Cpu)
-                .map_err(NodeError::msg)?;
+        let encoder = crate::pixart::load::text_encoder(
+            &out,
+            candle_core::DType::F32,
+            crate::device::TextWeights::Auto,
+            &Device::Cpu,
+        )
+        .map_err(NodeError::msg)?;
         Ok(Outputs::one(
             "encoder",
             Value::Handle(Handle::shared(PortType::TextEncoder, 0, encoder)),
