@@ -87,19 +87,26 @@ fn tokenizer_ids_are_exact_from_tokenizer_json_and_from_spiece_model() {
     }
 }
 
-#[test]
-fn t5_encoder_with_mask_matches_transformers() {
+/// The tiny fixture's T5 loaded as asked, run on the reference's input; and the
+/// reference.
+fn tiny_t5(dtype: DType, weights: TextWeights) -> (Tensor, HashMap<String, Tensor>) {
     let r = reference("t5.safetensors");
     let enc = load::text_encoder(
         &fixtures().join("tiny-pixart/text_encoder"),
-        DType::F32,
-        TextWeights::Auto,
+        dtype,
+        weights,
         &dev(),
     )
     .unwrap();
     let out = enc
         .forward(&ids_u32(get(&r, "input_ids")), get(&r, "attention_mask"))
         .unwrap();
+    (out, r)
+}
+
+#[test]
+fn t5_encoder_with_mask_matches_transformers() {
+    let (out, r) = tiny_t5(DType::F32, TextWeights::Auto);
     assert_close(
         "T5 last_hidden_state",
         &out,
@@ -461,17 +468,7 @@ fn half_precision_stays_close_to_f32() {
 fn t5_in_half_precision_matches_transformers_half_precision() {
     // transformers keeps `wo` in f32 (its residual stream turns f32); an f16
     // residual would drift from it (and overflow on T5-XXL).
-    let r = reference("t5.safetensors");
-    let enc = load::text_encoder(
-        &fixtures().join("tiny-pixart/text_encoder"),
-        DType::F16,
-        TextWeights::Auto,
-        &dev(),
-    )
-    .unwrap();
-    let out = enc
-        .forward(&ids_u32(get(&r, "input_ids")), get(&r, "attention_mask"))
-        .unwrap();
+    let (out, r) = tiny_t5(DType::F16, TextWeights::Auto);
     assert_eq!(out.dtype(), DType::F16);
     let vs_f16 = common::rel_err(&out, get(&r, "f16_last_hidden_state"));
     let vs_f32 = common::rel_err(&out, get(&r, "last_hidden_state"));
@@ -480,6 +477,20 @@ fn t5_in_half_precision_matches_transformers_half_precision() {
     // value; and ours follows transformers' f16 path more than the f32 one.
     assert!(vs_f16 <= 4.0 * 2f32.powi(-10), "{vs_f16:e}");
     assert!(vs_f16 < vs_f32, "{vs_f16:e} vs {vs_f32:e}");
+}
+
+#[test]
+fn t5_with_bf16_weights_stays_within_bf16_rounding_of_f32() {
+    // f32 arithmetic on weights rounded to bf16 (`text_encoder_weights: bf16`):
+    // the only error is the weights' rounding, 2^-8 of each.
+    let (out, r) = tiny_t5(DType::F32, TextWeights::Bf16);
+    assert_eq!(out.dtype(), DType::F32);
+    let e = common::rel_err(&out, get(&r, "last_hidden_state"));
+    eprintln!("T5 with bf16 weights: {e:e} from transformers' f32");
+    // A few bf16 steps of the largest value; and not f32's agreement, which would
+    // mean the weights were not rounded at all.
+    assert!(e <= 4.0 * 2f32.powi(-8), "{e:e}");
+    assert!(e > 1e-5, "{e:e}");
 }
 
 #[test]

@@ -249,38 +249,56 @@ impl Keep {
     }
 }
 
-/// `t` `[r, c]` as a contiguous `[c, r]`, in tiles that stay in cache (candle's
-/// strided copy goes element by element through an index iterator).
+/// `t` `[r, c]` as a contiguous `[c, r]`: on the CPU straight from the tensor's
+/// buffer into the new one, in tiles that stay in cache, split over rayon's
+/// threads (candle's strided copy goes element by element through an index
+/// iterator).
 fn transposed(t: Tensor) -> candle_core::Result<Tensor> {
-    fn tiles<T: candle_core::WithDType>(
-        t: &Tensor,
-        r: usize,
-        c: usize,
-    ) -> candle_core::Result<Tensor> {
-        const TILE: usize = 32;
-        let src = t.flatten_all()?.to_vec1::<T>()?;
-        let mut dst = vec![T::zero(); src.len()];
-        for i0 in (0..r).step_by(TILE) {
-            for j0 in (0..c).step_by(TILE) {
-                for i in i0..(i0 + TILE).min(r) {
-                    for j in j0..(j0 + TILE).min(c) {
-                        dst[j * r + i] = src[i * c + j];
+    use candle_core::{CpuStorage, Storage};
+    let (r, c) = t.dims2()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        drop(storage);
+        return t.t()?.contiguous();
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        drop(storage);
+        return t.t()?.contiguous();
+    };
+    let shape = (c, r);
+    match cpu {
+        CpuStorage::F32(v) => Tensor::from_vec(transpose(&v[a..b], r, c), shape, &Device::Cpu),
+        CpuStorage::BF16(v) => Tensor::from_vec(transpose(&v[a..b], r, c), shape, &Device::Cpu),
+        CpuStorage::F16(v) => Tensor::from_vec(transpose(&v[a..b], r, c), shape, &Device::Cpu),
+        _ => {
+            drop(storage);
+            t.t()?.contiguous()
+        }
+    }
+}
+
+/// `src` `[r, c]` row-major → `[c, r]`, a band of destination rows per task.
+fn transpose<T: Copy + Send + Sync + Default>(src: &[T], r: usize, c: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    const TILE: usize = 64;
+    let mut dst = vec![T::default(); src.len()];
+    // Each task fills TILE destination rows (source columns j0..j0+TILE).
+    dst.par_chunks_mut(TILE * r)
+        .enumerate()
+        .for_each(|(band, out)| {
+            let j0 = band * TILE;
+            let cols = out.len() / r;
+            for i0 in (0..r).step_by(TILE) {
+                let rows = TILE.min(r - i0);
+                for dj in 0..cols {
+                    let row = &mut out[dj * r + i0..dj * r + i0 + rows];
+                    for (di, d) in row.iter_mut().enumerate() {
+                        *d = src[(i0 + di) * c + j0 + dj];
                     }
                 }
             }
-        }
-        Tensor::from_vec(dst, (c, r), t.device())
-    }
-    let (r, c) = t.dims2()?;
-    if !t.device().is_cpu() {
-        return t.t()?.contiguous();
-    }
-    match t.dtype() {
-        DType::F32 => tiles::<f32>(&t, r, c),
-        DType::BF16 => tiles::<half::bf16>(&t, r, c),
-        DType::F16 => tiles::<half::f16>(&t, r, c),
-        _ => t.t()?.contiguous(),
-    }
+        });
+    dst
 }
 
 fn convert(t: Tensor, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {

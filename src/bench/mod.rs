@@ -5,6 +5,7 @@
 //! `scripts/` for the same job.
 
 mod pipeline;
+mod text;
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
@@ -63,6 +64,9 @@ pub struct BenchArgs {
     /// f32 arithmetic).
     #[arg(long, default_value = "auto")]
     text_weights: String,
+    /// For `text`: outputs to measure the error against (scripts/bench_text_torch.py --save).
+    #[arg(long)]
+    reference: Option<std::path::PathBuf>,
     /// For `caption`: new tokens per generation.
     #[arg(long, default_value_t = 64)]
     tokens: usize,
@@ -85,6 +89,10 @@ enum Target {
     /// sampler step, VAE decode, peak memory, as JSON (compare with
     /// scripts/bench_pipeline_torch.py on the same folder).
     Pipeline,
+    /// The T5 encoder of `--model` (a folder with tokenizer/ and text_encoder/,
+    /// e.g. a pipeline folder): load, encode, peak memory, and the error against
+    /// `--reference` (compare with scripts/bench_text_torch.py).
+    Text,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -169,6 +177,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode> {
         Target::Plugins => return plugins(&args.plugin, args.repeat.max(1)),
         Target::Caption => return caption(&args.model, args.tokens.max(2), args.repeat.max(1)),
         Target::Pipeline => return pipeline::run(&args),
+        Target::Text => return text::run(&args),
         Target::Runtime => {}
     }
     let n = args.nodes.max(1);

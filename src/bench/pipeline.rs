@@ -13,9 +13,9 @@ use pixart_nodes::pixart::sample::{sample, Request};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-const PROMPT: &str = "a small cactus with a happy face in the sahara desert";
+pub(super) const PROMPT: &str = "a small cactus with a happy face in the sahara desert";
 /// PixArt's T5 length.
-const TOKENS: usize = 120;
+pub(super) const TOKENS: usize = 120;
 
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     let dtype = pixart_nodes::device::dtype(&args.dtype).map_err(anyhow::Error::msg)?;
@@ -24,11 +24,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
 
     let start = Instant::now();
     let tokenizer = load::tokenizer(&folder.part("tokenizer"))?;
-    let text_weights = match args.text_weights.as_str() {
-        "auto" => TextWeights::Auto,
-        "bf16" => TextWeights::Bf16,
-        other => anyhow::bail!("--text-weights {other:?}: auto or bf16"),
-    };
+    let text_weights = text_weights(&args.text_weights)?;
     let encoder = load::text_encoder(&folder.part("text_encoder"), dtype, text_weights, &device)?;
     let den = load::transformer(&folder.part("transformer"), dtype, &device)?;
     let vae = load::vae(&folder.part("vae"), dtype, &device)?;
@@ -95,6 +91,15 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn round(d: Duration) -> f64 {
+/// The `--text-weights` choice.
+pub(super) fn text_weights(name: &str) -> Result<TextWeights> {
+    match name {
+        "auto" => Ok(TextWeights::Auto),
+        "bf16" => Ok(TextWeights::Bf16),
+        other => anyhow::bail!("--text-weights {other:?}: auto or bf16"),
+    }
+}
+
+pub(super) fn round(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0).round() / 1000.0
 }
