@@ -28,6 +28,11 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--release-text-encoder",
+        action="store_true",
+        help="drop the text encoder once the prompts are encoded (del + gc, as low-memory users do)",
+    )
     ap.add_argument("--prompt", default="a small cactus with a happy face in the sahara desert")
     args = ap.parse_args()
 
@@ -45,6 +50,11 @@ def main():
             args.prompt, do_classifier_free_guidance=True, negative_prompt="", max_sequence_length=120
         )
         t5_s = time.perf_counter() - start
+        if args.release_text_encoder:
+            import gc
+
+            pipe.text_encoder = None
+            gc.collect()
 
         stamps = [time.perf_counter()]
 
@@ -83,6 +93,7 @@ def main():
                 "size": args.size,
                 "steps": args.steps,
                 "threads": args.threads,
+                "release_text_encoder": args.release_text_encoder,
                 "load_s": round(load_s, 3),
                 "t5_s": round(t5_s, 3),
                 "step_s": round(statistics.median(steps), 3),

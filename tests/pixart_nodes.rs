@@ -393,3 +393,63 @@ async fn broken_checkpoints_are_clear_errors() {
         "{msg}"
     );
 }
+
+/// `release_text_encoder`: once the run's last T5 reader is done the weights go
+/// (the handle says so), the image is the same, and a later run that encodes
+/// again loads them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_text_encoder_can_be_released_after_encoding() {
+    use pixart_nodes::pixart::text_encoder::TextEncoder;
+    let (reg, _) = registry();
+    let yaml = |release: bool| {
+        format!(
+            r#"version: 1
+params:
+  prompt: {{type: string, default: "a cactus"}}
+nodes:
+  pipe: {{type: pixart.load, inputs: {{path: "tiny-pixart", release_text_encoder: {release}}}}}
+  pos:  {{type: t5.encode, inputs: {{tokenizer: "${{pipe.tokenizer}}", encoder: "${{pipe.text_encoder}}", text: "${{params.prompt}}"}}}}
+  neg:  {{type: t5.encode, inputs: {{tokenizer: "${{pipe.tokenizer}}", encoder: "${{pipe.text_encoder}}", text: ""}}}}
+  sample:
+    type: pixart.sample
+    inputs: {{transformer: "${{pipe.transformer}}", scheduler: "${{pipe.scheduler}}", positive: "${{pos.conditioning}}",
+             negative: "${{neg.conditioning}}", steps: 2, width: 256, height: 256, seed: 1}}
+  decode: {{type: vae.decode, inputs: {{vae: "${{pipe.vae}}", latents: "${{sample.latents}}"}}}}
+"#
+        )
+    };
+    let loaded = |report: &RunReport| match report.output("pipe", "text_encoder") {
+        Some(Value::Handle(h)) => h.downcast::<TextEncoder>().unwrap().is_loaded(),
+        other => panic!("pipe.text_encoder: {other:?}"),
+    };
+    let out = tempfile::tempdir().unwrap();
+    let opts = || RunOptions {
+        out_dir: out.path().into(),
+        base_dir: fixtures(),
+        ..RunOptions::default()
+    };
+    // One executor: its output cache keeps `pipe` (and the handle) between runs.
+    let exec = Executor::new(CachePolicy::default());
+    let kept = exec.run(&load(&yaml(false), &reg), opts()).await.unwrap();
+    assert!(kept.ok(), "{:?}", kept.failures);
+    assert!(loaded(&kept));
+
+    let released_wf = load(&yaml(true), &reg);
+    let released = exec.run(&released_wf, opts()).await.unwrap();
+    assert!(released.ok(), "{:?}", released.failures);
+    assert!(
+        !loaded(&released),
+        "the weights outlived the run's last encode"
+    );
+    assert_eq!(
+        max_abs_diff(&image(&kept, "decode"), &image(&released, "decode")),
+        0.0
+    );
+
+    // A new prompt: the cached loader's handle loads T5 again, and lets it go again.
+    let again_wf = common::load_with(&yaml(true), &reg, &[("prompt", "a rose")]);
+    let again = exec.run(&again_wf, opts()).await.unwrap();
+    assert!(again.ok(), "{:?}", again.failures);
+    assert!(!loaded(&again));
+    assert!(max_abs_diff(&image(&kept, "decode"), &image(&again, "decode")) > 0.0);
+}

@@ -108,3 +108,13 @@ pub fn text_weights(inputs: &Inputs) -> Result<TextWeights, NodeError> {
         )),
     }
 }
+
+pub fn release_text_encoder_input() -> InputSpec {
+    InputSpec::new("release_text_encoder", PortType::Bool)
+        .default(false)
+        .describe(
+            "Free T5's weights once this run has encoded its prompts (loaded again when a later \
+             run encodes): the low-memory choice, as diffusers users drop the text encoder after \
+             encode_prompt.",
+        )
+}

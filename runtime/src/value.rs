@@ -43,6 +43,8 @@ pub struct Handle {
     /// Approximate resident size, so the output cache can account for it.
     pub bytes: usize,
     inner: Arc<dyn Any + Send + Sync>,
+    /// Called when no node of the run that made the handle reads it any more.
+    on_last_use: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl Handle {
@@ -52,7 +54,27 @@ impl Handle {
 
     /// A handle to an object that is already shared (e.g. held by a model cache).
     pub fn shared<T: Any + Send + Sync>(kind: PortType, bytes: usize, inner: Arc<T>) -> Handle {
-        Handle { kind, bytes, inner }
+        Handle {
+            kind,
+            bytes,
+            inner,
+            on_last_use: None,
+        }
+    }
+
+    /// `f` runs once every node of the run that produced this handle and reads
+    /// it has finished: a model can let its weights go there (and load them
+    /// again when a later run asks), which the run's own references cannot.
+    pub fn on_last_use(mut self, f: impl Fn() + Send + Sync + 'static) -> Handle {
+        self.on_last_use = Some(Arc::new(f));
+        self
+    }
+
+    /// Runs the [`Handle::on_last_use`] hook, if any.
+    pub(crate) fn last_use(&self) {
+        if let Some(f) = &self.on_last_use {
+            f()
+        }
     }
 
     pub fn downcast<T: Any + Send + Sync>(&self) -> Option<&T> {

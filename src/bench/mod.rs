@@ -64,6 +64,9 @@ pub struct BenchArgs {
     /// f32 arithmetic).
     #[arg(long, default_value = "auto")]
     text_weights: String,
+    /// For `pipeline`: free T5's weights once the prompts are encoded.
+    #[arg(long)]
+    release_text_encoder: bool,
     /// For `text`: outputs to measure the error against (scripts/bench_text_torch.py --save).
     #[arg(long)]
     reference: Option<std::path::PathBuf>,

@@ -10,6 +10,7 @@ use pixart_nodes::pixart::latents;
 use pixart_nodes::pixart::load::{self, PipelineFolder};
 use pixart_nodes::pixart::nodes::encode_text;
 use pixart_nodes::pixart::sample::{sample, Request};
+use pixart_nodes::pixart::text_encoder::TextEncoder;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,14 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     let start = Instant::now();
     let tokenizer = load::tokenizer(&folder.part("tokenizer"))?;
     let text_weights = text_weights(&args.text_weights)?;
-    let encoder = load::text_encoder(&folder.part("text_encoder"), dtype, text_weights, &device)?;
+    let release = args.release_text_encoder;
+    let slot = TextEncoder::load(
+        &folder.part("text_encoder"),
+        dtype,
+        text_weights,
+        &device,
+        release,
+    )?;
     let den = load::transformer(&folder.part("transformer"), dtype, &device)?;
     let vae = load::vae(&folder.part("vae"), dtype, &device)?;
     let choice = load::scheduler(&folder.part("scheduler"))?;
@@ -33,9 +41,15 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     let rss_loaded = peak_rss_mib();
 
     let start = Instant::now();
+    let encoder = slot.get()?;
     let positive = encode_text(&tokenizer, &encoder, PROMPT, TOKENS).map_err(anyhow::Error::msg)?;
     let negative = encode_text(&tokenizer, &encoder, "", TOKENS).map_err(anyhow::Error::msg)?;
     let t5_s = start.elapsed();
+    drop(encoder);
+    if release {
+        // As a workflow with `release_text_encoder: true` does after its last encode.
+        slot.release();
+    }
 
     let steps = args.steps.max(1);
     let mut sampler = choice
@@ -77,6 +91,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         "steps": steps,
         "dtype": args.dtype,
         "text_weights": args.text_weights,
+        "release_text_encoder": release,
         "device": args.device,
         "threads": threads,
         "load_s": round(load_s),

@@ -112,6 +112,11 @@ pub fn tokenizer(dir: &Path) -> Result<Arc<T5Tokenizer>, LoadError> {
     })
 }
 
+/// The model cache's key for [`text_encoder`]'s model.
+pub fn text_encoder_key(dir: &Path, dtype: DType, weights: TextWeights, device: &Device) -> String {
+    key(&format!("t5-{}", weights.name()), dir, dtype, device)
+}
+
 pub fn text_encoder(
     dir: &Path,
     dtype: DType,
@@ -125,8 +130,7 @@ pub fn text_encoder(
             "bf16 text encoder weights are for f32 on the CPU; elsewhere choose dtype bf16",
         ));
     }
-    let kind = format!("t5-{}", weights.name());
-    cache::get_or_load(&key(&kind, dir, dtype, device), || {
+    cache::get_or_load(&text_encoder_key(dir, dtype, weights, device), || {
         let cfg: t5::Config = read_config(dir)?;
         let projection = |name: &str| {
             name.starts_with("encoder.block.")

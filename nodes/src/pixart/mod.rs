@@ -6,5 +6,6 @@ pub mod latents;
 pub mod load;
 pub mod nodes;
 pub mod sample;
+pub mod text_encoder;
 
 pub use denoiser::Denoiser;

@@ -5,8 +5,12 @@ use super::binning::resize_and_crop;
 use super::latents;
 use super::load::{self, SchedulerChoice};
 use super::sample::{plan, sample, Request, Step};
+use super::text_encoder::{self, TextEncoder};
 use super::Denoiser;
-use crate::device::{device_input, dtype_device, dtype_input, text_weights, text_weights_input};
+use crate::device::{
+    device_input, dtype_device, dtype_input, release_text_encoder_input, text_weights,
+    text_weights_input,
+};
 use crate::fsutil::input_file_fingerprint;
 use crate::noise::gaussian;
 use candle_core::{DType, Device, Tensor};
@@ -79,9 +83,7 @@ fn load_pipeline(
     let folder = load::PipelineFolder::open(&root).map_err(load_err)?;
     ctx.progress(0, 4);
     let tok = load::tokenizer(&folder.part("tokenizer")).map_err(load_err)?;
-    let weights = text_weights(inputs)?;
-    let enc = load::text_encoder(&folder.part("text_encoder"), dtype, weights, device)
-        .map_err(load_err)?;
+    let enc = load_text_encoder(inputs, &folder.part("text_encoder"), dtype, device)?;
     ctx.check_cancelled()?;
     ctx.progress(1, 4);
     let transformer_path = match inputs.get("transformer") {
@@ -97,7 +99,7 @@ fn load_pipeline(
     ctx.progress(4, 4);
     Ok(
         Outputs::one("tokenizer", handle(PortType::Tokenizer, 1 << 20, tok))
-            .with("text_encoder", handle(PortType::TextEncoder, 0, enc))
+            .with("text_encoder", enc.into_value())
             .with("transformer", handle(PortType::Denoiser, 0, den))
             .with("vae", handle(PortType::Vae, 0, vae))
             .with(
@@ -105,6 +107,18 @@ fn load_pipeline(
                 Value::Handle(Handle::new(PortType::Scheduler, 1024, sched)),
             ),
     )
+}
+
+/// The T5 a loader node outputs, as its `text_encoder_weights` and
+/// `release_text_encoder` inputs ask.
+fn load_text_encoder(
+    inputs: &Inputs,
+    dir: &std::path::Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<TextEncoder, NodeError> {
+    let release = inputs.bool("release_text_encoder")?;
+    TextEncoder::load(dir, dtype, text_weights(inputs)?, device, release).map_err(load_err)
 }
 
 fn load_transformer(
@@ -128,17 +142,15 @@ fn load_t5(
     device: &Device,
 ) -> Result<Outputs, NodeError> {
     let tok = load::tokenizer(&ctx.input_path(inputs.path("tokenizer")?)?).map_err(load_err)?;
-    let weights = text_weights(inputs)?;
-    let enc = load::text_encoder(
+    let enc = load_text_encoder(
+        inputs,
         &ctx.input_path(inputs.path("path")?)?,
         dtype,
-        weights,
         device,
-    )
-    .map_err(load_err)?;
+    )?;
     Ok(
         Outputs::one("tokenizer", handle(PortType::Tokenizer, 1 << 20, tok))
-            .with("text_encoder", handle(PortType::TextEncoder, 0, enc)),
+            .with("text_encoder", enc.into_value()),
     )
 }
 
@@ -161,6 +173,7 @@ fn loaders() -> Vec<ComponentLoader> {
                  text_encoder, transformer, vae, scheduler). Models are shared between nodes and runs.",
             )
             .input(text_weights_input())
+            .input(release_text_encoder_input())
             .input(
                 InputSpec::new("transformer", PortType::Path)
                     .optional()
@@ -191,6 +204,7 @@ fn loaders() -> Vec<ComponentLoader> {
             )
             .input(InputSpec::new("tokenizer", PortType::Path).describe("The tokenizer folder."))
             .input(text_weights_input())
+            .input(release_text_encoder_input())
             .output("tokenizer", PortType::Tokenizer, "T5 tokenizer")
             .output("text_encoder", PortType::TextEncoder, "T5 encoder"),
             load: load_t5,
@@ -299,9 +313,9 @@ impl Node for EncodeText {
 
     fn run(&self, _ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
         let tok = inputs.handle::<T5Tokenizer>("tokenizer")?;
-        let enc = inputs.handle::<T5Encoder>("encoder")?;
+        let enc = text_encoder::from_input(&inputs, "encoder")?;
         let len = inputs.int("max_length")? as usize;
-        let conditioning = encode_text(tok, enc, inputs.str("text")?, len)
+        let conditioning = encode_text(tok, &enc, inputs.str("text")?, len)
             .map_err(|e| NodeError::input("text", e))?;
         Ok(Outputs::one(
             "conditioning",

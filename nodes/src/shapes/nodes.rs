@@ -354,7 +354,8 @@ impl Node for EvalShapes {
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
         let den = inputs.handle::<Denoiser>("transformer")?;
         let tok = inputs.handle::<T5Tokenizer>("tokenizer")?;
-        let enc = inputs.handle::<T5Encoder>("encoder")?;
+        let encoder = crate::pixart::text_encoder::from_input(&inputs, "encoder")?;
+        let enc = &*encoder;
         let vae = inputs.handle::<AutoencoderKl>("vae")?;
         let out = ctx.output_path(inputs.path("out")?)?;
         let size = inputs.int("size")? as usize;
@@ -573,7 +574,8 @@ impl Node for EvalCurve {
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
         let run = ctx.input_path(inputs.path("run")?)?;
         let tok = inputs.handle::<T5Tokenizer>("tokenizer")?;
-        let enc = inputs.handle::<T5Encoder>("encoder")?;
+        let encoder = crate::pixart::text_encoder::from_input(&inputs, "encoder")?;
+        let enc = &*encoder;
         let vae = inputs.handle::<AutoencoderKl>("vae")?;
         let offset = inputs.int("offset")? as u64;
         let out = ctx.output_path(inputs.path("out")?)?;

@@ -255,7 +255,8 @@ impl Node for Precompute {
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
         let ds = inputs.handle::<Dataset>("dataset")?;
         let tok = inputs.handle::<T5Tokenizer>("tokenizer")?;
-        let enc = inputs.handle::<T5Encoder>("encoder")?;
+        let encoder = crate::pixart::text_encoder::from_input(&inputs, "encoder")?;
+        let enc = &*encoder;
         let vae = inputs.handle::<AutoencoderKl>("vae")?;
         let dir = ctx.output_path(inputs.path("path")?)?;
         let max_length = inputs.int("max_length")? as usize;

@@ -9,7 +9,7 @@ use super::rng::{Stream, TrainRng};
 use candle_core::{Device, Tensor};
 use pixart_models::tokenizer::T5Tokenizer;
 use pixart_runtime::{
-    Handle, InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
+    InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
 };
 use serde_json::json;
 use std::sync::Arc;
@@ -185,18 +185,15 @@ impl Node for InitT5 {
             ],
         )
         .map_err(|e| NodeError::io(&out, e))?;
-        let encoder = crate::pixart::load::text_encoder(
+        let encoder = crate::pixart::text_encoder::TextEncoder::load(
             &out,
             candle_core::DType::F32,
             crate::device::TextWeights::Auto,
             &Device::Cpu,
+            false,
         )
         .map_err(NodeError::msg)?;
-        Ok(Outputs::one(
-            "encoder",
-            Value::Handle(Handle::shared(PortType::TextEncoder, 0, encoder)),
-        )
-        .with("path", Value::Path(out)))
+        Ok(Outputs::one("encoder", encoder.into_value()).with("path", Value::Path(out)))
     }
 }
 

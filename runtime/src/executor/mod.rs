@@ -244,6 +244,9 @@ struct Run<'a> {
     needed: Vec<bool>,
     /// Upstream nodes not yet done, per node.
     waiting: Vec<usize>,
+    /// Needed downstream nodes not yet done, per node: at zero its handles hear
+    /// of their last use.
+    readers_left: Vec<usize>,
     ready: BTreeSet<usize>,
     status: Vec<Option<NodeStatus>>,
     outputs: Vec<Option<Arc<[Value]>>>,
@@ -264,6 +267,9 @@ impl<'a> Run<'a> {
         let n = wf.nodes.len();
         let waiting: Vec<usize> = (0..n).map(|i| wf.upstream(i).len()).collect();
         let ready = (0..n).filter(|&i| needed[i] && waiting[i] == 0).collect();
+        let readers_left = (0..n)
+            .map(|i| wf.downstream(i).into_iter().filter(|&d| needed[d]).count())
+            .collect();
         Run {
             exec,
             wf,
@@ -271,6 +277,7 @@ impl<'a> Run<'a> {
             run_no,
             needed,
             waiting,
+            readers_left,
             ready,
             status: vec![None; n],
             outputs: vec![None; n],
@@ -528,6 +535,7 @@ impl<'a> Run<'a> {
 
     fn complete(&mut self, i: usize, outputs: Arc<[Value]>) {
         self.outputs[i] = Some(outputs);
+        self.done_reading(i);
         for d in self.wf.downstream(i) {
             if !self.needed[d] {
                 continue;
@@ -539,7 +547,28 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Node `i` no longer needs its inputs: upstream nodes whose last reader it
+    /// was tell their handles.
+    fn done_reading(&mut self, i: usize) {
+        for u in self.wf.upstream(i) {
+            let left = &mut self.readers_left[u];
+            if *left == 0 {
+                continue;
+            }
+            *left -= 1;
+            if *left > 0 {
+                continue;
+            }
+            for value in self.outputs[u].iter().flat_map(|o| o.iter()) {
+                if let Value::Handle(h) = value {
+                    h.last_use();
+                }
+            }
+        }
+    }
+
     fn fail(&mut self, i: usize, message: String) {
+        self.done_reading(i);
         let planned = &self.wf.nodes[i];
         let spec = planned.node.spec();
         tracing::debug!(run = %self.shared.run_id, node = %planned.id, "node failed: {message}");
