@@ -394,20 +394,20 @@ async fn broken_checkpoints_are_clear_errors() {
     );
 }
 
-/// `release_text_encoder`: once the run's last T5 reader is done the weights go
-/// (the handle says so), the image is the same, and a later run that encodes
-/// again loads them again.
+/// `memory: low`: models load when first read, T5's weights go once the run's
+/// last T5 reader is done (the handle says so), the image is the same, and a
+/// later run that encodes again loads them again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_text_encoder_can_be_released_after_encoding() {
     use pixart_nodes::pixart::text_encoder::TextEncoder;
     let (reg, _) = registry();
-    let yaml = |release: bool| {
+    let yaml = |memory: &str| {
         format!(
             r#"version: 1
 params:
   prompt: {{type: string, default: "a cactus"}}
 nodes:
-  pipe: {{type: pixart.load, inputs: {{path: "tiny-pixart", release_text_encoder: {release}}}}}
+  pipe: {{type: pixart.load, inputs: {{path: "tiny-pixart", memory: {memory}}}}}
   pos:  {{type: t5.encode, inputs: {{tokenizer: "${{pipe.tokenizer}}", encoder: "${{pipe.text_encoder}}", text: "${{params.prompt}}"}}}}
   neg:  {{type: t5.encode, inputs: {{tokenizer: "${{pipe.tokenizer}}", encoder: "${{pipe.text_encoder}}", text: ""}}}}
   sample:
@@ -430,11 +430,32 @@ nodes:
     };
     // One executor: its output cache keeps `pipe` (and the handle) between runs.
     let exec = Executor::new(CachePolicy::default());
-    let kept = exec.run(&load(&yaml(false), &reg), opts()).await.unwrap();
+    let kept = exec.run(&load(&yaml("keep"), &reg), opts()).await.unwrap();
     assert!(kept.ok(), "{:?}", kept.failures);
     assert!(loaded(&kept));
 
-    let released_wf = load(&yaml(true), &reg);
+    let released_wf = load(&yaml("low"), &reg);
+    // Loading reads no weights: the handles are made when first read.
+    let lazy = exec
+        .run(
+            &released_wf,
+            RunOptions {
+                targets: vec!["pipe".into()],
+                ..opts()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(lazy.ok(), "{:?}", lazy.failures);
+    for port in ["text_encoder", "transformer", "vae"] {
+        match lazy.output("pipe", port) {
+            Some(Value::Handle(h)) if port == "text_encoder" => {
+                assert!(!h.downcast::<TextEncoder>().unwrap().is_loaded())
+            }
+            Some(Value::Handle(h)) => assert!(!h.is_resolved(), "{port} was loaded"),
+            other => panic!("pipe.{port}: {other:?}"),
+        }
+    }
     let released = exec.run(&released_wf, opts()).await.unwrap();
     assert!(released.ok(), "{:?}", released.failures);
     assert!(
@@ -447,7 +468,7 @@ nodes:
     );
 
     // A new prompt: the cached loader's handle loads T5 again, and lets it go again.
-    let again_wf = common::load_with(&yaml(true), &reg, &[("prompt", "a rose")]);
+    let again_wf = common::load_with(&yaml("low"), &reg, &[("prompt", "a rose")]);
     let again = exec.run(&again_wf, opts()).await.unwrap();
     assert!(again.ok(), "{:?}", again.failures);
     assert!(!loaded(&again));

@@ -109,12 +109,26 @@ pub fn text_weights(inputs: &Inputs) -> Result<TextWeights, NodeError> {
     }
 }
 
-pub fn release_text_encoder_input() -> InputSpec {
-    InputSpec::new("release_text_encoder", PortType::Bool)
-        .default(false)
+pub fn memory_input() -> InputSpec {
+    InputSpec::new("memory", PortType::enum_of(&["keep", "low"]))
+        .default("keep")
         .describe(
-            "Free T5's weights once this run has encoded its prompts (loaded again when a later \
-             run encodes): the low-memory choice, as diffusers users drop the text encoder after \
-             encode_prompt.",
+            "keep: load every model now and keep it (errors show here, reruns start at once). \
+             low: each model loads when a node first needs it, and T5's weights are freed once \
+             the run has encoded its prompts (loaded again when a later run encodes): T5 and the \
+             transformer are never in memory together, as with diffusers' lazily mapped \
+             checkpoints and `pipe.text_encoder = None` after encode_prompt.",
         )
+}
+
+/// Whether the node's `memory` input asks for the low-memory way.
+pub fn low_memory(inputs: &Inputs) -> Result<bool, NodeError> {
+    match inputs.str("memory")? {
+        "keep" => Ok(false),
+        "low" => Ok(true),
+        other => Err(NodeError::input(
+            "memory",
+            format!("unknown choice {other:?} (keep, low)"),
+        )),
+    }
 }

@@ -342,12 +342,17 @@ impl Inputs {
     /// A model handle of the declared kind, downcast to the node's own type.
     pub fn handle<T: Send + Sync + 'static>(&self, name: &str) -> Result<&T, NodeError> {
         match self.required(name)? {
-            Value::Handle(h) => h.downcast::<T>().ok_or_else(|| {
-                NodeError::input(
+            Value::Handle(h) => match h.resolve::<T>() {
+                Ok(Some(t)) => Ok(t),
+                Ok(None) => Err(NodeError::input(
                     name,
                     format!("this {} handle was made by another node family", h.kind),
-                )
-            }),
+                )),
+                Err(e) => Err(NodeError::input(
+                    name,
+                    format!("loading the {}: {e}", h.kind),
+                )),
+            },
             v => Err(Self::wrong(name, "a model handle", v)),
         }
     }

@@ -42,9 +42,19 @@ pub struct Handle {
     pub kind: PortType,
     /// Approximate resident size, so the output cache can account for it.
     pub bytes: usize,
-    inner: Arc<dyn Any + Send + Sync>,
+    inner: Arc<Inner>,
     /// Called when no node of the run that made the handle reads it any more.
     on_last_use: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+type Object = Arc<dyn Any + Send + Sync>;
+type Loader = Box<dyn Fn() -> Result<Object, String> + Send + Sync>;
+
+/// What a handle holds: the object, or how to make it on first use (once, for
+/// every clone of the handle; a failure is kept and reported to each reader).
+struct Inner {
+    object: std::sync::OnceLock<Result<Object, String>>,
+    load: Option<Loader>,
 }
 
 impl Handle {
@@ -54,12 +64,59 @@ impl Handle {
 
     /// A handle to an object that is already shared (e.g. held by a model cache).
     pub fn shared<T: Any + Send + Sync>(kind: PortType, bytes: usize, inner: Arc<T>) -> Handle {
+        let object = std::sync::OnceLock::new();
+        let _ = object.set(Ok(inner as Object));
         Handle {
             kind,
             bytes,
-            inner,
+            inner: Arc::new(Inner { object, load: None }),
             on_last_use: None,
         }
+    }
+
+    /// A handle whose object `load` makes when a node first reads it: a loader
+    /// node can hand out every model of a pipeline at once while each is read
+    /// from disk only when, and if, a node needs it (a T5 encodes before the
+    /// transformer's weights take memory, as with memory-mapped checkpoints).
+    pub fn lazy<T: Any + Send + Sync>(
+        kind: PortType,
+        bytes: usize,
+        load: impl Fn() -> Result<Arc<T>, String> + Send + Sync + 'static,
+    ) -> Handle {
+        Handle {
+            kind,
+            bytes,
+            inner: Arc::new(Inner {
+                object: std::sync::OnceLock::new(),
+                load: Some(Box::new(move || load().map(|t| t as Object))),
+            }),
+            on_last_use: None,
+        }
+    }
+
+    /// The object, made now if the handle is lazy and nothing read it yet: the
+    /// loader's error, or None where it is not a `T`.
+    pub fn resolve<T: Any + Send + Sync>(&self) -> Result<Option<&T>, String> {
+        let inner = &*self.inner;
+        let object = inner.object.get_or_init(|| match &inner.load {
+            Some(load) => load(),
+            None => Err("an empty handle".into()),
+        });
+        match object {
+            Ok(o) => Ok(o.downcast_ref::<T>()),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    /// The object as a `T` (made now if lazy); None where it is not one or could
+    /// not be made.
+    pub fn downcast<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.resolve::<T>().ok().flatten()
+    }
+
+    /// Whether the object exists yet (a lazy handle nobody read has none).
+    pub fn is_resolved(&self) -> bool {
+        self.inner.object.get().is_some()
     }
 
     /// `f` runs once every node of the run that produced this handle and reads
@@ -75,10 +132,6 @@ impl Handle {
         if let Some(f) = &self.on_last_use {
             f()
         }
-    }
-
-    pub fn downcast<T: Any + Send + Sync>(&self) -> Option<&T> {
-        self.inner.downcast_ref::<T>()
     }
 }
 
@@ -357,5 +410,43 @@ pub fn literal_to_value(lit: &serde_json::Value, ty: &PortType) -> Result<Value,
         _ => Err(format!(
             "a {ty} cannot be written as a literal: connect it to a node output"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A lazy handle loads once, for all its clones, on first read; a failure is
+    /// what every reader gets; the last-use hook runs when called.
+    #[test]
+    fn lazy_handles_load_once_on_first_read() {
+        let loads = Arc::new(AtomicUsize::new(0));
+        let counted = loads.clone();
+        let h = Handle::lazy(PortType::Vae, 0, move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok(Arc::new(7u32))
+        });
+        let copy = h.clone();
+        assert!(!h.is_resolved());
+        assert_eq!(loads.load(Ordering::SeqCst), 0);
+        assert_eq!(copy.downcast::<u32>(), Some(&7));
+        assert_eq!(h.downcast::<u32>(), Some(&7));
+        assert!(h.is_resolved());
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        assert_eq!(h.resolve::<String>(), Ok(None), "another type");
+
+        let broken = Handle::lazy::<u32>(PortType::Vae, 0, || Err("no weights".into()));
+        assert_eq!(broken.resolve::<u32>(), Err("no weights".to_string()));
+        assert_eq!(broken.downcast::<u32>(), None);
+
+        let heard = Arc::new(AtomicUsize::new(0));
+        let hook = heard.clone();
+        let h = Handle::new(PortType::Vae, 0, 1u8).on_last_use(move || {
+            hook.fetch_add(1, Ordering::SeqCst);
+        });
+        h.clone().last_use();
+        assert_eq!(heard.load(Ordering::SeqCst), 1);
     }
 }

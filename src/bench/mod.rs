@@ -64,9 +64,10 @@ pub struct BenchArgs {
     /// f32 arithmetic).
     #[arg(long, default_value = "auto")]
     text_weights: String,
-    /// For `pipeline`: free T5's weights once the prompts are encoded.
-    #[arg(long)]
-    release_text_encoder: bool,
+    /// For `pipeline`: keep (load every model first) or low (each model when
+    /// first needed, T5 freed after encoding), as `pixart.load`'s `memory`.
+    #[arg(long, default_value = "keep")]
+    memory: String,
     /// For `text`: outputs to measure the error against (scripts/bench_text_torch.py --save).
     #[arg(long)]
     reference: Option<std::path::PathBuf>,

@@ -23,33 +23,57 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     let device = pixart_nodes::device::device(&args.device).map_err(anyhow::Error::msg)?;
     let folder = PipelineFolder::open(&args.model)?;
 
+    // `--memory low` loads as a workflow's `memory: low` does: each model when it
+    // is first needed, T5 freed after encoding. `load_s` sums every load either way.
+    let low = match args.memory.as_str() {
+        "keep" => false,
+        "low" => true,
+        other => anyhow::bail!("--memory {other:?}: keep or low"),
+    };
+    let mut load_s = Duration::ZERO;
+    let timed = |load_s: &mut Duration, start: Instant| *load_s += start.elapsed();
+
     let start = Instant::now();
     let tokenizer = load::tokenizer(&folder.part("tokenizer"))?;
     let text_weights = text_weights(&args.text_weights)?;
-    let release = args.release_text_encoder;
     let slot = TextEncoder::load(
         &folder.part("text_encoder"),
         dtype,
         text_weights,
         &device,
-        release,
+        low,
     )?;
-    let den = load::transformer(&folder.part("transformer"), dtype, &device)?;
-    let vae = load::vae(&folder.part("vae"), dtype, &device)?;
     let choice = load::scheduler(&folder.part("scheduler"))?;
-    let load_s = start.elapsed();
+    let load_models = || -> Result<_> {
+        let den = load::transformer(&folder.part("transformer"), dtype, &device)?;
+        let vae = load::vae(&folder.part("vae"), dtype, &device)?;
+        Ok((den, vae))
+    };
+    let mut models = if low { None } else { Some(load_models()?) };
+    timed(&mut load_s, start);
     let rss_loaded = peak_rss_mib();
 
     let start = Instant::now();
     let encoder = slot.get()?;
+    timed(&mut load_s, start);
+    let start = Instant::now();
     let positive = encode_text(&tokenizer, &encoder, PROMPT, TOKENS).map_err(anyhow::Error::msg)?;
     let negative = encode_text(&tokenizer, &encoder, "", TOKENS).map_err(anyhow::Error::msg)?;
     let t5_s = start.elapsed();
     drop(encoder);
-    if release {
-        // As a workflow with `release_text_encoder: true` does after its last encode.
+    if low {
+        // As the run does after its last encode.
         slot.release();
     }
+    let (den, vae) = match models.take() {
+        Some(m) => m,
+        None => {
+            let start = Instant::now();
+            let m = load_models()?;
+            timed(&mut load_s, start);
+            m
+        }
+    };
 
     let steps = args.steps.max(1);
     let mut sampler = choice
@@ -91,7 +115,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         "steps": steps,
         "dtype": args.dtype,
         "text_weights": args.text_weights,
-        "release_text_encoder": release,
+        "memory": args.memory,
         "device": args.device,
         "threads": threads,
         "load_s": round(load_s),

@@ -8,8 +8,8 @@ use super::sample::{plan, sample, Request, Step};
 use super::text_encoder::{self, TextEncoder};
 use super::Denoiser;
 use crate::device::{
-    device_input, dtype_device, dtype_input, release_text_encoder_input, text_weights,
-    text_weights_input,
+    check_dtype_device, device_input, dtype_device, dtype_input, low_memory, memory_input,
+    text_weights, text_weights_input,
 };
 use crate::fsutil::input_file_fingerprint;
 use crate::noise::gaussian;
@@ -22,6 +22,7 @@ use pixart_runtime::{
     Conditioning, Handle, InputSpec, Inputs, Latents, Node, NodeContext, NodeError, NodeSpec,
     Outputs, PortType, Value,
 };
+use std::path::PathBuf;
 use std::sync::Arc;
 
 fn load_err(e: impl std::fmt::Display) -> NodeError {
@@ -81,27 +82,22 @@ fn load_pipeline(
 ) -> Result<Outputs, NodeError> {
     let root = ctx.input_path(inputs.path("path")?)?;
     let folder = load::PipelineFolder::open(&root).map_err(load_err)?;
-    ctx.progress(0, 4);
     let tok = load::tokenizer(&folder.part("tokenizer")).map_err(load_err)?;
     let enc = load_text_encoder(inputs, &folder.part("text_encoder"), dtype, device)?;
-    ctx.check_cancelled()?;
-    ctx.progress(1, 4);
     let transformer_path = match inputs.get("transformer") {
         Some(Value::Path(p)) => ctx.input_path(p)?,
         _ => folder.part("transformer"),
     };
-    let den = load::transformer(&transformer_path, dtype, device).map_err(load_err)?;
-    ctx.check_cancelled()?;
-    ctx.progress(2, 4);
-    let vae = load::vae(&folder.part("vae"), dtype, device).map_err(load_err)?;
-    ctx.progress(3, 4);
     let sched = load::scheduler(&folder.part("scheduler")).map_err(load_err)?;
-    ctx.progress(4, 4);
+    let low = low_memory(inputs)?;
     Ok(
         Outputs::one("tokenizer", handle(PortType::Tokenizer, 1 << 20, tok))
             .with("text_encoder", enc.into_value())
-            .with("transformer", handle(PortType::Denoiser, 0, den))
-            .with("vae", handle(PortType::Vae, 0, vae))
+            .with(
+                "transformer",
+                transformer_value(transformer_path, dtype, device, low)?,
+            )
+            .with("vae", vae_value(folder.part("vae"), dtype, device, low)?)
             .with(
                 "scheduler",
                 Value::Handle(Handle::new(PortType::Scheduler, 1024, sched)),
@@ -109,16 +105,69 @@ fn load_pipeline(
     )
 }
 
-/// The T5 a loader node outputs, as its `text_encoder_weights` and
-/// `release_text_encoder` inputs ask.
+/// The transformer, loaded now, or with `lazy` when a node first reads it (see
+/// `Handle::lazy`: the pipeline's models then take memory one by one, as they
+/// are needed; what can be checked without reading them is checked now).
+fn transformer_value(
+    path: PathBuf,
+    dtype: DType,
+    device: &Device,
+    lazy: bool,
+) -> Result<Value, NodeError> {
+    if !lazy {
+        let den = load::transformer(&path, dtype, device).map_err(load_err)?;
+        return Ok(handle(PortType::Denoiser, 0, den));
+    }
+    check_dtype_device(&path, dtype, device).map_err(load_err)?;
+    if !path.exists() {
+        return Err(load_err(pixart_models::weights::LoadError::file(
+            &path,
+            "no such file or folder",
+        )));
+    }
+    let device = device.clone();
+    Ok(Value::Handle(Handle::lazy(
+        PortType::Denoiser,
+        0,
+        move || load::transformer(&path, dtype, &device).map_err(|e| e.to_string()),
+    )))
+}
+
+/// The VAE, loaded now, or with `lazy` when a node first reads it.
+fn vae_value(dir: PathBuf, dtype: DType, device: &Device, lazy: bool) -> Result<Value, NodeError> {
+    if !lazy {
+        let vae = load::vae(&dir, dtype, device).map_err(load_err)?;
+        return Ok(handle(PortType::Vae, 0, vae));
+    }
+    check_dtype_device(&dir, dtype, device).map_err(load_err)?;
+    if !dir.join("config.json").is_file() {
+        return Err(load_err(pixart_models::weights::LoadError::file(
+            &dir,
+            "no config.json: not a VAE folder",
+        )));
+    }
+    let device = device.clone();
+    Ok(Value::Handle(Handle::lazy(PortType::Vae, 0, move || {
+        load::vae(&dir, dtype, &device).map_err(|e| e.to_string())
+    })))
+}
+
+/// The T5 a loader node outputs, as its `text_encoder_weights` and `memory`
+/// inputs ask.
 fn load_text_encoder(
     inputs: &Inputs,
     dir: &std::path::Path,
     dtype: DType,
     device: &Device,
 ) -> Result<TextEncoder, NodeError> {
-    let release = inputs.bool("release_text_encoder")?;
-    TextEncoder::load(dir, dtype, text_weights(inputs)?, device, release).map_err(load_err)
+    TextEncoder::load(
+        dir,
+        dtype,
+        text_weights(inputs)?,
+        device,
+        low_memory(inputs)?,
+    )
+    .map_err(load_err)
 }
 
 fn load_transformer(
@@ -127,11 +176,10 @@ fn load_transformer(
     dtype: DType,
     device: &Device,
 ) -> Result<Outputs, NodeError> {
-    let den = load::transformer(&ctx.input_path(inputs.path("path")?)?, dtype, device)
-        .map_err(load_err)?;
+    let path = ctx.input_path(inputs.path("path")?)?;
     Ok(Outputs::one(
         "transformer",
-        handle(PortType::Denoiser, 0, den),
+        transformer_value(path, dtype, device, false)?,
     ))
 }
 
@@ -160,8 +208,8 @@ fn load_vae(
     dtype: DType,
     device: &Device,
 ) -> Result<Outputs, NodeError> {
-    let vae = load::vae(&ctx.input_path(inputs.path("path")?)?, dtype, device).map_err(load_err)?;
-    Ok(Outputs::one("vae", handle(PortType::Vae, 0, vae)))
+    let dir = ctx.input_path(inputs.path("path")?)?;
+    Ok(Outputs::one("vae", vae_value(dir, dtype, device, false)?))
 }
 
 fn loaders() -> Vec<ComponentLoader> {
@@ -173,7 +221,7 @@ fn loaders() -> Vec<ComponentLoader> {
                  text_encoder, transformer, vae, scheduler). Models are shared between nodes and runs.",
             )
             .input(text_weights_input())
-            .input(release_text_encoder_input())
+            .input(memory_input())
             .input(
                 InputSpec::new("transformer", PortType::Path)
                     .optional()
@@ -204,7 +252,7 @@ fn loaders() -> Vec<ComponentLoader> {
             )
             .input(InputSpec::new("tokenizer", PortType::Path).describe("The tokenizer folder."))
             .input(text_weights_input())
-            .input(release_text_encoder_input())
+            .input(memory_input())
             .output("tokenizer", PortType::Tokenizer, "T5 tokenizer")
             .output("text_encoder", PortType::TextEncoder, "T5 encoder"),
             load: load_t5,

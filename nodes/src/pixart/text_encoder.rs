@@ -1,8 +1,8 @@
-//! The text encoder as nodes pass it around: a slot holding the loaded T5 that
-//! can let the weights go once a run has encoded its prompts — what diffusers
-//! users do on small machines (`del pipe.text_encoder` after `encode_prompt`):
-//! T5-XXL is 19 GB in f32, the transformer 2.4 GB. A released slot loads the
-//! weights again when a later run encodes.
+//! The text encoder as nodes pass it around: a slot that loads T5 when a node
+//! first encodes, and can let the weights go once a run has encoded its
+//! prompts — what diffusers users do on small machines (`del pipe.text_encoder`
+//! after `encode_prompt`): T5-XXL is 19 GB in f32, the transformer 2.4 GB. A
+//! released slot loads the weights again when a later run encodes.
 
 use super::load;
 use crate::device::TextWeights;
@@ -24,23 +24,35 @@ pub struct TextEncoder {
 }
 
 impl TextEncoder {
-    /// Loads the encoder in `dir` (through the model cache).
+    /// The encoder in `dir` (through the model cache): loaded now, or with
+    /// `low_memory` by the first [`TextEncoder::get`] and released after the
+    /// run's last reader (its configuration is read now either way).
     pub fn load(
         dir: &Path,
         dtype: DType,
         weights: TextWeights,
         device: &Device,
-        release_after_use: bool,
+        low_memory: bool,
     ) -> Result<TextEncoder, LoadError> {
-        let model = load::text_encoder(dir, dtype, weights, device)?;
-        Ok(TextEncoder {
+        if weights == TextWeights::Bf16 && !(device.is_cpu() && dtype == DType::F32) {
+            return Err(LoadError::file(
+                dir,
+                "bf16 text encoder weights are for f32 on the CPU; elsewhere choose dtype bf16",
+            ));
+        }
+        let _: pixart_models::t5::Config = pixart_models::weights::read_config(dir)?;
+        let encoder = TextEncoder {
             dir: dir.to_path_buf(),
             dtype,
             weights,
             device: device.clone(),
-            release_after_use,
-            model: Mutex::new(Some(model)),
-        })
+            release_after_use: low_memory,
+            model: Mutex::new(None),
+        };
+        if !low_memory {
+            encoder.get()?;
+        }
+        Ok(encoder)
     }
 
     /// The loaded encoder, loaded again if it was released.
