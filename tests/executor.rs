@@ -369,3 +369,110 @@ nodes:
     assert_eq!(again.node("noise").unwrap().status, NodeStatus::Cached);
     assert_eq!(counts.get("out"), 4);
 }
+
+/// A handle hears of its last use when the last node reading *that output* is
+/// done, not when every reader of its node is (a loader's T5 is freed before the
+/// sampler reads the transformer), and a failed run still lets it know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handles_hear_of_their_last_use_per_output() {
+    use pixart_runtime::{
+        Handle, InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType,
+    };
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// `make`: outputs `first` (hooked) and `second`; `use`: reads a handle and
+    /// an int, outputs whether `first` had heard at that moment (and can fail).
+    struct Probe {
+        spec: NodeSpec,
+        heard: Arc<AtomicUsize>,
+        seen: Arc<AtomicBool>,
+    }
+    impl Node for Probe {
+        fn spec(&self) -> &NodeSpec {
+            &self.spec
+        }
+        fn run(&self, _: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+            if self.spec.name == "probe.make" {
+                let heard = self.heard.clone();
+                let first = Handle::new(PortType::Vae, 0, 1u8).on_last_use(move || {
+                    heard.fetch_add(1, Ordering::SeqCst);
+                });
+                let second = Handle::new(PortType::Vae, 0, 2u8);
+                return Ok(Outputs::one("first", Value::Handle(first))
+                    .with("second", Value::Handle(second)));
+            }
+            if inputs.int("fail")? == 1 {
+                return Err(NodeError::msg("asked to fail"));
+            }
+            let heard = self.heard.load(Ordering::SeqCst) > 0;
+            if inputs.int("after")? == 1 {
+                self.seen.store(heard, Ordering::SeqCst);
+            }
+            Ok(Outputs::one("out", Value::Int(1)))
+        }
+    }
+    let heard = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(AtomicBool::new(false));
+    let mut reg = pixart_nodes::builtin_registry();
+    let probe = |spec: NodeSpec| -> Arc<dyn Node> {
+        Arc::new(Probe {
+            spec,
+            heard: heard.clone(),
+            seen: seen.clone(),
+        })
+    };
+    reg.register(probe(
+        NodeSpec::new("probe.make", 1)
+            .output("first", PortType::Vae, "hooked")
+            .output("second", PortType::Vae, "plain"),
+    ))
+    .unwrap();
+    reg.register(probe(
+        NodeSpec::new("probe.use", 1)
+            .input(InputSpec::new("handle", PortType::Vae))
+            .input(InputSpec::new("after", PortType::Int).default(0))
+            .input(InputSpec::new("fail", PortType::Int).default(0))
+            .input(InputSpec::new("wait", PortType::Int).default(0))
+            .output("out", PortType::Int, "1"),
+    ))
+    .unwrap();
+    // `late` reads `second` after `early` (the only reader of `first`) is done.
+    let wf = load(
+        "version: 1
+nodes:
+  make: {type: probe.make}
+  early: {type: probe.use, inputs: {handle: \"${make.first}\"}}
+  late: {type: probe.use, inputs: {handle: \"${make.second}\", after: 1, wait: \"${early.out}\"}}
+",
+        &reg,
+    );
+    let report = Executor::new(CachePolicy::None)
+        .run(&wf, RunOptions::default())
+        .await
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.failures);
+    assert!(
+        seen.load(Ordering::SeqCst),
+        "`first` heard only after `late`"
+    );
+    assert_eq!(heard.load(Ordering::SeqCst), 1);
+
+    // The reader fails: the run is over, the handle hears all the same.
+    heard.store(0, Ordering::SeqCst);
+    let wf = load(
+        "version: 1
+nodes:
+  make: {type: probe.make}
+  early: {type: probe.use, inputs: {handle: \"${make.second}\", fail: 1}}
+  late: {type: probe.use, inputs: {handle: \"${make.first}\", wait: \"${early.out}\"}}
+",
+        &reg,
+    );
+    let report = Executor::new(CachePolicy::None)
+        .run(&wf, RunOptions::default())
+        .await
+        .unwrap();
+    assert!(!report.ok());
+    assert_eq!(heard.load(Ordering::SeqCst), 1);
+}

@@ -93,11 +93,6 @@ impl ModelCache {
         }
     }
 
-    /// Forgets the model under `key` (it lives on while others hold it).
-    pub fn remove(&mut self, key: &str) {
-        self.entries.remove(key);
-    }
-
     /// The bytes counted for the model under `key`, if it is cached.
     pub fn bytes(&self, key: &str) -> Option<usize> {
         self.entries.get(key).map(|e| e.bytes)

@@ -112,17 +112,27 @@ pub fn tokenizer(dir: &Path) -> Result<Arc<T5Tokenizer>, LoadError> {
     })
 }
 
-/// The model cache's key for [`text_encoder`]'s model.
-pub fn text_encoder_key(dir: &Path, dtype: DType, weights: TextWeights, device: &Device) -> String {
-    key(&format!("t5-{}", weights.name()), dir, dtype, device)
-}
-
+/// A T5 encoder folder, through the model cache (shared by every node and run
+/// that loads the same folder the same way).
 pub fn text_encoder(
     dir: &Path,
     dtype: DType,
     weights: TextWeights,
     device: &Device,
 ) -> Result<Arc<T5Encoder>, LoadError> {
+    let kind = format!("t5-{}", weights.name());
+    cache::get_or_load(&key(&kind, dir, dtype, device), || {
+        read_text_encoder(dir, dtype, weights, device)
+    })
+}
+
+/// A T5 encoder folder read afresh (no model cache), with its size in bytes.
+pub fn read_text_encoder(
+    dir: &Path,
+    dtype: DType,
+    weights: TextWeights,
+    device: &Device,
+) -> Result<(T5Encoder, usize), LoadError> {
     let narrow = device.is_cpu() && dtype == DType::F32;
     if weights == TextWeights::Bf16 && !narrow {
         return Err(LoadError::file(
@@ -130,47 +140,52 @@ pub fn text_encoder(
             "bf16 text encoder weights are for f32 on the CPU; elsewhere choose dtype bf16",
         ));
     }
-    cache::get_or_load(&text_encoder_key(dir, dtype, weights, device), || {
-        let cfg: t5::Config = read_config(dir)?;
-        let projection = |name: &str| {
-            name.starts_with("encoder.block.")
-                && (name.contains(".SelfAttention.") || name.contains(".DenseReluDense."))
-                && !name.contains("relative_attention_bias")
-        };
-        // On the CPU in f32 the projections are stored transposed, the layout
-        // the product reads fastest with T5's few rows.
-        let proj_dtype = |name: &str, stored: DType| {
-            if dtype == DType::F16 && name.ends_with("DenseReluDense.wo.weight") {
-                // transformers keeps T5's `wo` in f32 in half precision.
-                DType::F32
-            } else if narrow && (weights == TextWeights::Bf16 || stored == DType::BF16) {
-                DType::BF16
-            } else {
-                dtype
+    let cfg: t5::Config = read_config(dir)?;
+    let projection = |name: &str| {
+        name.starts_with("encoder.block.")
+            && (name.contains(".SelfAttention.") || name.contains(".DenseReluDense."))
+            && !name.contains("relative_attention_bias")
+    };
+    // On the CPU in f32 the projections are stored transposed, the layout the
+    // product reads fastest with T5's few rows.
+    let proj_dtype = |name: &str, stored: DType| {
+        if dtype == DType::F16 && name.ends_with("DenseReluDense.wo.weight") {
+            // transformers keeps T5's `wo` in f32 in half precision.
+            DType::F32
+        } else if narrow && (weights == TextWeights::Bf16 || stored == DType::BF16) {
+            DType::BF16
+        } else {
+            dtype
+        }
+    };
+    let choose = |name: &str, stored: DType| {
+        if projection(name) {
+            Keep {
+                dtype: proj_dtype(name, stored),
+                transposed: narrow,
             }
-        };
-        let choose = |name: &str, stored: DType| {
-            if projection(name) {
-                Keep {
-                    dtype: proj_dtype(name, stored),
-                    transposed: narrow,
-                }
-            } else {
-                Keep::as_is(dtype)
-            }
-        };
-        let w =
-            Weights::from_folder_choosing(dir, &["model", "pytorch_model"], dtype, device, choose)?;
-        let proj = Projections {
-            dtype: w
-                .get("encoder.block.0.layer.0.SelfAttention.q.weight")
-                .map_or(dtype, |t| t.dtype()),
-            transposed: narrow,
-        };
-        let model = T5Encoder::with_projections(w.var_builder(), &cfg, proj)
-            .map_err(|e| w.model_error("T5 encoder", e))?;
-        Ok((model, w.bytes()))
-    })
+        } else {
+            Keep::as_is(dtype)
+        }
+    };
+    let w = Weights::from_folder_choosing(dir, &["model", "pytorch_model"], dtype, device, choose)?;
+    // One dtype for every projection: bf16 only where all are (a checkpoint
+    // mixing bf16 and f32 ones computes them all from f32, widened exactly).
+    let all_bf16 = w
+        .names()
+        .filter(|n| projection(n))
+        .all(|n| w.get(n).is_some_and(|t| t.dtype() == DType::BF16));
+    let proj = Projections {
+        dtype: if narrow && all_bf16 {
+            DType::BF16
+        } else {
+            dtype
+        },
+        transposed: narrow,
+    };
+    let model = T5Encoder::with_projections(w.var_builder(), &cfg, proj)
+        .map_err(|e| w.model_error("T5 encoder", e))?;
+    Ok((model, w.bytes()))
 }
 
 pub fn vae(dir: &Path, dtype: DType, device: &Device) -> Result<Arc<AutoencoderKl>, LoadError> {

@@ -82,22 +82,28 @@ fn load_pipeline(
 ) -> Result<Outputs, NodeError> {
     let root = ctx.input_path(inputs.path("path")?)?;
     let folder = load::PipelineFolder::open(&root).map_err(load_err)?;
+    let low = low_memory(inputs)?;
+    ctx.progress(0, 4);
     let tok = load::tokenizer(&folder.part("tokenizer")).map_err(load_err)?;
     let enc = load_text_encoder(inputs, &folder.part("text_encoder"), dtype, device)?;
+    ctx.check_cancelled()?;
+    ctx.progress(1, 4);
     let transformer_path = match inputs.get("transformer") {
         Some(Value::Path(p)) => ctx.input_path(p)?,
         _ => folder.part("transformer"),
     };
+    let den = transformer_value(transformer_path, dtype, device, low)?;
+    ctx.check_cancelled()?;
+    ctx.progress(2, 4);
+    let vae = vae_value(folder.part("vae"), dtype, device, low)?;
+    ctx.progress(3, 4);
     let sched = load::scheduler(&folder.part("scheduler")).map_err(load_err)?;
-    let low = low_memory(inputs)?;
+    ctx.progress(4, 4);
     Ok(
         Outputs::one("tokenizer", handle(PortType::Tokenizer, 1 << 20, tok))
             .with("text_encoder", enc.into_value())
-            .with(
-                "transformer",
-                transformer_value(transformer_path, dtype, device, low)?,
-            )
-            .with("vae", vae_value(folder.part("vae"), dtype, device, low)?)
+            .with("transformer", den)
+            .with("vae", vae)
             .with(
                 "scheduler",
                 Value::Handle(Handle::new(PortType::Scheduler, 1024, sched)),

@@ -40,6 +40,7 @@ impl TextEncoder {
                 "bf16 text encoder weights are for f32 on the CPU; elsewhere choose dtype bf16",
             ));
         }
+        // Configuration errors show at the loader even when the weights wait.
         let _: pixart_models::t5::Config = pixart_models::weights::read_config(dir)?;
         let encoder = TextEncoder {
             dir: dir.to_path_buf(),
@@ -55,26 +56,29 @@ impl TextEncoder {
         Ok(encoder)
     }
 
-    /// The loaded encoder, loaded again if it was released.
+    /// The loaded encoder, loaded again if it was released. A releasing slot
+    /// reads the folder itself: the shared model cache would keep the weights
+    /// alive (and other runs' slots rely on it).
     pub fn get(&self) -> Result<Arc<T5Encoder>, LoadError> {
         let mut slot = self.model.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(model) = &*slot {
             return Ok(model.clone());
         }
-        let model = load::text_encoder(&self.dir, self.dtype, self.weights, &self.device)?;
+        let model = if self.release_after_use {
+            let (model, _) =
+                load::read_text_encoder(&self.dir, self.dtype, self.weights, &self.device)?;
+            Arc::new(model)
+        } else {
+            load::text_encoder(&self.dir, self.dtype, self.weights, &self.device)?
+        };
         *slot = Some(model.clone());
         Ok(model)
     }
 
-    /// Drops the weights (from the model cache too); encodes in progress keep
-    /// theirs until they finish.
+    /// Drops the slot's weights; encodes in progress keep theirs until they
+    /// finish.
     pub fn release(&self) {
         self.model.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let key = load::text_encoder_key(&self.dir, self.dtype, self.weights, &self.device);
-        crate::model_cache::global()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
     }
 
     pub fn is_loaded(&self) -> bool {

@@ -17,7 +17,7 @@ use crate::node::{Inputs, Node, NodeContext, NodeError, Outputs, RunShared};
 use crate::value::Value;
 use crate::workflow::{Binding, Piece, Workflow};
 use cache::OutputCache;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -219,6 +219,7 @@ impl Executor {
             nodes: run.needed_count(),
         });
         run.drive().await;
+        run.done_reading_all();
         let report = run.finish(started.elapsed());
         if report.cancelled {
             self.emit(Event::RunCancelled { run_id });
@@ -244,9 +245,9 @@ struct Run<'a> {
     needed: Vec<bool>,
     /// Upstream nodes not yet done, per node.
     waiting: Vec<usize>,
-    /// Needed downstream nodes not yet done, per node: at zero its handles hear
-    /// of their last use.
-    readers_left: Vec<usize>,
+    /// Needed nodes not yet done that read an output, per (node, output): at
+    /// zero a handle there hears of its last use.
+    readers_left: BTreeMap<(usize, usize), usize>,
     ready: BTreeSet<usize>,
     status: Vec<Option<NodeStatus>>,
     outputs: Vec<Option<Arc<[Value]>>>,
@@ -267,9 +268,12 @@ impl<'a> Run<'a> {
         let n = wf.nodes.len();
         let waiting: Vec<usize> = (0..n).map(|i| wf.upstream(i).len()).collect();
         let ready = (0..n).filter(|&i| needed[i] && waiting[i] == 0).collect();
-        let readers_left = (0..n)
-            .map(|i| wf.downstream(i).into_iter().filter(|&d| needed[d]).count())
-            .collect();
+        let mut readers_left = BTreeMap::new();
+        for d in (0..n).filter(|&d| needed[d]) {
+            for read in reads(wf, d) {
+                *readers_left.entry(read).or_insert(0) += 1;
+            }
+        }
         Run {
             exec,
             wf,
@@ -547,23 +551,32 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Node `i` no longer needs its inputs: upstream nodes whose last reader it
-    /// was tell their handles.
+    /// Node `i` no longer needs its inputs: outputs whose last reader it was
+    /// tell their handles.
     fn done_reading(&mut self, i: usize) {
-        for u in self.wf.upstream(i) {
-            let left = &mut self.readers_left[u];
-            if *left == 0 {
+        for read in reads(self.wf, i) {
+            let Some(left) = self.readers_left.get_mut(&read) else {
                 continue;
-            }
+            };
             *left -= 1;
-            if *left > 0 {
-                continue;
+            if *left == 0 {
+                self.readers_left.remove(&read);
+                self.last_use(read);
             }
-            for value in self.outputs[u].iter().flat_map(|o| o.iter()) {
-                if let Value::Handle(h) = value {
-                    h.last_use();
-                }
-            }
+        }
+    }
+
+    /// The run is over (finished, failed or cancelled): outputs that readers
+    /// left unread hear of their last use too.
+    fn done_reading_all(&mut self) {
+        for read in std::mem::take(&mut self.readers_left).into_keys() {
+            self.last_use(read);
+        }
+    }
+
+    fn last_use(&self, (node, output): (usize, usize)) {
+        if let Some(Value::Handle(h)) = self.outputs[node].as_ref().and_then(|o| o.get(output)) {
+            h.last_use();
         }
     }
 
@@ -671,4 +684,25 @@ fn execute(i: usize, node: &Arc<dyn Node>, ctx: &NodeContext, inputs: Inputs) ->
             Err(NodeError::msg(format!("node panicked: {msg}")))
         });
     (i, result, start.elapsed())
+}
+
+/// The outputs (node, output) node `i` reads, each once.
+fn reads(wf: &Workflow, i: usize) -> BTreeSet<(usize, usize)> {
+    let mut out = BTreeSet::new();
+    for binding in &wf.nodes[i].inputs {
+        match binding {
+            Binding::Edge { from, output } => {
+                out.insert((*from, *output));
+            }
+            Binding::Template(pieces) => {
+                for piece in pieces {
+                    if let Piece::Output { from, output } = piece {
+                        out.insert((*from, *output));
+                    }
+                }
+            }
+            Binding::Absent | Binding::Literal(_) => {}
+        }
+    }
+    out
 }
