@@ -80,6 +80,15 @@ pub enum TextWeights {
 }
 
 impl TextWeights {
+    /// The choice named `name` (auto, bf16).
+    pub fn parse(name: &str) -> Result<TextWeights, String> {
+        match name {
+            "auto" => Ok(TextWeights::Auto),
+            "bf16" => Ok(TextWeights::Bf16),
+            other => Err(format!("unknown choice {other:?} (auto, bf16)")),
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             TextWeights::Auto => "auto",
@@ -99,14 +108,8 @@ pub fn text_weights_input() -> InputSpec {
 
 /// The node's `text_encoder_weights` input, resolved.
 pub fn text_weights(inputs: &Inputs) -> Result<TextWeights, NodeError> {
-    match inputs.str("text_encoder_weights")? {
-        "auto" => Ok(TextWeights::Auto),
-        "bf16" => Ok(TextWeights::Bf16),
-        other => Err(NodeError::input(
-            "text_encoder_weights",
-            format!("unknown choice {other:?} (auto, bf16)"),
-        )),
-    }
+    TextWeights::parse(inputs.str("text_encoder_weights")?)
+        .map_err(|e| NodeError::input("text_encoder_weights", e))
 }
 
 pub fn memory_input() -> InputSpec {
@@ -121,14 +124,16 @@ pub fn memory_input() -> InputSpec {
         )
 }
 
-/// Whether the node's `memory` input asks for the low-memory way.
-pub fn low_memory(inputs: &Inputs) -> Result<bool, NodeError> {
-    match inputs.str("memory")? {
+/// Whether the memory choice `name` is the low-memory way (keep, low).
+pub fn parse_memory(name: &str) -> Result<bool, String> {
+    match name {
         "keep" => Ok(false),
         "low" => Ok(true),
-        other => Err(NodeError::input(
-            "memory",
-            format!("unknown choice {other:?} (keep, low)"),
-        )),
+        other => Err(format!("unknown choice {other:?} (keep, low)")),
     }
+}
+
+/// Whether the node's `memory` input asks for the low-memory way.
+pub fn low_memory(inputs: &Inputs) -> Result<bool, NodeError> {
+    parse_memory(inputs.str("memory")?).map_err(|e| NodeError::input("memory", e))
 }

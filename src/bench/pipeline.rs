@@ -25,11 +25,8 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
 
     // `--memory low` loads as a workflow's `memory: low` does: each model when it
     // is first needed, T5 freed after encoding. `load_s` sums every load either way.
-    let low = match args.memory.as_str() {
-        "keep" => false,
-        "low" => true,
-        other => anyhow::bail!("--memory {other:?}: keep or low"),
-    };
+    let low = pixart_nodes::device::parse_memory(&args.memory)
+        .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
     let mut load_s = Duration::ZERO;
     let timed = |load_s: &mut Duration, start: Instant| *load_s += start.elapsed();
 
@@ -132,11 +129,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
 
 /// The `--text-weights` choice.
 pub(super) fn text_weights(name: &str) -> Result<TextWeights> {
-    match name {
-        "auto" => Ok(TextWeights::Auto),
-        "bf16" => Ok(TextWeights::Bf16),
-        other => anyhow::bail!("--text-weights {other:?}: auto or bf16"),
-    }
+    TextWeights::parse(name).map_err(|e| anyhow::anyhow!("--text-weights: {e}"))
 }
 
 pub(super) fn round(d: Duration) -> f64 {

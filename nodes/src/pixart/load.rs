@@ -126,6 +126,22 @@ pub fn text_encoder(
     })
 }
 
+/// bf16 projection weights widen inside the CPU's f32 products only.
+pub fn check_text_weights(
+    dir: &Path,
+    dtype: DType,
+    weights: TextWeights,
+    device: &Device,
+) -> Result<(), LoadError> {
+    if weights == TextWeights::Bf16 && !(device.is_cpu() && dtype == DType::F32) {
+        return Err(LoadError::file(
+            dir,
+            "bf16 text encoder weights are for f32 on the CPU; elsewhere choose dtype bf16",
+        ));
+    }
+    Ok(())
+}
+
 /// A T5 encoder folder read afresh (no model cache), with its size in bytes.
 pub fn read_text_encoder(
     dir: &Path,
@@ -133,13 +149,8 @@ pub fn read_text_encoder(
     weights: TextWeights,
     device: &Device,
 ) -> Result<(T5Encoder, usize), LoadError> {
+    check_text_weights(dir, dtype, weights, device)?;
     let narrow = device.is_cpu() && dtype == DType::F32;
-    if weights == TextWeights::Bf16 && !narrow {
-        return Err(LoadError::file(
-            dir,
-            "bf16 text encoder weights are for f32 on the CPU; elsewhere choose dtype bf16",
-        ));
-    }
     let cfg: t5::Config = read_config(dir)?;
     let projection = |name: &str| {
         name.starts_with("encoder.block.")

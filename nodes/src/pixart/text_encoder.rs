@@ -34,12 +34,7 @@ impl TextEncoder {
         device: &Device,
         low_memory: bool,
     ) -> Result<TextEncoder, LoadError> {
-        if weights == TextWeights::Bf16 && !(device.is_cpu() && dtype == DType::F32) {
-            return Err(LoadError::file(
-                dir,
-                "bf16 text encoder weights are for f32 on the CPU; elsewhere choose dtype bf16",
-            ));
-        }
+        load::check_text_weights(dir, dtype, weights, device)?;
         // Configuration errors show at the loader even when the weights wait.
         let _: pixart_models::t5::Config = pixart_models::weights::read_config(dir)?;
         let encoder = TextEncoder {
