@@ -18,7 +18,24 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// How long freed memory stays with the process before mimalloc returns it.
+const PURGE_DELAY_MS: std::ffi::c_long = 5_000;
+
+/// mimalloc v3's `mi_option_purge_delay` (its `mi_option_e` in mimalloc.h; the
+/// Rust bindings do not name it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() -> ExitCode {
+    // mimalloc hands freed memory back to the kernel 10 ms after it is freed;
+    // the next tensor of that size then faults in fresh zeroed pages, which on
+    // these VMs costs ~1 s per GiB (`clear_page_erms`: 13% of a 512 px VAE
+    // decode, most of loading). Purging after PURGE_DELAY_MS keeps memory for
+    // reuse within a run and still returns it when a process idles (the
+    // server). A user's MIMALLOC_PURGE_DELAY wins.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one of mimalloc's options; any value is valid.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
+    }
     // candle's element-wise thread pool spins 25,000 times before parking; on a
     // machine with few cores the spinning worker takes the core gemm's threads
     // need (measured: a PixArt forward went from 233 to 169 ms on 2 cores).

@@ -494,6 +494,21 @@ fn t5_with_bf16_weights_stays_within_bf16_rounding_of_f32() {
 }
 
 #[test]
+fn t5_with_int8_weights_stays_within_int8_rounding_of_f32() {
+    // f32 arithmetic on 8-bit weights (`text_encoder_weights: int8`): each weight
+    // within half a step, 1/254 of its output's largest |w|; the tiny T5's
+    // random weights make that ~1/100 of a typical weight.
+    let (out, r) = tiny_t5(DType::F32, TextWeights::Int8);
+    assert_eq!(out.dtype(), DType::F32);
+    let e = common::rel_err(&out, get(&r, "last_hidden_state"));
+    eprintln!("T5 with int8 weights: {e:e} from transformers' f32");
+    // A few int8 steps of the largest value; and not bf16's (or f32's) agreement,
+    // which would mean the weights were not quantized.
+    assert!(e <= 4.0 / 127.0, "{e:e}");
+    assert!(e > 1e-4, "{e:e}");
+}
+
+#[test]
 fn training_loss_matches_the_official_objective() {
     use pixart_nodes::training::loss::Diffusion;
     let r = reference("training_loss.safetensors");

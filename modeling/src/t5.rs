@@ -250,8 +250,9 @@ impl Block {
     }
 }
 
-/// How the blocks' projection weights are kept: their dtype, and whether the
-/// loader stored them transposed (`[in, out]`, see `weights::Keep`).
+/// How the blocks' projection weights are kept: their dtype (`U8`: 8-bit with a
+/// scale per output, `weights::quantize_int8`), and whether the loader stored
+/// them transposed (`[in, out]`, see `weights::Keep`).
 #[derive(Clone, Copy, Debug)]
 pub struct Projections {
     pub dtype: DType,
@@ -262,6 +263,8 @@ pub struct Projections {
 /// (bf16 weights under f32 arithmetic) and stored transposed.
 struct Projection {
     weight: Tensor,
+    /// An 8-bit weight's scale per output.
+    scales: Option<Tensor>,
     transposed: bool,
 }
 
@@ -273,8 +276,15 @@ impl Projection {
             (out_dim, in_dim)
         };
         let weight = vb.get_with_hints_dtype(shape, "weight", Default::default(), how.dtype)?;
+        let scales = if how.dtype == DType::U8 {
+            let name = format!("weight{}", crate::weights::INT8_SCALE_SUFFIX);
+            Some(vb.get_with_hints_dtype(out_dim, &name, Default::default(), DType::F32)?)
+        } else {
+            None
+        };
         Ok(Projection {
             weight,
+            scales,
             transposed: how.transposed,
         })
     }
@@ -284,7 +294,9 @@ impl Projection {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.transposed {
+        if let Some(scales) = &self.scales {
+            crate::kernels::linear_int8_inference(&self.weight, scales, self.transposed, x)
+        } else if self.transposed {
             crate::kernels::linear_transposed_inference(&self.weight, None, x)
         } else {
             crate::kernels::linear_inference(&Linear::new(self.weight.clone(), None), x)

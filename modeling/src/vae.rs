@@ -381,8 +381,7 @@ impl Decoder {
                 x = r.forward(&x)?;
             }
             if let Some(c) = &block.upsample {
-                let (_, _, h, w) = x.dims4()?;
-                x = conv(c, &x.upsample_nearest2d(2 * h, 2 * w)?)?;
+                x = kernels::conv2d_upsampled(c, &x)?;
             }
         }
         conv(&self.conv_out, &self.norm_out.forward_silu(&x)?)

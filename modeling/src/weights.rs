@@ -101,7 +101,10 @@ impl Weights {
             // Tensor by tensor: each converted as it is read, never the whole file twice.
             crate::safetensors_reader::for_each_tensor(file, |name, t| {
                 let keep = choose(&name, t.dtype());
-                let t = convert(t, keep.dtype, device)
+                // U8 for a float weight: 8-bit, quantized from its f32 values.
+                let int8 = keep.dtype == DType::U8 && t.dtype().is_float();
+                let as_dtype = if int8 { DType::F32 } else { keep.dtype };
+                let t = convert(t, as_dtype, device)
                     .and_then(|t| {
                         if keep.transposed {
                             transposed(t)
@@ -110,7 +113,14 @@ impl Weights {
                         }
                     })
                     .map_err(|e| format!("tensor {name}: {e}"))?;
-                tensors.insert(name, t);
+                if int8 {
+                    let (q, scales) = quantize_int8(&t, keep.transposed)
+                        .map_err(|e| format!("tensor {name}: {e}"))?;
+                    tensors.insert(format!("{name}{INT8_SCALE_SUFFIX}"), scales);
+                    tensors.insert(name, q);
+                } else {
+                    tensors.insert(name, t);
+                }
                 Ok(())
             })
             .map_err(|e| LoadError::file(file, format!("not a readable safetensors file: {e}")))?;
@@ -232,7 +242,8 @@ impl Weights {
 /// How the loader keeps one tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Keep {
-    /// Its dtype (integer tensors keep theirs).
+    /// Its dtype (integer tensors keep theirs). `U8` for a float 2-D weight
+    /// means 8-bit: see [`quantize_int8`].
     pub dtype: DType,
     /// A 2-D weight `[out, in]` stored as `[in, out]`: the layout the CPU's
     /// products read fastest when few rows go through (a model that asks for it
@@ -247,6 +258,47 @@ impl Keep {
             transposed: false,
         }
     }
+}
+
+/// Where an 8-bit weight `NAME` keeps its scales: `NAME_scale`.
+pub const INT8_SCALE_SUFFIX: &str = "_scale";
+
+/// A 2-D float weight as 8-bit integers with one f32 scale per output: symmetric,
+/// `w ≈ (q − 128)·scale`, `q` a u8 (candle has no i8) and `scale` the output's
+/// largest |w| / 127, so every weight errs by at most half a step of its output's
+/// range. Outputs are rows of `[out, in]`, columns of a transposed `[in, out]`.
+/// Returns (`q` in `w`'s layout, the scales `[out]`).
+pub fn quantize_int8(w: &Tensor, transposed: bool) -> candle_core::Result<(Tensor, Tensor)> {
+    let (r, c) = w.dims2()?;
+    let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let outputs = if transposed { c } else { r };
+    let mut largest = vec![0f32; outputs];
+    for (i, row) in values.chunks(c).enumerate() {
+        if transposed {
+            for (m, v) in largest.iter_mut().zip(row) {
+                *m = m.max(v.abs());
+            }
+        } else {
+            largest[i] = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        }
+    }
+    let scales: Vec<f32> = largest
+        .iter()
+        .map(|m| if *m > 0.0 { m / 127.0 } else { 1.0 })
+        .collect();
+    let inverse: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
+    let mut q = vec![0u8; values.len()];
+    for (i, (dst, row)) in q.chunks_mut(c).zip(values.chunks(c)).enumerate() {
+        for (j, (d, v)) in dst.iter_mut().zip(row).enumerate() {
+            let inv = if transposed { inverse[j] } else { inverse[i] };
+            *d = ((v * inv).round().clamp(-127.0, 127.0) + 128.0) as u8;
+        }
+    }
+    let device = w.device();
+    Ok((
+        Tensor::from_vec(q, (r, c), device)?,
+        Tensor::from_vec(scales, outputs, device)?,
+    ))
 }
 
 /// `t` `[r, c]` as a contiguous `[c, r]`: on the CPU straight from the tensor's

@@ -77,15 +77,20 @@ pub enum TextWeights {
     /// Rounded to bf16 under f32 arithmetic on the CPU: half the memory of f32
     /// (T5-XXL: 9.5 GB instead of 19), outputs within bf16's rounding of f32's.
     Bf16,
+    /// 8-bit with a scale per output under f32 arithmetic on the CPU: a quarter
+    /// of f32's memory (T5-XXL's projections: 4.7 GB), at a larger error than
+    /// bf16 (BENCHMARKS.md states it).
+    Int8,
 }
 
 impl TextWeights {
-    /// The choice named `name` (auto, bf16).
+    /// The choice named `name` (auto, bf16, int8).
     pub fn parse(name: &str) -> Result<TextWeights, String> {
         match name {
             "auto" => Ok(TextWeights::Auto),
             "bf16" => Ok(TextWeights::Bf16),
-            other => Err(format!("unknown choice {other:?} (auto, bf16)")),
+            "int8" => Ok(TextWeights::Int8),
+            other => Err(format!("unknown choice {other:?} (auto, bf16, int8)")),
         }
     }
 
@@ -93,17 +98,22 @@ impl TextWeights {
         match self {
             TextWeights::Auto => "auto",
             TextWeights::Bf16 => "bf16",
+            TextWeights::Int8 => "int8",
         }
     }
 }
 
 pub fn text_weights_input() -> InputSpec {
-    InputSpec::new("text_encoder_weights", PortType::enum_of(&["auto", "bf16"]))
-        .default("auto")
-        .describe(
-            "T5's projection weights: auto (as dtype; bf16 checkpoints stay bf16 on the CPU) or \
-             bf16 (half the memory of f32, arithmetic still f32; CPU f32 only).",
-        )
+    InputSpec::new(
+        "text_encoder_weights",
+        PortType::enum_of(&["auto", "bf16", "int8"]),
+    )
+    .default("auto")
+    .describe(
+        "T5's projection weights: auto (as dtype; bf16 checkpoints stay bf16 on the CPU), \
+         bf16 (half the memory of f32, arithmetic still f32) or int8 (8-bit with a scale per \
+         output: a quarter of f32's memory, a larger error); bf16 and int8 for f32 on the CPU.",
+    )
 }
 
 /// The node's `text_encoder_weights` input, resolved.

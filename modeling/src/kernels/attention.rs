@@ -6,7 +6,7 @@
 //! over every thread.
 
 use super::gemm::{matmul, Product};
-use super::softmax::softmax_rows_dispatch;
+use super::softmax::{exp_rows_dispatch, softmax_rows_dispatch};
 use super::{bnd, contiguous_f32, use_kernels, Shared};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
@@ -83,12 +83,14 @@ impl Attention {
 
     /// The probabilities of block (batch `bi`, head `h`) into `p` `[N, L]`.
     fn probabilities(&self, d: &Dims, q: &[f32], k: &[f32], bi: usize, h: usize, p: &mut [f32]) {
-        self.probability_rows(d, q, k, (bi, h), 0..d.n, p)
+        self.score_rows(d, q, k, (bi, h), 0..d.n, p);
+        let bias = self.bias.as_ref().map(|b| &b[bi * d.l..(bi + 1) * d.l]);
+        softmax_rows_dispatch(&mut p[..d.n * d.l], d.l, bias);
     }
 
-    /// The probabilities of query rows `rows` of block (batch `bi`, head `h`)
-    /// into `p` `[rows, L]`.
-    fn probability_rows(
+    /// q·kᵀ·scale of query rows `rows` of block (`bi`, `h`) into `p` `[rows, L]`
+    /// (the key bias not yet added).
+    fn score_rows(
         &self,
         d: &Dims,
         q: &[f32],
@@ -111,8 +113,6 @@ impl Attention {
                 Product::one_thread(d.scale),
             );
         }
-        let bias = self.bias.as_ref().map(|b| &b[bi * d.l..(bi + 1) * d.l]);
-        softmax_rows_dispatch(&mut p[..rows.len() * d.l], d.l, bias);
     }
 }
 
@@ -142,19 +142,24 @@ impl candle_core::CustomOp3 for Attention {
         let rows = tile_rows(d.n, d.l, self.tile_scores);
         let tiles = d.n.div_ceil(rows);
         (0..d.b * self.heads * tiles).into_par_iter().for_each_init(
-            || vec![0f32; rows * d.l],
-            |p, i| {
+            || (vec![0f32; rows * d.l], vec![0f32; rows]),
+            |(p, inverse), i| {
                 let (block, t) = (i / tiles, i % tiles);
                 let (bi, h) = (block / self.heads, block % self.heads);
                 let span = t * rows..((t + 1) * rows).min(d.n);
                 let m = span.len();
-                self.probability_rows(&d, q, k, (bi, h), span.clone(), p);
+                self.score_rows(&d, q, k, (bi, h), span.clone(), p);
+                let bias = self.bias.as_ref().map(|b| &b[bi * d.l..(bi + 1) * d.l]);
+                // exp(s − max) only: each output row is divided by its sum below,
+                // a pass over m·d values instead of m·L.
+                exp_rows_dispatch(&mut p[..m * d.l], d.l, bias, inverse);
                 // SAFETY: rows `span` of head h of sample bi in `out` are
                 // written by this task only.
                 unsafe {
+                    let at = dst.ptr().add((bi * d.n + span.start) * d.width + h * d.dh);
                     matmul(
                         (m, d.dh, d.l),
-                        dst.ptr().add((bi * d.n + span.start) * d.width + h * d.dh),
+                        at,
                         (d.width, 1),
                         p.as_ptr(),
                         (d.l, 1),
@@ -162,6 +167,10 @@ impl candle_core::CustomOp3 for Attention {
                         (d.width, 1),
                         Product::one_thread(1.0),
                     );
+                    for (r, inv) in inverse[..m].iter().enumerate() {
+                        let row = std::slice::from_raw_parts_mut(at.add(r * d.width), d.dh);
+                        row.iter_mut().for_each(|x| *x *= inv);
+                    }
                 }
             },
         );

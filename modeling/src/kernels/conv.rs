@@ -8,6 +8,7 @@
 
 use super::gemm::{matmul, Product};
 use super::linear::linear;
+use super::winograd;
 use super::Shared;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -316,6 +317,20 @@ pub fn conv2d(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
     let bias = conv.bias().cloned();
     let wants_grad = x.track_op() || w.track_op() || bias.as_ref().is_some_and(|b| b.track_op());
     if let (false, Some(bias)) = (wants_grad, &bias) {
+        let thick = c >= winograd::MIN_CHANNELS && o >= winograd::MIN_CHANNELS;
+        if k == 3 && cfg.stride == 1 && cfg.padding == 1 && thick {
+            return x.contiguous()?.apply_op3_no_bwd(
+                &w.contiguous()?,
+                &bias.contiguous()?,
+                &winograd::Winograd3x3 {
+                    b,
+                    c,
+                    h,
+                    w: wd,
+                    upsampled: false,
+                },
+            );
+        }
         g.band = (0, g.out_h());
         return x.contiguous()?.apply_op3_no_bwd(
             &w.contiguous()?,
@@ -349,6 +364,37 @@ pub fn conv2d(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
         parts.push(cat_or_one(bands, 1)?);
     }
     cat_or_one(parts, 0)?.permute((0, 3, 1, 2))?.contiguous()
+}
+
+/// `conv.forward(x.upsample_nearest2d(2·H, 2·W))`, the VAE decoder's upsampler:
+/// on the CPU without gradients the enlarged image is read from `x`, never made.
+pub fn conv2d_upsampled(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
+    let w = conv.weight();
+    let cfg = conv.config();
+    let (b, c, h, wd) = x.dims4()?;
+    let (o, k) = (w.dim(0)?, w.dim(2)?);
+    let direct = k == 3 && w.dim(3)? == 3 && cfg.stride == 1 && cfg.padding == 1;
+    let plain = direct && cfg.groups == 1 && cfg.dilation == 1;
+    let thick = c >= winograd::MIN_CHANNELS && o >= winograd::MIN_CHANNELS;
+    let on_cpu = x.device().is_cpu() && x.dtype() == DType::F32;
+    match conv.bias() {
+        Some(bias)
+            if plain && thick && on_cpu && !(x.track_op() || w.track_op() || bias.track_op()) =>
+        {
+            x.contiguous()?.apply_op3_no_bwd(
+                &w.contiguous()?,
+                &bias.contiguous()?,
+                &winograd::Winograd3x3 {
+                    b,
+                    c,
+                    h: 2 * h,
+                    w: 2 * wd,
+                    upsampled: true,
+                },
+            )
+        }
+        _ => conv2d(conv, &x.upsample_nearest2d(2 * h, 2 * wd)?),
+    }
 }
 
 fn cat_or_one(mut parts: Vec<Tensor>, dim: usize) -> Result<Tensor> {

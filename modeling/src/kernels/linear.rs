@@ -30,6 +30,7 @@ impl candle_core::CustomOp3 for LinearOp {
             storage: s2,
             layout: l2,
             transposed: false,
+            scales: None,
         };
         dense_cpu(self.name(), s1, l1, weight, Some(b), WIDEN_ELEMENTS)
     }
@@ -156,6 +157,8 @@ const WIDEN_ELEMENTS: usize = 1 << 22;
 /// weights in half the memory and still compute in f32.
 struct DenseForward {
     bias: Option<Vec<f32>>,
+    /// An 8-bit weight's scale per output (`weights::quantize_int8`).
+    scales: Option<Vec<f32>>,
     transposed: bool,
     /// Elements of a bf16 weight widened at a time ([`WIDEN_ELEMENTS`] but in tests).
     band_elements: usize,
@@ -177,6 +180,7 @@ impl CustomOp2 for DenseForward {
             storage: s2,
             layout: l2,
             transposed: self.transposed,
+            scales: self.scales.as_deref(),
         };
         let bias = self.bias.as_deref();
         dense_cpu(self.name(), s1, l1, weight, bias, self.band_elements)
@@ -189,6 +193,8 @@ struct Weight<'a> {
     layout: &'a Layout,
     /// `[K, O]` rather than `[O, K]`.
     transposed: bool,
+    /// For 8-bit weights: the scale of each output.
+    scales: Option<&'a [f32]>,
 }
 
 /// `y = x·Wᵀ (+ b)` on the CPU (see [`DenseForward`]).
@@ -232,25 +238,57 @@ fn dense_cpu(
         // SAFETY: x is rows×k, y rows×o, and `band` holds stored rows first..first+n.
         unsafe { band_product(weight.transposed, dims, y, x, band, first, n, accumulate) }
     };
-    match (weight.storage, weight.layout.contiguous_offsets()) {
-        (CpuStorage::F32(w), Some((a, b))) => product(&mut y, &w[a..b], 0, stored_rows, with_bias),
-        (CpuStorage::BF16(w), Some((a, b))) => {
-            let w = &w[a..b];
-            let per_band = (band_elements / row_len).clamp(1, stored_rows);
-            let mut band = vec![0f32; per_band * row_len];
-            for first in (0..stored_rows).step_by(per_band) {
-                let n = per_band.min(stored_rows - first);
-                let band = &mut band[..n * row_len];
-                widen_bf16(&w[first * row_len..(first + n) * row_len], band);
-                // Bands along k accumulate onto each other; along o they fill
-                // their own columns.
-                let accumulate = with_bias || (weight.transposed && first > 0);
-                product(&mut y, band, first, n, accumulate);
-            }
+    // A narrow weight is widened to f32 one band of stored rows at a time.
+    let in_bands = |y: &mut [f32], widen: &dyn Fn(usize, &mut [f32])| {
+        let per_band = (band_elements / row_len).clamp(1, stored_rows);
+        let mut band = vec![0f32; per_band * row_len];
+        for first in (0..stored_rows).step_by(per_band) {
+            let n = per_band.min(stored_rows - first);
+            let band = &mut band[..n * row_len];
+            widen(first, band);
+            // Bands along k accumulate onto each other; along o they fill
+            // their own columns.
+            let accumulate = with_bias || (weight.transposed && first > 0);
+            product(y, band, first, n, accumulate);
         }
-        (other, _) => candle_core::bail!(
-            "{name}: contiguous f32 or bf16 weights only, got {:?}",
-            other.dtype()
+    };
+    match (
+        weight.storage,
+        weight.layout.contiguous_offsets(),
+        weight.scales,
+    ) {
+        (CpuStorage::F32(w), Some((a, b)), None) => {
+            product(&mut y, &w[a..b], 0, stored_rows, with_bias)
+        }
+        (CpuStorage::BF16(w), Some((a, b)), None) => {
+            let w = &w[a..b];
+            in_bands(&mut y, &|first, band| {
+                widen_bf16(&w[first * row_len..][..band.len()], band)
+            });
+        }
+        (CpuStorage::U8(w), Some((a, b)), Some(scales)) if scales.len() == o => {
+            let w = &w[a..b];
+            let transposed = weight.transposed;
+            in_bands(&mut y, &|first, band| {
+                widen_int8(
+                    &w[first * row_len..][..band.len()],
+                    row_len,
+                    |r, c| {
+                        if transposed {
+                            scales[c]
+                        } else {
+                            scales[first + r]
+                        }
+                    },
+                    band,
+                )
+            });
+        }
+        (other, _, scales) => candle_core::bail!(
+            "{name}: contiguous f32 or bf16 weights, or u8 with a scale per output, only; got \
+             {:?} with {} scales",
+            other.dtype(),
+            scales.map_or(0, |s| s.len())
         ),
     }
     Ok((CpuStorage::F32(y), with_last_dim(l1, o)))
@@ -328,6 +366,24 @@ fn widen_bf16(src: &[half::bf16], dst: &mut [f32]) {
     }
 }
 
+/// 8-bit → f32: `(q − 128)·scale(row, column)` for a band of rows of `width`.
+fn widen_int8(
+    src: &[u8],
+    width: usize,
+    scale: impl Fn(usize, usize) -> f32 + Sync,
+    dst: &mut [f32],
+) {
+    use rayon::prelude::*;
+    dst.par_chunks_mut(width)
+        .zip(src.par_chunks(width))
+        .enumerate()
+        .for_each(|(r, (d, s))| {
+            for (c, (y, q)) in d.iter_mut().zip(s).enumerate() {
+                *y = (f32::from(*q) - 128.0) * scale(r, c);
+            }
+        });
+}
+
 /// Whether the fused product takes this input and weight: f32 inputs on the
 /// CPU, f32 or bf16 weights there.
 fn dense_applies(x: &Tensor, w: &Tensor) -> bool {
@@ -346,6 +402,7 @@ pub(super) fn dense(
         bias: bias
             .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
             .transpose()?,
+        scales: None,
         transposed,
         band_elements,
     };
@@ -384,4 +441,50 @@ pub fn linear_transposed_inference(
         Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
         None => Ok(y),
     }
+}
+
+/// `x·Wᵀ` without gradients for an 8-bit weight (`weights::quantize_int8`): `q`
+/// u8 `[O, K]` (or `[K, O]` when `transposed`) and `scales` `[O]`. On the CPU with
+/// f32 inputs the fused product widens it a band at a time (a quarter of f32's
+/// memory); elsewhere the weight is dequantized whole.
+pub fn linear_int8_inference(
+    q: &Tensor,
+    scales: &Tensor,
+    transposed: bool,
+    x: &Tensor,
+) -> Result<Tensor> {
+    if use_kernels(x) && q.device().is_cpu() && q.dtype() == DType::U8 {
+        return dense_int8(x, q, scales, transposed, WIDEN_ELEMENTS);
+    }
+    let centred = (q.to_dtype(DType::F32)? - 128.0)?;
+    let w = if transposed {
+        centred.broadcast_mul(&scales.reshape((1, ()))?)?
+    } else {
+        centred.broadcast_mul(&scales.reshape(((), 1))?)?
+    }
+    .to_dtype(x.dtype())?;
+    let wt = if transposed { w } else { w.t()? };
+    x.broadcast_matmul(&wt)
+}
+
+/// The fused 8-bit product on the CPU, widening `band_elements` at a time.
+pub(super) fn dense_int8(
+    x: &Tensor,
+    q: &Tensor,
+    scales: &Tensor,
+    transposed: bool,
+    band_elements: usize,
+) -> Result<Tensor> {
+    let op = DenseForward {
+        bias: None,
+        scales: Some(
+            scales
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        ),
+        transposed,
+        band_elements,
+    };
+    x.contiguous()?.apply_op2_no_bwd(&q.contiguous()?, &op)
 }

@@ -21,11 +21,12 @@ mod reduce;
 mod softmax;
 #[cfg(test)]
 mod tests;
+mod winograd;
 
 pub use activation::{gelu, gelu_inference};
 pub use attention::{attention, attention_composed};
-pub use conv::conv2d;
-pub use linear::{linear, linear_inference, linear_transposed_inference};
+pub use conv::{conv2d, conv2d_upsampled};
+pub use linear::{linear, linear_inference, linear_int8_inference, linear_transposed_inference};
 pub use modulation::{gated_add, modulate};
 pub use norm::{group_norm, layer_norm};
 pub use softmax::softmax_last_dim;
@@ -64,6 +65,13 @@ fn contiguous_f32<'a>(name: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [
 
 fn last_dim(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1).max(1)
+}
+
+/// Whether the CPU runs the kernels' AVX2 + FMA builds (checked once).
+#[cfg(target_arch = "x86_64")]
+fn avx2_fma() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
 fn use_kernels(x: &Tensor) -> bool {

@@ -70,10 +70,14 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Row-wise softmax of `p` (rows of `width`) after adding `bias` to each row.
-/// Max and sum in eight lanes so the compiler vectorises them.
+/// Max and sum in eight lanes so the compiler vectorises them. With `inverse`,
+/// the rows are left as exp(s − max) and each row's 1/Σ goes into `inverse`
+/// instead (the caller scales something smaller than the row: attention's
+/// output row), saving a pass over the scores.
 #[inline(always)]
-fn softmax_rows(p: &mut [f32], width: usize, bias: Option<&[f32]>) {
-    for row in p.chunks_mut(width) {
+fn softmax_rows(p: &mut [f32], width: usize, bias: Option<&[f32]>, inverse: Option<&mut [f32]>) {
+    let mut inverse = inverse;
+    for (r, row) in p.chunks_mut(width).enumerate() {
         if let Some(bias) = bias {
             row.iter_mut().zip(bias).for_each(|(s, b)| *s += b);
         }
@@ -104,21 +108,49 @@ fn softmax_rows(p: &mut [f32], width: usize, bias: Option<&[f32]>) {
             sum += *s;
         }
         let inv = 1.0 / sum;
-        row.iter_mut().for_each(|s| *s *= inv);
+        match inverse.as_deref_mut() {
+            Some(out) => out[r] = inv,
+            None => row.iter_mut().for_each(|s| *s *= inv),
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_rows_avx2(p: &mut [f32], width: usize, bias: Option<&[f32]>) {
-    softmax_rows(p, width, bias)
+unsafe fn softmax_rows_avx2(
+    p: &mut [f32],
+    width: usize,
+    bias: Option<&[f32]>,
+    inverse: Option<&mut [f32]>,
+) {
+    softmax_rows(p, width, bias, inverse)
 }
 
 pub(super) fn softmax_rows_dispatch(p: &mut [f32], width: usize, bias: Option<&[f32]>) {
+    softmax_rows_with(p, width, bias, None)
+}
+
+/// [`softmax_rows_dispatch`] without the final scaling: rows hold exp(s − max),
+/// `inverse[r]` the reciprocal of row r's sum.
+pub(super) fn exp_rows_dispatch(
+    p: &mut [f32],
+    width: usize,
+    bias: Option<&[f32]>,
+    inverse: &mut [f32],
+) {
+    softmax_rows_with(p, width, bias, Some(inverse))
+}
+
+fn softmax_rows_with(
+    p: &mut [f32],
+    width: usize,
+    bias: Option<&[f32]>,
+    inverse: Option<&mut [f32]>,
+) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports the features the function was compiled for.
-        return unsafe { softmax_rows_avx2(p, width, bias) };
+        return unsafe { softmax_rows_avx2(p, width, bias, inverse) };
     }
-    softmax_rows(p, width, bias)
+    softmax_rows(p, width, bias, inverse)
 }

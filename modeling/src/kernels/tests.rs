@@ -378,3 +378,48 @@ fn dense_forward_matches_matmul() {
     let got = linear_transposed_inference(&wt, Some(&b), &x).unwrap();
     assert!(rel_err(&got, &want) < 1e-6);
 }
+
+/// The 8-bit product equals f32's on the dequantized weight, both layouts, in one
+/// band and in ragged bands; and the quantization errs by at most half a step.
+#[test]
+fn int8_product_matches_the_dequantized_weight() {
+    use crate::weights::quantize_int8;
+    let (o, k) = (37, 29);
+    let w = filled(&[o, k], 3);
+    let wt = w.t().unwrap().contiguous().unwrap();
+    let (q, scales) = quantize_int8(&w, false).unwrap();
+    let (qt, scales_t) = quantize_int8(&wt, true).unwrap();
+    let dequantized = (q.to_dtype(DType::F32).unwrap() - 128.0)
+        .unwrap()
+        .broadcast_mul(&scales.reshape((o, 1)).unwrap())
+        .unwrap();
+    // Each weight within half a step of its output's scale, either layout alike.
+    let step = scales.reshape((o, 1)).unwrap();
+    let err = (&dequantized - &w)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .broadcast_div(&step)
+        .unwrap();
+    assert!(err.max_all().unwrap().to_scalar::<f32>().unwrap() <= 0.5 + 1e-4);
+    assert!(rel_err(&scales, &scales_t) == 0.0);
+    let t_back = (qt.to_dtype(DType::F32).unwrap() - 128.0)
+        .unwrap()
+        .t()
+        .unwrap();
+    assert!(rel_err(&t_back, &(q.to_dtype(DType::F32).unwrap() - 128.0).unwrap()) == 0.0);
+    for rows in [1, 2 * 13] {
+        let x = filled(&[rows, k], 7).reshape((1, rows, k)).unwrap();
+        let want = x.broadcast_matmul(&dequantized.t().unwrap()).unwrap();
+        for band in [1 << 22, 5 * 37] {
+            let got = linear::dense_int8(&x, &q, &scales, false, band).unwrap();
+            assert!(rel_err(&got, &want) < 1e-6, "[O, K] {rows} {band}");
+            let got = linear::dense_int8(&x, &qt, &scales_t, true, band).unwrap();
+            assert!(rel_err(&got, &want) < 1e-6, "[K, O] {rows} {band}");
+        }
+    }
+    let x = filled(&[3, k], 9);
+    let want = x.matmul(&dequantized.t().unwrap()).unwrap();
+    let got = crate::kernels::linear_int8_inference(&qt, &scales_t, true, &x).unwrap();
+    assert!(rel_err(&got, &want) < 1e-6);
+}

@@ -133,10 +133,13 @@ pub fn check_text_weights(
     weights: TextWeights,
     device: &Device,
 ) -> Result<(), LoadError> {
-    if weights == TextWeights::Bf16 && !(device.is_cpu() && dtype == DType::F32) {
+    if weights != TextWeights::Auto && !(device.is_cpu() && dtype == DType::F32) {
         return Err(LoadError::file(
             dir,
-            "bf16 text encoder weights are for f32 on the CPU; elsewhere choose dtype bf16",
+            format!(
+                "{} text encoder weights are for f32 on the CPU; elsewhere choose dtype bf16",
+                weights.name()
+            ),
         ));
     }
     Ok(())
@@ -163,6 +166,8 @@ pub fn read_text_encoder(
         if dtype == DType::F16 && name.ends_with("DenseReluDense.wo.weight") {
             // transformers keeps T5's `wo` in f32 in half precision.
             DType::F32
+        } else if narrow && weights == TextWeights::Int8 {
+            DType::U8
         } else if narrow && (weights == TextWeights::Bf16 || stored == DType::BF16) {
             DType::BF16
         } else {
@@ -187,7 +192,9 @@ pub fn read_text_encoder(
         .filter(|n| projection(n))
         .all(|n| w.get(n).is_some_and(|t| t.dtype() == DType::BF16));
     let proj = Projections {
-        dtype: if narrow && all_bf16 {
+        dtype: if narrow && weights == TextWeights::Int8 {
+            DType::U8
+        } else if narrow && all_bf16 {
             DType::BF16
         } else {
             dtype
