@@ -496,8 +496,8 @@ fn t5_with_bf16_weights_stays_within_bf16_rounding_of_f32() {
 #[test]
 fn t5_with_int8_weights_stays_within_int8_rounding_of_f32() {
     // f32 arithmetic on 8-bit weights (`text_encoder_weights: int8`): each weight
-    // within half a step, 1/254 of its output's largest |w|; the tiny T5's
-    // random weights make that ~1/100 of a typical weight.
+    // within half a step, 1/254 of its block's largest |w|; the tiny T5's random
+    // weights make that ~1/100 of a typical weight.
     let (out, r) = tiny_t5(DType::F32, TextWeights::Int8);
     assert_eq!(out.dtype(), DType::F32);
     let e = common::rel_err(&out, get(&r, "last_hidden_state"));

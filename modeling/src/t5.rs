@@ -250,8 +250,8 @@ impl Block {
     }
 }
 
-/// How the blocks' projection weights are kept: their dtype (`U8`: 8-bit with a
-/// scale per output, `weights::quantize_int8`), and whether the loader stored
+/// How the blocks' projection weights are kept: their dtype (`U8`: 8-bit with
+/// scales, `weights::quantize_int8`), and whether the loader stored
 /// them transposed (`[in, out]`, see `weights::Keep`).
 #[derive(Clone, Copy, Debug)]
 pub struct Projections {
@@ -263,7 +263,7 @@ pub struct Projections {
 /// (bf16 weights under f32 arithmetic) and stored transposed.
 struct Projection {
     weight: Tensor,
-    /// An 8-bit weight's scale per output.
+    /// An 8-bit weight's scales (`weights::quantize_int8`).
     scales: Option<Tensor>,
     transposed: bool,
 }
@@ -277,8 +277,10 @@ impl Projection {
         };
         let weight = vb.get_with_hints_dtype(shape, "weight", Default::default(), how.dtype)?;
         let scales = if how.dtype == DType::U8 {
-            let name = format!("weight{}", crate::weights::INT8_SCALE_SUFFIX);
-            Some(vb.get_with_hints_dtype(out_dim, &name, Default::default(), DType::F32)?)
+            use crate::weights::{int8_scales_shape, INT8_SCALE_SUFFIX};
+            let name = format!("weight{INT8_SCALE_SUFFIX}");
+            let shape = int8_scales_shape(in_dim, out_dim, how.transposed);
+            Some(vb.get_with_hints_dtype(shape, &name, Default::default(), DType::F32)?)
         } else {
             None
         };

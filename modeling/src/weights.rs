@@ -263,23 +263,53 @@ impl Keep {
 /// Where an 8-bit weight `NAME` keeps its scales: `NAME_scale`.
 pub const INT8_SCALE_SUFFIX: &str = "_scale";
 
-/// A 2-D float weight as 8-bit integers with one f32 scale per output: symmetric,
-/// `w ≈ (q − 128)·scale`, `q` a u8 (candle has no i8) and `scale` the output's
-/// largest |w| / 127, so every weight errs by at most half a step of its output's
-/// range. Outputs are rows of `[out, in]`, columns of a transposed `[in, out]`.
-/// Returns (`q` in `w`'s layout, the scales `[out]`).
+/// Inputs that share one 8-bit scale: 32, as GGUF's Q8_0; a whole row where the
+/// input width does not divide by it.
+pub fn int8_block(inputs: usize) -> usize {
+    if inputs.is_multiple_of(32) {
+        32
+    } else {
+        inputs.max(1)
+    }
+}
+
+/// The shape of an 8-bit weight's scales: one per (output, block of
+/// [`int8_block`] inputs), laid out like the weight (`[out, in/block]`, or
+/// `[in/block, out]` for a transposed `[in, out]` weight).
+pub fn int8_scales_shape(inputs: usize, outputs: usize, transposed: bool) -> (usize, usize) {
+    let blocks = inputs / int8_block(inputs);
+    if transposed {
+        (blocks, outputs)
+    } else {
+        (outputs, blocks)
+    }
+}
+
+/// A 2-D float weight as 8-bit integers: symmetric, `w ≈ (q − 128)·scale`, `q` a
+/// u8 (candle has no i8), one f32 scale per output and block of [`int8_block`]
+/// inputs, the block's largest |w| / 127, so every weight errs by at most half a
+/// step of its block's range (a per-output scale would let one large weight
+/// coarsen a whole row). Outputs are rows of `[out, in]`, columns of a transposed
+/// `[in, out]`. Returns (`q` in `w`'s layout, the scales, [`int8_scales_shape`]).
 pub fn quantize_int8(w: &Tensor, transposed: bool) -> candle_core::Result<(Tensor, Tensor)> {
     let (r, c) = w.dims2()?;
     let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let outputs = if transposed { c } else { r };
-    let mut largest = vec![0f32; outputs];
-    for (i, row) in values.chunks(c).enumerate() {
+    let (inputs, outputs) = if transposed { (r, c) } else { (c, r) };
+    let block = int8_block(inputs);
+    let shape = int8_scales_shape(inputs, outputs, transposed);
+    // The scale of weight (row i, column j) of the stored layout.
+    let at = |i: usize, j: usize| {
         if transposed {
-            for (m, v) in largest.iter_mut().zip(row) {
-                *m = m.max(v.abs());
-            }
+            (i / block) * c + j
         } else {
-            largest[i] = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            i * shape.1 + j / block
+        }
+    };
+    let mut largest = vec![0f32; shape.0 * shape.1];
+    for (i, row) in values.chunks(c).enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            let m = &mut largest[at(i, j)];
+            *m = m.max(v.abs());
         }
     }
     let scales: Vec<f32> = largest
@@ -290,14 +320,13 @@ pub fn quantize_int8(w: &Tensor, transposed: bool) -> candle_core::Result<(Tenso
     let mut q = vec![0u8; values.len()];
     for (i, (dst, row)) in q.chunks_mut(c).zip(values.chunks(c)).enumerate() {
         for (j, (d, v)) in dst.iter_mut().zip(row).enumerate() {
-            let inv = if transposed { inverse[j] } else { inverse[i] };
-            *d = ((v * inv).round().clamp(-127.0, 127.0) + 128.0) as u8;
+            *d = ((v * inverse[at(i, j)]).round().clamp(-127.0, 127.0) + 128.0) as u8;
         }
     }
     let device = w.device();
     Ok((
         Tensor::from_vec(q, (r, c), device)?,
-        Tensor::from_vec(scales, outputs, device)?,
+        Tensor::from_vec(scales, shape, device)?,
     ))
 }
 

@@ -77,9 +77,9 @@ pub enum TextWeights {
     /// Rounded to bf16 under f32 arithmetic on the CPU: half the memory of f32
     /// (T5-XXL: 9.5 GB instead of 19), outputs within bf16's rounding of f32's.
     Bf16,
-    /// 8-bit with a scale per output under f32 arithmetic on the CPU: a quarter
-    /// of f32's memory (T5-XXL's projections: 4.7 GB), at a larger error than
-    /// bf16 (BENCHMARKS.md states it).
+    /// 8-bit with a scale per output and 32 inputs under f32 arithmetic on the
+    /// CPU: under a third of f32's memory (T5-XXL: 6.2 GB peak), at a larger
+    /// error than bf16 (BENCHMARKS.md states it).
     Int8,
 }
 
@@ -112,7 +112,7 @@ pub fn text_weights_input() -> InputSpec {
     .describe(
         "T5's projection weights: auto (as dtype; bf16 checkpoints stay bf16 on the CPU), \
          bf16 (half the memory of f32, arithmetic still f32) or int8 (8-bit with a scale per \
-         output: a quarter of f32's memory, a larger error); bf16 and int8 for f32 on the CPU.",
+         32 inputs: under a third of f32's memory, a larger error); bf16 and int8 for f32 on the CPU.",
     )
 }
 

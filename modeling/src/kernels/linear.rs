@@ -157,7 +157,7 @@ const WIDEN_ELEMENTS: usize = 1 << 22;
 /// weights in half the memory and still compute in f32.
 struct DenseForward {
     bias: Option<Vec<f32>>,
-    /// An 8-bit weight's scale per output (`weights::quantize_int8`).
+    /// An 8-bit weight's scales (`weights::quantize_int8`).
     scales: Option<Vec<f32>>,
     transposed: bool,
     /// Elements of a bf16 weight widened at a time ([`WIDEN_ELEMENTS`] but in tests).
@@ -193,7 +193,8 @@ struct Weight<'a> {
     layout: &'a Layout,
     /// `[K, O]` rather than `[O, K]`.
     transposed: bool,
-    /// For 8-bit weights: the scale of each output.
+    /// For 8-bit weights: the scales, per output and block of inputs
+    /// (`weights::quantize_int8`).
     scales: Option<&'a [f32]>,
 }
 
@@ -266,27 +267,20 @@ fn dense_cpu(
                 widen_bf16(&w[first * row_len..][..band.len()], band)
             });
         }
-        (CpuStorage::U8(w), Some((a, b)), Some(scales)) if scales.len() == o => {
+        (CpuStorage::U8(w), Some((a, b)), Some(scales))
+            if scales.len() * crate::weights::int8_block(k) == o * k =>
+        {
             let w = &w[a..b];
+            let block = crate::weights::int8_block(k);
             let transposed = weight.transposed;
             in_bands(&mut y, &|first, band| {
-                widen_int8(
-                    &w[first * row_len..][..band.len()],
-                    row_len,
-                    |r, c| {
-                        if transposed {
-                            scales[c]
-                        } else {
-                            scales[first + r]
-                        }
-                    },
-                    band,
-                )
+                let src = &w[first * row_len..][..band.len()];
+                widen_int8(src, row_len, block, transposed, first, scales, band)
             });
         }
         (other, _, scales) => candle_core::bail!(
-            "{name}: contiguous f32 or bf16 weights, or u8 with a scale per output, only; got \
-             {:?} with {} scales",
+            "{name}: contiguous f32 or bf16 weights, or u8 with their scales, only; got {:?} \
+             with {} scales",
             other.dtype(),
             scales.map_or(0, |s| s.len())
         ),
@@ -366,11 +360,16 @@ fn widen_bf16(src: &[half::bf16], dst: &mut [f32]) {
     }
 }
 
-/// 8-bit → f32: `(q − 128)·scale(row, column)` for a band of rows of `width`.
+/// 8-bit → f32: `(q − 128)·scale` for stored rows `first..` of `width` values,
+/// the scales laid out as `weights::quantize_int8` makes them (one per output and
+/// `block` inputs).
 fn widen_int8(
     src: &[u8],
     width: usize,
-    scale: impl Fn(usize, usize) -> f32 + Sync,
+    block: usize,
+    transposed: bool,
+    first: usize,
+    scales: &[f32],
     dst: &mut [f32],
 ) {
     use rayon::prelude::*;
@@ -378,8 +377,22 @@ fn widen_int8(
         .zip(src.par_chunks(width))
         .enumerate()
         .for_each(|(r, (d, s))| {
-            for (c, (y, q)) in d.iter_mut().zip(s).enumerate() {
-                *y = (f32::from(*q) - 128.0) * scale(r, c);
+            let row = first + r;
+            if transposed {
+                // A row of inputs: one scale per output column.
+                let scales = &scales[(row / block) * width..][..width];
+                for ((y, q), scale) in d.iter_mut().zip(s).zip(scales) {
+                    *y = (f32::from(*q) - 128.0) * scale;
+                }
+            } else {
+                // A row of one output: one scale per block of inputs.
+                let blocks = width / block;
+                let scales = &scales[row * blocks..][..blocks];
+                for ((y, q), scale) in d.chunks_mut(block).zip(s.chunks(block)).zip(scales) {
+                    for (y, q) in y.iter_mut().zip(q) {
+                        *y = (f32::from(*q) - 128.0) * scale;
+                    }
+                }
             }
         });
 }
@@ -456,14 +469,8 @@ pub fn linear_int8_inference(
     if use_kernels(x) && q.device().is_cpu() && q.dtype() == DType::U8 {
         return dense_int8(x, q, scales, transposed, WIDEN_ELEMENTS);
     }
-    let centred = (q.to_dtype(DType::F32)? - 128.0)?;
-    let w = if transposed {
-        centred.broadcast_mul(&scales.reshape((1, ()))?)?
-    } else {
-        centred.broadcast_mul(&scales.reshape(((), 1))?)?
-    }
-    .to_dtype(x.dtype())?;
-    let wt = if transposed { w } else { w.t()? };
+    let wt = dequantize_int8(q, scales, transposed)?.to_dtype(x.dtype())?;
+    let wt = if transposed { wt } else { wt.t()? };
     x.broadcast_matmul(&wt)
 }
 
@@ -487,4 +494,26 @@ pub(super) fn dense_int8(
         band_elements,
     };
     x.contiguous()?.apply_op2_no_bwd(&q.contiguous()?, &op)
+}
+
+/// An 8-bit weight (`weights::quantize_int8`) back in f32, in its layout.
+pub fn dequantize_int8(q: &Tensor, scales: &Tensor, transposed: bool) -> Result<Tensor> {
+    let (r, c) = q.dims2()?;
+    let centred = (q.to_dtype(DType::F32)? - 128.0)?;
+    let (sr, sc) = scales.dims2()?;
+    // Each scale repeated over its block of inputs: along rows of a transposed
+    // weight, along columns otherwise.
+    let scales = scales.to_dtype(DType::F32)?;
+    let spread = if transposed {
+        scales
+            .unsqueeze(1)?
+            .broadcast_as((sr, r / sr.max(1), sc))?
+            .reshape((r, c))?
+    } else {
+        scales
+            .unsqueeze(2)?
+            .broadcast_as((sr, sc, c / sc.max(1)))?
+            .reshape((r, c))?
+    };
+    centred * spread
 }

@@ -26,7 +26,9 @@ mod winograd;
 pub use activation::{gelu, gelu_inference};
 pub use attention::{attention, attention_composed};
 pub use conv::{conv2d, conv2d_upsampled};
-pub use linear::{linear, linear_inference, linear_int8_inference, linear_transposed_inference};
+pub use linear::{
+    dequantize_int8, linear, linear_inference, linear_int8_inference, linear_transposed_inference,
+};
 pub use modulation::{gated_add, modulate};
 pub use norm::{group_norm, layer_norm};
 pub use softmax::softmax_last_dim;

@@ -380,46 +380,51 @@ fn dense_forward_matches_matmul() {
 }
 
 /// The 8-bit product equals f32's on the dequantized weight, both layouts, in one
-/// band and in ragged bands; and the quantization errs by at most half a step.
+/// band and in ragged bands; the quantization errs by at most half a step of its
+/// block; both layouts quantize alike. Widths of 64 (two blocks of 32) and 29 (one
+/// block a row).
 #[test]
 fn int8_product_matches_the_dequantized_weight() {
+    use crate::kernels::{dequantize_int8, linear_int8_inference};
     use crate::weights::quantize_int8;
-    let (o, k) = (37, 29);
-    let w = filled(&[o, k], 3);
-    let wt = w.t().unwrap().contiguous().unwrap();
-    let (q, scales) = quantize_int8(&w, false).unwrap();
-    let (qt, scales_t) = quantize_int8(&wt, true).unwrap();
-    let dequantized = (q.to_dtype(DType::F32).unwrap() - 128.0)
-        .unwrap()
-        .broadcast_mul(&scales.reshape((o, 1)).unwrap())
-        .unwrap();
-    // Each weight within half a step of its output's scale, either layout alike.
-    let step = scales.reshape((o, 1)).unwrap();
-    let err = (&dequantized - &w)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .broadcast_div(&step)
-        .unwrap();
-    assert!(err.max_all().unwrap().to_scalar::<f32>().unwrap() <= 0.5 + 1e-4);
-    assert!(rel_err(&scales, &scales_t) == 0.0);
-    let t_back = (qt.to_dtype(DType::F32).unwrap() - 128.0)
-        .unwrap()
-        .t()
-        .unwrap();
-    assert!(rel_err(&t_back, &(q.to_dtype(DType::F32).unwrap() - 128.0).unwrap()) == 0.0);
-    for rows in [1, 2 * 13] {
-        let x = filled(&[rows, k], 7).reshape((1, rows, k)).unwrap();
-        let want = x.broadcast_matmul(&dequantized.t().unwrap()).unwrap();
-        for band in [1 << 22, 5 * 37] {
-            let got = linear::dense_int8(&x, &q, &scales, false, band).unwrap();
-            assert!(rel_err(&got, &want) < 1e-6, "[O, K] {rows} {band}");
-            let got = linear::dense_int8(&x, &qt, &scales_t, true, band).unwrap();
-            assert!(rel_err(&got, &want) < 1e-6, "[K, O] {rows} {band}");
+    for (o, k) in [(37, 64), (37, 29)] {
+        let w = filled(&[o, k], 3);
+        let wt = w.t().unwrap().contiguous().unwrap();
+        let (q, scales) = quantize_int8(&w, false).unwrap();
+        let (qt, scales_t) = quantize_int8(&wt, true).unwrap();
+        let blocks = if k == 64 { 2 } else { 1 };
+        assert_eq!(scales.dims(), &[o, blocks]);
+        assert_eq!(scales_t.dims(), &[blocks, o]);
+        let dequantized = dequantize_int8(&q, &scales, false).unwrap();
+        let back_t = dequantize_int8(&qt, &scales_t, true).unwrap();
+        assert!(rel_err(&back_t.t().unwrap(), &dequantized) == 0.0);
+        // Each weight within half a step of its block's scale.
+        let step = scales
+            .unsqueeze(2)
+            .unwrap()
+            .broadcast_as((o, blocks, k / blocks))
+            .unwrap()
+            .reshape((o, k))
+            .unwrap();
+        let err = (&dequantized - &w).unwrap().abs().unwrap();
+        let steps = (err / step).unwrap().max_all().unwrap();
+        let steps = steps.to_scalar::<f32>().unwrap();
+        assert!(steps <= 0.5 + 1e-4, "{steps}");
+        // Quantized, not copied: some weights moved.
+        assert!(rel_err(&dequantized, &w) > 1e-5);
+        for rows in [1, 2 * 13] {
+            let x = filled(&[rows, k], 7).reshape((1, rows, k)).unwrap();
+            let want = x.broadcast_matmul(&dequantized.t().unwrap()).unwrap();
+            for band in [1 << 22, 5 * 37] {
+                let got = linear::dense_int8(&x, &q, &scales, false, band).unwrap();
+                assert!(rel_err(&got, &want) < 1e-6, "[O, K] {rows} {band}");
+                let got = linear::dense_int8(&x, &qt, &scales_t, true, band).unwrap();
+                assert!(rel_err(&got, &want) < 1e-6, "[K, O] {rows} {band}");
+            }
         }
+        let x = filled(&[3, k], 9);
+        let want = x.matmul(&dequantized.t().unwrap()).unwrap();
+        let got = linear_int8_inference(&qt, &scales_t, true, &x).unwrap();
+        assert!(rel_err(&got, &want) < 1e-6);
     }
-    let x = filled(&[3, k], 9);
-    let want = x.matmul(&dequantized.t().unwrap()).unwrap();
-    let got = crate::kernels::linear_int8_inference(&qt, &scales_t, true, &x).unwrap();
-    assert!(rel_err(&got, &want) < 1e-6);
 }
