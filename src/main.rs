@@ -26,8 +26,9 @@ const PURGE_DELAY_MS: std::ffi::c_long = 5_000;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn main() -> ExitCode {
-    // mimalloc hands freed memory back to the kernel 10 ms after it is freed;
-    // the next tensor of that size then faults in fresh zeroed pages, which on
+    // mimalloc hands freed memory back to the kernel 1 s after it is freed (v3's
+    // default); the next tensor of that size then faults in fresh zeroed pages
+    // (a 512 px load takes longer than that delay), which on
     // these VMs costs ~1 s per GiB (`clear_page_erms`: 13% of a 512 px VAE
     // decode, most of loading). Purging after PURGE_DELAY_MS keeps memory for
     // reuse within a run and still returns it when a process idles (the
