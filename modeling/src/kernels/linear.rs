@@ -157,8 +157,6 @@ const WIDEN_ELEMENTS: usize = 1 << 22;
 /// weights in half the memory and still compute in f32.
 struct DenseForward {
     bias: Option<Vec<f32>>,
-    /// An 8-bit weight's scales (`weights::quantize_int8`).
-    scales: Option<Vec<f32>>,
     transposed: bool,
     /// Elements of a bf16 weight widened at a time ([`WIDEN_ELEMENTS`] but in tests).
     band_elements: usize,
@@ -180,10 +178,42 @@ impl CustomOp2 for DenseForward {
             storage: s2,
             layout: l2,
             transposed: self.transposed,
-            scales: self.scales.as_deref(),
+            scales: None,
         };
         let bias = self.bias.as_deref();
         dense_cpu(self.name(), s1, l1, weight, bias, self.band_elements)
+    }
+}
+
+/// [`DenseForward`] for an 8-bit weight: (x, q, scales), the scales read where
+/// they lie (T5-XXL's are 0.6 GB: not copied on every product).
+struct DenseInt8 {
+    transposed: bool,
+    /// Elements widened at a time ([`WIDEN_ELEMENTS`] but in tests).
+    band_elements: usize,
+}
+
+impl candle_core::CustomOp3 for DenseInt8 {
+    fn name(&self) -> &'static str {
+        "dense-int8"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let weight = Weight {
+            storage: s2,
+            layout: l2,
+            transposed: self.transposed,
+            scales: Some(contiguous_f32(self.name(), s3, l3)?),
+        };
+        dense_cpu(self.name(), s1, l1, weight, None, self.band_elements)
     }
 }
 
@@ -415,7 +445,6 @@ pub(super) fn dense(
         bias: bias
             .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
             .transpose()?,
-        scales: None,
         transposed,
         band_elements,
     };
@@ -457,9 +486,10 @@ pub fn linear_transposed_inference(
 }
 
 /// `x·Wᵀ` without gradients for an 8-bit weight (`weights::quantize_int8`): `q`
-/// u8 `[O, K]` (or `[K, O]` when `transposed`) and `scales` `[O]`. On the CPU with
-/// f32 inputs the fused product widens it a band at a time (a quarter of f32's
-/// memory); elsewhere the weight is dequantized whole.
+/// u8 `[O, K]` (or `[K, O]` when `transposed`) and its `scales`
+/// (`weights::int8_scales_shape`). On the CPU with f32 inputs the fused product
+/// widens it a band at a time (9/32 of f32's memory with the scales); elsewhere
+/// the weight is dequantized whole.
 pub fn linear_int8_inference(
     q: &Tensor,
     scales: &Tensor,
@@ -482,18 +512,13 @@ pub(super) fn dense_int8(
     transposed: bool,
     band_elements: usize,
 ) -> Result<Tensor> {
-    let op = DenseForward {
-        bias: None,
-        scales: Some(
-            scales
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        ),
+    let op = DenseInt8 {
         transposed,
         band_elements,
     };
-    x.contiguous()?.apply_op2_no_bwd(&q.contiguous()?, &op)
+    let scales = scales.to_dtype(DType::F32)?.contiguous()?;
+    x.contiguous()?
+        .apply_op3_no_bwd(&q.contiguous()?, &scales, &op)
 }
 
 /// An 8-bit weight (`weights::quantize_int8`) back in f32, in its layout.
