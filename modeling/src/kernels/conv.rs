@@ -317,19 +317,8 @@ pub fn conv2d(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
     let bias = conv.bias().cloned();
     let wants_grad = x.track_op() || w.track_op() || bias.as_ref().is_some_and(|b| b.track_op());
     if let (false, Some(bias)) = (wants_grad, &bias) {
-        let thick = c >= winograd::MIN_CHANNELS && o >= winograd::MIN_CHANNELS;
-        if k == 3 && cfg.stride == 1 && cfg.padding == 1 && thick {
-            return x.contiguous()?.apply_op3_no_bwd(
-                &w.contiguous()?,
-                &bias.contiguous()?,
-                &winograd::Winograd3x3 {
-                    b,
-                    c,
-                    h,
-                    w: wd,
-                    upsampled: false,
-                },
-            );
+        if let Some(y) = by_winograd(conv, x, false)? {
+            return Ok(y);
         }
         g.band = (0, g.out_h());
         return x.contiguous()?.apply_op3_no_bwd(
@@ -369,32 +358,45 @@ pub fn conv2d(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
 /// `conv.forward(x.upsample_nearest2d(2·H, 2·W))`, the VAE decoder's upsampler:
 /// on the CPU without gradients the enlarged image is read from `x`, never made.
 pub fn conv2d_upsampled(conv: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
+    match by_winograd(conv, x, true)? {
+        Some(y) => Ok(y),
+        None => {
+            let (_, _, h, w) = x.dims4()?;
+            conv2d(conv, &x.upsample_nearest2d(2 * h, 2 * w)?)
+        }
+    }
+}
+
+/// The convolution (of `x`'s nearest 2× enlargement when `upsampled`) by the
+/// Winograd kernel, where it applies: a plain 3×3, stride 1, padding 1 with a
+/// bias and enough channels, f32 on the CPU, no gradient wanted. `None` elsewhere.
+fn by_winograd(conv: &candle_nn::Conv2d, x: &Tensor, upsampled: bool) -> Result<Option<Tensor>> {
     let w = conv.weight();
     let cfg = conv.config();
     let (b, c, h, wd) = x.dims4()?;
     let (o, k) = (w.dim(0)?, w.dim(2)?);
-    let direct = k == 3 && w.dim(3)? == 3 && cfg.stride == 1 && cfg.padding == 1;
-    let plain = direct && cfg.groups == 1 && cfg.dilation == 1;
+    let shape = k == 3 && w.dim(3)? == 3 && cfg.stride == 1 && cfg.padding == 1;
+    let plain = shape && cfg.groups == 1 && cfg.dilation == 1;
     let thick = c >= winograd::MIN_CHANNELS && o >= winograd::MIN_CHANNELS;
     let on_cpu = x.device().is_cpu() && x.dtype() == DType::F32;
-    match conv.bias() {
-        Some(bias)
-            if plain && thick && on_cpu && !(x.track_op() || w.track_op() || bias.track_op()) =>
-        {
-            x.contiguous()?.apply_op3_no_bwd(
-                &w.contiguous()?,
-                &bias.contiguous()?,
-                &winograd::Winograd3x3 {
-                    b,
-                    c,
-                    h: 2 * h,
-                    w: 2 * wd,
-                    upsampled: true,
-                },
-            )
-        }
-        _ => conv2d(conv, &x.upsample_nearest2d(2 * h, 2 * wd)?),
+    let Some(bias) = conv.bias() else {
+        return Ok(None);
+    };
+    if !(plain && thick && on_cpu) || x.track_op() || w.track_op() || bias.track_op() {
+        return Ok(None);
     }
+    let scale = if upsampled { 2 } else { 1 };
+    let op = winograd::Winograd3x3 {
+        b,
+        c,
+        h: scale * h,
+        w: scale * wd,
+        upsampled,
+    };
+    let y = x
+        .contiguous()?
+        .apply_op3_no_bwd(&w.contiguous()?, &bias.contiguous()?, &op)?;
+    Ok(Some(y))
 }
 
 fn cat_or_one(mut parts: Vec<Tensor>, dim: usize) -> Result<Tensor> {
