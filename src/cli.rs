@@ -106,7 +106,7 @@ pub fn registry() -> Registry {
 }
 
 pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
-    crate::plugins::set_dir(cli.plugins);
+    crate::plugins::set_dir(cli.plugins).map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Run {
             workflow,
@@ -169,9 +169,10 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             );
             let addr = std::net::SocketAddr::new(host, port);
             eprintln!("pixart serve: the editor at http://{addr}/, the API at http://{addr}/api (OpenAPI at /api/openapi.json)");
-            warp::serve(pixart_runtime::server::routes(state))
-                .run(addr)
-                .await;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            pixart_runtime::server::serve(state, listener).await;
             Ok(ExitCode::SUCCESS)
         }
     }

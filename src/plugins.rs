@@ -11,9 +11,21 @@ use std::time::Duration;
 static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
 
 /// Sets the plugins folder for this process (`--plugins`); without it, the
-/// default folder is used when it exists.
-pub fn set_dir(dir: Option<PathBuf>) {
-    let _ = DIR.set(dir.or_else(default_dir).filter(|d| d.is_dir()));
+/// default folder is used when it exists. A folder the user named
+/// (`--plugins`, `$PIXART_PLUGINS`) must exist: a typo is not "no plugins".
+pub fn set_dir(dir: Option<PathBuf>) -> Result<(), String> {
+    let named = dir.or_else(|| {
+        std::env::var_os("PIXART_PLUGINS")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
+    if let Some(d) = &named {
+        if !d.is_dir() {
+            return Err(format!("plugins folder {}: no such folder", d.display()));
+        }
+    }
+    let _ = DIR.set(named.or_else(default_dir).filter(|d| d.is_dir()));
+    Ok(())
 }
 
 /// `$PIXART_PLUGINS`, else `$XDG_DATA_HOME/pixart/plugins`, else
@@ -66,7 +78,7 @@ pub fn base_registry() -> Registry {
 /// folder, like every input path of a run).
 pub fn registry_for(workflow: &Path) -> Result<Registry, WorkflowError> {
     let mut registry = base_registry();
-    let Ok(source) = std::fs::read_to_string(workflow) else {
+    let Ok(source) = pixart_runtime::workflow::read_source(workflow) else {
         return Ok(registry); // loading the workflow reports it
     };
     let file = Some(workflow.display().to_string());

@@ -37,6 +37,54 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+/// Removes the temporary files that [`atomic_write`] calls of processes that no
+/// longer run left below `dir` (a process killed mid-write leaves one). Walks
+/// without following links, at most `max_entries` entries; returns how many it
+/// removed. Only where processes can be looked up (`/proc`).
+pub fn sweep_stale_temporaries(dir: &Path, max_entries: usize) -> usize {
+    let proc = Path::new("/proc/self");
+    if !proc.exists() {
+        return 0;
+    }
+    let mut removed = 0;
+    let mut seen = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            seen += 1;
+            if seen > max_entries {
+                return removed;
+            }
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_file() {
+                let name = entry.file_name();
+                let dead = temporary_owner(&name.to_string_lossy())
+                    .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+                if dead && std::fs::remove_file(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+    }
+    removed
+}
+
+/// The process id in a temporary name `.{name}.{pid}-{n}.tmp`.
+fn temporary_owner(file: &str) -> Option<u32> {
+    let inner = file.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (_, tail) = inner.rsplit_once('.')?;
+    let (pid, n) = tail.split_once('-')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
 /// Standard base64 (RFC 4648, with padding), for data URLs.
 pub fn base64(bytes: &[u8]) -> String {
     const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -57,6 +105,28 @@ pub fn base64(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    #[test]
+    fn only_temporaries_of_dead_processes_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("a/b");
+        std::fs::create_dir_all(&sub).unwrap();
+        // pid 0 is never a process of ours; the test's own pid is alive.
+        let dead = sub.join(".img.png.0-3.tmp");
+        let alive = sub.join(format!(".img.png.{}-4.tmp", std::process::id()));
+        let other = sub.join(".notes.tmp");
+        for f in [&dead, &alive, &other] {
+            std::fs::write(f, b"x").unwrap();
+        }
+        if !std::path::Path::new("/proc/self").exists() {
+            return;
+        }
+        assert_eq!(super::sweep_stale_temporaries(dir.path(), 1000), 1);
+        assert!(!dead.exists() && alive.exists() && other.exists());
+    }
 }
 
 #[cfg(test)]

@@ -72,8 +72,8 @@ pub(crate) struct RunShared {
     pub base_dir: PathBuf,
     pub workflow_source: Arc<str>,
     pub params: serde_json::Value,
-    /// Keep file access inside `base_dir` / `out_dir` (workflows from the network).
-    pub confine_paths: bool,
+    /// Keeps file access inside `base_dir` / `out_dir` (workflows from the network).
+    pub confinement: Option<crate::confine::Confinement>,
     /// Someone watches this run: previews are worth making.
     pub previews: bool,
 }
@@ -101,7 +101,7 @@ impl NodeContext {
                 base_dir: base_dir.into(),
                 workflow_source: Arc::from(""),
                 params: serde_json::Value::Null,
-                confine_paths: false,
+                confinement: None,
                 previews: false,
             }),
         }
@@ -169,25 +169,36 @@ impl NodeContext {
     }
 
     /// Where an input path points: relative paths under the run's base directory.
-    /// In a confined run (the server) it must stay inside the base or output
-    /// directory.
+    /// In a confined run (the server) it is resolved and must lead inside the base
+    /// or output directory; a folder is checked with everything in it.
     pub fn input_path(&self, path: &Path) -> Result<PathBuf, NodeError> {
         let full = self.run.base_dir.join(path);
-        if self.run.confine_paths {
-            confine(path, &full, &[&self.run.base_dir, &self.run.out_dir], false)?;
+        match &self.run.confinement {
+            Some(c) => c.read(path, &full).map_err(NodeError::Message),
+            None => Ok(full),
         }
-        Ok(full)
     }
 
     /// Where an output path points: relative paths under the run's output
-    /// directory. In a confined run it must stay inside it, outside hidden folders
-    /// (where the server keeps its own data).
+    /// directory. In a confined run it is resolved and must lead strictly inside
+    /// it, outside hidden folders (where the server keeps its own data).
     pub fn output_path(&self, path: &Path) -> Result<PathBuf, NodeError> {
         let full = self.run.out_dir.join(path);
-        if self.run.confine_paths {
-            confine(path, &full, &[&self.run.out_dir], true)?;
+        match &self.run.confinement {
+            Some(c) => c.write(path, &full).map_err(NodeError::Message),
+            None => Ok(full),
         }
-        Ok(full)
+    }
+
+    /// A folder a node reads and rewrites in place (a dataset it relabels):
+    /// relative paths under the base directory, like inputs; in a confined run it
+    /// must also be writable, that is inside the output directory.
+    pub fn in_place_path(&self, path: &Path) -> Result<PathBuf, NodeError> {
+        let full = self.run.base_dir.join(path);
+        match &self.run.confinement {
+            Some(c) => c.write(path, &full).map_err(NodeError::Message),
+            None => Ok(full),
+        }
     }
 
     /// The YAML source of the running workflow (saved into PNG metadata).
@@ -377,39 +388,4 @@ impl Outputs {
         self.0.push((name.to_string(), value));
         self
     }
-}
-
-/// Checks a path of a confined run: no `..`, inside one of `roots`, and for
-/// outputs no hidden (dot) component below the root.
-fn confine(given: &Path, full: &Path, roots: &[&Path], output: bool) -> Result<(), NodeError> {
-    use std::path::Component;
-    let refuse = |why: &str| Err(NodeError::msg(format!("{}: {why}", given.display())));
-    if given
-        .components()
-        .any(|c| matches!(c, Component::ParentDir))
-    {
-        return refuse("`..` is not allowed in paths of served workflows");
-    }
-    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let full = absolute(full);
-    let Some(root) = roots
-        .iter()
-        .map(|r| absolute(r))
-        .find(|r| full.starts_with(r))
-    else {
-        return refuse("served workflows may only use files inside the server's folders");
-    };
-    if output {
-        let hidden = full
-            .strip_prefix(&root)
-            .map(|rest| {
-                rest.components()
-                    .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
-            })
-            .unwrap_or(true);
-        if hidden {
-            return refuse("outputs may not be written to hidden files or folders");
-        }
-    }
-    Ok(())
 }

@@ -2,6 +2,8 @@
 //! other, fail on demand or wait for cancellation.
 #![allow(dead_code)]
 
+pub mod api;
+
 use pixart_runtime::workflow::{load_workflow, LoadOptions};
 use pixart_runtime::{
     Event, InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Registry,

@@ -293,8 +293,9 @@ impl Node for CaptionDataset {
     }
 
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+        // Captions are written beside the images: the folder is an output too.
+        let dir = ctx.in_place_path(inputs.path("path")?)?;
         let captioner = inputs.handle::<Captioner>("captioner")?;
-        let dir = ctx.input_path(inputs.path("path")?)?;
         let opts = generation(&inputs)?;
         let overwrite = inputs.bool("overwrite")?;
         let use_original = inputs.bool("use_original")?;

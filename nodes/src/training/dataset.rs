@@ -82,7 +82,11 @@ pub fn read_folder(dir: &Path) -> Result<Vec<Item>, String> {
 }
 
 /// Reads a JSONL manifest; image paths are relative to the manifest's folder.
-pub fn read_manifest(file: &Path) -> Result<Vec<Item>, String> {
+/// Each goes through `allow` (the run's confinement) like a path the workflow names.
+pub fn read_manifest(
+    file: &Path,
+    allow: impl Fn(&Path) -> Result<PathBuf, String>,
+) -> Result<Vec<Item>, String> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let dir = file.parent().unwrap_or(Path::new("."));
     let mut items = Vec::new();
@@ -101,7 +105,7 @@ pub fn read_manifest(file: &Path) -> Result<Vec<Item>, String> {
             .get("caption")
             .and_then(|v| v.as_str())
             .ok_or_else(|| at("needs a string `caption`".into()))?;
-        let path = dir.join(image);
+        let path = allow(&dir.join(image)).map_err(at)?;
         if !path.is_file() {
             return Err(at(format!("image {} does not exist", path.display())));
         }
@@ -177,7 +181,7 @@ impl Node for DatasetFolder {
         let items = if path.is_dir() {
             read_folder(&path)
         } else {
-            read_manifest(&path)
+            read_manifest(&path, |p| ctx.input_path(p).map_err(|e| e.to_string()))
         }
         .map_err(|e| NodeError::input("path", e))?;
         let count = items.len() as i64;

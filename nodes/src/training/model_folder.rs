@@ -2,8 +2,9 @@
 //! renamed into place, so a reader sees the old folder or the new one, never a mix.
 
 use candle_core::Tensor;
+use std::collections::HashSet;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// safetensors bytes of `tensors`, in name order.
 pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> io::Result<Vec<u8>> {
@@ -14,7 +15,40 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> io::Result<Vec<u8>> {
 }
 
 /// Replaces folder `dir` by one holding exactly `files` (relative path → bytes).
+/// An existing folder is replaced only when everything in it is among `files`
+/// (an earlier save of the same model): a folder holding anything else — other
+/// outputs, someone's data — is refused, never lost.
 pub fn write(dir: &Path, files: &[(&str, Vec<u8>)]) -> io::Result<()> {
+    if let Ok(meta) = std::fs::symlink_metadata(dir) {
+        if !meta.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a folder",
+            ));
+        }
+        let new: HashSet<PathBuf> = files.iter().map(|(f, _)| PathBuf::from(f)).collect();
+        let foreign: Vec<String> = files_in(dir)?
+            .into_iter()
+            .filter(|f| !new.contains(f))
+            .map(|f| f.display().to_string())
+            .collect();
+        if !foreign.is_empty() {
+            let shown: Vec<&str> = foreign.iter().take(5).map(String::as_str).collect();
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "the folder exists and holds files this model does not ({}{}); \
+                     write to a new folder or remove them first",
+                    shown.join(", "),
+                    if foreign.len() > shown.len() {
+                        ", …"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+    }
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -47,4 +81,44 @@ pub fn write(dir: &Path, files: &[(&str, Vec<u8>)]) -> io::Result<()> {
         std::fs::remove_dir_all(&old)?;
     }
     Ok(())
+}
+
+/// Every file below `dir`, relative to it (a link counts as a file: replacing the
+/// folder drops it), walked without recursion.
+fn files_in(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(rel) = pending.pop() {
+        for entry in std::fs::read_dir(dir.join(&rel))? {
+            let entry = entry?;
+            let path = rel.join(entry.file_name());
+            if entry.file_type()?.is_dir() {
+                pending.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_is_replaced_only_when_it_holds_nothing_else() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("model");
+        let files = [("config.json", b"{}".to_vec()), ("sub/w.bin", vec![1u8])];
+        write(&dir, &files).unwrap();
+        write(&dir, &files).unwrap(); // the same model again
+        std::fs::write(dir.join("sub/photo.png"), b"keep").unwrap();
+        let err = write(&dir, &files).unwrap_err();
+        assert!(err.to_string().contains("sub/photo.png"), "{err}");
+        assert_eq!(std::fs::read(dir.join("sub/photo.png")).unwrap(), b"keep");
+        let file = root.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(write(&file, &files).is_err());
+    }
 }

@@ -128,6 +128,8 @@ impl RunReport {
 pub enum RunError {
     #[error("{0}")]
     Target(String),
+    #[error("the run's folders: {0}")]
+    Folders(std::io::Error),
 }
 
 pub struct Executor {
@@ -202,6 +204,12 @@ impl Executor {
                 .clone()
                 .unwrap_or_else(|| format!("run-{run_no}")),
         );
+        let confinement = if opts.confine_paths {
+            let c = crate::confine::Confinement::new(&opts.base_dir, &opts.out_dir);
+            Some(c.map_err(RunError::Folders)?)
+        } else {
+            None
+        };
         let shared = Arc::new(RunShared {
             run_id: run_id.clone(),
             cancel: opts.cancel.clone(),
@@ -210,7 +218,7 @@ impl Executor {
             base_dir: opts.base_dir.clone(),
             workflow_source: wf.source.clone(),
             params: wf.params_json(),
-            confine_paths: opts.confine_paths,
+            confinement,
             previews: opts.previews,
         });
         let mut run = Run::new(self, wf, needed, shared, run_no);

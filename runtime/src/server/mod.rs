@@ -2,6 +2,7 @@
 //! per-run cancel, history, output files by id, uploads, and an event stream.
 //! Documented in the README and served as OpenAPI at `/api/openapi.json`.
 
+mod journal;
 mod state;
 
 pub use state::{
@@ -67,6 +68,44 @@ impl warp::reject::Reject for Forbidden {}
 #[derive(Debug)]
 struct WrongContentType(&'static str);
 impl warp::reject::Reject for WrongContentType {}
+
+#[derive(Debug)]
+struct TooLarge;
+impl warp::reject::Reject for TooLarge {}
+
+/// The request body, at most `limit` bytes, with or without a Content-Length
+/// (a chunked upload has none): a declared length over the limit is refused
+/// before reading, a chunked body as soon as it passes it.
+fn bounded_body(limit: u64) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and(warp::body::stream())
+        .and_then(move |declared: Option<u64>, stream| read_bounded(declared, stream, limit))
+}
+
+async fn read_bounded<B: bytes::Buf>(
+    declared: Option<u64>,
+    stream: impl futures_util::Stream<Item = Result<B, warp::Error>>,
+    limit: u64,
+) -> Result<Bytes, Rejection> {
+    if declared.is_some_and(|n| n > limit) {
+        return Err(warp::reject::custom(TooLarge));
+    }
+    let mut body = Vec::new();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(chunk) = stream.next().await {
+        let mut chunk = chunk.map_err(|_| warp::reject::reject())?;
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            let n = part.len();
+            if (body.len() + n) as u64 > limit {
+                return Err(warp::reject::custom(TooLarge));
+            }
+            body.extend_from_slice(part);
+            chunk.advance(n);
+        }
+    }
+    Ok(Bytes::from(body))
+}
 
 /// `localhost`, `127.x.x.x` or `[::1]`, with or without a port.
 fn is_loopback_host(authority: &str) -> bool {
@@ -154,7 +193,7 @@ const IMAGE_TYPES: &[&str] = &["image/png", "image/jpeg"];
 /// it would otherwise have to prove it `Send` and `Unpin` level by level.
 pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
     let api = warp::path("api").and(same_origin(state.config.allow_remote));
-    let limit = warp::body::content_length_limit(4 << 20);
+    let body = bounded_body(4 << 20);
 
     let nodes = api
         .clone()
@@ -170,8 +209,7 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(warp::path::end())
         .and(warp::post())
         .and(content_type(WORKFLOW_TYPES))
-        .and(limit)
-        .and(warp::body::bytes())
+        .and(body.clone())
         .and(with_state(state.clone()))
         .and_then(|body: Bytes, s: Arc<State>| {
             blocking(move || match parse_request(&body) {
@@ -193,8 +231,7 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(warp::path::end())
         .and(warp::post())
         .and(content_type(WORKFLOW_TYPES))
-        .and(limit)
-        .and(warp::body::bytes())
+        .and(body.clone())
         .and(with_state(state.clone()))
         .and_then(|body: Bytes, s: Arc<State>| {
             blocking(move || match parse_request(&body) {
@@ -206,9 +243,9 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
                     )
                     .into_response(),
                     Err(SubmitError::Invalid(e)) => invalid(&e),
-                    Err(SubmitError::QueueFull(n)) => error(
+                    Err(SubmitError::QueueFull(why)) => error(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        format!("{n} runs are already waiting; try again later"),
+                        format!("{why}; try again later"),
                     ),
                 },
             })
@@ -263,23 +300,27 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .map(|s: Arc<State>| json(&s.history()).into_response());
 
     // Files are fetched by the id the server gave them, never by a client path.
-    let file =
-        api.clone()
-            .and(warp::path("files"))
-            .and(warp::path::param::<String>())
-            .and(warp::path::end())
-            .and(warp::get())
-            .and(with_state(state.clone()))
-            .map(|id: String, s: Arc<State>| {
-                let Some(path) = s.file(&id) else {
-                    return error(StatusCode::NOT_FOUND, "no such file");
-                };
-                match std::fs::read(&path) {
-                    Ok(bytes) => warp::reply::with_header(bytes, "content-type", mime_of(&path))
-                        .into_response(),
-                    Err(_) => error(StatusCode::GONE, "the file is no longer there"),
-                }
-            });
+    let file = api
+        .clone()
+        .and(warp::path("files"))
+        .and(warp::path::param::<String>())
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .map(|id: String, s: Arc<State>| {
+            let Some(path) = s.file(&id) else {
+                return error(StatusCode::NOT_FOUND, "no such file");
+            };
+            // What the path leads to now: a link planted since the run must
+            // not lead the server out of its folder.
+            let served = crate::confine::Confinement::new(&s.config.base_dir, &s.config.out_dir)
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.served_file(&path));
+            match served.and_then(|p| std::fs::read(&p).map_err(|e| e.to_string())) {
+                Ok(bytes) => inert_file(bytes, &path),
+                Err(_) => error(StatusCode::GONE, "the file is no longer there"),
+            }
+        });
 
     let upload_limit = state.config.upload_limit;
     let upload = api
@@ -288,8 +329,7 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(warp::path::end())
         .and(warp::post())
         .and(content_type(IMAGE_TYPES))
-        .and(warp::body::content_length_limit(upload_limit))
-        .and(warp::body::bytes())
+        .and(bounded_body(upload_limit))
         .and(with_state(state.clone()))
         .map(|body: Bytes, s: Arc<State>| upload_image(&s, &body));
 
@@ -359,6 +399,48 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .boxed()
 }
 
+/// Connections held at once; more are closed as they arrive.
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// Serves the API and the editor on `listener` until the process ends, with a
+/// limit on the time to send headers and on open connections, so that clients
+/// holding half-sent requests cannot use up the server.
+pub async fn serve(state: Arc<State>, listener: tokio::net::TcpListener) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let header_timeout = state.config.header_read_timeout;
+    let service = warp::service(routes(state));
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors, most often: wait for some to be returned.
+                tracing::warn!("accepting a connection: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue; // dropping the stream closes it
+        };
+        let service = hyper_util::service::TowerToHyperService::new(service.clone());
+        tokio::spawn(async move {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let served = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!("connection ended: {e}");
+            }
+            drop(slot);
+        });
+    }
+}
+
 async fn recover(r: Rejection) -> Result<Response, Infallible> {
     // Our own rejections first: warp combines those of every route tried.
     Ok(if let Some(Forbidden(why)) = r.find() {
@@ -368,7 +450,8 @@ async fn recover(r: Rejection) -> Result<Response, Infallible> {
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!("set a Content-Type such as {want}"),
         )
-    } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
+    } else if r.find::<TooLarge>().is_some() || r.find::<warp::reject::PayloadTooLarge>().is_some()
+    {
         error(StatusCode::PAYLOAD_TOO_LARGE, "the body is too large")
     } else if r.is_not_found() {
         error(StatusCode::NOT_FOUND, "no such endpoint")
@@ -411,6 +494,45 @@ fn editor_file(files: &[(&str, &[u8])], name: &str) -> Response {
     error(StatusCode::NOT_FOUND, "no such file")
 }
 
+/// A file a run wrote, served so that a browser cannot run it in the editor's
+/// origin: only images and plain text are shown; everything else (HTML, SVG,
+/// scripts) is a download, no type is sniffed, and a sandboxing CSP covers all.
+fn inert_file(bytes: Vec<u8>, path: &std::path::Path) -> Response {
+    use warp::http::HeaderValue;
+    let shown = match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+    {
+        Some(e) if e == "png" => Some("image/png"),
+        Some(e) if e == "jpg" || e == "jpeg" => Some("image/jpeg"),
+        Some(e) if ["txt", "json", "jsonl", "yaml", "yml"].contains(&e.as_str()) => {
+            Some("text/plain; charset=utf-8")
+        }
+        _ => None,
+    };
+    let mut response = bytes.into_response();
+    let headers = response.headers_mut();
+    let ctype = shown.unwrap_or("application/octet-stream");
+    headers.insert("content-type", HeaderValue::from_static(ctype));
+    if shown.is_none() {
+        headers.insert(
+            "content-disposition",
+            HeaderValue::from_static("attachment"),
+        );
+    }
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        "content-security-policy",
+        HeaderValue::from_static("default-src 'none'; sandbox"),
+    );
+    headers.insert("cache-control", HeaderValue::from_static("no-store"));
+    response
+}
+
 fn mime_of(path: &std::path::Path) -> &'static str {
     match path.extension().and_then(|e| e.to_str()) {
         Some("html") => "text/html; charset=utf-8",
@@ -449,9 +571,24 @@ fn upload_image(s: &State, body: &Bytes) -> Response {
             format!("cannot store the upload: {e}"),
         );
     }
-    let id = s.register_file(&path);
+    let Some((id, _)) = s.register_file(&path) else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the upload was not stored",
+        );
+    };
+    // The path a workflow names it by: relative to the folder inputs are read
+    // from when it lies there (the server's own paths stay its own).
+    let resolved = path.canonicalize().unwrap_or(path);
+    let shown = s
+        .config
+        .base_dir
+        .canonicalize()
+        .ok()
+        .and_then(|base| resolved.strip_prefix(base).ok().map(|p| p.to_path_buf()))
+        .unwrap_or(resolved);
     with_status(
-        json(&serde_json::json!({ "id": id, "path": path.display().to_string() })),
+        json(&serde_json::json!({ "id": id, "path": shown.display().to_string() })),
         StatusCode::CREATED,
     )
     .into_response()

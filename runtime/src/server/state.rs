@@ -1,5 +1,6 @@
 //! The server's run queue, run records, history and file registry.
 
+use super::journal::Journal;
 use crate::events::Event;
 use crate::executor::{Executor, NodeStatus, RunOptions};
 use crate::registry::Registry;
@@ -29,6 +30,8 @@ pub struct ServerConfig {
     /// The browser editor's files (path relative to the site root, bytes),
     /// served at `/`; empty: the page says the editor was not built.
     pub editor: &'static [(&'static str, &'static [u8])],
+    /// How long a client may take to send a request's headers.
+    pub header_read_timeout: std::time::Duration,
 }
 
 impl Default for ServerConfig {
@@ -41,6 +44,7 @@ impl Default for ServerConfig {
             upload_limit: 32 << 20,
             allow_remote: false,
             editor: &[],
+            header_read_timeout: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -53,13 +57,15 @@ pub enum RunState {
     Finished,
     Failed,
     Cancelled,
+    /// Queued or running when the server stopped (a crash, a kill): not run to its end.
+    Interrupted,
 }
 
 impl RunState {
     pub fn is_done(self) -> bool {
         matches!(
             self,
-            RunState::Finished | RunState::Failed | RunState::Cancelled
+            RunState::Finished | RunState::Failed | RunState::Cancelled | RunState::Interrupted
         )
     }
 }
@@ -73,7 +79,8 @@ pub struct OutputRecord {
     pub files: Vec<FileRef>,
 }
 
-/// A file the server hands out by `id` (never by path).
+/// A file the server hands out by `id` (never by path); `path` is relative to
+/// the output folder (the server's own paths are not shown to clients).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FileRef {
     pub id: String,
@@ -108,7 +115,7 @@ pub struct State {
     runs: Mutex<Runs>,
     files: Mutex<HashMap<String, PathBuf>>,
     queue: mpsc::UnboundedSender<String>,
-    persisting: Mutex<()>,
+    journal: Mutex<Journal>,
 }
 
 #[derive(Default)]
@@ -117,19 +124,35 @@ struct Runs {
     /// Finished runs, oldest first (bounded by `history_limit`).
     history: VecDeque<String>,
     pending: HashMap<String, (Arc<Workflow>, Vec<String>)>,
+    /// Workflow text of the runs in `pending`, bytes.
+    pending_bytes: usize,
     cancels: HashMap<String, CancellationToken>,
     counter: u64,
+}
+
+impl Runs {
+    fn take_pending(&mut self, id: &str) -> Option<(Arc<Workflow>, Vec<String>)> {
+        let taken = self.pending.remove(id)?;
+        self.pending_bytes = self.pending_bytes.saturating_sub(taken.0.source.len());
+        Some(taken)
+    }
 }
 
 #[derive(Debug)]
 pub enum SubmitError {
     Invalid(WorkflowError),
-    /// Too many runs waiting.
-    QueueFull(usize),
+    /// Too many runs, or too much workflow text, waiting.
+    QueueFull(String),
 }
+
+/// Node states kept in a run's record (a run of 100,000 nodes keeps the first).
+pub const MAX_RECORDED_NODE_STATES: usize = 10_000;
 
 /// Runs waiting at most; more are refused until the queue drains.
 pub const MAX_QUEUED: usize = 1000;
+/// Workflow text waiting at most, bytes: a loaded workflow takes about ten
+/// times its text in memory, so this bounds the queue to a few hundred MiB.
+pub const MAX_QUEUED_BYTES: usize = 32 << 20;
 
 #[derive(Debug, PartialEq)]
 pub enum CancelError {
@@ -141,6 +164,15 @@ impl State {
     /// Creates the state, reloads the persisted history and starts the queue worker.
     pub fn start(registry: Registry, executor: Executor, config: ServerConfig) -> Arc<State> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (journal, recorded) = Journal::open(&config.out_dir.join(".pixart/history.jsonl"));
+        // What writers killed mid-file left behind (their outputs are whole or absent).
+        let swept = crate::fsutil::sweep_stale_temporaries(
+            &config.out_dir,
+            crate::confine::MAX_FOLDER_ENTRIES,
+        );
+        if swept > 0 {
+            tracing::info!("removed {swept} temporary files of writers that were killed");
+        }
         let state = Arc::new(State {
             registry,
             executor,
@@ -148,9 +180,9 @@ impl State {
             runs: Mutex::new(Runs::default()),
             files: Mutex::new(HashMap::new()),
             queue: tx,
-            persisting: Mutex::new(()),
+            journal: Mutex::new(journal),
         });
-        state.load_history();
+        state.load_history(recorded);
         tokio::spawn(worker(state.clone(), rx));
         state
     }
@@ -189,8 +221,17 @@ impl State {
         let id = {
             let mut runs = self.runs();
             if runs.pending.len() >= MAX_QUEUED {
-                return Err(SubmitError::QueueFull(MAX_QUEUED));
+                return Err(SubmitError::QueueFull(format!(
+                    "{MAX_QUEUED} runs are already waiting"
+                )));
             }
+            if runs.pending_bytes + wf.source.len() > MAX_QUEUED_BYTES {
+                return Err(SubmitError::QueueFull(format!(
+                    "the waiting runs' workflows already hold {} MiB",
+                    runs.pending_bytes >> 20
+                )));
+            }
+            runs.pending_bytes += wf.source.len();
             runs.counter += 1;
             let id = format!("r{}-{}", std::process::id(), runs.counter);
             runs.records.insert(
@@ -208,6 +249,7 @@ impl State {
             runs.cancels.insert(id.clone(), CancellationToken::new());
             id
         };
+        self.record(&id);
         self.executor.publish(Event::RunQueued {
             run_id: Arc::from(id.as_str()),
         });
@@ -229,10 +271,10 @@ impl State {
             token.cancel();
         }
         if state == RunState::Queued {
-            runs.pending.remove(id);
+            runs.take_pending(id);
             self.finish_record(&mut runs, id, RunState::Cancelled);
             drop(runs);
-            self.persist();
+            self.record(id);
             self.executor.publish(Event::RunCancelled {
                 run_id: Arc::from(id),
             });
@@ -268,21 +310,34 @@ impl State {
             .collect()
     }
 
+    /// Where file `id` is (below the output folder).
     pub fn file(&self, id: &str) -> Option<PathBuf> {
-        self.files
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
+        let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        files.get(id).map(|rel| self.config.out_dir.join(rel))
     }
 
-    /// Registers a file the server may hand out; its id is derived from its path.
-    pub fn register_file(&self, path: &Path) -> String {
-        let id = blake3::hash(path.to_string_lossy().as_bytes()).to_hex()[..20].to_string();
+    /// The output folder, resolved.
+    pub fn out_root(&self) -> PathBuf {
+        (self.config.out_dir.canonicalize())
+            .or_else(|_| std::path::absolute(&self.config.out_dir))
+            .unwrap_or_else(|_| self.config.out_dir.clone())
+    }
+
+    /// Registers a file below the output folder that the server may hand out;
+    /// returns its id (derived from its path) and its path relative to the
+    /// output folder, or `None` for a file elsewhere.
+    pub fn register_file(&self, path: &Path) -> Option<(String, PathBuf)> {
+        let resolved = path.canonicalize().ok()?;
+        let rel = resolved.strip_prefix(self.out_root()).ok()?.to_path_buf();
+        Some((self.register_relative(&rel), rel))
+    }
+
+    fn register_relative(&self, rel: &Path) -> String {
+        let id = blake3::hash(rel.to_string_lossy().as_bytes()).to_hex()[..20].to_string();
         self.files
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), path.to_path_buf());
+            .insert(id.clone(), rel.to_path_buf());
         id
     }
 
@@ -304,60 +359,91 @@ impl State {
         self.config.out_dir.join(".pixart")
     }
 
-    fn history_path(&self) -> PathBuf {
-        self.data_dir().join("history.json")
-    }
-
-    fn persist(&self) {
-        // One writer at a time, each writing the newest history.
-        let _guard = self.persisting.lock().unwrap_or_else(|e| e.into_inner());
-        let list = self.history();
-        let Ok(text) = serde_json::to_vec_pretty(&list) else {
-            return;
-        };
-        let path = self.history_path();
-        let written = crate::fsutil::atomic_write(&path, &text);
+    /// Appends run `id`'s record as it is now to the journal; compacts the
+    /// journal when it holds several times the records kept.
+    fn record(&self, id: &str) {
+        let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(record) = self.get(id) else { return };
+        let mut written = journal.append(&record);
+        if written.is_ok() && journal.lines() > 4 * (self.config.history_limit + MAX_QUEUED) {
+            written = journal.compact(&self.all_records());
+        }
         if let Err(e) = written {
-            tracing::warn!("cannot persist the run history to {}: {e}", path.display());
+            tracing::warn!("cannot record run {id} in the history: {e}");
         }
     }
 
-    fn load_history(&self) {
-        let Ok(text) = std::fs::read_to_string(self.history_path()) else {
-            return;
-        };
-        let Ok(list) = serde_json::from_str::<Vec<RunRecord>>(&text) else {
-            tracing::warn!("ignoring an unreadable {}", self.history_path().display());
-            return;
-        };
+    /// Finished runs then waiting ones, oldest first.
+    fn all_records(&self) -> Vec<RunRecord> {
+        let mut all = self.history();
+        all.reverse();
+        all.extend(self.queue());
+        all
+    }
+
+    /// Takes in the runs the journal (or the whole-file history of older
+    /// versions) recorded: runs it left queued or running were cut short by the
+    /// server's end and become `interrupted`.
+    fn load_history(&self, mut recorded: Vec<RunRecord>) {
+        let legacy = self.data_dir().join("history.json");
+        if recorded.is_empty() {
+            let list = crate::workflow::read_source(&legacy)
+                .ok()
+                .and_then(|text| serde_json::from_str::<Vec<RunRecord>>(&text).ok());
+            if let Some(list) = list {
+                recorded = list.into_iter().rev().collect();
+            }
+        }
+        let out = self.out_root();
         let mut runs = self.runs();
-        let out = std::path::absolute(&self.config.out_dir)
-            .unwrap_or_else(|_| self.config.out_dir.clone());
-        for record in list.into_iter().rev() {
-            // Only files inside the output folder, whatever the file claims.
-            for file in record.outputs.iter().flat_map(|o| &o.files) {
+        let first_kept = recorded.len().saturating_sub(self.config.history_limit);
+        for mut record in recorded.into_iter().skip(first_kept) {
+            if !record.state.is_done() {
+                record.state = RunState::Interrupted;
+            }
+            // Only files inside the output folder, whatever the file claims
+            // (older versions recorded absolute paths).
+            for file in record.outputs.iter_mut().flat_map(|o| &mut o.files) {
                 let Some(path) = &file.path else { continue };
-                let inside = std::path::absolute(path).is_ok_and(|p| p.starts_with(&out))
-                    && !path
-                        .components()
-                        .any(|c| matches!(c, std::path::Component::ParentDir));
-                if inside {
+                let rel = if path.is_absolute() {
+                    path.strip_prefix(&out).ok().map(Path::to_path_buf)
+                } else {
+                    Some(path.clone())
+                };
+                let rel = rel.filter(|r| {
+                    r.components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_)))
+                });
+                file.path = rel.clone();
+                if let Some(rel) = rel {
                     self.files
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(file.id.clone(), path.clone());
+                        .insert(file.id.clone(), rel);
                 }
             }
             runs.counter = runs.counter.max(run_number(&record.id));
             runs.history.push_back(record.id.clone());
             runs.records.insert(record.id.clone(), record);
         }
+        drop(runs);
+        let kept = self.all_records();
+        let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.is_empty() && journal.lines() == 0 {
+            return;
+        }
+        match journal.compact(&kept) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&legacy);
+            }
+            Err(e) => tracing::warn!("cannot rewrite the run history: {e}"),
+        }
     }
 
     async fn execute(self: &Arc<State>, id: String) {
         let (wf, targets, cancel) = {
             let mut runs = self.runs();
-            let Some((wf, targets)) = runs.pending.remove(&id) else {
+            let Some((wf, targets)) = runs.take_pending(&id) else {
                 return;
             }; // cancelled while queued
             let cancel = runs.cancels.get(&id).cloned().unwrap_or_default();
@@ -366,6 +452,7 @@ impl State {
             }
             (wf, targets, cancel)
         };
+        self.record(&id);
         let opts = RunOptions {
             targets,
             out_dir: self.config.out_dir.clone(),
@@ -376,6 +463,7 @@ impl State {
             previews: true,
         };
         let result = self.executor.run(&wf, opts).await;
+        let out = self.out_root();
         let mut runs = self.runs();
         let state = match result {
             Ok(report) => {
@@ -390,16 +478,16 @@ impl State {
                     for (name, value) in &node.outputs {
                         let files = paths_of(value)
                             .into_iter()
-                            .filter(|p| p.starts_with(&self.config.out_dir))
-                            .map(|p| FileRef {
-                                id: self.register_file(&p),
-                                path: Some(p),
+                            .filter_map(|p| self.register_file(&p))
+                            .map(|(id, rel)| FileRef {
+                                id,
+                                path: Some(rel),
                             })
                             .collect();
                         outputs.push(OutputRecord {
                             node: node.id.to_string(),
                             output: name.clone(),
-                            value: value.to_json(),
+                            value: relative_paths(value, &out).to_json(),
                             files,
                         });
                     }
@@ -409,11 +497,12 @@ impl State {
                     r.failures = report
                         .failures
                         .iter()
-                        .map(|f| serde_json::json!({"node": f.node, "node_type": f.node_type, "message": f.message, "lost_outputs": f.lost_outputs}))
+                        .map(|f| serde_json::json!({"node": f.node, "node_type": f.node_type, "message": without_backtrace(&f.message), "lost_outputs": f.lost_outputs}))
                         .collect();
                     r.node_states = report
                         .nodes
                         .iter()
+                        .take(MAX_RECORDED_NODE_STATES)
                         .map(|n| (n.id.to_string(), status_name(&n.status).into()))
                         .collect();
                 }
@@ -434,8 +523,26 @@ impl State {
         };
         self.finish_record(&mut runs, &id, state);
         drop(runs);
-        self.persist();
+        self.record(&id);
     }
+}
+
+/// `message` without a backtrace that an error captured (candle's errors do
+/// under `RUST_BACKTRACE=1`): clients get the error, the server's log the rest.
+fn without_backtrace(message: &str) -> String {
+    let mut kept = Vec::new();
+    for line in message.lines() {
+        let t = line.trim_start();
+        let numbered = t.split_once(": ").is_some_and(|(n, _)| {
+            !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && line.len() > t.len()
+        });
+        if t == "stack backtrace:" || (numbered && t.starts_with("0: ")) {
+            tracing::debug!("backtrace of a run failure: {message}");
+            break;
+        }
+        kept.push(line);
+    }
+    kept.join("\n").trim_end().to_string()
 }
 
 fn status_name(s: &NodeStatus) -> &'static str {
@@ -453,6 +560,18 @@ fn run_number(id: &str) -> u64 {
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+/// `value` with paths below `out` written relative to it.
+fn relative_paths(value: &Value, out: &Path) -> Value {
+    match value {
+        Value::Path(p) => Value::Path(
+            p.strip_prefix(out)
+                .map_or_else(|_| p.clone(), Path::to_path_buf),
+        ),
+        Value::List(items) => Value::List(items.iter().map(|v| relative_paths(v, out)).collect()),
+        other => other.clone(),
+    }
 }
 
 fn paths_of(value: &Value) -> Vec<PathBuf> {
@@ -475,5 +594,20 @@ async fn worker(state: Arc<State>, mut rx: mpsc::UnboundedReceiver<String>) {
             state.execute(id).await;
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn backtraces_are_cut_from_failure_messages() {
+        let trace = std::backtrace::Backtrace::force_capture().to_string();
+        let message = format!("tensor error: shape mismatch\n{trace}");
+        assert_eq!(
+            super::without_backtrace(&message),
+            "tensor error: shape mismatch"
+        );
+        let plain = "line one\n  2: is not a frame";
+        assert_eq!(super::without_backtrace(plain), plain);
     }
 }

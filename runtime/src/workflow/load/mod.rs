@@ -40,7 +40,7 @@ pub fn load_workflow_file(
     overrides: &[(String, String)],
 ) -> Result<Workflow, WorkflowError> {
     let file_name = path.display().to_string();
-    let source = std::fs::read_to_string(path).map_err(|e| WorkflowError {
+    let source = read_source(path).map_err(|e| WorkflowError {
         diagnostics: vec![Diagnostic {
             file: Some(file_name.clone()),
             ..Diagnostic::error(K::Syntax, format!("cannot read the workflow: {e}"))
@@ -53,6 +53,27 @@ pub fn load_workflow_file(
     load_workflow(&source, registry, &opts)
 }
 
+/// The largest workflow file read: far above any real one (a 100,000-node
+/// chain is 6 MiB), and a bound for `pixart validate /dev/zero`.
+pub const MAX_WORKFLOW_BYTES: u64 = 64 << 20;
+
+/// A workflow file's text, read up to [`MAX_WORKFLOW_BYTES`].
+pub fn read_source(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_WORKFLOW_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_WORKFLOW_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            format!("larger than {} MiB", MAX_WORKFLOW_BYTES >> 20),
+        ));
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()))
+}
+
 pub fn load_workflow(
     source: &str,
     registry: &Registry,
@@ -63,6 +84,8 @@ pub fn load_workflow(
         declared_params: HashSet::new(),
         diags: Vec::new(),
     };
+    // Editors on Windows start files with a byte-order mark; it is not a key.
+    let source = source.strip_prefix('\u{feff}').unwrap_or(source);
     let result = loader.load(source, opts);
     let Loader { mut diags, .. } = loader;
     for d in &mut diags {
@@ -398,7 +421,12 @@ impl<'a> Loader<'a> {
             }
         }
         let mut acyclic = true;
-        for scc in petgraph::algo::tarjan_scc(&graph) {
+        // Kosaraju's passes walk with an explicit stack: a chain of a million nodes
+        // must not overflow a (2 MiB) worker thread's stack, as recursive Tarjan did.
+        let mut components = petgraph::algo::kosaraju_scc(&graph);
+        components.iter_mut().for_each(|scc| scc.sort());
+        components.sort_by_key(|scc| scc[0]);
+        for scc in components {
             let self_loop = scc.len() == 1 && graph.contains_edge(scc[0], scc[0]);
             if scc.len() < 2 && !self_loop {
                 continue;

@@ -1,0 +1,635 @@
+//! `pixart serve` attacked as a hostile client would: each test is one finding of
+//! issue 20 with its variations (other nodes, other spellings, links to links,
+//! hard links). After every attack the server still answers, nothing outside its
+//! folders was read or written, and nothing earlier in `--out` was lost.
+
+mod common;
+
+use common::api::{call, wait_done};
+use pixart_runtime::executor::{CachePolicy, Executor};
+use pixart_runtime::server::{ServerConfig, State};
+use serde_json::Value as J;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use warp::http::StatusCode;
+
+/// A server as `pixart serve --out out` started in `base`, with the test
+/// fixtures copied into `base/fixtures`, and a folder outside both.
+struct Site {
+    _root: tempfile::TempDir,
+    base: PathBuf,
+    out: PathBuf,
+    outside: PathBuf,
+    server: Arc<State>,
+}
+
+fn site() -> Site {
+    let root = tempfile::tempdir().unwrap();
+    let base = root.path().join("base");
+    let out = base.join("out");
+    let outside = root.path().join("outside");
+    for d in [&out, &outside] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for model in ["tiny-pixart", "tiny-llava"] {
+        copy_dir(&fixtures.join(model), &base.join("fixtures").join(model));
+    }
+    std::fs::write(outside.join("secret.txt"), "secret").unwrap();
+    png_file(&outside.join("secret.png"));
+    let (reg, _) = common::registry();
+    let config = ServerConfig {
+        out_dir: out.clone(),
+        base_dir: base.clone(),
+        ..ServerConfig::default()
+    };
+    let server = State::start(reg, Executor::new(CachePolicy::default()), config);
+    Site {
+        _root: root,
+        base,
+        out,
+        outside,
+        server,
+    }
+}
+
+impl Site {
+    /// Submits a workflow and waits for its end.
+    async fn run(&self, yaml: &str) -> J {
+        let (status, queued, _) = call(&self.server, "POST", "/api/runs", yaml).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{queued}");
+        wait_done(&self.server, queued["run_id"].as_str().unwrap()).await
+    }
+
+    /// Submits a workflow that must fail, and returns why.
+    async fn refused(&self, yaml: &str) -> String {
+        let run = self.run(yaml).await;
+        assert_eq!(run["state"], "failed", "{yaml}\n{run}");
+        self.still_up().await;
+        run["failures"].to_string()
+    }
+
+    async fn still_up(&self) {
+        let (status, _, _) = call(&self.server, "GET", "/api/nodes", "").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    /// Everything below `dir`, as sorted relative paths.
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(d) = pending.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                found.push(p.strip_prefix(dir).unwrap().display().to_string());
+                if p.is_dir() && !p.is_symlink() {
+                    pending.push(p);
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn png_file(path: &Path) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), 16, 16);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let pixels: Vec<u8> = (0..16 * 16 * 3).map(|i| (i * 7 % 251) as u8).collect();
+    enc.write_header()
+        .unwrap()
+        .write_image_data(&pixels)
+        .unwrap();
+}
+
+fn text_save(path: &str) -> String {
+    format!(
+        "version: 1\nnodes:\n  t: {{type: text.save, inputs: {{text: pwned, path: \"{path}\"}}}}\n"
+    )
+}
+
+fn image_load(path: &str) -> String {
+    format!(
+        "version: 1\nnodes:\n  l: {{type: image.load, inputs: {{path: \"{path}\"}}}}\n  \
+         s: {{type: image.save, inputs: {{image: \"${{l.image}}\", path: copy.png}}}}\n"
+    )
+}
+
+// ---- 1: a folder output replaced the whole output folder -----------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_folder_never_replaces_the_output_folder_or_a_folder_of_other_files() {
+    let site = site();
+    assert_eq!(
+        site.run(&text_save("earlier/a.txt")).await["state"],
+        "finished"
+    );
+    assert_eq!(site.run(&text_save("keep.txt")).await["state"], "finished");
+    // Everything but the server's own data, which each run updates.
+    let files = || {
+        let mut all = Site::listing(site.base.parent().unwrap());
+        all.retain(|f| !f.starts_with("base/out/.pixart/"));
+        all
+    };
+    let before = files();
+    let t5_init = |out: &str| {
+        format!(
+            "version: 1\nnodes:\n  load: {{type: pixart.load, inputs: {{path: fixtures/tiny-pixart}}}}\n  \
+             t5: {{type: t5.init, inputs: {{tokenizer: \"${{load.tokenizer}}\", d_model: 16, d_kv: 8, \
+             d_ff: 32, heads: 2, out: \"{out}\"}}}}\n"
+        )
+    };
+    let out_abs = site.out.display().to_string();
+    for target in [
+        out_abs.clone(),
+        format!("{out_abs}/"),
+        format!("{out_abs}/."),
+        ".".into(),
+        "./".into(),
+        "earlier".into(),
+        "earlier/.".into(),
+    ] {
+        let why = site.refused(&t5_init(&target)).await;
+        assert!(
+            why.contains("output folder itself") || why.contains("holds files"),
+            "{target}: {why}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(site.out.join("keep.txt")).unwrap(),
+            "pwned"
+        );
+        assert!(site.out.join("earlier/a.txt").is_file(), "{target}");
+        assert_eq!(files(), before, "{target}");
+    }
+    // A new folder is written, and written again over itself.
+    for _ in 0..2 {
+        let run = site.run(&t5_init("models/text_encoder")).await;
+        assert_eq!(run["state"], "finished", "{run}");
+    }
+    assert!(site.out.join("models/text_encoder/config.json").is_file());
+}
+
+// ---- 2: one long chain overflowed a worker's stack -----------------------------
+
+fn chain(n: usize) -> String {
+    let mut yaml =
+        String::from("version: 1\nnodes:\n  n0: {type: math.int, inputs: {a: 1, b: 1}}\n");
+    for i in 1..n {
+        yaml.push_str(&format!(
+            "  n{i}: {{type: math.int, inputs: {{a: \"${{n{}.result}}\", b: 1}}}}\n",
+            i - 1
+        ));
+    }
+    yaml
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_many_nodes_is_validated_without_deep_recursion() {
+    let site = site();
+    let (status, body, _) = call(&site.server, "POST", "/api/validate", chain(25_000)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["ok"], true, "{}", body["diagnostics"]);
+    site.still_up().await;
+    // The CLI loads on a thread of its own; a 2 MiB stack is the smallest in use.
+    let (reg, _) = common::registry();
+    let long = chain(100_000);
+    let loaded = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || common::load(&long, &reg).nodes.len())
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(loaded, 100_000);
+}
+
+// ---- 3: manifests named images anywhere -----------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifest_entries_are_confined_like_the_paths_a_workflow_names() {
+    let site = site();
+    let data = site.out.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    png_file(&data.join("ok.png"));
+    std::os::unix::fs::symlink(site.outside.join("secret.png"), data.join("link.png")).unwrap();
+    std::os::unix::fs::symlink(data.join("link.png"), data.join("link2.png")).unwrap();
+    let hard = std::fs::hard_link(site.outside.join("secret.png"), data.join("hard.png")).is_ok();
+    let secret = site.outside.join("secret.png").display().to_string();
+    let mut entries = vec![
+        secret.clone(),
+        "/etc/passwd".into(),
+        "../../outside/secret.png".into(),
+        "link.png".into(),
+        "link2.png".into(),
+    ];
+    if hard {
+        entries.push("hard.png".into());
+    }
+    for (i, image) in entries.iter().enumerate() {
+        let manifest = data.join(format!("m{i}.jsonl"));
+        std::fs::write(
+            &manifest,
+            format!("{}\n", serde_json::json!({"image": image, "caption": "x"})),
+        )
+        .unwrap();
+        let yaml = format!(
+            "version: 1\nnodes:\n  d: {{type: dataset.folder, inputs: {{path: out/data/m{i}.jsonl, resolution: 64}}}}\n  \
+             t: {{type: text.save, inputs: {{text: \"n=${{d.count}}\", path: count.txt}}}}\n"
+        );
+        let why = site.refused(&yaml).await;
+        assert!(why.contains(&format!("m{i}.jsonl:1")), "{image}: {why}");
+    }
+    std::fs::write(
+        data.join("good.jsonl"),
+        format!(
+            "{}\n",
+            serde_json::json!({"image": "ok.png", "caption": "fine"})
+        ),
+    )
+    .unwrap();
+    let good = "version: 1\nnodes:\n  d: {type: dataset.folder, inputs: {path: out/data/good.jsonl, resolution: 64}}\n  \
+                t: {type: text.save, inputs: {text: \"n=${d.count}\", path: count.txt}}\n";
+    assert_eq!(site.run(good).await["state"], "finished");
+}
+
+// ---- 4: dataset.caption rewrote caption files in folders it only read ------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captions_are_only_rewritten_inside_the_output_folder() {
+    let site = site();
+    let folders = [
+        site.base.join("photos"),
+        site.out.join(".pixart/uploads"),
+        site.outside.join("photos"),
+    ];
+    for dir in &folders {
+        std::fs::create_dir_all(dir).unwrap();
+        png_file(&dir.join("a.png"));
+        std::fs::write(dir.join("a.txt"), "mine").unwrap();
+    }
+    std::os::unix::fs::symlink(&folders[2], site.out.join("linked")).unwrap();
+    let given = [
+        "photos".to_string(),
+        folders[1].display().to_string(),
+        "out/linked".into(),
+        folders[2].display().to_string(),
+    ];
+    for path in &given {
+        let yaml = format!(
+            "version: 1\nnodes:\n  cap: {{type: captioner.load, inputs: {{path: fixtures/tiny-llava}}}}\n  \
+             relabel: {{type: dataset.caption, inputs: {{captioner: \"${{cap.captioner}}\", path: \"{path}\", max_tokens: 2}}}}\n"
+        );
+        let why = site.refused(&yaml).await;
+        assert!(
+            why.contains("relabel") && (why.contains("output folder") || why.contains("hidden")),
+            "{path}: {why}"
+        );
+        for dir in &folders {
+            assert_eq!(
+                std::fs::read_to_string(dir.join("a.txt")).unwrap(),
+                "mine",
+                "{path}"
+            );
+            assert!(!dir.join("a.orig.txt").exists(), "{path}");
+        }
+    }
+}
+
+// ---- 5: links led reads, writes and downloads out of the folders -----------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_are_judged_by_where_they_lead() {
+    use std::os::unix::fs::symlink;
+    let site = site();
+    let (out, outside) = (&site.out, &site.outside);
+    assert_eq!(site.run(&text_save("warm.txt")).await["state"], "finished");
+    let history = std::fs::read(out.join(".pixart/history.jsonl")).unwrap();
+    symlink(outside.join("secret.png"), out.join("pic.png")).unwrap();
+    symlink(out.join("pic.png"), out.join("pic2.png")).unwrap();
+    symlink(outside, out.join("away")).unwrap();
+    symlink(outside.join("secret.txt"), out.join("note.txt")).unwrap();
+    symlink(outside.join("new.txt"), out.join("dangling.txt")).unwrap();
+    symlink(out.join(".pixart"), out.join("data")).unwrap();
+    let hard = std::fs::hard_link(outside.join("secret.png"), out.join("hard.png")).is_ok();
+
+    let mut reads = vec!["out/pic.png", "out/pic2.png", "out/away/secret.png"];
+    if hard {
+        reads.push("out/hard.png");
+    }
+    for path in reads {
+        let why = site.refused(&image_load(path)).await;
+        assert!(
+            why.contains("server's folders") || why.contains("hard links"),
+            "{path}: {why}"
+        );
+    }
+    for path in [
+        "note.txt",
+        "away/new.txt",
+        "dangling.txt",
+        "data/history.jsonl",
+    ] {
+        site.refused(&text_save(path)).await;
+    }
+    assert_eq!(
+        std::fs::read_to_string(outside.join("secret.txt")).unwrap(),
+        "secret"
+    );
+    assert!(!outside.join("new.txt").exists());
+    assert_eq!(Site::listing(outside), ["secret.png", "secret.txt"]);
+
+    // A file served by id is judged again when it is fetched.
+    let run = site.run(&text_save("served.txt")).await;
+    let id = run["outputs"][0]["files"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let url = format!("/api/files/{id}");
+    assert_eq!(call(&site.server, "GET", &url, "").await.0, StatusCode::OK);
+    std::fs::remove_file(out.join("served.txt")).unwrap();
+    symlink(outside.join("secret.txt"), out.join("served.txt")).unwrap();
+    let (status, _, body) = call(&site.server, "GET", &url, "").await;
+    assert_eq!(
+        status,
+        StatusCode::GONE,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    if hard {
+        std::fs::remove_file(out.join("served.txt")).unwrap();
+        std::fs::hard_link(outside.join("secret.txt"), out.join("served.txt")).unwrap();
+        assert_eq!(
+            call(&site.server, "GET", &url, "").await.0,
+            StatusCode::GONE
+        );
+    }
+    // The history the server keeps was not rewritten by a workflow: it only grew.
+    let kept = std::fs::read(out.join(".pixart/history.jsonl")).unwrap();
+    assert!(kept.len() >= history.len());
+    assert!(String::from_utf8_lossy(&kept).contains("served.txt"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_served_so_that_a_browser_cannot_run_them() {
+    let site = site();
+    let yaml = "version: 1\nnodes:\n  t: {type: text.save, inputs: {text: \"<script>fetch('/api/runs')</script>\", path: page.html}}\n";
+    let run = site.run(yaml).await;
+    let id = run["outputs"][0]["files"][0]["id"].as_str().unwrap();
+    let res = warp::test::request()
+        .method("GET")
+        .path(&format!("/api/files/{id}"))
+        .header("host", "127.0.0.1:8188")
+        .reply(&pixart_runtime::server::routes(site.server.clone()))
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let header = |name: &str| res.headers()[name].to_str().unwrap().to_string();
+    assert_eq!(header("content-type"), "application/octet-stream");
+    assert_eq!(header("content-disposition"), "attachment");
+    assert_eq!(header("x-content-type-options"), "nosniff");
+    assert!(header("content-security-policy").contains("sandbox"));
+}
+
+// ---- 6: memory: a queue bounded in bytes, a history appended and bounded ---------
+
+const SLOW: &str = "version: 1\nnodes:\n  w: {type: test.until_cancelled}\n  o: {type: test.output, inputs: {a: \"${w.out}\"}}\n";
+
+async fn submit(site: &Site, yaml: &str) -> (StatusCode, J) {
+    let (status, body, _) = call(&site.server, "POST", "/api/runs", yaml).await;
+    (status, body)
+}
+
+async fn wait_running(site: &Site, id: &str) {
+    for _ in 0..500 {
+        let (_, r, _) = call(&site.server, "GET", &format!("/api/runs/{id}"), "").await;
+        if r["state"] == "running" {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("run {id} never started");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_is_bounded_in_bytes_and_a_cancel_returns_them() {
+    let site = site();
+    let (_, blocker) = submit(&site, SLOW).await;
+    let blocker = blocker["run_id"].as_str().unwrap().to_string();
+    // 3.5 MB workflows, as in the finding: the 32 MiB queue takes nine.
+    let big = format!(
+        "version: 1\nnodes:\n  t: {{type: text.save, inputs: {{text: \"{}\", path: big.txt}}}}\n",
+        "x".repeat(3_500_000)
+    );
+    let mut queued = Vec::new();
+    loop {
+        let (status, body) = submit(&site, &big).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(body["error"].to_string().contains("MiB"), "{body}");
+            break;
+        }
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        queued.push(body["run_id"].as_str().unwrap().to_string());
+        assert!(
+            queued.len() < 20,
+            "the queue took {} big workflows",
+            queued.len()
+        );
+    }
+    assert_eq!(queued.len(), 9);
+    site.still_up().await;
+    let (status, _, _) = call(
+        &site.server,
+        "POST",
+        &format!("/api/runs/{}/cancel", queued[0]),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(submit(&site, &big).await.0, StatusCode::ACCEPTED);
+    call(
+        &site.server,
+        "POST",
+        &format!("/api/runs/{blocker}/cancel"),
+        "",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_is_appended_and_a_large_run_keeps_a_bounded_record() {
+    let site = site();
+    let journal = site.out.join(".pixart/history.jsonl");
+    let size = || std::fs::metadata(&journal).map_or(0, |m| m.len());
+    assert_eq!(site.run(&text_save("a.txt")).await["state"], "finished");
+    let run = site.run(&chain(20_000)).await;
+    assert_eq!(run["state"], "finished");
+    assert_eq!(run["node_states"].as_array().unwrap().len(), 10_000);
+    let before = size();
+    assert!(
+        before > 0 && before < 3 << 20,
+        "{before} bytes after one large run"
+    );
+    // Another small run appends its own lines, it does not rewrite the rest.
+    assert_eq!(site.run(&text_save("b.txt")).await["state"], "finished");
+    let grown = size() - before;
+    assert!(grown < 4096, "{grown}");
+}
+
+// ---- 7: the smaller findings ------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_cut_short_by_a_crash_are_interrupted_and_stale_temporaries_go() {
+    let site = site();
+    let (_, running) = submit(&site, SLOW).await;
+    let running = running["run_id"].as_str().unwrap().to_string();
+    let (_, waiting) = submit(&site, SLOW).await;
+    let waiting = waiting["run_id"].as_str().unwrap().to_string();
+    wait_running(&site, &running).await;
+    // A writer killed mid-file (pid 0 is no process) left its temporary.
+    let stale = site.out.join("pics/.a.png.0-7.tmp");
+    std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+    std::fs::write(&stale, b"half").unwrap();
+    // The server dies here; a new one starts on the same folder.
+    let (reg, _) = common::registry();
+    let config = ServerConfig {
+        out_dir: site.out.clone(),
+        base_dir: site.base.clone(),
+        ..ServerConfig::default()
+    };
+    let restarted = State::start(reg, Executor::new(CachePolicy::default()), config);
+    for id in [&running, &waiting] {
+        let (status, r, _) = call(&restarted, "GET", &format!("/api/runs/{id}"), "").await;
+        assert_eq!(
+            (status, r["state"].clone()),
+            (StatusCode::OK, J::from("interrupted")),
+            "{r}"
+        );
+    }
+    assert!(!stale.exists());
+    call(
+        &site.server,
+        "POST",
+        &format!("/api/runs/{running}/cancel"),
+        "",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_keep_the_servers_paths_and_backtraces_to_themselves() {
+    let site = site();
+    let run = site.run(&text_save("notes/a.txt")).await;
+    let text = run.to_string();
+    let root = site.base.parent().unwrap().canonicalize().unwrap();
+    assert!(!text.contains(&root.display().to_string()), "{text}");
+    assert_eq!(run["outputs"][0]["files"][0]["path"], "notes/a.txt");
+    // An upload is named relative to the folder workflows read from.
+    let png = std::fs::read(site.outside.join("secret.png")).unwrap();
+    let (status, up, _) = call(&site.server, "POST", "/api/uploads", png).await;
+    assert_eq!(status, StatusCode::CREATED, "{up}");
+    let path = up["path"].as_str().unwrap();
+    assert!(path.starts_with("out/.pixart/uploads/"), "{path}");
+    assert_eq!(site.run(&image_load(path)).await["state"], "finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_order_mark_is_not_a_key() {
+    let site = site();
+    let (status, body, _) = call(
+        &site.server,
+        "POST",
+        "/api/validate",
+        format!("\u{feff}{}", text_save("a.txt")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["ok"], true, "{body}");
+}
+
+/// A real socket: warp's test client sets a Content-Length and has no clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_bodies_are_read_with_a_limit_and_slow_headers_time_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let root = tempfile::tempdir().unwrap();
+    let (reg, _) = common::registry();
+    let config = ServerConfig {
+        out_dir: root.path().join("out"),
+        base_dir: root.path().to_path_buf(),
+        upload_limit: 1 << 16,
+        header_read_timeout: std::time::Duration::from_secs(1),
+        ..ServerConfig::default()
+    };
+    let state = State::start(reg, Executor::new(CachePolicy::default()), config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(pixart_runtime::server::serve(state, listener));
+    let exchange = |body: Vec<u8>| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut req =
+            b"POST /api/uploads HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n\
+             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                .to_vec();
+        for chunk in body.chunks(1000) {
+            req.extend(format!("{:x}\r\n", chunk.len()).bytes());
+            req.extend(chunk);
+            req.extend(b"\r\n");
+        }
+        req.extend(b"0\r\n\r\n");
+        s.write_all(&req).await.unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer).await;
+        answer
+    };
+    let root_png = root.path().join("p.png");
+    png_file(&root_png);
+    let answer = exchange(std::fs::read(&root_png).unwrap()).await;
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    let mut big = std::fs::read(&root_png).unwrap();
+    big.resize(1 << 17, 0);
+    let answer = exchange(big).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    // Half a request line, then nothing: the server hangs up.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /api/nodes HTTP/1.1\r\nHost: 127")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed =
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection was still open after 5 s");
+}
+
+#[test]
+fn the_cli_bounds_what_it_reads_and_names_a_missing_plugins_folder() {
+    let pixart = env!("CARGO_BIN_EXE_pixart");
+    let out = std::process::Command::new(pixart)
+        .args(["validate", "/dev/zero"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("larger than 64 MiB"), "{said}");
+    let out = std::process::Command::new(pixart)
+        .args(["--plugins", "/no/such/folder", "nodes"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/no/such/folder: no such folder"), "{err}");
+}
