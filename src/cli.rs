@@ -90,6 +90,11 @@ enum Command {
         /// Where model nodes with `device: auto` run.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// GiB the values of one run may hold (tensors, images; models are
+        /// bounded by the model cache). Default: an eighth of this machine's
+        /// memory, between 1 and 8 GiB.
+        #[arg(long)]
+        run_memory_gib: Option<f64>,
     },
     /// Measure the runtime's own overhead per node (validation and execution).
     Bench(crate::bench::BenchArgs),
@@ -145,6 +150,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             allow_remote,
             parallel_runs,
             device,
+            run_memory_gib,
         } => {
             if !host.is_loopback() && !allow_remote {
                 bail!("refusing to bind {host}: pass --allow-remote to serve beyond this machine");
@@ -160,6 +166,11 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 max_parallel_runs: parallel_runs,
                 allow_remote,
                 editor: crate::editor::EDITOR,
+                run_memory_limit: match run_memory_gib {
+                    Some(gib) if gib > 0.0 => (gib * (1u64 << 30) as f64) as u64,
+                    Some(gib) => bail!("--run-memory-gib {gib}: give a positive size"),
+                    None => pixart_runtime::server::default_run_memory_limit(),
+                },
                 ..Default::default()
             };
             let state = pixart_runtime::server::State::start(
@@ -332,6 +343,7 @@ async fn run(
         run_id: None,
         confine_paths: false,
         previews: false,
+        memory_limit: None,
     };
     let report = executor
         .run(&wf, opts)

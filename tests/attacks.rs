@@ -24,6 +24,10 @@ struct Site {
 }
 
 fn site() -> Site {
+    site_with(2 << 30)
+}
+
+fn site_with(run_memory_limit: u64) -> Site {
     let root = tempfile::tempdir().unwrap();
     let base = root.path().join("base");
     let out = base.join("out");
@@ -41,6 +45,7 @@ fn site() -> Site {
     let config = ServerConfig {
         out_dir: out.clone(),
         base_dir: base.clone(),
+        run_memory_limit,
         ..ServerConfig::default()
     };
     let server = State::start(reg, Executor::new(CachePolicy::default()), config);
@@ -422,6 +427,57 @@ async fn wait_running(site: &Site, id: &str) {
     panic!("run {id} never started");
 }
 
+fn noises(shape: &str) -> String {
+    let mut yaml =
+        String::from("version: 1\nnodes:\n  n: {type: math.int, inputs: {a: 8, b: 1}}\n");
+    for i in 0..4 {
+        yaml.push_str(&format!(
+            "  g{i}: {{type: noise.gaussian, inputs: {{shape: {shape}, seed: {i}}}}}\n  \
+             s{i}: {{type: tensor.save, inputs: {{tensor: \"${{g{i}.tensor}}\", path: n{i}.safetensors}}}}\n"
+        ));
+    }
+    yaml
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_is_held_to_a_memory_budget_at_validation_and_while_it_runs() {
+    // The finding: four noise nodes at the per-node cap (1 GiB each) from a
+    // 300-byte request. Their sizes are known at load: refused before queueing.
+    let site = site();
+    let attack = noises("[16384, 16384]");
+    let (status, body, _) = call(&site.server, "POST", "/api/runs", &attack).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let said = body.to_string();
+    assert!(
+        said.contains("resources") && said.contains("4.0 GiB"),
+        "{said}"
+    );
+    let (_, body, _) = call(&site.server, "POST", "/api/validate", &attack).await;
+    assert_eq!(body["ok"], false, "{body}");
+    site.still_up().await;
+    // Sizes that only the files tell are held to it while the run goes: four
+    // tensors of 4 MiB against a budget of 10 MiB.
+    let site = site_with(10 << 20);
+    let mut yaml = String::from("version: 1\nnodes:\n");
+    for i in 0..4 {
+        let data = vec![0u8; 4 << 20];
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1 << 20], &data)
+                .unwrap();
+        let bytes = safetensors::serialize([("t", view)], None).unwrap();
+        std::fs::write(site.out.join(format!("t{i}.safetensors")), bytes).unwrap();
+        yaml.push_str(&format!(
+            "  l{i}: {{type: tensor.load, inputs: {{path: out/t{i}.safetensors}}}}\n  \
+             s{i}: {{type: tensor.save, inputs: {{tensor: \"${{l{i}.tensor}}\", path: c{i}.safetensors}}}}\n"
+        ));
+    }
+    let run = site.run(&yaml).await;
+    assert_eq!(run["state"], "failed", "{run}");
+    let said = run["failures"].to_string();
+    assert!(said.contains("a run may hold here"), "{said}");
+    site.still_up().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_is_bounded_in_bytes_and_a_cancel_returns_them() {
     let site = site();
@@ -632,4 +688,248 @@ fn the_cli_bounds_what_it_reads_and_names_a_missing_plugins_folder() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/no/such/folder: no such folder"), "{err}");
+}
+
+// ---- the API's bodies and paths, fuzzed ---------------------------------------------
+
+/// xorshift64*: a fixed seed keeps a failure reproducible (`PIXART_FUZZ_SEED`
+/// tries others).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// Pieces that have broken parsers and path checks elsewhere.
+const TOKENS: &[&str] = &[
+    "..",
+    "/",
+    "../..",
+    "${",
+    "}",
+    "${params.x}",
+    "\0",
+    "\u{feff}",
+    "[[[[[[[[",
+    "]]]]",
+    "{{{{",
+    "*a",
+    "&a [1]",
+    "!!binary AAAA",
+    "~",
+    "-1",
+    "1e309",
+    "99999999999999999999",
+    "/etc/passwd",
+    ".pixart/history.jsonl",
+    "%2e%2e%2f",
+    "\\..\\",
+    "\n  x: {type: text.save, inputs: {text: a, path: /tmp/x}}",
+    "\n  y: {type: image.load, inputs: {path: ../../outside/secret.png}}",
+    "'",
+    "\"",
+    ":",
+    "- ",
+    "\t",
+    "\r\n",
+    "\u{202e}",
+    "é",
+    "version: 2",
+    "nodes: []",
+];
+
+/// Parts of the paths a fuzzed workflow names (the site links `out/away` and
+/// `out/pic.png` outside).
+const PATH_PARTS: &[&str] = &[
+    "..",
+    "/",
+    "./",
+    "out/",
+    "out",
+    "away/",
+    "pic.png",
+    "secret.png",
+    ".pixart/",
+    "history.jsonl",
+    "a.txt",
+    "sub/",
+    "/etc/passwd",
+    "~",
+    "%2e%2e/",
+    "\\",
+    "..\\",
+    "//",
+    "fixtures/",
+    "new.png",
+];
+
+fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    let mut body = seed.to_vec();
+    for _ in 0..=rng.below(2) {
+        let at = rng.below(body.len() + 1);
+        match rng.below(5) {
+            0 if !body.is_empty() => {
+                let i = rng.below(body.len());
+                body[i] ^= 1 << rng.below(8);
+            }
+            1 => {
+                let token = rng.pick(TOKENS).as_bytes();
+                body.splice(at..at, token.iter().copied());
+            }
+            2 if at < body.len() => {
+                let end = (at + rng.below(40)).min(body.len());
+                body.drain(at..end);
+            }
+            3 => {
+                let end = (at + rng.below(60)).min(body.len());
+                let copy = body[at..end].to_vec();
+                body.splice(at..at, copy);
+            }
+            _ => body.truncate(at),
+        }
+    }
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuzzed_bodies_and_paths_never_break_the_server_or_leave_its_folders() {
+    use common::api::send;
+    let site = site();
+    let seed = std::env::var("PIXART_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_1234_u64);
+    let mut rng = Rng(seed | 1);
+    std::os::unix::fs::symlink(&site.outside, site.out.join("away")).unwrap();
+    std::os::unix::fs::symlink(site.outside.join("secret.png"), site.out.join("pic.png")).unwrap();
+    let outside_before = Site::listing(&site.outside);
+    let corpus: Vec<Vec<u8>> = vec![
+        text_save("notes/a.txt").into_bytes(),
+        image_load("out/notes/a.png").into_bytes(),
+        chain(30).into_bytes(),
+        serde_json::json!({"workflow": text_save("j.txt"), "params": {"x": 1}, "targets": ["t"]})
+            .to_string()
+            .into_bytes(),
+        noises("[2, 3]").into_bytes(),
+    ];
+    let paths = ["/api/validate", "/api/runs", "/api/uploads"];
+    let started = std::time::Instant::now();
+    let mut requests = 0;
+    let mut seen = std::collections::BTreeMap::new();
+    while requests < 12000 && started.elapsed() < std::time::Duration::from_secs(30) {
+        requests += 1;
+        let (method, path, body, ctype) = match rng.below(8) {
+            0..=1 => {
+                // A valid workflow whose paths are pieced together from parts that
+                // lead out when the checks are wrong.
+                let mut p = String::new();
+                for _ in 0..=rng.below(4) {
+                    p.push_str(PATH_PARTS[rng.below(PATH_PARTS.len())]);
+                }
+                let p = p.replace('"', "");
+                let yaml = match rng.below(3) {
+                    0 => text_save(&p),
+                    1 => image_load(&p),
+                    _ => format!(
+                        "version: 1\nnodes:\n  d: {{type: dataset.folder, inputs: {{path: \"{p}\", resolution: 64}}}}\n  \
+                         t: {{type: text.save, inputs: {{text: \"n=${{d.count}}\", path: count.txt}}}}\n"
+                    ),
+                };
+                (
+                    "POST",
+                    "/api/runs".to_string(),
+                    yaml.into_bytes(),
+                    "application/yaml",
+                )
+            }
+            2..=4 => {
+                let seed_body = rng.pick(&corpus).clone();
+                let body = mutate(&mut rng, &seed_body);
+                let ctype = if body.starts_with(b"{") {
+                    "application/json"
+                } else {
+                    "application/yaml"
+                };
+                ("POST", rng.pick(&paths[..2]).to_string(), body, ctype)
+            }
+            5 => {
+                let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+                png.extend((0..rng.below(64)).map(|_| rng.next() as u8));
+                ("POST", "/api/uploads".to_string(), png, "image/png")
+            }
+            _ => {
+                // Bytes a URI cannot hold travel percent-encoded, as a client sends them.
+                let tail: String = mutate(&mut rng, b"files/0123456789abcdef0123")
+                    .iter()
+                    .map(|&b| match b {
+                        b'A'..=b'Z'
+                        | b'a'..=b'z'
+                        | b'0'..=b'9'
+                        | b'-'
+                        | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'/'
+                        | b'%' => (b as char).to_string(),
+                        _ => format!("%{b:02X}"),
+                    })
+                    .collect();
+                let method = *rng.pick(&["GET", "POST", "PUT", "DELETE"]);
+                let base = *rng.pick(&["/api/", "/api/runs/", "/", "/api/files/"]);
+                (
+                    method,
+                    format!("{base}{tail}"),
+                    Vec::new(),
+                    "application/json",
+                )
+            }
+        };
+        let headers = [("host", "127.0.0.1:8188"), ("content-type", ctype)];
+        let (status, answer, _) = send(&site.server, method, &path, &body, &headers).await;
+        *seen.entry(status.as_u16()).or_insert(0usize) += 1;
+        assert!(
+            status.as_u16() < 500 || status == StatusCode::SERVICE_UNAVAILABLE,
+            "{method} {path} (seed {seed}, request {requests}) answered {status}: {answer}\n{}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    // Let the queued runs end, then check what they may have touched.
+    for _ in 0..3000 {
+        if call(&site.server, "GET", "/api/runs", "")
+            .await
+            .1
+            .as_array()
+            .is_some_and(Vec::is_empty)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    site.still_up().await;
+    assert_eq!(Site::listing(&site.outside), outside_before, "seed {seed}");
+    let root = Site::listing(site.base.parent().unwrap());
+    assert!(
+        root.iter()
+            .all(|f| f.starts_with("base") || f.starts_with("outside")),
+        "{root:?}"
+    );
+    eprintln!(
+        "{requests} requests in {:.1} s, answers by status: {seen:?}",
+        started.elapsed().as_secs_f64()
+    );
+    // The fuzzing reached the executor, not only the parser.
+    assert!(seen.get(&202).is_some_and(|&n| n >= 20), "{seen:?}");
 }

@@ -65,9 +65,25 @@ impl GaussianNoise {
                     )
                     .default("f32"),
                 )
-                .output("tensor", PortType::Tensor, "The noise."),
+                .output("tensor", PortType::Tensor, "The noise.")
+                .estimate(noise_bytes),
         }
     }
+}
+
+/// The noise is drawn in f32 and then converted: both are held for a moment.
+fn noise_bytes(known: &[Option<&Value>]) -> Option<u64> {
+    let Some(Value::List(dims)) = known.first().copied().flatten() else {
+        return None;
+    };
+    let count = dims
+        .iter()
+        .try_fold(1u64, |n, d| n.checked_mul(d.as_int()?.max(0) as u64))?;
+    let extra = match known.get(2).copied().flatten() {
+        Some(Value::String(t)) if t != "f32" => 2,
+        _ => 0,
+    };
+    Some(count.saturating_mul(4 + extra))
 }
 
 impl Node for GaussianNoise {

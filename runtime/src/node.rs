@@ -76,6 +76,8 @@ pub(crate) struct RunShared {
     pub confinement: Option<crate::confine::Confinement>,
     /// Someone watches this run: previews are worth making.
     pub previews: bool,
+    /// Bytes the run's values may hold (the server's per-run budget).
+    pub memory_limit: Option<u64>,
 }
 
 /// A node's view of the run it is part of (cheap to clone: the plugin host keeps
@@ -103,6 +105,7 @@ impl NodeContext {
                 params: serde_json::Value::Null,
                 confinement: None,
                 previews: false,
+                memory_limit: None,
             }),
         }
     }

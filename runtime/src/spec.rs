@@ -128,7 +128,16 @@ pub struct NodeSpec {
     /// Trivial work (literals, arithmetic) that the executor runs in place instead
     /// of handing to a worker thread.
     pub inline: bool,
+    /// The bytes its outputs take, from the inputs known when a workflow loads;
+    /// a server refuses a workflow whose estimates pass its per-run budget.
+    #[serde(skip)]
+    pub estimate: Option<SizeEstimate>,
 }
+
+/// Bytes a node's outputs will take, given its inputs in the spec's order where
+/// they are known when the workflow loads (literals, defaults, params) and `None`
+/// where another node gives them; `None` when the known inputs do not tell.
+pub type SizeEstimate = fn(&[Option<&crate::value::Value>]) -> Option<u64>;
 
 impl NodeSpec {
     pub fn new(name: &str, version: u32) -> NodeSpec {
@@ -142,6 +151,7 @@ impl NodeSpec {
             output_node: false,
             deterministic: true,
             inline: false,
+            estimate: None,
         }
     }
 
@@ -181,6 +191,12 @@ impl NodeSpec {
 
     pub fn inline(mut self) -> Self {
         self.inline = true;
+        self
+    }
+
+    /// Declares how the size of the outputs follows from the inputs.
+    pub fn estimate(mut self, estimate: SizeEstimate) -> Self {
+        self.estimate = Some(estimate);
         self
     }
 

@@ -41,6 +41,9 @@ pub struct RunOptions {
     pub confine_paths: bool,
     /// Let nodes send preview images (someone is watching, e.g. the editor).
     pub previews: bool,
+    /// Bytes the values of the run may hold at most (models excepted); a node
+    /// whose outputs pass it fails, and the run with it.
+    pub memory_limit: Option<u64>,
 }
 
 impl Default for RunOptions {
@@ -53,6 +56,7 @@ impl Default for RunOptions {
             run_id: None,
             previews: false,
             confine_paths: false,
+            memory_limit: None,
         }
     }
 }
@@ -220,6 +224,7 @@ impl Executor {
             params: wf.params_json(),
             confinement,
             previews: opts.previews,
+            memory_limit: opts.memory_limit,
         });
         let mut run = Run::new(self, wf, needed, shared, run_no);
         self.emit(Event::RunStarted {
@@ -263,6 +268,8 @@ struct Run<'a> {
     tasks: JoinSet<TaskResult>,
     running: usize,
     failures: Vec<Failure>,
+    /// Bytes of the values nodes of this run produced (models excepted).
+    held: u64,
 }
 
 impl<'a> Run<'a> {
@@ -297,6 +304,7 @@ impl<'a> Run<'a> {
             tasks: JoinSet::new(),
             running: 0,
             failures: Vec::new(),
+            held: 0,
         }
     }
 
@@ -493,7 +501,10 @@ impl<'a> Run<'a> {
 
     fn settle(&mut self, i: usize, result: Result<Outputs, NodeError>, took: Duration) {
         match result {
-            Ok(outputs) => match self.check_outputs(i, outputs) {
+            Ok(outputs) => match self
+                .check_outputs(i, outputs)
+                .and_then(|outputs| self.hold(outputs))
+            {
                 Ok(outputs) => {
                     let outputs: Arc<[Value]> = Arc::from(outputs);
                     // Model handles are owned by the nodes' model cache, which bounds
@@ -515,6 +526,27 @@ impl<'a> Run<'a> {
             },
             Err(NodeError::Cancelled) => self.status[i] = Some(NodeStatus::Cancelled),
             Err(e) => self.fail(i, e.to_string()),
+        }
+    }
+
+    /// Counts node `i`'s outputs against the run's memory budget (models are
+    /// the model cache's to bound, so handles do not count).
+    fn hold(&mut self, outputs: Vec<Value>) -> Result<Vec<Value>, String> {
+        let bytes: usize = outputs
+            .iter()
+            .filter(|v| !matches!(v, Value::Handle(_)))
+            .map(Value::approx_bytes)
+            .sum();
+        self.held = self.held.saturating_add(bytes as u64);
+        match self.shared.memory_limit {
+            Some(limit) if self.held > limit => Err(format!(
+                "its outputs take {}, and the run's values would hold {}, more than the {} a \
+                 run may hold here",
+                human_bytes(bytes as u64),
+                human_bytes(self.held),
+                human_bytes(limit)
+            )),
+            _ => Ok(outputs),
         }
     }
 
@@ -713,4 +745,19 @@ fn reads(wf: &Workflow, i: usize) -> BTreeSet<(usize, usize)> {
         }
     }
     out
+}
+
+/// `n` bytes as people read them: 812 B, 3.4 MiB, 1.1 GiB.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }

@@ -6,7 +6,8 @@ mod journal;
 mod state;
 
 pub use state::{
-    CancelError, OutputRecord, RunRecord, RunRequest, RunState, ServerConfig, State, SubmitError,
+    default_run_memory_limit, CancelError, OutputRecord, RunRecord, RunRequest, RunState,
+    ServerConfig, State, SubmitError,
 };
 
 use bytes::Bytes;

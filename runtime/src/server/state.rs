@@ -5,7 +5,9 @@ use crate::events::Event;
 use crate::executor::{Executor, NodeStatus, RunOptions};
 use crate::registry::Registry;
 use crate::value::Value;
-use crate::workflow::{load_workflow, LoadOptions, Workflow, WorkflowError};
+use crate::workflow::{
+    load_workflow, Diagnostic, DiagnosticKind, LoadOptions, Workflow, WorkflowError,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -32,6 +34,24 @@ pub struct ServerConfig {
     pub editor: &'static [(&'static str, &'static [u8])],
     /// How long a client may take to send a request's headers.
     pub header_read_timeout: std::time::Duration,
+    /// Bytes the values of one run may hold (models excepted): checked against
+    /// the nodes' estimates when a run is submitted, and as nodes finish.
+    pub run_memory_limit: u64,
+}
+
+/// An eighth of this machine's memory (of 16 GiB where it cannot be read),
+/// between 1 and 8 GiB: a run's tensors and images are far smaller than its
+/// models, which do not count.
+pub fn default_run_memory_limit() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(16 << 30);
+    (total / 8).clamp(1 << 30, 8 << 30)
 }
 
 impl Default for ServerConfig {
@@ -45,6 +65,7 @@ impl Default for ServerConfig {
             allow_remote: false,
             editor: &[],
             header_read_timeout: std::time::Duration::from_secs(10),
+            run_memory_limit: default_run_memory_limit(),
         }
     }
 }
@@ -211,7 +232,9 @@ impl State {
             file_name: Some("workflow".into()),
             overrides,
         };
-        load_workflow(text, &self.registry, &opts)
+        let wf = load_workflow(text, &self.registry, &opts)?;
+        self.within_budget(&wf)?;
+        Ok(wf)
     }
 
     pub fn submit(&self, req: RunRequest) -> Result<String, SubmitError> {
@@ -255,6 +278,35 @@ impl State {
         });
         let _ = self.queue.send(id.clone());
         Ok(id)
+    }
+
+    /// Refuses a workflow whose nodes' estimates pass the per-run memory budget.
+    fn within_budget(&self, wf: &Workflow) -> Result<(), WorkflowError> {
+        use crate::executor::human_bytes;
+        let limit = self.config.run_memory_limit;
+        let (total, largest) = wf.estimated_bytes();
+        if total <= limit {
+            return Ok(());
+        }
+        let mut d = Diagnostic::error(
+            DiagnosticKind::Resources,
+            format!(
+                "the run's values would take about {}, more than the {} a run may hold on this \
+                 server",
+                human_bytes(total),
+                human_bytes(limit)
+            ),
+        )
+        .help("make tensors smaller or split the work into several runs");
+        if let Some((i, bytes)) = largest {
+            let node = &wf.nodes[i];
+            d = d.at(node.span).node(&node.id);
+            d.message += &format!(" (`{}` alone: {})", node.id, human_bytes(bytes));
+        }
+        d.file = Some("workflow".into());
+        Err(WorkflowError {
+            diagnostics: vec![d],
+        })
     }
 
     pub fn cancel(&self, id: &str) -> Result<RunState, CancelError> {
@@ -461,6 +513,7 @@ impl State {
             run_id: Some(id.clone()),
             confine_paths: true,
             previews: true,
+            memory_limit: Some(self.config.run_memory_limit),
         };
         let result = self.executor.run(&wf, opts).await;
         let out = self.out_root();

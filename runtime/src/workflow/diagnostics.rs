@@ -32,6 +32,8 @@ pub enum DiagnosticKind {
     InvalidValue,
     /// A plugin the workflow names could not be loaded.
     Plugin,
+    /// The run would need more than the server allows one run.
+    Resources,
 }
 
 impl DiagnosticKind {
@@ -50,6 +52,7 @@ impl DiagnosticKind {
             DiagnosticKind::UnusedParam => "unused-param",
             DiagnosticKind::InvalidValue => "invalid-value",
             DiagnosticKind::Plugin => "plugin",
+            DiagnosticKind::Resources => "resources",
         }
     }
 }

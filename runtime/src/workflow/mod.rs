@@ -153,6 +153,34 @@ impl Workflow {
     }
 
     /// Parameter values as JSON (recorded in saved images).
+    /// The bytes this workflow's values will hold, as far as the nodes' estimates
+    /// tell from what is known at load, and the node that holds the most.
+    pub fn estimated_bytes(&self) -> (u64, Option<(usize, u64)>) {
+        let mut total = 0u64;
+        let mut largest: Option<(usize, u64)> = None;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let Some(estimate) = node.node.spec().estimate else {
+                continue;
+            };
+            let known: Vec<Option<&Value>> = node
+                .inputs
+                .iter()
+                .map(|b| match b {
+                    Binding::Literal(v) => Some(v),
+                    _ => None,
+                })
+                .collect();
+            let Some(bytes) = estimate(&known) else {
+                continue;
+            };
+            total = total.saturating_add(bytes);
+            if largest.is_none_or(|(_, b)| bytes > b) {
+                largest = Some((i, bytes));
+            }
+        }
+        (total, largest)
+    }
+
     pub fn params_json(&self) -> serde_json::Value {
         serde_json::Value::Object(
             self.params
