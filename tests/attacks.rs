@@ -598,6 +598,10 @@ async fn responses_keep_the_servers_paths_and_backtraces_to_themselves() {
     let path = up["path"].as_str().unwrap();
     assert!(path.starts_with("out/.pixart/uploads/"), "{path}");
     assert_eq!(site.run(&image_load(path)).await["state"], "finished");
+    // A library error that captured a backtrace reaches the client without it.
+    let failing = "version: 1\nnodes:\n  f: {type: test.fail_backtrace}\n  o: {type: test.output, inputs: {a: \"${f.out}\"}}\n";
+    let run = site.run(failing).await;
+    assert_eq!(run["failures"][0]["message"], "failed on purpose", "{run}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,6 +57,9 @@ enum Behaviour {
     /// out = a + b (absent inputs count as 0), after `ms` input milliseconds.
     Add,
     Fail,
+    /// Fails as a library error does that captured a backtrace (candle's under
+    /// `RUST_BACKTRACE=1`).
+    FailWithBacktrace,
     /// Waits until `parties` nodes are inside at once; fails if they never are.
     Meet(Arc<Rendezvous>),
     /// Loops until cancelled (or 10 s, then fails).
@@ -87,6 +90,10 @@ impl Node for TestNode {
         match &self.behaviour {
             Behaviour::Add => Ok(Outputs::one("out", Value::Int(get("a") + get("b")))),
             Behaviour::Fail => Err(NodeError::msg("failed on purpose")),
+            Behaviour::FailWithBacktrace => Err(NodeError::msg(format!(
+                "failed on purpose\n{}",
+                std::backtrace::Backtrace::force_capture()
+            ))),
             Behaviour::Meet(r) => {
                 if r.wait(2, Duration::from_secs(10)) {
                     Ok(Outputs::one("out", Value::Int(get("a"))))
@@ -120,7 +127,7 @@ fn spec(name: &str) -> NodeSpec {
 }
 
 /// The built-in nodes plus `test.add`, `test.add_inline`, `test.random`,
-/// `test.output`, `test.fail`, `test.meet`, `test.until_cancelled`, `test.panic`,
+/// `test.output`, `test.fail`, `test.fail_backtrace`, `test.meet`, `test.until_cancelled`, `test.panic`,
 /// `test.wrong_type`, all counting into the returned [`Counts`].
 pub fn registry() -> (Registry, Counts) {
     let mut reg = pixart_nodes::builtin_registry();
@@ -139,6 +146,7 @@ pub fn registry() -> (Registry, Counts) {
         mk(spec("test.random").nondeterministic(), Behaviour::Add),
         mk(spec("test.output").output_node(), Behaviour::Add),
         mk(spec("test.fail"), Behaviour::Fail),
+        mk(spec("test.fail_backtrace"), Behaviour::FailWithBacktrace),
         mk(spec("test.meet"), Behaviour::Meet(rendezvous)),
         mk(spec("test.until_cancelled"), Behaviour::UntilCancelled),
         mk(spec("test.panic"), Behaviour::Panic),
