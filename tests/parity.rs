@@ -295,10 +295,44 @@ fn conditioning(emb: &Tensor, mask: &Tensor) -> Conditioning {
 
 #[test]
 fn whole_pipeline_matches_diffusers() {
-    let r = reference("pipeline.safetensors");
-    let root = fixtures().join("tiny-pixart");
+    let cases = [
+        ("square", 256, 256),
+        ("binned", 200, 304),
+        ("resized", 112, 152),
+    ];
+    pipeline_matches("tiny-pixart", "pipeline.safetensors", 120, &cases);
+}
+
+/// PixArt-Σ: 300-token prompts chosen by the pipeline folder, a transformer
+/// without micro-conditions and with interpolation_scale 0.5, SDXL's VAE scale.
+#[test]
+fn sigma_pipeline_matches_diffusers() {
+    let cases = [("square", 256, 256), ("binned", 200, 304)];
+    pipeline_matches(
+        "tiny-pixart-sigma",
+        "sigma_pipeline.safetensors",
+        300,
+        &cases,
+    );
+}
+
+/// A diffusers pipeline folder run as its pipeline class does (20 steps, CFG
+/// 4.5, resolution binning), prompt tokens at the tokenizer's own length.
+fn pipeline_matches(
+    folder: &str,
+    reference_file: &str,
+    tokens: usize,
+    cases: &[(&str, usize, usize)],
+) {
+    let r = reference(reference_file);
+    let root = fixtures().join(folder);
     let dev = dev();
     let tok = load::tokenizer(&root.join("tokenizer")).unwrap();
+    assert_eq!(
+        tok.sequence_length(),
+        tokens,
+        "the pipeline's prompt length"
+    );
     let enc = load::text_encoder(
         &root.join("text_encoder"),
         DType::F32,
@@ -311,9 +345,9 @@ fn whole_pipeline_matches_diffusers() {
     let choice = load::scheduler(&root.join("scheduler")).unwrap();
 
     let encode = |text: &str| {
-        let e = tok.encode(text, 120).unwrap();
-        let ids = Tensor::from_vec(e.ids, (1, 120), &dev).unwrap();
-        let mask = Tensor::from_vec(e.mask, (1, 120), &dev)
+        let e = tok.encode(text, tokens).unwrap();
+        let ids = Tensor::from_vec(e.ids, (1, tokens), &dev).unwrap();
+        let mask = Tensor::from_vec(e.mask, (1, tokens), &dev)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
@@ -334,11 +368,7 @@ fn whole_pipeline_matches_diffusers() {
         1e-4,
     );
 
-    for (case, height, width) in [
-        ("square", 256, 256),
-        ("binned", 200, 304),
-        ("resized", 112, 152),
-    ] {
+    for &(case, height, width) in cases {
         let req = Request {
             positive: &pos,
             negative: Some(&neg),
@@ -353,7 +383,7 @@ fn whole_pipeline_matches_diffusers() {
         let mut sampler = choice.config.start(&choice.sampler, 20).unwrap();
         let latents = sample(&den, sampler.as_mut(), &req, |_| Ok(())).unwrap();
         assert_close(
-            &format!("{case} final latents"),
+            &format!("{folder} {case} final latents"),
             &latents,
             get(&r, &format!("{case}.final_latents")),
             1e-3,
@@ -367,7 +397,7 @@ fn whole_pipeline_matches_diffusers() {
             .clamp(0f32, 1f32)
             .unwrap();
         assert_close(
-            &format!("{case} image"),
+            &format!("{folder} {case} image"),
             &image,
             get(&r, &format!("{case}.image")),
             1e-3,

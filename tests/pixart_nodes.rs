@@ -71,13 +71,26 @@ async fn the_issue_workflow_runs_as_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_pipeline_equals_diffusers_given_the_same_noise() {
+    let cases = [("square", 256, 256), ("resized", 112, 152)];
+    nodes_match_diffusers("tiny-pixart", "pipeline.safetensors", &cases).await;
+}
+
+/// A PixArt-Σ folder runs the same workflow with only the model changed: the
+/// prompt length (300) and the VAE's scale come from the folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigma_folder_runs_the_same_workflow() {
+    let cases = [("square", 256, 256), ("binned", 200, 304)];
+    nodes_match_diffusers("tiny-pixart-sigma", "sigma_pipeline.safetensors", &cases).await;
+}
+
+async fn nodes_match_diffusers(folder: &str, reference_file: &str, cases: &[(&str, usize, usize)]) {
     let reference = pixart_runtime::candle_core::safetensors::load(
-        fixtures().join("reference/pipeline.safetensors"),
+        fixtures().join("reference").join(reference_file),
         &Device::Cpu,
     )
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    for (case, h, w) in [("square", 256, 256), ("resized", 112, 152)] {
+    for &(case, h, w) in cases {
         let noise = dir.path().join(format!("{case}.safetensors"));
         let latents = reference[&format!("{case}.latents")].clone();
         pixart_runtime::candle_core::safetensors::save(
@@ -86,6 +99,7 @@ async fn the_node_pipeline_equals_diffusers_given_the_same_noise() {
         )
         .unwrap();
         let yaml = ISSUE_WORKFLOW
+            .replace("path: \"tiny-pixart\"", &format!("path: \"{folder}\""))
             .replace("width: 512", &format!("width: {w}"))
             .replace("height: 512", &format!("height: {h}"))
             .replace(
@@ -105,7 +119,7 @@ async fn the_node_pipeline_equals_diffusers_given_the_same_noise() {
         let got = image(&report, "decode").permute((0, 3, 1, 2)).unwrap();
         let want = &reference[&format!("{case}.image")];
         let diff = max_abs_diff(&got, want);
-        assert!(diff <= 1e-3, "{case}: max difference {diff}");
+        assert!(diff <= 1e-3, "{folder} {case}: max difference {diff}");
     }
 }
 

@@ -21,7 +21,15 @@ pub struct T5Tokenizer {
     pad_id: u32,
     /// The tokenizer set up for each max_length asked for (truncation + padding).
     fixed: std::sync::Mutex<std::collections::HashMap<usize, Tokenizer>>,
+    /// Tokens a prompt is padded to unless a node says otherwise: the pipeline's
+    /// (PixArt-α 120, PixArt-Σ 300).
+    sequence_length: usize,
 }
+
+/// PixArt-α's prompt length, the default where no pipeline says otherwise.
+pub const ALPHA_SEQUENCE_LENGTH: usize = 120;
+/// PixArt-Σ's (`max_sequence_length` of `PixArtSigmaPipeline`).
+pub const SIGMA_SEQUENCE_LENGTH: usize = 300;
 
 /// Token ids and mask of one text, both `max_length` long.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,7 +56,19 @@ impl T5Tokenizer {
             inner,
             pad_id,
             fixed: Default::default(),
+            sequence_length: ALPHA_SEQUENCE_LENGTH,
         })
+    }
+
+    /// Sets the prompt length the pipeline this tokenizer belongs to uses.
+    pub fn with_sequence_length(mut self, tokens: usize) -> T5Tokenizer {
+        self.sequence_length = tokens;
+        self
+    }
+
+    /// The prompt length of this tokenizer's pipeline.
+    pub fn sequence_length(&self) -> usize {
+        self.sequence_length
     }
 
     pub fn vocab_size(&self) -> usize {

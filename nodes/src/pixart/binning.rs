@@ -43,9 +43,14 @@ const BINS_1024: &[(&str, usize, usize)] = &[
     ("4.0", 2048, 512),
 ];
 
-/// The bin table for a transformer's `sample_size` (latent side): 128 → 1024 px,
-/// 64 → 512, 32 → 256, as diffusers chooses; other sizes have no bins.
+/// The bin table for a transformer's `sample_size` (latent side): 256 → 2048 px
+/// (PixArt-Σ's `ASPECT_RATIO_2048_BIN`: all 40 official ratios), 128 → 1024, 64 →
+/// 512, 32 → 256, as diffusers chooses; other sizes have no bins.
 pub fn bins_for(sample_size: usize) -> Option<Vec<(f64, usize, usize)>> {
+    if sample_size == 256 {
+        let bins = crate::training::buckets::bins(2048);
+        return Some(bins.iter().map(|b| (b.ratio, b.height, b.width)).collect());
+    }
     let divisor = match sample_size {
         128 => 1,
         64 => 2,
@@ -167,5 +172,14 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert_eq!(y, [0.0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.0]);
+    }
+
+    #[test]
+    fn the_2048_table_is_sigmas_forty_bins() {
+        let bins = bins_for(256).unwrap();
+        assert_eq!(bins.len(), 40);
+        assert_eq!(bins[1], (0.26, 1024, 3968));
+        assert_eq!(classify(2048, 2048, &bins), (2048, 2048));
+        assert_eq!(classify(1024, 4096, &bins), (1024, 4096));
     }
 }

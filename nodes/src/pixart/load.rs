@@ -59,7 +59,7 @@ pub struct PipelineFolder {
 }
 
 impl PipelineFolder {
-    /// The component folders a PixArt-α pipeline folder holds.
+    /// The component folders a PixArt-α or PixArt-Σ pipeline folder holds.
     pub const PARTS: [&str; 5] = [
         "tokenizer",
         "text_encoder",
@@ -85,7 +85,7 @@ impl PipelineFolder {
         if !class.starts_with("PixArt") {
             return Err(LoadError::file(
                 &index,
-                format!("a {class:?} pipeline, not PixArt-α"),
+                format!("a {class:?} pipeline, not PixArt-α or PixArt-Σ"),
             ));
         }
         for part in PipelineFolder::PARTS {
@@ -108,8 +108,24 @@ impl PipelineFolder {
 
 pub fn tokenizer(dir: &Path) -> Result<Arc<T5Tokenizer>, LoadError> {
     cache::get_or_load(&key("tokenizer", dir, DType::U8, &Device::Cpu), || {
-        T5Tokenizer::from_folder(dir).map(|t| (t, 1 << 20))
+        let length = sequence_length(dir);
+        T5Tokenizer::from_folder(dir).map(|t| (t.with_sequence_length(length), 1 << 20))
     })
+}
+
+/// The prompt length of the pipeline a tokenizer folder belongs to: 300 tokens
+/// in a `PixArtSigmaPipeline` folder, else PixArt-α's 120.
+fn sequence_length(tokenizer_dir: &Path) -> usize {
+    let class = tokenizer_dir
+        .parent()
+        .map(|root| root.join("model_index.json"))
+        .and_then(|index| std::fs::read_to_string(index).ok())
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|json| json.get("_class_name")?.as_str().map(str::to_string));
+    match class.as_deref() {
+        Some("PixArtSigmaPipeline") => pixart_models::tokenizer::SIGMA_SEQUENCE_LENGTH,
+        _ => pixart_models::tokenizer::ALPHA_SEQUENCE_LENGTH,
+    }
 }
 
 /// A T5 encoder folder, through the model cache (shared by every node and run

@@ -223,8 +223,10 @@ fn loaders() -> Vec<ComponentLoader> {
         ComponentLoader {
             spec: loader(
                 "pixart.load",
-                "Loads a diffusers PixArt-α pipeline folder (model_index.json with tokenizer, \
-                 text_encoder, transformer, vae, scheduler). Models are shared between nodes and runs.",
+                "Loads a diffusers PixArt-α or PixArt-Σ pipeline folder (PixArtAlphaPipeline or \
+                 PixArtSigmaPipeline: model_index.json with tokenizer, text_encoder, transformer, vae, \
+                 scheduler). The folder decides the prompt length (120 or 300 tokens), the VAE's \
+                 scale and the resolution bins. Models are shared between nodes and runs.",
             )
             .input(text_weights_input())
             .input(memory_input())
@@ -348,13 +350,21 @@ impl EncodeText {
             spec: NodeSpec::new("t5.encode", 1)
                 .category("pixart")
                 .describe(
-                    "Encodes a prompt with T5 as PixArtAlphaPipeline does: lower-cased and stripped, \
-                     `</s>` appended, padded/truncated to max_length tokens, with the attention mask.",
+                    "Encodes a prompt with T5 as PixArtAlphaPipeline and PixArtSigmaPipeline do: \
+                     lower-cased and stripped, `</s>` appended, padded/truncated to max_length tokens \
+                     (by default the pipeline's: 120 for PixArt-α, 300 for PixArt-Σ), with the \
+                     attention mask.",
                 )
                 .input(InputSpec::new("tokenizer", PortType::Tokenizer))
                 .input(InputSpec::new("encoder", PortType::TextEncoder))
                 .input(InputSpec::new("text", PortType::String))
-                .input(InputSpec::new("max_length", PortType::Int).default(120).min(1.0).max(512.0))
+                .input(
+                    InputSpec::new("max_length", PortType::Int)
+                        .optional()
+                        .min(1.0)
+                        .max(512.0)
+                        .describe("Tokens; left out: the pipeline's length."),
+                )
                 .output("conditioning", PortType::Conditioning, "embeddings [1, L, D] and mask [1, L]"),
         }
     }
@@ -368,7 +378,10 @@ impl Node for EncodeText {
     fn run(&self, _ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
         let tok = inputs.handle::<T5Tokenizer>("tokenizer")?;
         let enc = text_encoder::from_input(&inputs, "encoder")?;
-        let len = inputs.int("max_length")? as usize;
+        let len = match inputs.get("max_length") {
+            Some(_) => inputs.int("max_length")? as usize,
+            None => tok.sequence_length(),
+        };
         let conditioning = encode_text(tok, &enc, inputs.str("text")?, len)
             .map_err(|e| NodeError::input("text", e))?;
         Ok(Outputs::one(

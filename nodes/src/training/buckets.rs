@@ -56,13 +56,13 @@ pub struct Bin {
     pub width: usize,
 }
 
-/// The bins for a training resolution: the official table for 256, 512 and
-/// 1024; for other sizes the 256 table scaled, sides rounded to multiples of 16
+/// The bins for a training resolution: the official table for 256, 512, 1024
+/// and 2048 (PixArt-Σ); for other sizes the 256 table scaled, sides rounded to multiples of 16
 /// (whole latent patches); where rounding merges bins, the one whose ratio
 /// fits the rounded size stays.
 pub fn bins(resolution: usize) -> Vec<Bin> {
     let scale = resolution as f64 / 256.0;
-    let exact = matches!(resolution, 256 | 512 | 1024);
+    let exact = matches!(resolution, 256 | 512 | 1024 | 2048);
     let side = |s: usize| {
         if exact {
             s * resolution / 256
