@@ -285,6 +285,12 @@ fn iddpm_steps_match_the_official_sampler() {
     check_sampler("iddpm.safetensors", "iddpm", 100);
 }
 
+/// PixArt-LCM's sampler: 4 of the 50 distilled timesteps, noise between steps.
+#[test]
+fn lcm_steps_match_diffusers() {
+    check_sampler("lcm.safetensors", "lcm", 4);
+}
+
 fn conditioning(emb: &Tensor, mask: &Tensor) -> Conditioning {
     Conditioning {
         embeddings: emb.clone(),

@@ -46,7 +46,10 @@ impl Ddim {
             },
             alphas_cumprod,
             step_size: n / steps,
-            clip: cfg.clip_sample.then_some(cfg.clip_sample_range),
+            clip: cfg
+                .clip_sample
+                .unwrap_or(true)
+                .then_some(cfg.clip_sample_range),
             index: 0,
         }
     }

@@ -286,9 +286,11 @@ impl SelectScheduler {
             spec: NodeSpec::new("scheduler.select", 1)
                 .category("pixart")
                 .describe(
-                    "Chooses the sampler: dpm_solver++ (diffusers' default for PixArt, 20 steps), ddim, or \
-                     iddpm (the official 100-step ancestral sampler using the learned variance). Keeps the \
-                     noise schedule of `from` (default: PixArt's linear 1e-4…0.02 over 1000 steps).",
+                    "Chooses the sampler: dpm_solver++ (diffusers' default for PixArt, 20 steps), ddim, \
+                     iddpm (the official 100-step ancestral sampler using the learned variance), or lcm \
+                     (diffusers' LCMScheduler, for PixArt-LCM: 4 steps with guidance 0). Keeps the noise \
+                     schedule of `from` (default: PixArt's linear 1e-4…0.02 over 1000 steps); a pipeline's \
+                     own scheduler config picks its sampler (an LCMScheduler folder samples with lcm).",
                 )
                 .input(InputSpec::new("name", PortType::enum_of(SAMPLER_NAMES)).default("dpm_solver++"))
                 .input(InputSpec::new("from", PortType::Scheduler).optional())
