@@ -209,6 +209,12 @@ async fn a_chain_of_many_nodes_is_validated_without_deep_recursion() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["ok"], true, "{}", body["diagnostics"]);
     site.still_up().await;
+    // Nesting in YAML itself: block sequences have no depth limit in the parser.
+    let deep = format!("{}x\n", "- ".repeat(100_000));
+    let (status, body, _) = call(&site.server, "POST", "/api/validate", deep).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.to_string().contains("nested more than"), "{body}");
+    site.still_up().await;
     // The CLI loads on a thread of its own; a 2 MiB stack is the smallest in use.
     let (reg, _) = common::registry();
     let long = chain(100_000);
@@ -268,6 +274,65 @@ async fn manifest_entries_are_confined_like_the_paths_a_workflow_names() {
     let good = "version: 1\nnodes:\n  d: {type: dataset.folder, inputs: {path: out/data/good.jsonl, resolution: 64}}\n  \
                 t: {type: text.save, inputs: {text: \"n=${d.count}\", path: count.txt}}\n";
     assert_eq!(site.run(good).await["state"], "finished");
+}
+
+/// Files that name other files: a sharded checkpoint's index may only name
+/// shards beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_index_cannot_name_files_elsewhere() {
+    let site = site();
+    let secret = site.outside.join("secret.safetensors");
+    std::fs::copy(
+        site.base
+            .join("fixtures/tiny-pixart/text_encoder/model-00001-of-00002.safetensors"),
+        &secret,
+    )
+    .unwrap_or_else(|_| {
+        let any = std::fs::read_dir(site.base.join("fixtures/tiny-pixart/text_encoder"))
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+            .unwrap();
+        std::fs::copy(any.path(), &secret).unwrap()
+    });
+    let m = site.out.join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::copy(
+        site.base
+            .join("fixtures/tiny-pixart/text_encoder/config.json"),
+        m.join("config.json"),
+    )
+    .unwrap();
+    for shard in [
+        secret.display().to_string(),
+        "../../../outside/secret.safetensors".into(),
+    ] {
+        let index = serde_json::json!({"weight_map": {"shared.weight": shard}});
+        std::fs::write(m.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let yaml = "version: 1\nnodes:\n  t: {type: t5.load, inputs: {path: out/m, tokenizer: fixtures/tiny-pixart/tokenizer}}\n  \
+                    e: {type: t5.encode, inputs: {tokenizer: \"${t.tokenizer}\", encoder: \"${t.text_encoder}\", text: hi}}\n  \
+                    s: {type: tensor.save, inputs: {tensor: \"${e.conditioning}\", path: c.safetensors}}\n";
+        let why = site.refused(yaml).await;
+        assert!(
+            why.contains("not a file name beside the index"),
+            "{shard}: {why}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hidden_files_are_not_inputs() {
+    let site = site();
+    std::fs::write(site.base.join(".env"), "TOKEN=secret").unwrap();
+    assert_eq!(site.run(&text_save("a.txt")).await["state"], "finished");
+    for path in [".env", "out/.pixart/history.jsonl", "./.env"] {
+        let yaml = format!(
+            "version: 1\nnodes:\n  d: {{type: dataset.folder, inputs: {{path: \"{path}\", resolution: 64}}}}\n  \
+             t: {{type: text.save, inputs: {{text: \"n=${{d.count}}\", path: count.txt}}}}\n"
+        );
+        let why = site.refused(&yaml).await;
+        assert!(why.contains("hidden"), "{path}: {why}");
+    }
 }
 
 // ---- 4: dataset.caption rewrote caption files in folders it only read ------------
@@ -454,6 +519,12 @@ async fn a_run_is_held_to_a_memory_budget_at_validation_and_while_it_runs() {
     );
     let (_, body, _) = call(&site.server, "POST", "/api/validate", &attack).await;
     assert_eq!(body["ok"], false, "{body}");
+    // A node that allocates inside itself: a T5 of 128 layers, 16384 wide.
+    let huge_t5 = "version: 1\nnodes:\n  load: {type: pixart.load, inputs: {path: fixtures/tiny-pixart}}\n  \
+                   t5: {type: t5.init, inputs: {tokenizer: \"${load.tokenizer}\", d_model: 16384, d_kv: 1024, d_ff: 65536, layers: 128, heads: 16, out: big}}\n";
+    let (status, body, _) = call(&site.server, "POST", "/api/runs", huge_t5).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("resources"), "{body}");
     site.still_up().await;
     // Sizes that only the files tell are held to it while the run goes: four
     // tensors of 4 MiB against a budget of 10 MiB.
@@ -660,7 +731,18 @@ async fn chunked_bodies_are_read_with_a_limit_and_slow_headers_time_out() {
     big.resize(1 << 17, 0);
     let answer = exchange(big).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-    // Half a request line, then nothing: the server hangs up.
+    // Nothing at all, then half a request line: the server hangs up on both.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        silent.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a silent connection was still open after 5 s"
+    );
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(b"GET /api/nodes HTTP/1.1\r\nHost: 127")
         .await

@@ -68,8 +68,12 @@ fn header(file: &mut std::fs::File, len: u64) -> Result<(Vec<Entry>, u64), Strin
             [a, b] => (a.as_u64().ok_or_else(bad)?, b.as_u64().ok_or_else(bad)?),
             _ => return Err(bad()),
         };
-        let want = shape.iter().product::<usize>() * dtype.size_in_bytes();
-        if end < start || (end - start) as usize != want || data_start + end > len {
+        // Checked: a crafted header must not wrap these around.
+        let want = shape
+            .iter()
+            .try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d));
+        let fits = data_start.checked_add(end).is_some_and(|e| e <= len);
+        if end < start || want != Some((end - start) as usize) || !fits {
             return Err(format!(
                 "tensor {name}: its bytes {start}..{end} do not hold {shape:?} {dtype:?} within the file"
             ));

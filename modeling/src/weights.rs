@@ -401,11 +401,22 @@ fn shards(index: &Path) -> Result<Vec<PathBuf>, LoadError> {
         .and_then(|m| m.as_object())
         .ok_or_else(|| LoadError::file(index, "no `weight_map` object"))?;
     let dir = index.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<PathBuf> = map
-        .values()
-        .filter_map(|v| v.as_str())
-        .map(|f| dir.join(f))
-        .collect();
+    let mut files = Vec::new();
+    for name in map.values().filter_map(|v| v.as_str()) {
+        // Shards lie beside their index: a name with folders, `..` or a root
+        // would read files the folder check never saw.
+        let plain = matches!(
+            Path::new(name).components().collect::<Vec<_>>().as_slice(),
+            [std::path::Component::Normal(_)]
+        );
+        if !plain {
+            return Err(LoadError::file(
+                index,
+                format!("shard {name:?} is not a file name beside the index"),
+            ));
+        }
+        files.push(dir.join(name));
+    }
     files.sort();
     files.dedup();
     if let Some(missing) = files.iter().find(|f| !f.is_file()) {

@@ -48,10 +48,21 @@ impl Confinement {
     /// A folder is checked with all it holds.
     pub fn read(&self, given: &Path, full: &Path) -> Result<PathBuf, String> {
         let resolved = resolve(given, full)?;
-        if !self.read_roots.iter().any(|r| resolved.starts_with(r)) {
+        let Some(root) = self.read_roots.iter().find(|r| resolved.starts_with(r)) else {
             return Err(refusal(
                 given,
                 "served workflows may only use files inside the server's folders",
+            ));
+        };
+        // Hidden files (`.env`, `.git/`, the server's own data) are not inputs;
+        // uploads, which the server keeps hidden, are.
+        let hidden = resolved
+            .strip_prefix(root)
+            .is_ok_and(|rest| rest.components().any(is_hidden));
+        if hidden && !resolved.starts_with(self.out.join(".pixart").join("uploads")) {
+            return Err(refusal(
+                given,
+                "served workflows may not read hidden files or folders",
             ));
         }
         match std::fs::metadata(&resolved) {
@@ -347,6 +358,19 @@ mod tests {
         std::fs::create_dir_all(&looped).unwrap();
         symlink(&looped, looped.join("again")).unwrap();
         assert!(write(&c, &f.out, "loop").is_ok());
+    }
+
+    #[test]
+    fn hidden_files_are_not_inputs_but_uploads_are() {
+        let (f, c) = folders();
+        std::fs::write(f.base.join(".env"), "TOKEN=x").unwrap();
+        let uploads = f.out.join(".pixart/uploads");
+        std::fs::create_dir_all(&uploads).unwrap();
+        std::fs::write(uploads.join("a.png"), "png").unwrap();
+        std::fs::write(f.out.join(".pixart/history.jsonl"), "{}").unwrap();
+        assert!(read(&c, &f.base, ".env").is_err());
+        assert!(read(&c, &f.base, "out/.pixart/history.jsonl").is_err());
+        assert!(read(&c, &f.base, "out/.pixart/uploads/a.png").is_ok());
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> io::Result<Vec<u8>> {
 /// (an earlier save of the same model): a folder holding anything else — other
 /// outputs, someone's data — is refused, never lost.
 pub fn write(dir: &Path, files: &[(&str, Vec<u8>)]) -> io::Result<()> {
+    let new: HashSet<PathBuf> = files.iter().map(|(f, _)| PathBuf::from(f)).collect();
     if let Ok(meta) = std::fs::symlink_metadata(dir) {
         if !meta.is_dir() {
             return Err(io::Error::new(
@@ -26,28 +27,7 @@ pub fn write(dir: &Path, files: &[(&str, Vec<u8>)]) -> io::Result<()> {
                 "exists and is not a folder",
             ));
         }
-        let new: HashSet<PathBuf> = files.iter().map(|(f, _)| PathBuf::from(f)).collect();
-        let foreign: Vec<String> = files_in(dir)?
-            .into_iter()
-            .filter(|f| !new.contains(f))
-            .map(|f| f.display().to_string())
-            .collect();
-        if !foreign.is_empty() {
-            let shown: Vec<&str> = foreign.iter().take(5).map(String::as_str).collect();
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!(
-                    "the folder exists and holds files this model does not ({}{}); \
-                     write to a new folder or remove them first",
-                    shown.join(", "),
-                    if foreign.len() > shown.len() {
-                        ", …"
-                    } else {
-                        ""
-                    }
-                ),
-            ));
-        }
+        only_ours(dir, &new)?;
     }
     let parent = dir
         .parent()
@@ -75,12 +55,45 @@ pub fn write(dir: &Path, files: &[(&str, Vec<u8>)]) -> io::Result<()> {
     }
     if dir.exists() {
         std::fs::rename(dir, &old)?;
+        // Moved aside, the old folder cannot change any more: check it again, as
+        // another writer may have added to it since the first look.
+        if let Err(e) = only_ours(&old, &new) {
+            std::fs::rename(&old, dir)?;
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
     }
     std::fs::rename(&staging, dir)?;
     if old.exists() {
         std::fs::remove_dir_all(&old)?;
     }
     Ok(())
+}
+
+/// Refuses a folder holding any file that is not among `ours`.
+fn only_ours(dir: &Path, ours: &HashSet<PathBuf>) -> io::Result<()> {
+    let foreign: Vec<String> = files_in(dir)?
+        .into_iter()
+        .filter(|f| !ours.contains(f))
+        .map(|f| f.display().to_string())
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<&str> = foreign.iter().take(5).map(String::as_str).collect();
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!(
+            "the folder exists and holds files this model does not ({}{}); \
+             write to a new folder or remove them first",
+            shown.join(", "),
+            if foreign.len() > shown.len() {
+                ", …"
+            } else {
+                ""
+            }
+        ),
+    ))
 }
 
 /// Every file below `dir`, relative to it (a link counts as a file: replacing the

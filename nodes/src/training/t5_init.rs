@@ -151,9 +151,28 @@ impl InitT5 {
                 .input(InputSpec::new("seed", PortType::Int).default(0).min(0.0))
                 .input(InputSpec::new("out", PortType::Path).describe("The text_encoder folder to write."))
                 .output("encoder", PortType::TextEncoder, "the encoder")
-                .output("path", PortType::Path, "its folder"),
+                .output("path", PortType::Path, "its folder")
+                .estimate(t5_bytes),
         }
     }
+}
+
+/// The encoder's layers in f32, twice (the tensors and their file's bytes);
+/// the vocabulary's embedding is left out (the tokenizer tells it, at run time).
+fn t5_bytes(known: &[Option<&Value>]) -> Option<u64> {
+    let int = |i: usize| {
+        known
+            .get(i)
+            .copied()
+            .flatten()?
+            .as_int()
+            .map(|v| v.max(0) as u64)
+    };
+    let (d, kv, ff, layers, heads) = (int(1)?, int(2)?, int(3)?, int(4)?, int(5)?);
+    let per_layer = (4 * d)
+        .checked_mul(heads.checked_mul(kv)?)?
+        .checked_add((3 * d).checked_mul(ff)?)?;
+    per_layer.checked_mul(layers)?.checked_mul(8)
 }
 
 impl Node for InitT5 {

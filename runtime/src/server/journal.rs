@@ -15,6 +15,7 @@ const MAX_READ: u64 = 256 << 20;
 pub struct Journal {
     path: PathBuf,
     lines: usize,
+    bytes: u64,
 }
 
 impl Journal {
@@ -22,12 +23,12 @@ impl Journal {
     /// first. Lines that do not parse (a torn last line after a crash) are skipped.
     pub fn open(path: &Path) -> (Journal, Vec<RunRecord>) {
         let mut text = Vec::new();
-        let read = std::fs::File::open(path).and_then(|f| f.take(MAX_READ).read_to_end(&mut text));
-        if let Err(e) = read {
+        if let Err(e) = read_tail(path, &mut text) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!("cannot read the run history {}: {e}", path.display());
             }
         }
+        let bytes = text.len() as u64;
         let mut last: HashMap<String, (usize, RunRecord)> = HashMap::new();
         let mut lines = 0;
         for (n, line) in text.split(|&b| b == b'\n').enumerate() {
@@ -47,6 +48,7 @@ impl Journal {
         let journal = Journal {
             path: path.to_path_buf(),
             lines,
+            bytes,
         };
         (journal, records.into_iter().map(|(_, r)| r).collect())
     }
@@ -54,6 +56,11 @@ impl Journal {
     /// Lines in the file now.
     pub fn lines(&self) -> usize {
         self.lines
+    }
+
+    /// Bytes in the file now.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// Appends `record` as one line, written with one call.
@@ -69,6 +76,7 @@ impl Journal {
             .open(&self.path)?;
         file.write_all(&line)?;
         self.lines += 1;
+        self.bytes += line.len() as u64;
         Ok(())
     }
 
@@ -81,6 +89,27 @@ impl Journal {
         }
         crate::fsutil::atomic_write(&self.path, &text)?;
         self.lines = records.len();
+        self.bytes = text.len() as u64;
         Ok(())
     }
+}
+
+/// The last [`MAX_READ`] bytes of the file, from the first whole line on (the
+/// newest records are at the end).
+fn read_tail(path: &Path, out: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    if len > MAX_READ {
+        file.seek(SeekFrom::Start(len - MAX_READ))?;
+    }
+    file.take(MAX_READ).read_to_end(out)?;
+    if len > MAX_READ {
+        let first = out
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(out.len(), |i| i + 1);
+        out.drain(..first);
+    }
+    Ok(())
 }

@@ -74,13 +74,21 @@ impl warp::reject::Reject for WrongContentType {}
 struct TooLarge;
 impl warp::reject::Reject for TooLarge {}
 
+#[derive(Debug)]
+struct SlowBody;
+impl warp::reject::Reject for SlowBody {}
+
 /// The request body, at most `limit` bytes, with or without a Content-Length
 /// (a chunked upload has none): a declared length over the limit is refused
 /// before reading, a chunked body as soon as it passes it.
 fn bounded_body(limit: u64) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
     warp::header::optional::<u64>("content-length")
         .and(warp::body::stream())
-        .and_then(move |declared: Option<u64>, stream| read_bounded(declared, stream, limit))
+        .and_then(move |declared: Option<u64>, stream| async move {
+            tokio::time::timeout(BODY_TIMEOUT, read_bounded(declared, stream, limit))
+                .await
+                .unwrap_or_else(|_| Err(warp::reject::custom(SlowBody)))
+        })
 }
 
 async fn read_bounded<B: bytes::Buf>(
@@ -308,20 +316,7 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(warp::path::end())
         .and(warp::get())
         .and(with_state(state.clone()))
-        .map(|id: String, s: Arc<State>| {
-            let Some(path) = s.file(&id) else {
-                return error(StatusCode::NOT_FOUND, "no such file");
-            };
-            // What the path leads to now: a link planted since the run must
-            // not lead the server out of its folder.
-            let served = crate::confine::Confinement::new(&s.config.base_dir, &s.config.out_dir)
-                .map_err(|e| e.to_string())
-                .and_then(|c| c.served_file(&path));
-            match served.and_then(|p| std::fs::read(&p).map_err(|e| e.to_string())) {
-                Ok(bytes) => inert_file(bytes, &path),
-                Err(_) => error(StatusCode::GONE, "the file is no longer there"),
-            }
-        });
+        .and_then(|id: String, s: Arc<State>| blocking(move || serve_file(&s, &id)));
 
     let upload_limit = state.config.upload_limit;
     let upload = api
@@ -341,9 +336,22 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(warp::ws())
         .and(with_state(state.clone()))
         .map(|ws: warp::ws::Ws, s: Arc<State>| {
+            // An upgraded connection leaves the connection limit: event streams
+            // have their own, and clients have nothing long to send.
+            let Ok(slot) = s.event_streams.clone().try_acquire_owned() else {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("{MAX_EVENT_STREAMS} event streams are open; try again later"),
+                );
+            };
             // Subscribe before the upgrade completes, so no event after it is missed.
             let events = s.executor.subscribe();
-            ws.on_upgrade(move |socket| stream_events(socket, events))
+            ws.max_message_size(64 << 10)
+                .max_frame_size(64 << 10)
+                .on_upgrade(move |socket| async move {
+                    stream_events(socket, events).await;
+                    drop(slot);
+                })
                 .into_response()
         });
 
@@ -402,6 +410,12 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
 
 /// Connections held at once; more are closed as they arrive.
 pub const MAX_CONNECTIONS: usize = 512;
+/// Event streams (WebSockets) open at once.
+pub const MAX_EVENT_STREAMS: usize = 256;
+/// The largest file `/api/files` hands out.
+pub const MAX_SERVED_BYTES: u64 = 256 << 20;
+/// How long a request body may take to arrive.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Serves the API and the editor on `listener` until the process ends, with a
 /// limit on the time to send headers and on open connections, so that clients
@@ -426,11 +440,24 @@ pub async fn serve(state: Arc<State>, listener: tokio::net::TcpListener) {
         };
         let service = hyper_util::service::TowerToHyperService::new(service.clone());
         tokio::spawn(async move {
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // hyper's header timeout starts with the first byte: a client that
+            // sends nothing is let go here.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            // HTTP/1 only: the auto-detecting builder waits for a preface with no
+            // time limit before the header timeout applies.
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
+                .header_read_timeout(header_timeout)
+                // One request per connection: an idle kept-alive connection would
+                // hold its slot with no timeout.
+                .keep_alive(false);
             let served = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await;
@@ -450,6 +477,11 @@ async fn recover(r: Rejection) -> Result<Response, Infallible> {
         error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!("set a Content-Type such as {want}"),
+        )
+    } else if r.find::<SlowBody>().is_some() {
+        error(
+            StatusCode::REQUEST_TIMEOUT,
+            "the body did not arrive in time",
         )
     } else if r.find::<TooLarge>().is_some() || r.find::<warp::reject::PayloadTooLarge>().is_some()
     {
@@ -493,6 +525,33 @@ fn editor_file(files: &[(&str, &[u8])], name: &str) -> Response {
         .into_response();
     }
     error(StatusCode::NOT_FOUND, "no such file")
+}
+
+/// `/api/files/{id}`: what the path leads to *now* (a link planted since the run
+/// must not lead the server out of its folder), up to [`MAX_SERVED_BYTES`].
+fn serve_file(s: &State, id: &str) -> Response {
+    let Some(path) = s.file(id) else {
+        return error(StatusCode::NOT_FOUND, "no such file");
+    };
+    let served = crate::confine::Confinement::new(&s.config.base_dir, &s.config.out_dir)
+        .map_err(|e| e.to_string())
+        .and_then(|c| c.served_file(&path));
+    let Ok(resolved) = served else {
+        return error(StatusCode::GONE, "the file is no longer there");
+    };
+    if std::fs::metadata(&resolved).is_ok_and(|m| m.len() > MAX_SERVED_BYTES) {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the file is larger than the {} MiB the server hands out; read it from the output folder",
+                MAX_SERVED_BYTES >> 20
+            ),
+        );
+    }
+    match std::fs::read(&resolved) {
+        Ok(bytes) => inert_file(bytes, &path),
+        Err(_) => error(StatusCode::GONE, "the file is no longer there"),
+    }
 }
 
 /// A file a run wrote, served so that a browser cannot run it in the editor's

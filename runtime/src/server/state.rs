@@ -137,6 +137,8 @@ pub struct State {
     files: Mutex<HashMap<String, PathBuf>>,
     queue: mpsc::UnboundedSender<String>,
     journal: Mutex<Journal>,
+    /// Event streams (WebSockets) open now.
+    pub(crate) event_streams: Arc<Semaphore>,
 }
 
 #[derive(Default)]
@@ -168,6 +170,13 @@ pub enum SubmitError {
 
 /// Node states kept in a run's record (a run of 100,000 nodes keeps the first).
 pub const MAX_RECORDED_NODE_STATES: usize = 10_000;
+/// Failures kept in a run's record, and the characters kept of each message.
+pub const MAX_RECORDED_FAILURES: usize = 100;
+pub const MAX_FAILURE_CHARS: usize = 4096;
+/// Files listed per output of a run's record.
+pub const MAX_RECORDED_FILES: usize = 10_000;
+/// The journal is compacted past this size.
+const MAX_JOURNAL_BYTES: u64 = 64 << 20;
 
 /// Runs waiting at most; more are refused until the queue drains.
 pub const MAX_QUEUED: usize = 1000;
@@ -202,6 +211,7 @@ impl State {
             files: Mutex::new(HashMap::new()),
             queue: tx,
             journal: Mutex::new(journal),
+            event_streams: Arc::new(Semaphore::new(super::MAX_EVENT_STREAMS)),
         });
         state.load_history(recorded);
         tokio::spawn(worker(state.clone(), rx));
@@ -384,6 +394,23 @@ impl State {
         Some((self.register_relative(&rel), rel))
     }
 
+    /// Drops the file ids of a record that left the history, unless a kept
+    /// record lists them too.
+    fn forget_files(&self, runs: &Runs, gone: &RunRecord) {
+        let kept: std::collections::HashSet<&str> = runs
+            .records
+            .values()
+            .flat_map(|r| r.outputs.iter().flat_map(|o| &o.files))
+            .map(|f| f.id.as_str())
+            .collect();
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        for f in gone.outputs.iter().flat_map(|o| &o.files) {
+            if !kept.contains(f.id.as_str()) {
+                files.remove(&f.id);
+            }
+        }
+    }
+
     fn register_relative(&self, rel: &Path) -> String {
         let id = blake3::hash(rel.to_string_lossy().as_bytes()).to_hex()[..20].to_string();
         self.files
@@ -401,7 +428,9 @@ impl State {
         runs.history.push_back(id.to_string());
         while runs.history.len() > self.config.history_limit {
             if let Some(old) = runs.history.pop_front() {
-                runs.records.remove(&old);
+                if let Some(record) = runs.records.remove(&old) {
+                    self.forget_files(runs, &record);
+                }
             }
         }
     }
@@ -417,7 +446,9 @@ impl State {
         let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
         let Some(record) = self.get(id) else { return };
         let mut written = journal.append(&record);
-        if written.is_ok() && journal.lines() > 4 * (self.config.history_limit + MAX_QUEUED) {
+        let grown = journal.lines() > 4 * (self.config.history_limit + MAX_QUEUED)
+            || journal.bytes() > MAX_JOURNAL_BYTES;
+        if written.is_ok() && grown {
             written = journal.compact(&self.all_records());
         }
         if let Err(e) = written {
@@ -531,6 +562,7 @@ impl State {
                     for (name, value) in &node.outputs {
                         let files = paths_of(value)
                             .into_iter()
+                            .take(MAX_RECORDED_FILES)
                             .filter_map(|p| self.register_file(&p))
                             .map(|(id, rel)| FileRef {
                                 id,
@@ -550,7 +582,8 @@ impl State {
                     r.failures = report
                         .failures
                         .iter()
-                        .map(|f| serde_json::json!({"node": f.node, "node_type": f.node_type, "message": without_backtrace(&f.message), "lost_outputs": f.lost_outputs}))
+                        .take(MAX_RECORDED_FAILURES)
+                        .map(|f| serde_json::json!({"node": f.node, "node_type": f.node_type, "message": shortened(&without_backtrace(&f.message)), "lost_outputs": f.lost_outputs.iter().take(100).collect::<Vec<_>>()}))
                         .collect();
                     r.node_states = report
                         .nodes
@@ -577,6 +610,14 @@ impl State {
         self.finish_record(&mut runs, &id, state);
         drop(runs);
         self.record(&id);
+    }
+}
+
+/// `message` cut to [`MAX_FAILURE_CHARS`] characters.
+fn shortened(message: &str) -> String {
+    match message.char_indices().nth(MAX_FAILURE_CHARS) {
+        Some((at, _)) => format!("{} …", &message[..at]),
+        None => message.to_string(),
     }
 }
 

@@ -34,13 +34,33 @@ pub struct ParseError {
     pub span: Span,
 }
 
+/// Collections nested deeper than this are refused (a workflow needs a handful).
+pub const MAX_DEPTH: usize = 128;
+
+/// Parses the first document of `source`. Events are pulled one at a time into
+/// an explicit stack (yaml-rust2's own `load` recurses per nesting level, and
+/// `- - - … x` has no limit there), so no input can exhaust the thread's stack.
 pub fn parse(source: &str) -> Result<Option<YNode>, ParseError> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(source);
-    parser.load(&mut builder, false).map_err(|e| ParseError {
+    let scan_error = |e: yaml_rust2::ScanError| ParseError {
         message: e.info().to_string(),
         span: span(*e.marker()),
-    })?;
+    };
+    loop {
+        let (event, mark) = parser.next_token().map_err(scan_error)?;
+        let done = matches!(event, Event::StreamEnd | Event::DocumentEnd);
+        builder.on_event(event, mark);
+        if builder.stack.len() > MAX_DEPTH {
+            return Err(ParseError {
+                message: format!("collections nested more than {MAX_DEPTH} levels deep"),
+                span: span(mark),
+            });
+        }
+        if done || builder.error.is_some() {
+            break;
+        }
+    }
     if let Some(e) = builder.error {
         return Err(e);
     }
