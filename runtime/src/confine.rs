@@ -54,6 +54,14 @@ impl Confinement {
                 "served workflows may only use files inside the server's folders",
             ));
         };
+        // A root itself is no input: loaders look beside the folder they are given
+        // (a pipeline's `vae/` next to its `transformer/`), which would leave it.
+        if self.read_roots.contains(&resolved) {
+            return Err(refusal(
+                given,
+                "the server's folder itself cannot be an input: name a file or folder inside it",
+            ));
+        }
         // Hidden files (`.env`, `.git/`, the server's own data) are not inputs;
         // uploads, which the server keeps hidden, are.
         let hidden = resolved
@@ -371,6 +379,14 @@ mod tests {
         assert!(read(&c, &f.base, ".env").is_err());
         assert!(read(&c, &f.base, "out/.pixart/history.jsonl").is_err());
         assert!(read(&c, &f.base, "out/.pixart/uploads/a.png").is_ok());
+    }
+
+    #[test]
+    fn a_root_itself_is_not_an_input() {
+        let (f, c) = folders();
+        for p in [".", "", "./", "out"] {
+            assert!(read(&c, &f.base, p).is_err(), "{p:?}");
+        }
     }
 
     #[test]
