@@ -99,6 +99,10 @@ async fn read_bounded<B: bytes::Buf>(
     if declared.is_some_and(|n| n > limit) {
         return Err(warp::reject::custom(TooLarge));
     }
+    // A few bodies at a time: 512 connections each sending an upload at the
+    // limit would otherwise hold 16 GiB.
+    static READERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BODIES_AT_ONCE);
+    let _turn = READERS.acquire().await.map_err(|_| warp::reject::reject())?;
     let mut body = Vec::new();
     let mut stream = std::pin::pin!(stream);
     while let Some(chunk) = stream.next().await {
@@ -414,6 +418,8 @@ pub const MAX_CONNECTIONS: usize = 512;
 pub const MAX_EVENT_STREAMS: usize = 256;
 /// The largest file `/api/files` hands out.
 pub const MAX_SERVED_BYTES: u64 = 256 << 20;
+/// Request bodies read at once (each up to its route's limit).
+pub const BODIES_AT_ONCE: usize = 16;
 /// How long a request body may take to arrive.
 pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
