@@ -11,7 +11,7 @@ use pixart_models::tokenizer::T5Tokenizer;
 use pixart_nodes::device::TextWeights;
 use pixart_nodes::pixart::binning::resize_and_crop;
 use pixart_nodes::pixart::load;
-use pixart_nodes::pixart::sample::{sample, Request};
+use pixart_nodes::pixart::sample::{sample, Init, Request};
 use pixart_runtime::candle_core::{DType, Device, Tensor};
 use pixart_runtime::Conditioning;
 use std::collections::HashMap;
@@ -385,6 +385,7 @@ fn pipeline_matches(
             latents: Some(get(&r, &format!("{case}.latents")).clone()),
             resolution_binning: true,
             vae_scale: 8,
+            init: None,
         };
         let mut sampler = choice.config.start(&choice.sampler, 20).unwrap();
         let latents = sample(&den, sampler.as_mut(), &req, |_| Ok(())).unwrap();
@@ -406,6 +407,86 @@ fn pipeline_matches(
             &format!("{folder} {case} image"),
             &image,
             get(&r, &format!("{case}.image")),
+            1e-3,
+        );
+    }
+}
+
+/// img2img and inpainting on tiny-pixart against diffusers' generic algorithms
+/// (written out in tests/fixtures/generate_family.py: PixArt has no such pipeline).
+#[test]
+fn img2img_and_inpainting_match_diffusers_algorithms() {
+    let r = reference("img2img.safetensors");
+    let root = fixtures().join("tiny-pixart");
+    let dev = dev();
+    let tok = load::tokenizer(&root.join("tokenizer")).unwrap();
+    let enc = load::text_encoder(
+        &root.join("text_encoder"),
+        DType::F32,
+        TextWeights::Auto,
+        &dev,
+    )
+    .unwrap();
+    let den = load::transformer(&root.join("transformer"), DType::F32, &dev).unwrap();
+    let choice = load::scheduler(&root.join("scheduler")).unwrap();
+    let encode = |text: &str| {
+        let e = tok.encode(text, 120).unwrap();
+        let ids = Tensor::from_vec(e.ids, (1, 120), &dev).unwrap();
+        let mask = Tensor::from_vec(e.mask, (1, 120), &dev)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        conditioning(&enc.forward(&ids, &mask).unwrap(), &mask)
+    };
+    let (pos, neg) = (
+        encode("a small cactus with a happy face in the sahara desert"),
+        encode(""),
+    );
+    let mask = get(&r, "mask_image")
+        .narrow(3, 0, 1)
+        .unwrap()
+        .permute((0, 3, 1, 2))
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    for (case, strength, masked) in [("img2img", 0.6, false), ("inpaint", 0.85, true)] {
+        let req = Request {
+            positive: &pos,
+            negative: Some(&neg),
+            guidance: 4.5,
+            width: 256,
+            height: 256,
+            seed: 0,
+            latents: Some(get(&r, "noise").clone()),
+            resolution_binning: false,
+            vae_scale: 8,
+            init: Some(Init {
+                latents: get(&r, "init_latents").clone(),
+                strength,
+                mask: masked.then(|| mask.clone()),
+            }),
+        };
+        let mut sampler = choice.config.start(&choice.sampler, 20).unwrap();
+        let mut first = None;
+        let latents = sample(&den, sampler.as_mut(), &req, |step| {
+            if first.is_none() {
+                first = Some((step.index, step.total, step.sample.clone()));
+            }
+            Ok(())
+        })
+        .unwrap();
+        let (index, total, start) = first.unwrap();
+        assert_eq!((index, total), (1, (20.0 * strength) as usize), "{case}");
+        assert_close(
+            &format!("{case} start latents"),
+            &start,
+            get(&r, &format!("{case}.start_latents")),
+            1e-5,
+        );
+        assert_close(
+            &format!("{case} final latents"),
+            &latents,
+            get(&r, &format!("{case}.final_latents")),
             1e-3,
         );
     }

@@ -87,6 +87,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         latents: None,
         resolution_binning: true,
         vae_scale: vae.config().scale_factor(),
+        init: None,
     };
     let mut step_times: Vec<Duration> = Vec::with_capacity(steps);
     let mut last = Instant::now();

@@ -60,6 +60,26 @@ impl Sampler for Ddim {
         &self.timesteps
     }
 
+    fn skip(&mut self, steps: usize) -> std::result::Result<(), String> {
+        if steps >= self.timesteps.len() {
+            return Err(format!(
+                "cannot skip {steps} of {} steps",
+                self.timesteps.len()
+            ));
+        }
+        self.index = steps;
+        Ok(())
+    }
+
+    /// DDPM's forward process at the current timestep.
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        let Some(&t) = self.timesteps.get(self.index) else {
+            candle_core::bail!("DDIM: no timestep left to noise to");
+        };
+        let a = self.alphas_cumprod[t as usize];
+        (x0 * f64::from(a.sqrt()))? + (noise * f64::from((1.0 - a).sqrt()))?
+    }
+
     fn step(&mut self, eps: &Tensor, sample: &Tensor, _noise: Option<&Tensor>) -> Result<Tensor> {
         let Some(&t) = self.timesteps.get(self.index) else {
             candle_core::bail!("DDIM: more steps than timesteps");

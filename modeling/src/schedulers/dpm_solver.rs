@@ -92,6 +92,22 @@ impl Sampler for DpmSolverPP {
         &self.timesteps
     }
 
+    fn skip(&mut self, steps: usize) -> std::result::Result<(), String> {
+        if steps >= self.timesteps.len() {
+            return Err(format!(
+                "cannot skip {steps} of {} steps",
+                self.timesteps.len()
+            ));
+        }
+        self.index = steps;
+        Ok(())
+    }
+
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        let (alpha, sigma, _) = alpha_sigma_lambda(self.sigmas[self.index]);
+        (x0 * f64::from(alpha))? + (noise * f64::from(sigma))?
+    }
+
     fn step(&mut self, eps: &Tensor, sample: &Tensor, _noise: Option<&Tensor>) -> Result<Tensor> {
         let i = self.index;
         let n = self.timesteps.len();

@@ -277,6 +277,23 @@ pub trait Sampler: Send {
         false
     }
 
+    /// Starts `steps` timesteps into the schedule, with no solver history (img2img:
+    /// diffusers' `set_begin_index`). Samplers that cannot say so.
+    fn skip(&mut self, steps: usize) -> std::result::Result<(), String> {
+        let _ = steps;
+        Err(
+            "this sampler cannot start part-way (img2img and inpainting need dpm_solver++ or ddim)"
+                .into(),
+        )
+    }
+
+    /// `x0` noised to the current timestep, as diffusers' `add_noise` at the
+    /// scheduler's step index.
+    fn add_noise(&self, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        let _ = (x0, noise);
+        candle_core::bail!("this sampler cannot noise a sample to its timestep")
+    }
+
     /// Advances one step: `model_output` at `timesteps()[i]` for the current `sample`.
     fn step(
         &mut self,

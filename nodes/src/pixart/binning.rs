@@ -43,13 +43,63 @@ const BINS_1024: &[(&str, usize, usize)] = &[
     ("4.0", 2048, 512),
 ];
 
+/// The official training code's `ASPECT_RATIO_256` (40 bins): (ratio as written,
+/// height, width). Its 512, 1024 and 2048 tables (PixArt-Σ's `ASPECT_RATIO_2048_BIN`)
+/// are this one scaled; training buckets use them all.
+pub const OFFICIAL_256: &[(&str, usize, usize)] = &[
+    ("0.25", 128, 512),
+    ("0.26", 128, 496),
+    ("0.27", 128, 480),
+    ("0.28", 128, 464),
+    ("0.32", 144, 448),
+    ("0.33", 144, 432),
+    ("0.35", 144, 416),
+    ("0.4", 160, 400),
+    ("0.42", 160, 384),
+    ("0.48", 176, 368),
+    ("0.5", 176, 352),
+    ("0.52", 176, 336),
+    ("0.57", 192, 336),
+    ("0.6", 192, 320),
+    ("0.68", 208, 304),
+    ("0.72", 208, 288),
+    ("0.78", 224, 288),
+    ("0.82", 224, 272),
+    ("0.88", 240, 272),
+    ("0.94", 240, 256),
+    ("1.0", 256, 256),
+    ("1.07", 256, 240),
+    ("1.13", 272, 240),
+    ("1.21", 272, 224),
+    ("1.29", 288, 224),
+    ("1.38", 288, 208),
+    ("1.46", 304, 208),
+    ("1.67", 320, 192),
+    ("1.75", 336, 192),
+    ("2.0", 352, 176),
+    ("2.09", 368, 176),
+    ("2.4", 384, 160),
+    ("2.5", 400, 160),
+    ("2.89", 416, 144),
+    ("3.0", 432, 144),
+    ("3.11", 448, 144),
+    ("3.62", 464, 128),
+    ("3.75", 480, 128),
+    ("3.88", 496, 128),
+    ("4.0", 512, 128),
+];
+
 /// The bin table for a transformer's `sample_size` (latent side): 256 → 2048 px
 /// (PixArt-Σ's `ASPECT_RATIO_2048_BIN`: all 40 official ratios), 128 → 1024, 64 →
 /// 512, 32 → 256, as diffusers chooses; other sizes have no bins.
 pub fn bins_for(sample_size: usize) -> Option<Vec<(f64, usize, usize)>> {
     if sample_size == 256 {
-        let bins = crate::training::buckets::bins(2048);
-        return Some(bins.iter().map(|b| (b.ratio, b.height, b.width)).collect());
+        return Some(
+            OFFICIAL_256
+                .iter()
+                .map(|(r, h, w)| (r.parse().unwrap_or(1.0), h * 8, w * 8))
+                .collect(),
+        );
     }
     let divisor = match sample_size {
         128 => 1,

@@ -4,7 +4,7 @@
 use super::binning::resize_and_crop;
 use super::latents;
 use super::load::{self, SchedulerChoice};
-use super::sample::{plan, sample, Request, Step};
+use super::sample::{plan, sample, Init, Request, Step};
 use super::text_encoder::{self, TextEncoder};
 use super::Denoiser;
 use crate::device::{
@@ -407,7 +407,10 @@ impl Sample {
                      all channels), the scheduler's sampler, micro-conditions for multi-scale models, \
                      resolution binning (the decoder crops back to width × height). Without a negative, \
                      the checkpoint's learned null caption is used. Seeds give the same noise on every \
-                     platform (not torch's).",
+                     platform (not torch's). With `init_latents` (img2img) it runs the last \
+                     int(steps × strength) steps from the image noised to the first of them, at the \
+                     image's size; with a `mask` too (inpainting) the image stays where the mask is \
+                     black, noised to each step, as diffusers' img2img and inpaint pipelines do.",
                 )
                 .input(InputSpec::new("transformer", PortType::Denoiser))
                 .input(InputSpec::new("scheduler", PortType::Scheduler))
@@ -424,6 +427,23 @@ impl Sample {
                         .describe("Starting noise [B, 4, h, w] instead of drawing it from the seed."),
                 )
                 .input(InputSpec::new("resolution_binning", PortType::Bool).default(true))
+                .input(
+                    InputSpec::new("init_latents", PortType::Latents)
+                        .optional()
+                        .describe("img2img: the latents of the image to start from (vae.encode)."),
+                )
+                .input(
+                    InputSpec::new("strength", PortType::Float)
+                        .default(0.8)
+                        .min(0.0)
+                        .max(1.0)
+                        .describe("With init_latents: how much of the schedule runs (1: all of it, from almost pure noise)."),
+                )
+                .input(
+                    InputSpec::new("mask", PortType::Image)
+                        .optional()
+                        .describe("Inpainting, with init_latents: white repaints, black keeps the image (its size)."),
+                )
                 .input(
                     InputSpec::new("vae", PortType::Vae).optional().describe(
                         "The VAE that will decode the latents: its downsampling factor sets the latent \
@@ -469,23 +489,52 @@ impl Node for Sample {
                 .scale_factor(),
             None => den.vae_scale_factor,
         };
+        let init = match inputs.get("init_latents") {
+            Some(_) => Some(init_from(&inputs)?),
+            None if inputs.get("mask").is_some() => {
+                return Err(NodeError::input(
+                    "mask",
+                    "inpainting needs the image: connect init_latents",
+                ))
+            }
+            None => None,
+        };
+        // img2img samples at the image's size, which needs no binning.
+        let (width, height, binning) = match &init {
+            Some(i) => (
+                i.latents.dim(3)? * vae_scale,
+                i.latents.dim(2)? * vae_scale,
+                false,
+            ),
+            None => (
+                inputs.int("width")? as usize,
+                inputs.int("height")? as usize,
+                inputs.bool("resolution_binning")?,
+            ),
+        };
+        let init_size = match inputs.get("init_latents") {
+            Some(_) => inputs.latents("init_latents")?.image_size,
+            None => None,
+        };
         let req = Request {
             positive: inputs.conditioning("positive")?,
             negative,
             guidance: inputs.float("guidance")?,
-            width: inputs.int("width")? as usize,
-            height: inputs.int("height")? as usize,
+            width,
+            height,
             seed: inputs.int("seed")? as u64,
             latents: inputs
                 .get("latents")
                 .map(|_| inputs.tensor("latents").cloned())
                 .transpose()?,
-            resolution_binning: inputs.bool("resolution_binning")?,
+            resolution_binning: binning,
             vae_scale,
+            init,
         };
         let image_size = plan(den, &req)
             .map_err(|u| NodeError::input(u.input, u.message))?
-            .image_size(&req);
+            .image_size(&req)
+            .or(init_size);
         let preview_vae = match inputs.get("vae") {
             Some(_) if ctx.wants_previews() => Some(inputs.handle::<AutoencoderKl>("vae")?),
             _ => None,
@@ -521,6 +570,23 @@ impl Node for Sample {
             }),
         ))
     }
+}
+
+/// img2img's start: the image's latents, the strength, and an inpainting mask as
+/// `[B, 1, H, W]` (its first channel).
+fn init_from(inputs: &Inputs) -> Result<Init, NodeError> {
+    let mask = match inputs.get("mask") {
+        Some(_) => {
+            let image = inputs.image("mask")?;
+            Some(image.narrow(3, 0, 1)?.permute((0, 3, 1, 2))?.contiguous()?)
+        }
+        None => None,
+    };
+    Ok(Init {
+        latents: inputs.latents("init_latents")?.tensor.clone(),
+        strength: inputs.float("strength")?,
+        mask,
+    })
 }
 
 /// The sampler's current estimate of the clean image, x̂₀ = (x − √(1−ᾱₜ)·ε) / √ᾱₜ,

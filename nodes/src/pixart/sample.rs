@@ -1,6 +1,9 @@
 //! The denoising loop of PixArtAlphaPipeline: classifier-free guidance on a batch
 //! [negative, positive], `u + g·(c − u)` on all output channels, ε (or, for IDDPM,
 //! ε and the variance) to the sampler; micro-conditions from the (binned) size.
+//! From an image's latents (img2img) it runs the last part of the schedule, as
+//! diffusers' generic img2img pipeline; with a mask (inpainting) it keeps the
+//! image outside the mask, noised to each step, as its inpaint pipeline does.
 
 use super::binning;
 use super::denoiser::{Denoiser, DEFAULT_VAE_SCALE};
@@ -26,6 +29,19 @@ pub struct Request<'a> {
     pub resolution_binning: bool,
     /// Pixels per latent cell of the VAE that will decode the result.
     pub vae_scale: usize,
+    /// img2img and inpainting: start from an image instead of noise.
+    pub init: Option<Init>,
+}
+
+/// Where sampling starts from an image (img2img) and, with a mask, what of it
+/// stays (inpainting).
+pub struct Init {
+    /// The image's scaled latents `[B, C, h, w]`; the generation size follows them.
+    pub latents: Tensor,
+    /// The part of the schedule that runs: its last `int(steps · strength)` steps.
+    pub strength: f64,
+    /// `[B or 1, 1, H, W]` at pixel size: 1 repaints, 0 keeps the image.
+    pub mask: Option<Tensor>,
 }
 
 /// A request that cannot be sampled: the input at fault (as `pixart.sample`
@@ -83,8 +99,10 @@ impl Plan<'_> {
 pub fn plan<'a>(den: &'a Denoiser, req: &Request<'a>) -> std::result::Result<Plan<'a>, Unfit> {
     let cfg = den.model.config();
     let scale = req.vae_scale;
-    let (height, width) =
-        generation_size(den, req.width, req.height, req.resolution_binning, scale)?;
+    let (height, width) = match &req.init {
+        Some(init) => init_size(den, init, scale)?,
+        None => generation_size(den, req.width, req.height, req.resolution_binning, scale)?,
+    };
     let (latent_height, latent_width) = (height / scale, width / scale);
     let tokens = (latent_height / cfg.patch_size) * (latent_width / cfg.patch_size);
     if tokens > MAX_TOKENS {
@@ -128,6 +146,58 @@ pub fn plan<'a>(den: &'a Denoiser, req: &Request<'a>) -> std::result::Result<Pla
         latent_width,
         negative,
     })
+}
+
+/// The generation size of img2img: the image's, after checking the rest of `init`.
+fn init_size(
+    den: &Denoiser,
+    init: &Init,
+    scale: usize,
+) -> std::result::Result<(usize, usize), Unfit> {
+    let cfg = den.model.config();
+    let c = cfg.in_channels;
+    let dims = init.latents.dims();
+    if dims.len() != 4 || dims[1] != c {
+        return Err(Unfit::new(
+            "init_latents",
+            format!("shape {dims:?}, but this transformer takes [B, {c}, h, w]"),
+        ));
+    }
+    if !(init.strength > 0.0 && init.strength <= 1.0) {
+        return Err(Unfit::new(
+            "strength",
+            format!("{} is outside (0, 1]", init.strength),
+        ));
+    }
+    let (height, width) = (dims[2] * scale, dims[3] * scale);
+    if let Some(m) = &init.mask {
+        let md = m.dims();
+        if md.len() != 4 || md[1] != 1 || md[2..] != [height, width] {
+            return Err(Unfit::new(
+                "mask",
+                format!("shape {md:?}, but the image is {width}×{height}: give a mask of its size"),
+            ));
+        }
+    }
+    Ok((height, width))
+}
+
+/// A pixel mask `[B, 1, H, W]` on the latent grid `h × w`: nearest neighbour, as
+/// torch's default `interpolate` (source index `floor(i · H / h)`).
+fn latent_mask(mask: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (_, _, mh, mw) = mask.dims4()?;
+    let pick = |n: usize, from: usize| -> Vec<u32> {
+        let scale = from as f32 / n as f32;
+        (0..n)
+            .map(|i| ((i as f32 * scale).floor() as usize).min(from - 1) as u32)
+            .collect()
+    };
+    let device = mask.device();
+    let rows = Tensor::new(pick(h, mh), device)?;
+    let cols = Tensor::new(pick(w, mw), device)?;
+    mask.to_dtype(DType::F32)?
+        .index_select(&rows, 2)?
+        .index_select(&cols, 3)
 }
 
 /// The generation size: the request, or its aspect-ratio bin.
@@ -232,15 +302,45 @@ pub fn sample(
     let (height, width) = (plan.height, plan.width);
     let (lh, lw) = (plan.latent_height, plan.latent_width);
     let channels = cfg.in_channels;
+    let images = req.init.as_ref().map_or(Ok(1), |i| i.latents.dim(0))?;
     let mut x = match &req.latents {
         Some(l) => l.to_device(&device)?.to_dtype(DType::F32)?,
         None => Tensor::from_vec(
-            gaussian(req.seed, channels * lh * lw),
-            (1, channels, lh, lw),
+            gaussian(req.seed, images * channels * lh * lw),
+            (images, channels, lh, lw),
             &device,
         )?,
     };
-    x = (x * sampler.init_noise_sigma())?;
+    let timesteps = sampler.timesteps().to_vec();
+    let n = timesteps.len();
+    // img2img: the last `int(n · strength)` steps, from the image noised to the
+    // first of them; the noise stays for noising the kept region at each step.
+    let mut keep = None;
+    let start = match &req.init {
+        Some(init) => {
+            let steps = ((n as f64 * init.strength) as usize).min(n);
+            if steps == 0 {
+                candle_core::bail!(
+                    "strength {} runs none of the {n} steps: raise strength or steps",
+                    init.strength
+                );
+            }
+            sampler.skip(n - steps).map_err(candle_core::Error::msg)?;
+            let image = init.latents.to_device(&device)?.to_dtype(DType::F32)?;
+            let noise = x.broadcast_as(image.dims())?.contiguous()?;
+            x = sampler.add_noise(&image, &noise)?;
+            if let Some(m) = &init.mask {
+                let m = latent_mask(&m.to_device(&device)?, lh, lw)?;
+                let m = m.broadcast_as(image.dims())?.contiguous()?;
+                keep = Some((image, noise, m));
+            }
+            n - steps
+        }
+        None => {
+            x = (x * sampler.init_noise_sigma())?;
+            0
+        }
+    };
     let batch = x.dim(0)?;
     let cfg_on = !matches!(plan.negative, Negative::Unguided);
     let (text, mask) = text_batch(req, &plan.negative, &device)?;
@@ -259,8 +359,7 @@ pub fn sample(
     } else {
         None
     };
-    let timesteps = sampler.timesteps().to_vec();
-    for (i, &t) in timesteps.iter().enumerate() {
+    for (i, &t) in timesteps.iter().enumerate().skip(start) {
         let input = if cfg_on {
             Tensor::cat(&[&x, &x], 0)?
         } else {
@@ -305,10 +404,19 @@ pub fn sample(
         } else {
             None
         };
-        let next = sampler.step(&model_output, &x, noise.as_ref())?;
+        let mut next = sampler.step(&model_output, &x, noise.as_ref())?;
+        if let Some((image, noise, mask)) = &keep {
+            // Outside the mask: the image, noised to the next step (the last keeps it clean).
+            let known = if i + 1 < n {
+                sampler.add_noise(image, noise)?
+            } else {
+                image.clone()
+            };
+            next = ((&known * mask.affine(-1.0, 1.0)?)? + (next * mask)?)?;
+        }
         on_step(&Step {
-            index: i + 1,
-            total: timesteps.len(),
+            index: i + 1 - start,
+            total: n - start,
             timestep: t,
             sample: &x,
             eps: &model_output.narrow(1, 0, channels)?,

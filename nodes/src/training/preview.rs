@@ -44,6 +44,7 @@ pub fn generate(den: &Denoiser, p: &Preview) -> Result<Tensor, NodeError> {
         latents: None,
         resolution_binning: false,
         vae_scale: p.vae.config().scale_factor(),
+        init: None,
     };
     let z = sample(den, sampler.as_mut(), &req, |_| Ok(()))?;
     Ok(latents::decode(p.vae, &z)?)

@@ -102,7 +102,10 @@ async fn read_bounded<B: bytes::Buf>(
     // A few bodies at a time: 512 connections each sending an upload at the
     // limit would otherwise hold 16 GiB.
     static READERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BODIES_AT_ONCE);
-    let _turn = READERS.acquire().await.map_err(|_| warp::reject::reject())?;
+    let _turn = READERS
+        .acquire()
+        .await
+        .map_err(|_| warp::reject::reject())?;
     let mut body = Vec::new();
     let mut stream = std::pin::pin!(stream);
     while let Some(chunk) = stream.next().await {
