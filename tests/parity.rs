@@ -322,6 +322,28 @@ fn sigma_pipeline_matches_diffusers() {
     );
 }
 
+/// The fixtures' prompt and the empty negative, encoded at `tokens` tokens.
+fn cactus_prompts(
+    tok: &T5Tokenizer,
+    enc: &pixart_models::t5::T5Encoder,
+    tokens: usize,
+) -> (Conditioning, Conditioning) {
+    let dev = dev();
+    let encode = |text: &str| {
+        let e = tok.encode(text, tokens).unwrap();
+        let ids = Tensor::from_vec(e.ids, (1, tokens), &dev).unwrap();
+        let mask = Tensor::from_vec(e.mask, (1, tokens), &dev)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        conditioning(&enc.forward(&ids, &mask).unwrap(), &mask)
+    };
+    (
+        encode("a small cactus with a happy face in the sahara desert"),
+        encode(""),
+    )
+}
+
 /// A diffusers pipeline folder run as its pipeline class does (20 steps, CFG
 /// 4.5, resolution binning), prompt tokens at the tokenizer's own length.
 fn pipeline_matches(
@@ -350,17 +372,7 @@ fn pipeline_matches(
     let vae = load::vae(&root.join("vae"), DType::F32, &dev).unwrap();
     let choice = load::scheduler(&root.join("scheduler")).unwrap();
 
-    let encode = |text: &str| {
-        let e = tok.encode(text, tokens).unwrap();
-        let ids = Tensor::from_vec(e.ids, (1, tokens), &dev).unwrap();
-        let mask = Tensor::from_vec(e.mask, (1, tokens), &dev)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        conditioning(&enc.forward(&ids, &mask).unwrap(), &mask)
-    };
-    let pos = encode("a small cactus with a happy face in the sahara desert");
-    let neg = encode("");
+    let (pos, neg) = cactus_prompts(&tok, &enc, tokens);
     assert_close(
         "prompt embeds",
         &pos.embeddings,
@@ -429,19 +441,7 @@ fn img2img_and_inpainting_match_diffusers_algorithms() {
     .unwrap();
     let den = load::transformer(&root.join("transformer"), DType::F32, &dev).unwrap();
     let choice = load::scheduler(&root.join("scheduler")).unwrap();
-    let encode = |text: &str| {
-        let e = tok.encode(text, 120).unwrap();
-        let ids = Tensor::from_vec(e.ids, (1, 120), &dev).unwrap();
-        let mask = Tensor::from_vec(e.mask, (1, 120), &dev)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        conditioning(&enc.forward(&ids, &mask).unwrap(), &mask)
-    };
-    let (pos, neg) = (
-        encode("a small cactus with a happy face in the sahara desert"),
-        encode(""),
-    );
+    let (pos, neg) = cactus_prompts(&tok, &enc, 120);
     let mask = get(&r, "mask_image")
         .narrow(3, 0, 1)
         .unwrap()

@@ -5,6 +5,7 @@ pub mod captioner;
 pub mod device;
 pub mod fsutil;
 pub mod image_io;
+pub mod image_ops;
 pub mod literal;
 pub mod math;
 pub mod model_cache;
@@ -28,6 +29,7 @@ pub fn builtin_nodes() -> Vec<Arc<dyn Node>> {
     nodes.extend(text::nodes());
     nodes.extend(tensor_io::nodes());
     nodes.extend(image_io::nodes());
+    nodes.extend(image_ops::nodes());
     nodes.extend(noise::nodes());
     nodes.extend(pixart::nodes::nodes());
     nodes.extend(training::dataset::nodes());

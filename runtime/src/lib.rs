@@ -18,7 +18,7 @@ pub use events::Event;
 pub use executor::{CachePolicy, Executor, NodeStatus, RunOptions, RunReport};
 pub use node::{Inputs, Node, NodeContext, NodeError, Outputs};
 pub use registry::Registry;
-pub use spec::{InputSpec, NodeSpec, OutputSpec};
+pub use spec::{known_count, InputSpec, NodeSpec, OutputSpec};
 pub use types::PortType;
 pub use value::{Conditioning, Handle, Latents, Value};
 pub use workflow::{load_workflow, load_workflow_file, LoadOptions, Workflow, WorkflowError};

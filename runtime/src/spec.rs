@@ -139,6 +139,13 @@ pub struct NodeSpec {
 /// where another node gives them; `None` when the known inputs do not tell.
 pub type SizeEstimate = fn(&[Option<&crate::value::Value>]) -> Option<u64>;
 
+/// Input `index` of a [`SizeEstimate`]'s known inputs as a count (negative
+/// values count as 0); `None` when it is not known at load.
+pub fn known_count(known: &[Option<&crate::value::Value>], index: usize) -> Option<u64> {
+    let value = known.get(index).copied().flatten()?;
+    value.as_int().map(|v| v.max(0) as u64)
+}
+
 impl NodeSpec {
     pub fn new(name: &str, version: u32) -> NodeSpec {
         NodeSpec {

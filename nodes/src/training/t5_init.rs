@@ -160,14 +160,7 @@ impl InitT5 {
 /// The encoder's layers in f32, twice (the tensors and their file's bytes);
 /// the vocabulary's embedding is left out (the tokenizer tells it, at run time).
 fn t5_bytes(known: &[Option<&Value>]) -> Option<u64> {
-    let int = |i: usize| {
-        known
-            .get(i)
-            .copied()
-            .flatten()?
-            .as_int()
-            .map(|v| v.max(0) as u64)
-    };
+    let int = |i: usize| pixart_runtime::known_count(known, i);
     let (d, kv, ff, layers, heads) = (int(1)?, int(2)?, int(3)?, int(4)?, int(5)?);
     let per_layer = (4 * d)
         .checked_mul(heads.checked_mul(kv)?)?
