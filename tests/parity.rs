@@ -322,13 +322,28 @@ fn sigma_pipeline_matches_diffusers() {
     );
 }
 
-/// The fixtures' prompt and the empty negative, encoded at `tokens` tokens.
-fn cactus_prompts(
-    tok: &T5Tokenizer,
-    enc: &pixart_models::t5::T5Encoder,
+/// What a pipeline folder samples with: its transformer and scheduler, and the
+/// fixtures' prompt and the empty negative encoded at `tokens` tokens.
+fn sampling_parts(
+    root: &Path,
     tokens: usize,
-) -> (Conditioning, Conditioning) {
+) -> (
+    std::sync::Arc<pixart_nodes::pixart::Denoiser>,
+    load::SchedulerChoice,
+    Conditioning,
+    Conditioning,
+) {
     let dev = dev();
+    let tok = load::tokenizer(&root.join("tokenizer")).unwrap();
+    let enc = load::text_encoder(
+        &root.join("text_encoder"),
+        DType::F32,
+        TextWeights::Auto,
+        &dev,
+    )
+    .unwrap();
+    let den = load::transformer(&root.join("transformer"), DType::F32, &dev).unwrap();
+    let choice = load::scheduler(&root.join("scheduler")).unwrap();
     let encode = |text: &str| {
         let e = tok.encode(text, tokens).unwrap();
         let ids = Tensor::from_vec(e.ids, (1, tokens), &dev).unwrap();
@@ -338,10 +353,9 @@ fn cactus_prompts(
             .unwrap();
         conditioning(&enc.forward(&ids, &mask).unwrap(), &mask)
     };
-    (
-        encode("a small cactus with a happy face in the sahara desert"),
-        encode(""),
-    )
+    let pos = encode("a small cactus with a happy face in the sahara desert");
+    let neg = encode("");
+    (den, choice, pos, neg)
 }
 
 /// A diffusers pipeline folder run as its pipeline class does (20 steps, CFG
@@ -354,25 +368,14 @@ fn pipeline_matches(
 ) {
     let r = reference(reference_file);
     let root = fixtures().join(folder);
-    let dev = dev();
     let tok = load::tokenizer(&root.join("tokenizer")).unwrap();
     assert_eq!(
         tok.sequence_length(),
         tokens,
         "the pipeline's prompt length"
     );
-    let enc = load::text_encoder(
-        &root.join("text_encoder"),
-        DType::F32,
-        TextWeights::Auto,
-        &dev,
-    )
-    .unwrap();
-    let den = load::transformer(&root.join("transformer"), DType::F32, &dev).unwrap();
-    let vae = load::vae(&root.join("vae"), DType::F32, &dev).unwrap();
-    let choice = load::scheduler(&root.join("scheduler")).unwrap();
-
-    let (pos, neg) = cactus_prompts(&tok, &enc, tokens);
+    let (den, choice, pos, neg) = sampling_parts(&root, tokens);
+    let vae = load::vae(&root.join("vae"), DType::F32, &dev()).unwrap();
     assert_close(
         "prompt embeds",
         &pos.embeddings,
@@ -429,19 +432,7 @@ fn pipeline_matches(
 #[test]
 fn img2img_and_inpainting_match_diffusers_algorithms() {
     let r = reference("img2img.safetensors");
-    let root = fixtures().join("tiny-pixart");
-    let dev = dev();
-    let tok = load::tokenizer(&root.join("tokenizer")).unwrap();
-    let enc = load::text_encoder(
-        &root.join("text_encoder"),
-        DType::F32,
-        TextWeights::Auto,
-        &dev,
-    )
-    .unwrap();
-    let den = load::transformer(&root.join("transformer"), DType::F32, &dev).unwrap();
-    let choice = load::scheduler(&root.join("scheduler")).unwrap();
-    let (pos, neg) = cactus_prompts(&tok, &enc, 120);
+    let (den, choice, pos, neg) = sampling_parts(&fixtures().join("tiny-pixart"), 120);
     let mask = get(&r, "mask_image")
         .narrow(3, 0, 1)
         .unwrap()

@@ -75,7 +75,7 @@ impl Confinement {
         }
         match std::fs::metadata(&resolved) {
             Ok(m) if m.is_dir() => self.check_folder(given, &resolved, Access::Read)?,
-            Ok(m) => single_link(given, &resolved, &m)?,
+            Ok(m) => single_link(given, &m)?,
             Err(_) => {} // missing: the node says so when it opens it
         }
         Ok(resolved)
@@ -89,7 +89,7 @@ impl Confinement {
         self.writable(given, &resolved)?;
         match std::fs::metadata(&resolved) {
             Ok(m) if m.is_dir() => self.check_folder(given, &resolved, Access::Write)?,
-            Ok(m) => single_link(given, &resolved, &m)?,
+            Ok(m) => single_link(given, &m)?,
             Err(_) => {}
         }
         Ok(resolved)
@@ -106,7 +106,7 @@ impl Confinement {
         if !meta.is_file() {
             return Err(refusal(path, "not a file"));
         }
-        single_link(path, &resolved, &meta)?;
+        single_link(path, &meta)?;
         Ok(resolved)
     }
 
@@ -180,7 +180,7 @@ impl Confinement {
                         pending.push(target);
                     }
                 } else {
-                    single_link(&shown(given, dir, &path), &target, &meta)?;
+                    single_link(&shown(given, dir, &path), &meta)?;
                 }
             }
         }
@@ -234,7 +234,7 @@ fn resolve(given: &Path, full: &Path) -> Result<PathBuf, String> {
 }
 
 #[cfg(unix)]
-fn single_link(given: &Path, _resolved: &Path, meta: &Metadata) -> Result<(), String> {
+fn single_link(given: &Path, meta: &Metadata) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     if meta.is_file() && meta.nlink() > 1 {
         return Err(refusal(
@@ -246,7 +246,7 @@ fn single_link(given: &Path, _resolved: &Path, meta: &Metadata) -> Result<(), St
 }
 
 #[cfg(not(unix))]
-fn single_link(_given: &Path, _resolved: &Path, _meta: &Metadata) -> Result<(), String> {
+fn single_link(_given: &Path, _meta: &Metadata) -> Result<(), String> {
     Ok(())
 }
 

@@ -61,13 +61,7 @@ impl Sampler for Ddim {
     }
 
     fn skip(&mut self, steps: usize) -> std::result::Result<(), String> {
-        if steps >= self.timesteps.len() {
-            return Err(format!(
-                "cannot skip {steps} of {} steps",
-                self.timesteps.len()
-            ));
-        }
-        self.index = steps;
+        self.index = super::begin_index(steps, self.timesteps.len())?;
         Ok(())
     }
 

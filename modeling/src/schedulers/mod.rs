@@ -238,6 +238,15 @@ pub(crate) fn np_linspace_round(start: f64, stop: f64, n: usize) -> Vec<usize> {
         .collect()
 }
 
+/// The step index a sampler of `len` steps starts at after skipping `steps`
+/// (img2img), or why it cannot: at least one step must remain.
+pub(crate) fn begin_index(steps: usize, len: usize) -> std::result::Result<usize, String> {
+    if steps >= len {
+        return Err(format!("cannot skip {steps} of {len} steps"));
+    }
+    Ok(steps)
+}
+
 /// torch.linspace in float32: from both ends towards the middle.
 fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     if n == 1 {
