@@ -919,3 +919,122 @@ fn tiny_transformer() -> (pixart_models::pixart::Config, HashMap<String, Tensor>
     .unwrap();
     (cfg, weights)
 }
+
+/// The fixture's KV-compressed Σ transformer, loaded with `sampling` in its config.
+fn kv_transformer(
+    sampling: &str,
+) -> (
+    tempfile::TempDir,
+    std::sync::Arc<pixart_nodes::pixart::Denoiser>,
+) {
+    let from = fixtures().join("tiny-pixart-sigma-kv/transformer");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(from.join("config.json")).unwrap()).unwrap();
+    config["kv_compress_config"]["sampling"] = sampling.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        from.join("diffusion_pytorch_model.safetensors"),
+        dir.path().join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let den = load::transformer(dir.path(), DType::F32, &dev()).unwrap();
+    (dir, den)
+}
+
+#[test]
+fn sigma_kv_compression_matches_the_official_attention_for_every_sampling() {
+    let r = reference("kv_compress.safetensors");
+    let cases = [
+        ("conv", "square"),
+        ("conv", "wide"),
+        ("conv", "odd"),
+        ("ave", "odd"),
+        ("uniform", "wide"),
+        ("uniform_every", "wide"),
+    ];
+    for (sampling, shape) in cases {
+        let (_dir, den) = kv_transformer(sampling);
+        let case = format!("{sampling}.{shape}");
+        let want = get(&r, &format!("{case}.out"));
+        assert_close(&case, &run_transformer(&den, &r, &case), want, 1e-4);
+        // The training forward (differentiable ops) computes the same.
+        let k = |n: &str| get(&r, &format!("{case}.{n}")).clone();
+        let train = den
+            .model
+            .forward_train(&k("x"), &k("t"), &k("text"), Some(&k("mask")), None)
+            .unwrap();
+        assert_close(&format!("{case} (training ops)"), &train, want, 1e-4);
+    }
+
+    // The official `uniform` cannot reshape a grid that does not divide: a clear error.
+    let (_dir, den) = kv_transformer("uniform");
+    let k = |n: &str| get(&r, &format!("conv.odd.{n}")).clone();
+    let err = den
+        .model
+        .forward(&k("x"), &k("t"), &k("text"), Some(&k("mask")), None)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("7×10 token grid does not divide by 2"),
+        "{err}"
+    );
+
+    // Unknown samplings and blocks that do not exist are refused at load.
+    for (field, value, says) in [
+        ("sampling", serde_json::json!("bilinear"), "not one of"),
+        ("kv_compress_layer", serde_json::json!([5]), "names block 5"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let from = fixtures().join("tiny-pixart-sigma-kv/transformer");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(from.join("config.json")).unwrap())
+                .unwrap();
+        config["kv_compress_config"][field] = value;
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        std::fs::copy(
+            from.join("diffusion_pytorch_model.safetensors"),
+            dir.path().join("diffusion_pytorch_model.safetensors"),
+        )
+        .unwrap();
+        let err = load::transformer(dir.path(), DType::F32, &dev())
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains(says), "{err}");
+    }
+}
+
+/// An official KV-compressed checkpoint (`blocks.N.attn.sr` / `attn.norm`) next to a
+/// plain diffusers config: the compression is read off its weights.
+#[test]
+fn official_kv_compressed_checkpoints_load_unchanged() {
+    let r = reference("kv_compress.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let pth = dir.path().join("PixArt-Sigma-kv.pth");
+    std::fs::copy(fixtures().join("tiny-pixart-sigma-kv-official.pth"), &pth).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tiny-pixart-sigma-kv/transformer/config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    config.as_object_mut().unwrap().remove("kv_compress_config");
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let den = load::transformer(&pth, DType::F32, &dev()).unwrap();
+    let kv = den.model.config().kv_compress_config.clone().unwrap();
+    assert_eq!(
+        (
+            kv.sampling.as_deref(),
+            kv.scale_factor,
+            kv.kv_compress_layer
+        ),
+        (Some("conv"), 2, vec![1])
+    );
+    for case in ["conv.square", "conv.wide"] {
+        assert_close(
+            case,
+            &run_transformer(&den, &r, case),
+            get(&r, &format!("{case}.out")),
+            1e-4,
+        );
+    }
+}

@@ -42,6 +42,43 @@ pub struct Config {
     pub use_additional_conditions: Option<bool>,
     #[serde(default)]
     pub norm_type: Option<String>,
+    /// PixArt-Σ's KV compression, as the official configs write it. diffusers has
+    /// no such field; a config without it has none.
+    #[serde(default)]
+    pub kv_compress_config: Option<KvCompressConfig>,
+}
+
+/// The official `kv_compress_config`: in the blocks `kv_compress_layer` the
+/// self-attention's keys and values are downsampled `scale_factor` times along
+/// each side of the token grid (PixArt-Σ's 1024/2K/4K recipes: blocks 14–27 of
+/// 28, factor 2, `conv`).
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
+pub struct KvCompressConfig {
+    /// `conv` (a learned depthwise k=stride=factor convolution, then a layer
+    /// norm), `ave` (nearest-neighbour resize), `uniform` (every factor-th row
+    /// and column), `uniform_every` (every factor-th token); none: off.
+    #[serde(default)]
+    pub sampling: Option<String>,
+    #[serde(default = "one_factor")]
+    pub scale_factor: usize,
+    #[serde(default)]
+    pub kv_compress_layer: Vec<usize>,
+}
+
+fn one_factor() -> usize {
+    1
+}
+
+/// The samplings the official `AttentionKVCompress` defines.
+pub const KV_SAMPLINGS: &[&str] = &["conv", "ave", "uniform", "uniform_every"];
+
+impl KvCompressConfig {
+    /// The sampling and factor of block `layer`, when it compresses.
+    pub fn for_layer(&self, layer: usize) -> Option<(&str, usize)> {
+        let sampling = self.sampling.as_deref()?;
+        (self.scale_factor > 1 && self.kv_compress_layer.contains(&layer))
+            .then_some((sampling, self.scale_factor))
+    }
 }
 
 fn default_in() -> usize {
@@ -92,7 +129,7 @@ impl Config {
     /// `PixArtTransformer2DModel` takes, so diffusers fills in no defaults).
     pub fn to_diffusers_json(&self) -> serde_json::Value {
         let d = self.hidden();
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "_class_name": "PixArtTransformer2DModel",
             "_diffusers_version": "0.42.1",
             "activation_fn": "gelu-approximate",
@@ -116,7 +153,11 @@ impl Config {
             "sample_size": self.sample_size,
             "upcast_attention": false,
             "use_additional_conditions": self.additional_conditions(),
-        })
+        });
+        if let Some(kv) = &self.kv_compress_config {
+            json["kv_compress_config"] = serde_json::json!(kv);
+        }
+        json
     }
 
     /// Refuses configs of other transformer families.
@@ -140,6 +181,24 @@ impl Config {
             return Err(
                 "the hidden size must divide by 3 (size and aspect-ratio conditions)".into(),
             );
+        }
+        if let Some(kv) = &self.kv_compress_config {
+            if let Some(s) = kv.sampling.as_deref() {
+                if !KV_SAMPLINGS.contains(&s) {
+                    return Err(format!(
+                        "kv_compress_config.sampling {s:?} is not one of {KV_SAMPLINGS:?}"
+                    ));
+                }
+            }
+            if kv.scale_factor == 0 {
+                return Err("kv_compress_config.scale_factor must be at least 1".into());
+            }
+            if let Some(bad) = kv.kv_compress_layer.iter().find(|&&l| l >= self.num_layers) {
+                return Err(format!(
+                    "kv_compress_config.kv_compress_layer names block {bad}, but there are {} blocks",
+                    self.num_layers
+                ));
+            }
         }
         Ok(())
     }
@@ -316,6 +375,122 @@ impl AdaLnSingle {
     }
 }
 
+/// How a compressing block shrinks its keys and values on the token grid.
+enum KvSampling {
+    /// `sr`: depthwise convolution, kernel = stride = factor, `[C, 1, f, f]`
+    /// (kept as `[1, 1, f, 1, f, C]` to multiply the grid's windows in place),
+    /// then `norm`: PyTorch's default `nn.LayerNorm` (affine, eps 1e-5).
+    Conv {
+        weight: Tensor,
+        bias: Tensor,
+        norm_weight: Tensor,
+        norm_bias: Tensor,
+    },
+    /// Every factor-th row and column. `exact`: the grid must divide (the
+    /// official `uniform` reshapes to the floored size and fails otherwise;
+    /// `ave`, a nearest-neighbour resize, floors).
+    Nearest { exact: bool },
+    /// Every factor-th token of the flattened sequence.
+    Every,
+}
+
+/// PixArt-Σ's KV compression of one block's self-attention (the official
+/// `AttentionKVCompress.downsample_2d`): queries keep every token.
+struct KvCompress {
+    factor: usize,
+    sampling: KvSampling,
+}
+
+/// The official `nn.LayerNorm(dim)` in the KV compression keeps PyTorch's default.
+const KV_NORM_EPS: f64 = 1e-5;
+
+impl KvCompress {
+    fn new(vb: &VarBuilder, sampling: &str, factor: usize, d: usize) -> Result<Self> {
+        let sampling = match sampling {
+            "conv" => KvSampling::Conv {
+                weight: vb
+                    .get((d, 1, factor, factor), "sr.weight")?
+                    .reshape((d, factor * factor))?
+                    .t()?
+                    .reshape((1, 1, factor, 1, factor, d))?
+                    .contiguous()?,
+                bias: vb.get(d, "sr.bias")?,
+                norm_weight: vb.get(d, "norm.weight")?,
+                norm_bias: vb.get(d, "norm.bias")?,
+            },
+            "ave" => KvSampling::Nearest { exact: false },
+            "uniform" => KvSampling::Nearest { exact: true },
+            "uniform_every" => KvSampling::Every,
+            other => candle_core::bail!("unknown KV compression sampling {other:?}"),
+        };
+        Ok(KvCompress { factor, sampling })
+    }
+
+    /// `x` `[B, gh·gw, C]` in grid order → the fewer keys or values.
+    fn downsample(&self, x: &Tensor, grid: (usize, usize), differentiable: bool) -> Result<Tensor> {
+        let f = self.factor;
+        let (b, n, c) = x.dims3()?;
+        let (gh, gw) = grid;
+        if n != gh * gw {
+            candle_core::bail!("KV compression: {n} tokens are not a {gh}×{gw} grid");
+        }
+        if let KvSampling::Every = self.sampling {
+            if !n.is_multiple_of(f) {
+                candle_core::bail!(
+                    "KV compression (uniform_every): {n} tokens do not divide by {f}"
+                );
+            }
+            return x
+                .reshape((b, n / f, f, c))?
+                .narrow(2, 0, 1)?
+                .reshape((b, n / f, c));
+        }
+        if let KvSampling::Nearest { exact: true } = self.sampling {
+            if !gh.is_multiple_of(f) || !gw.is_multiple_of(f) {
+                candle_core::bail!(
+                    "KV compression (uniform): the {gh}×{gw} token grid does not divide by {f}"
+                );
+            }
+        }
+        let (h2, w2) = (gh / f, gw / f);
+        if h2 == 0 || w2 == 0 {
+            candle_core::bail!("KV compression: the {gh}×{gw} token grid is smaller than {f}×{f}");
+        }
+        // Whole windows only, as a stride-f convolution or a floor-sized resize sees them.
+        let windows = x
+            .reshape((b, gh, gw, c))?
+            .narrow(1, 0, h2 * f)?
+            .narrow(2, 0, w2 * f)?
+            .reshape((b, h2, f, w2, f, c))?;
+        match &self.sampling {
+            KvSampling::Conv {
+                weight,
+                bias,
+                norm_weight,
+                norm_bias,
+            } => {
+                let pooled = windows
+                    .broadcast_mul(weight)?
+                    .sum(4)?
+                    .sum(2)?
+                    .reshape((b, h2 * w2, c))?
+                    .broadcast_add(bias)?;
+                if differentiable {
+                    kernels::layer_norm(&pooled, KV_NORM_EPS)?
+                        .broadcast_mul(norm_weight)?
+                        .broadcast_add(norm_bias)
+                } else {
+                    candle_nn::ops::layer_norm(&pooled, norm_weight, norm_bias, KV_NORM_EPS as f32)
+                }
+            }
+            _ => windows
+                .narrow(2, 0, 1)?
+                .narrow(4, 0, 1)?
+                .reshape((b, h2 * w2, c)),
+        }
+    }
+}
+
 struct Attention {
     to_q: Linear,
     to_k: Linear,
@@ -323,6 +498,7 @@ struct Attention {
     to_out: Linear,
     heads: usize,
     head_dim: usize,
+    kv_compress: Option<KvCompress>,
 }
 
 impl Attention {
@@ -336,6 +512,7 @@ impl Attention {
             to_out: linear(d, d, vb.pp("to_out.0"))?,
             heads: cfg.num_attention_heads,
             head_dim: cfg.attention_head_dim,
+            kv_compress: None,
         })
     }
 
@@ -346,21 +523,27 @@ impl Attention {
             .contiguous()
     }
 
-    /// `bias`: additive `[batch, 1, 1, keys]` (masked cross-attention) or none.
+    /// `bias`: additive `[batch, 1, 1, keys]` (masked cross-attention) or none;
+    /// `grid`: the token grid (gh, gw) of `context`, which KV compression needs.
     fn forward(
         &self,
         x: &Tensor,
         context: &Tensor,
         bias: Option<&Tensor>,
+        grid: (usize, usize),
         differentiable: bool,
     ) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let diff = differentiable;
-        let (q, k, v) = (
+        let (q, mut k, mut v) = (
             linear_for(&self.to_q, x, diff)?,
             linear_for(&self.to_k, context, diff)?,
             linear_for(&self.to_v, context, diff)?,
         );
+        if let Some(kv) = &self.kv_compress {
+            k = kv.downsample(&k, grid, diff)?;
+            v = kv.downsample(&v, grid, diff)?;
+        }
         let key_bias = bias.map(|b| b.reshape((b.dim(0)?, ()))).transpose()?;
         let fused = kernels::attention(&q, &k, &v, self.heads, key_bias.as_ref(), diff)?;
         if let Some(out) = fused {
@@ -402,24 +585,33 @@ struct Block {
 }
 
 impl Block {
-    fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &Config, index: usize) -> Result<Self> {
         let d = cfg.hidden();
+        let mut attn1 = Attention::new(vb.pp("attn1"), cfg, d)?;
+        if let Some((sampling, factor)) = cfg
+            .kv_compress_config
+            .as_ref()
+            .and_then(|kv| kv.for_layer(index))
+        {
+            attn1.kv_compress = Some(KvCompress::new(&vb.pp("attn1"), sampling, factor, d)?);
+        }
         Ok(Block {
             scale_shift_table: vb.get((6, d), "scale_shift_table")?,
-            attn1: Attention::new(vb.pp("attn1"), cfg, d)?,
+            attn1,
             attn2: Attention::new(vb.pp("attn2"), cfg, cfg.cross_attention_dim.unwrap_or(d))?,
             ff: FeedForward::new(vb.pp("ff"), d)?,
             norm: LayerNorm::new(d, cfg.norm_eps, vb.dtype(), vb.device())?,
         })
     }
 
-    /// `t6`: `[batch, 6·D]` from adaLN-single.
+    /// `t6`: `[batch, 6·D]` from adaLN-single; `grid`: the token grid (gh, gw).
     fn forward(
         &self,
         x: &Tensor,
         t6: &Tensor,
         text: &Tensor,
         text_bias: Option<&Tensor>,
+        grid: (usize, usize),
         differentiable: bool,
     ) -> Result<Tensor> {
         let (b, _, d) = x.dims3()?;
@@ -433,9 +625,9 @@ impl Block {
 
         let diff = differentiable;
         let h = modulate_for(&self.norm.forward(x, diff)?, &shift_msa, &scale_msa, diff)?;
-        let attn = self.attn1.forward(&h, &h, None, diff)?;
+        let attn = self.attn1.forward(&h, &h, None, grid, diff)?;
         let x = gated_add_for(x, &gate_msa, &attn, diff)?;
-        let x = (&x + self.attn2.forward(&x, text, text_bias, diff)?)?;
+        let x = (&x + self.attn2.forward(&x, text, text_bias, grid, diff)?)?;
         let h = modulate_for(&self.norm.forward(&x, diff)?, &shift_mlp, &scale_mlp, diff)?;
         let ff = self.ff.forward(&h, diff)?;
         gated_add_for(&x, &gate_mlp, &ff, diff)
@@ -519,7 +711,7 @@ impl PixArtTransformer {
             caption_linear_1: linear(caption_channels, d, caption.pp("linear_1"))?,
             caption_linear_2: linear(d, d, caption.pp("linear_2"))?,
             blocks: (0..cfg.num_layers)
-                .map(|i| Block::new(vb.pp(format!("transformer_blocks.{i}")), cfg))
+                .map(|i| Block::new(vb.pp(format!("transformer_blocks.{i}")), cfg, i))
                 .collect::<Result<_>>()?,
             scale_shift_table: vb.get((2, d), "scale_shift_table")?,
             norm_out: LayerNorm::new(d, cfg.norm_eps, vb.dtype(), vb.device())?,
@@ -648,7 +840,7 @@ impl PixArtTransformer {
             None => None,
         };
         for block in &self.blocks {
-            x = block.forward(&x, &t6, &text, text_bias.as_ref(), differentiable)?;
+            x = block.forward(&x, &t6, &text, text_bias.as_ref(), (gh, gw), differentiable)?;
         }
 
         let mods = self
@@ -775,6 +967,16 @@ pub fn convert_official(w: &mut Weights) -> std::result::Result<Option<Tensor>, 
             f if f.starts_with("attn.proj.") => {
                 w.insert(format!("{block}.attn1.to_out.0.{kind}"), t)
             }
+            // PixArt-Σ's KV compression keeps its official module names.
+            f if f.starts_with("attn.sr.") || f.starts_with("attn.norm.") => {
+                w.insert(format!("{block}.attn1.{}", &f["attn.".len()..]), t)
+            }
+            f if f.starts_with("attn.q_norm.") || f.starts_with("attn.k_norm.") => {
+                return Err(err(format!(
+                    "{name}: query/key normalisation (qk_norm) is not supported; no released \
+                     PixArt model uses it"
+                )));
+            }
             f if f.starts_with("cross_attn.q_linear.") => {
                 w.insert(format!("{block}.attn2.to_q.{kind}"), t)
             }
@@ -795,6 +997,26 @@ pub fn convert_official(w: &mut Weights) -> std::result::Result<Option<Tensor>, 
         }
     }
     Ok(null_caption)
+}
+
+/// The KV compression a checkpoint's weights imply: blocks with the `conv`
+/// sampling's `attn1.sr` convolution, its kernel size the factor. (The other
+/// samplings have no weights: only a config can name them.)
+pub fn infer_kv_compress(w: &Weights) -> Option<KvCompressConfig> {
+    let mut layers = Vec::new();
+    let mut factor = None;
+    for i in (0..).take_while(|i| w.contains(&format!("transformer_blocks.{i}.scale_shift_table")))
+    {
+        if let Some(t) = w.get(&format!("transformer_blocks.{i}.attn1.sr.weight")) {
+            layers.push(i);
+            factor = t.dims().last().copied();
+        }
+    }
+    Some(KvCompressConfig {
+        sampling: Some("conv".into()),
+        scale_factor: factor?,
+        kv_compress_layer: layers,
+    })
 }
 
 /// A transformer config for an official checkpoint without `config.json`, read off
@@ -842,6 +1064,7 @@ pub fn infer_official_config(
             w.contains("adaln_single.emb.resolution_embedder.linear_1.weight"),
         ),
         norm_type: Some("ada_norm_single".into()),
+        kv_compress_config: infer_kv_compress(w),
     })
 }
 

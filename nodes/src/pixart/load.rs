@@ -278,11 +278,15 @@ pub fn transformer(path: &Path, dtype: DType, device: &Device) -> Result<Arc<Den
         } else {
             read_null_caption(path, dtype, device)?
         };
-        let cfg: pixart::Config = match &config_dir {
+        let mut cfg: pixart::Config = match &config_dir {
             Some(dir) => read_config(dir)?,
             None => pixart::infer_official_config(&w, pos_tokens)
                 .map_err(|e| LoadError::file(path, e))?,
         };
+        if cfg.kv_compress_config.is_none() {
+            // An official KV-compressed checkpoint beside a config without the field.
+            cfg.kv_compress_config = pixart::infer_kv_compress(&w);
+        }
         let model = PixArtTransformer::new(w.var_builder(), &cfg)
             .map_err(|e| w.model_error("PixArt transformer", e))?;
         let bytes = w.bytes();

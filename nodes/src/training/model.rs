@@ -176,6 +176,14 @@ pub fn pixart_init(name: &str, shape: &[usize], cfg: &Config, rng: &mut TrainRng
     if name.contains(".attn2.to_out.") || name.starts_with("proj_out.") {
         return zeros();
     }
+    // KV compression starts as an average pool and an identity layer norm.
+    if name.ends_with(".attn1.sr.weight") {
+        let window = shape.last().copied().unwrap_or(1).pow(2);
+        return vec![1.0 / window as f32; n];
+    }
+    if name.ends_with(".attn1.norm.weight") {
+        return vec![1.0; n];
+    }
     if name.ends_with(".bias") {
         return zeros();
     }
