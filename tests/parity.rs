@@ -428,7 +428,9 @@ fn pipeline_matches(
 }
 
 /// img2img and inpainting on tiny-pixart against diffusers' generic algorithms
-/// (written out in tests/fixtures/generate_family.py: PixArt has no such pipeline).
+/// (written out in tests/fixtures/generate_family.py: diffusers has no PixArt
+/// pipeline for them), which for inpainting is also the official PixArt-α
+/// pipeline's arithmetic, its pure-noise start at full strength included.
 #[test]
 fn img2img_and_inpainting_match_diffusers_algorithms() {
     let r = reference("img2img.safetensors");
@@ -440,7 +442,12 @@ fn img2img_and_inpainting_match_diffusers_algorithms() {
         .unwrap()
         .contiguous()
         .unwrap();
-    for (case, strength, masked) in [("img2img", 0.6, false), ("inpaint", 0.85, true)] {
+    let cases = [
+        ("img2img", 0.6, false),
+        ("inpaint", 0.85, true),
+        ("inpaint_full", 1.0, true),
+    ];
+    for (case, strength, masked) in cases {
         let req = Request {
             positive: &pos,
             negative: Some(&neg),

@@ -3,7 +3,9 @@
 //! ε and the variance) to the sampler; micro-conditions from the (binned) size.
 //! From an image's latents (img2img) it runs the last part of the schedule, as
 //! diffusers' generic img2img pipeline; with a mask (inpainting) it keeps the
-//! image outside the mask, noised to each step, as its inpaint pipeline does.
+//! image outside the mask, noised to each step, as its inpaint pipeline and the
+//! official PixArt-α one do (a blurred mask blends softly; a binary one is the
+//! official arithmetic exactly).
 
 use super::binning;
 use super::denoiser::{Denoiser, DEFAULT_VAE_SCALE};
@@ -328,7 +330,12 @@ pub fn sample(
             sampler.skip(n - steps).map_err(candle_core::Error::msg)?;
             let image = init.latents.to_device(&device)?.to_dtype(DType::F32)?;
             let noise = x.broadcast_as(image.dims())?.contiguous()?;
-            x = sampler.add_noise(&image, &noise)?;
+            x = if init.mask.is_some() && steps == n {
+                // The official inpainting pipeline starts from pure noise at full strength.
+                (&noise * sampler.init_noise_sigma())?
+            } else {
+                sampler.add_noise(&image, &noise)?
+            };
             if let Some(m) = &init.mask {
                 let m = latent_mask(&m.to_device(&device)?, lh, lw)?;
                 let m = m.broadcast_as(image.dims())?.contiguous()?;
