@@ -1045,3 +1045,55 @@ fn official_kv_compressed_checkpoints_load_unchanged() {
         );
     }
 }
+
+/// PixArt-α-DMD's one-step call: DDPMScheduler's predicted x0 at timestep 400
+/// (clamped or not, as its config says), and the whole pipeline call diffusers
+/// documents (`timesteps=[400]`, one step, guidance 1) on tiny-pixart.
+#[test]
+fn dmd_one_step_matches_diffusers() {
+    let r = reference("dmd.safetensors");
+    for clip in [false, true] {
+        let config: SchedulerConfig = serde_json::from_value(serde_json::json!({
+            "_class_name": "DDPMScheduler",
+            "clip_sample": clip,
+            "variance_type": "fixed_small",
+            "timestep_spacing": "leading",
+        }))
+        .unwrap();
+        assert_eq!(config.default_sampler(), "dmd");
+        let mut sampler = config.start("dmd", 1).unwrap();
+        assert_eq!(sampler.timesteps(), &[400.0]);
+        let name = if clip { "clip" } else { "noclip" };
+        let k = |n: &str| get(&r, &format!("step.{name}.{n}")).clone();
+        let x0 = sampler.step(&k("eps"), &k("x"), None).unwrap();
+        assert_close(&format!("dmd step ({name})"), &x0, &k("x0"), 1e-4);
+    }
+
+    let (den, mut choice, pos, _neg) = sampling_parts(&fixtures().join("tiny-pixart"), 120);
+    choice.config.class_name = "DDPMScheduler".into();
+    choice.config.clip_sample = Some(false);
+    let req = Request {
+        positive: &pos,
+        negative: None,
+        guidance: 1.0,
+        width: 256,
+        height: 256,
+        seed: 0,
+        latents: Some(get(&r, "pipeline.latents").clone()),
+        resolution_binning: false,
+        vae_scale: 8,
+        init: None,
+    };
+    let mut sampler = choice.config.start("dmd", 1).unwrap();
+    let latents = sample(&den, sampler.as_mut(), &req, |_| Ok(())).unwrap();
+    assert_close(
+        "dmd pipeline",
+        &latents,
+        get(&r, "pipeline.final_latents"),
+        1e-4,
+    );
+
+    // More than one step is a clear error, not a silently wrong picture.
+    let err = choice.config.start("dmd", 20).err().unwrap();
+    assert!(err.contains("exactly one step"), "{err}");
+}

@@ -1,6 +1,7 @@
 //! Samplers for PixArt-α: DPM-Solver++ (the pipeline's default), DDIM, the
 //! official IDDPM ancestral sampler that uses the learned variance, and LCM
-//! (PixArt-LCM's few-step sampler).
+//! (PixArt-LCM's few-step sampler), and the one-step call of distilled models
+//! (PixArt-α-DMD).
 //!
 //! A [`SchedulerConfig`] comes from `scheduler_config.json` (or a scheduler node);
 //! [`SchedulerConfig::start`] gives a [`Sampler`] holding the state of one sampling
@@ -11,11 +12,13 @@ pub mod diffusion;
 mod dpm_solver;
 mod iddpm;
 mod lcm;
+mod one_step;
 
 pub use ddim::Ddim;
 pub use dpm_solver::DpmSolverPP;
 pub use iddpm::Iddpm;
 pub use lcm::Lcm;
+pub use one_step::{OneStep, DMD_TIMESTEP};
 
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
@@ -73,6 +76,14 @@ pub struct SchedulerConfig {
     /// LCM: how timesteps scale into its boundary condition.
     #[serde(default = "default_timestep_scaling")]
     pub timestep_scaling: f64,
+    /// dmd: the one step's timestep (not a diffusers key: diffusers takes it as the
+    /// call's `timesteps=[400]`; `scheduler.select` sets it).
+    #[serde(default = "default_one_step_timestep")]
+    pub one_step_timestep: usize,
+}
+
+fn default_one_step_timestep() -> usize {
+    DMD_TIMESTEP
 }
 
 fn default_original_steps() -> usize {
@@ -126,7 +137,7 @@ impl Default for SchedulerConfig {
 }
 
 /// The samplers a workflow can name.
-pub const SAMPLER_NAMES: &[&str] = &["dpm_solver++", "ddim", "iddpm", "lcm"];
+pub const SAMPLER_NAMES: &[&str] = &["dpm_solver++", "ddim", "iddpm", "lcm", "dmd"];
 
 impl SchedulerConfig {
     /// The sampler a diffusers config names by its class.
@@ -134,6 +145,8 @@ impl SchedulerConfig {
         match self.class_name.as_str() {
             "DDIMScheduler" => "ddim",
             "LCMScheduler" => "lcm",
+            // PixArt's DDPMScheduler folder is PixArt-α-DMD's, made for one step.
+            "DDPMScheduler" => "dmd",
             _ => "dpm_solver++",
         }
     }
@@ -158,7 +171,13 @@ impl SchedulerConfig {
                 "use_karras_sigmas, thresholding, euler_at_final and use_lu_lambdas are not supported".into(),
             );
         }
-        if let Some(v) = &self.variance_type {
+        // DDPMScheduler's variance matters only to its ancestral steps, which the
+        // one-step call does not take.
+        if let Some(v) = self
+            .variance_type
+            .as_ref()
+            .filter(|_| self.class_name != "DDPMScheduler")
+        {
             return Err(format!(
                 "variance_type {v:?} in the scheduler config is not supported (the iddpm sampler uses the learned variance)"
             ));
@@ -208,6 +227,7 @@ impl SchedulerConfig {
             }
             "iddpm" => Box::new(Iddpm::new(self, steps)),
             "lcm" => Box::new(Lcm::new(self, steps)?),
+            "dmd" => Box::new(OneStep::new(self, steps)?),
             other => {
                 return Err(format!(
                     "unknown sampler {other:?}; one of {}",

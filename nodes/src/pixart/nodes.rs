@@ -14,7 +14,7 @@ use crate::device::{
 use crate::fsutil::input_file_fingerprint;
 use crate::noise::gaussian;
 use candle_core::{DType, Device, Tensor};
-use pixart_models::schedulers::{SchedulerConfig, SAMPLER_NAMES};
+use pixart_models::schedulers::{SchedulerConfig, DMD_TIMESTEP, SAMPLER_NAMES};
 use pixart_models::t5::T5Encoder;
 use pixart_models::tokenizer::T5Tokenizer;
 use pixart_models::vae::AutoencoderKl;
@@ -287,13 +287,22 @@ impl SelectScheduler {
                 .category("pixart")
                 .describe(
                     "Chooses the sampler: dpm_solver++ (diffusers' default for PixArt, 20 steps), ddim, \
-                     iddpm (the official 100-step ancestral sampler using the learned variance), or lcm \
-                     (diffusers' LCMScheduler, for PixArt-LCM: 4 steps with guidance 0). Keeps the noise \
-                     schedule of `from` (default: PixArt's linear 1e-4…0.02 over 1000 steps); a pipeline's \
-                     own scheduler config picks its sampler (an LCMScheduler folder samples with lcm).",
+                     iddpm (the official 100-step ancestral sampler using the learned variance), lcm \
+                     (diffusers' LCMScheduler, for PixArt-LCM: 4 steps with guidance 0), or dmd (the \
+                     one-step call of PixArt-α-DMD: x0 predicted at `timestep` 400, steps 1, guidance 1). \
+                     Keeps the noise schedule of `from` (default: PixArt's linear 1e-4…0.02 over 1000 \
+                     steps); a pipeline's own scheduler config picks its sampler (an LCMScheduler folder \
+                     samples with lcm, a DDPMScheduler one with dmd).",
                 )
                 .input(InputSpec::new("name", PortType::enum_of(SAMPLER_NAMES)).default("dpm_solver++"))
                 .input(InputSpec::new("from", PortType::Scheduler).optional())
+                .input(
+                    InputSpec::new("timestep", PortType::Int)
+                        .default(DMD_TIMESTEP as i64)
+                        .min(0.0)
+                        .max(999.0)
+                        .describe("dmd: the timestep of its one step (PixArt-α-DMD: 400)."),
+                )
                 .output("scheduler", PortType::Scheduler, "the chosen sampler"),
         }
     }
@@ -305,10 +314,11 @@ impl Node for SelectScheduler {
     }
 
     fn run(&self, _ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
-        let config = match inputs.get("from") {
+        let mut config = match inputs.get("from") {
             Some(_) => inputs.handle::<SchedulerChoice>("from")?.config.clone(),
             None => SchedulerConfig::default(),
         };
+        config.one_step_timestep = inputs.int("timestep")? as usize;
         let choice = SchedulerChoice {
             config,
             sampler: inputs.str("name")?.to_string(),
