@@ -248,15 +248,27 @@ fn scheduler_config() -> SchedulerConfig {
 }
 
 fn check_sampler(file: &str, sampler: &str, steps: usize) {
-    let r = reference(file);
-    let mut s = scheduler_config().start(sampler, steps).unwrap();
-    let want_t: Vec<i64> = get(&r, "timesteps").to_vec1().unwrap();
+    check_sampler_run(&reference(file), "", &scheduler_config(), sampler, steps);
+}
+
+/// One recorded run (keys `{prefix}timesteps`, `x0`, `model_outputs`, `samples`,
+/// optionally `noises`), step by step.
+fn check_sampler_run(
+    r: &HashMap<String, Tensor>,
+    prefix: &str,
+    config: &SchedulerConfig,
+    sampler: &str,
+    steps: usize,
+) {
+    let key = |k: &str| format!("{prefix}{k}");
+    let mut s = config.start(sampler, steps).unwrap();
+    let want_t: Vec<i64> = get(r, &key("timesteps")).to_vec1().unwrap();
     let got_t: Vec<i64> = s.timesteps().iter().map(|&t| t as i64).collect();
     assert_eq!(got_t, want_t, "{sampler} timesteps");
-    let outputs = get(&r, "model_outputs");
-    let samples = get(&r, "samples");
-    let noises = r.get("noises");
-    let mut x = get(&r, "x0").clone();
+    let outputs = get(r, &key("model_outputs"));
+    let samples = get(r, &key("samples"));
+    let noises = r.get(&key("noises"));
+    let mut x = get(r, &key("x0")).clone();
     for i in 0..steps {
         let noise = noises.map(|n| n.get(i).unwrap());
         let noise = if s.needs_noise() { noise } else { None };
@@ -265,7 +277,7 @@ fn check_sampler(file: &str, sampler: &str, steps: usize) {
             .unwrap();
         // Compare with the reference and continue from it, so each step is checked alone.
         let want = samples.get(i).unwrap();
-        assert_close(&format!("{sampler} step {i}"), &x, &want, 1e-4);
+        assert_close(&format!("{sampler} {prefix}step {i}"), &x, &want, 1e-4);
         x = want;
     }
 }
@@ -289,6 +301,27 @@ fn iddpm_steps_match_the_official_sampler() {
 #[test]
 fn lcm_steps_match_diffusers() {
     check_sampler("lcm.safetensors", "lcm", 4);
+}
+
+/// SA-Solver as PixArt-α's README sets it up (the pipeline's config with
+/// algorithm_type data_prediction), with higher orders, and on noise prediction.
+#[test]
+fn sa_solver_steps_match_diffusers() {
+    let r = reference("sa_solver.safetensors");
+    for (variant, algorithm, predictor, corrector) in [
+        ("default", "dpmsolver++", 2, 2),
+        ("orders", "data_prediction", 3, 4),
+        ("noise_prediction", "noise_prediction", 2, 2),
+    ] {
+        let mut config = scheduler_config();
+        config.algorithm_type = algorithm.into();
+        config.predictor_order = predictor;
+        config.corrector_order = corrector;
+        check_sampler_run(&r, &format!("{variant}."), &config, "sa_solver", 20);
+    }
+    let sasolver: SchedulerConfig =
+        serde_json::from_value(serde_json::json!({"_class_name": "SASolverScheduler"})).unwrap();
+    assert_eq!(sasolver.default_sampler(), "sa_solver");
 }
 
 fn conditioning(emb: &Tensor, mask: &Tensor) -> Conditioning {

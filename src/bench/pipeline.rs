@@ -15,8 +15,6 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 pub(super) const PROMPT: &str = "a small cactus with a happy face in the sahara desert";
-/// PixArt's T5 length.
-pub(super) const TOKENS: usize = 120;
 
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     let dtype = pixart_nodes::device::dtype(&args.dtype).map_err(anyhow::Error::msg)?;
@@ -54,8 +52,10 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     let encoder = slot.get()?;
     timed(&mut load_s, start);
     let start = Instant::now();
-    let positive = encode_text(&tokenizer, &encoder, PROMPT, TOKENS).map_err(anyhow::Error::msg)?;
-    let negative = encode_text(&tokenizer, &encoder, "", TOKENS).map_err(anyhow::Error::msg)?;
+    // The pipeline's prompt length: 120 tokens for PixArt-α, 300 for PixArt-Σ.
+    let tokens = tokenizer.sequence_length();
+    let positive = encode_text(&tokenizer, &encoder, PROMPT, tokens).map_err(anyhow::Error::msg)?;
+    let negative = encode_text(&tokenizer, &encoder, "", tokens).map_err(anyhow::Error::msg)?;
     let t5_s = start.elapsed();
     drop(encoder);
     if low {
@@ -111,6 +111,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         "model": args.model.display().to_string(),
         "size": args.size,
         "steps": steps,
+        "tokens": tokens,
         "dtype": args.dtype,
         "text_weights": args.text_weights,
         "memory": args.memory,

@@ -2,7 +2,7 @@
 //! a prompt and the empty negative (PixArt's 120 tokens), peak RSS, and with
 //! `--reference` the error against outputs scripts/bench_text_torch.py saved.
 
-use super::pipeline::{round, text_weights, PROMPT, TOKENS};
+use super::pipeline::{round, text_weights, PROMPT};
 use super::{peak_rss_mib, BenchArgs};
 use anyhow::{Context, Result};
 use pixart_nodes::pixart::load;
@@ -24,7 +24,8 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     let start = Instant::now();
     let mut outputs = Vec::new();
     for (name, text) in [("positive", PROMPT), ("negative", "")] {
-        let c = encode_text(&tokenizer, &encoder, text, TOKENS).map_err(anyhow::Error::msg)?;
+        let tokens = tokenizer.sequence_length();
+        let c = encode_text(&tokenizer, &encoder, text, tokens).map_err(anyhow::Error::msg)?;
         outputs.push((name, c.embeddings));
     }
     let t5_s = start.elapsed();

@@ -207,6 +207,19 @@ try {
   await page.waitForFunction(() => /cancelled/.test(document.querySelector('[data-testid="run-status"]').textContent), null, { timeout: 30000 });
   check(true, 'a long run was cancelled from the editor');
   await shot('5-cancelled');
+
+  // The PixArt family's nodes and every sampler are in the catalog and the widgets.
+  for (const type of ['image.resize', 'mask.from_image', 'scheduler.select']) {
+    check(await page.locator(`.palette-item[data-type="${type}"]`).count() === 1, `the palette offers ${type}`);
+  }
+  await drop('scheduler.select', 40, 40);
+  await page.waitForSelector('[data-node="select"]');
+  const samplers = await page.locator('[data-node="select"] select[data-port="name"] option').allTextContents();
+  check(
+    ['dpm_solver++', 'ddim', 'iddpm', 'lcm', 'sa_solver', 'dmd'].every((s) => samplers.includes(s)),
+    `scheduler.select offers every sampler (${samplers.join(', ')})`,
+  );
+  await shot('6-samplers');
   writeFileSync(join(shots, 'done.txt'), 'ok\n');
 } catch (e) {
   if (page) await page.screenshot({ path: join(shots, 'failure.png') }).catch(() => {});

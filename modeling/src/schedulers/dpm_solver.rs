@@ -19,7 +19,10 @@ pub struct DpmSolverPP {
     index: usize,
 }
 
-fn timesteps_for(cfg: &SchedulerConfig, steps: usize) -> std::result::Result<Vec<usize>, String> {
+pub(super) fn timesteps_for(
+    cfg: &SchedulerConfig,
+    steps: usize,
+) -> std::result::Result<Vec<usize>, String> {
     let n = cfg.num_train_timesteps;
     Ok(match cfg.timestep_spacing.as_str() {
         "linspace" => super::np_linspace_round(0.0, (n - 1) as f64, steps + 1)
@@ -81,7 +84,7 @@ impl DpmSolverPP {
 }
 
 /// (alpha_t, sigma_t, lambda_t) of a sigma, as diffusers computes them in f32.
-fn alpha_sigma_lambda(sigma: f32) -> (f32, f32, f32) {
+pub(super) fn alpha_sigma_lambda(sigma: f32) -> (f32, f32, f32) {
     let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
     let s = sigma * alpha;
     (alpha, s, alpha.ln() - s.ln())

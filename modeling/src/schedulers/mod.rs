@@ -1,6 +1,7 @@
 //! Samplers for PixArt-α: DPM-Solver++ (the pipeline's default), DDIM, the
 //! official IDDPM ancestral sampler that uses the learned variance, and LCM
-//! (PixArt-LCM's few-step sampler), and the one-step call of distilled models
+//! (PixArt-LCM's few-step sampler), SA-Solver (stochastic Adams predictor and
+//! corrector), and the one-step call of distilled models
 //! (PixArt-α-DMD).
 //!
 //! A [`SchedulerConfig`] comes from `scheduler_config.json` (or a scheduler node);
@@ -13,12 +14,14 @@ mod dpm_solver;
 mod iddpm;
 mod lcm;
 mod one_step;
+mod sa_solver;
 
 pub use ddim::Ddim;
 pub use dpm_solver::DpmSolverPP;
 pub use iddpm::Iddpm;
 pub use lcm::Lcm;
 pub use one_step::{OneStep, DMD_TIMESTEP};
+pub use sa_solver::SaSolver;
 
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
@@ -76,6 +79,12 @@ pub struct SchedulerConfig {
     /// LCM: how timesteps scale into its boundary condition.
     #[serde(default = "default_timestep_scaling")]
     pub timestep_scaling: f64,
+    /// SA-Solver: the predictor's order (its multistep history).
+    #[serde(default = "default_order")]
+    pub predictor_order: usize,
+    /// SA-Solver: the corrector's order.
+    #[serde(default = "default_order")]
+    pub corrector_order: usize,
     /// dmd: the one step's timestep (not a diffusers key: diffusers takes it as the
     /// call's `timesteps=[400]`; `scheduler.select` sets it).
     #[serde(default = "default_one_step_timestep")]
@@ -137,7 +146,7 @@ impl Default for SchedulerConfig {
 }
 
 /// The samplers a workflow can name.
-pub const SAMPLER_NAMES: &[&str] = &["dpm_solver++", "ddim", "iddpm", "lcm", "dmd"];
+pub const SAMPLER_NAMES: &[&str] = &["dpm_solver++", "ddim", "iddpm", "lcm", "sa_solver", "dmd"];
 
 impl SchedulerConfig {
     /// The sampler a diffusers config names by its class.
@@ -145,6 +154,7 @@ impl SchedulerConfig {
         match self.class_name.as_str() {
             "DDIMScheduler" => "ddim",
             "LCMScheduler" => "lcm",
+            "SASolverScheduler" => "sa_solver",
             // PixArt's DDPMScheduler folder is PixArt-α-DMD's, made for one step.
             "DDPMScheduler" => "dmd",
             _ => "dpm_solver++",
@@ -227,6 +237,7 @@ impl SchedulerConfig {
             }
             "iddpm" => Box::new(Iddpm::new(self, steps)),
             "lcm" => Box::new(Lcm::new(self, steps)?),
+            "sa_solver" => Box::new(SaSolver::new(self, steps)?),
             "dmd" => Box::new(OneStep::new(self, steps)?),
             other => {
                 return Err(format!(
@@ -311,7 +322,7 @@ pub trait Sampler: Send {
     fn skip(&mut self, steps: usize) -> std::result::Result<(), String> {
         let _ = steps;
         Err(
-            "this sampler cannot start part-way (img2img and inpainting need dpm_solver++ or ddim)"
+            "this sampler cannot start part-way (img2img and inpainting need dpm_solver++, ddim or sa_solver)"
                 .into(),
         )
     }

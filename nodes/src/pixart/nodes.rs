@@ -288,11 +288,14 @@ impl SelectScheduler {
                 .describe(
                     "Chooses the sampler: dpm_solver++ (diffusers' default for PixArt, 20 steps), ddim, \
                      iddpm (the official 100-step ancestral sampler using the learned variance), lcm \
-                     (diffusers' LCMScheduler, for PixArt-LCM: 4 steps with guidance 0), or dmd (the \
+                     (diffusers' LCMScheduler, for PixArt-LCM: 4 steps with guidance 0), sa_solver \
+                     (diffusers' SASolverScheduler: stochastic predictor-corrector, orders from the \
+                     config, default 2 and 2), or dmd (the \
                      one-step call of PixArt-α-DMD: x0 predicted at `timestep` 400, steps 1, guidance 1). \
                      Keeps the noise schedule of `from` (default: PixArt's linear 1e-4…0.02 over 1000 \
                      steps); a pipeline's own scheduler config picks its sampler (an LCMScheduler folder \
-                     samples with lcm, a DDPMScheduler one with dmd).",
+                     samples with lcm, an SASolverScheduler one with sa_solver, a DDPMScheduler one \
+                     with dmd).",
                 )
                 .input(InputSpec::new("name", PortType::enum_of(SAMPLER_NAMES)).default("dpm_solver++"))
                 .input(InputSpec::new("from", PortType::Scheduler).optional())
