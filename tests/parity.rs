@@ -115,6 +115,21 @@ fn t5_encoder_with_mask_matches_transformers() {
     );
 }
 
+/// The transformer's output on a recorded case against the reference's `{case}.out`.
+fn check_transformer_case(
+    den: &pixart_nodes::pixart::Denoiser,
+    r: &HashMap<String, Tensor>,
+    case: &str,
+    label: &str,
+) {
+    assert_close(
+        label,
+        &run_transformer(den, r, case),
+        get(r, &format!("{case}.out")),
+        1e-4,
+    );
+}
+
 fn run_transformer(
     den: &pixart_nodes::pixart::Denoiser,
     r: &HashMap<String, Tensor>,
@@ -153,12 +168,7 @@ fn transformer_forward_matches_diffusers_square_wide_and_multiscale() {
     )
     .unwrap();
     for case in ["square", "wide"] {
-        assert_close(
-            case,
-            &run_transformer(&den, &r, case),
-            get(&r, &format!("{case}.out")),
-            1e-4,
-        );
+        check_transformer_case(&den, &r, case, case);
     }
     let ms = load::transformer(
         &fixtures().join("tiny-pixart-ms/transformer"),
@@ -203,12 +213,7 @@ fn official_pth_checkpoints_equal_the_diffusers_ones() {
         )
         .unwrap();
         let den = load::transformer(&dir.path().join(pth), DType::F32, &dev()).unwrap();
-        assert_close(
-            pth,
-            &run_transformer(&den, &r, case),
-            get(&r, &format!("{case}.out")),
-            1e-4,
-        );
+        check_transformer_case(&den, &r, case, pth);
         let null = den.null_caption.as_ref().expect("the learned null caption");
         assert_close("y_embedding", null, get(&nulls, null_key), 0.0);
     }
@@ -1070,12 +1075,7 @@ fn official_kv_compressed_checkpoints_load_unchanged() {
         (Some("conv"), 2, vec![1])
     );
     for case in ["conv.square", "conv.wide"] {
-        assert_close(
-            case,
-            &run_transformer(&den, &r, case),
-            get(&r, &format!("{case}.out")),
-            1e-4,
-        );
+        check_transformer_case(&den, &r, case, case);
     }
 }
 
