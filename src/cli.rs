@@ -90,11 +90,21 @@ enum Command {
         /// Where model nodes with `device: auto` run.
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// GiB the values of one run may hold (tensors, images; models are
-        /// bounded by the model cache). Default: an eighth of this machine's
-        /// memory, between 1 and 8 GiB.
+        /// GiB the values of one run (tensors, images) and the working memory
+        /// of its nodes (a model being trained, with its optimiser) may hold.
+        /// Default: an eighth of this machine's memory, between 1 and 8 GiB.
         #[arg(long)]
         run_memory_gib: Option<f64>,
+        /// GiB of models one run may load. Default: five eighths of this
+        /// machine's memory, at least 2.
+        #[arg(long)]
+        model_memory_gib: Option<f64>,
+        /// GiB the output folder may hold, uploads included. Default: no quota.
+        #[arg(long)]
+        out_quota_gib: Option<f64>,
+        /// GiB left free on the output folder's disk: writes that would pass it fail.
+        #[arg(long, default_value_t = 1.0)]
+        keep_free_gib: f64,
     },
     /// Measure the runtime's own overhead per node (validation and execution).
     Bench(crate::bench::BenchArgs),
@@ -104,6 +114,15 @@ enum Command {
 enum GraphFormat {
     Dot,
     Mermaid,
+}
+
+/// A size flag in GiB, as bytes: positive and finite.
+fn gib_flag(flag: &str, gib: f64) -> Result<u64> {
+    if gib.is_finite() && gib > 0.0 {
+        Ok((gib * (1u64 << 30) as f64) as u64)
+    } else {
+        bail!("{flag} {gib}: give a positive size in GiB")
+    }
 }
 
 pub fn registry() -> Registry {
@@ -151,6 +170,9 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             parallel_runs,
             device,
             run_memory_gib,
+            model_memory_gib,
+            out_quota_gib,
+            keep_free_gib,
         } => {
             if !host.is_loopback() && !allow_remote {
                 bail!("refusing to bind {host}: pass --allow-remote to serve beyond this machine");
@@ -167,9 +189,20 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 allow_remote,
                 editor: crate::editor::EDITOR,
                 run_memory_limit: match run_memory_gib {
-                    Some(gib) if gib > 0.0 => (gib * (1u64 << 30) as f64) as u64,
-                    Some(gib) => bail!("--run-memory-gib {gib}: give a positive size"),
+                    Some(gib) => gib_flag("--run-memory-gib", gib)?,
                     None => pixart_runtime::server::default_run_memory_limit(),
+                },
+                run_model_memory_limit: match model_memory_gib {
+                    Some(gib) => gib_flag("--model-memory-gib", gib)?,
+                    None => pixart_runtime::server::default_run_model_memory_limit(),
+                },
+                out_quota: out_quota_gib
+                    .map(|gib| gib_flag("--out-quota-gib", gib))
+                    .transpose()?,
+                keep_free: if keep_free_gib == 0.0 {
+                    0
+                } else {
+                    gib_flag("--keep-free-gib", keep_free_gib)?
                 },
                 ..Default::default()
             };
@@ -343,7 +376,7 @@ async fn run(
         run_id: None,
         confine_paths: false,
         previews: false,
-        memory_limit: None,
+        ..RunOptions::default()
     };
     let report = executor
         .run(&wf, opts)

@@ -24,10 +24,15 @@ struct Site {
 }
 
 fn site() -> Site {
-    site_with(2 << 30)
+    site_config(|_| {})
 }
 
 fn site_with(run_memory_limit: u64) -> Site {
+    site_config(|c| c.run_memory_limit = run_memory_limit)
+}
+
+/// A site whose server settings `tune` changes.
+fn site_config(tune: impl FnOnce(&mut ServerConfig)) -> Site {
     let root = tempfile::tempdir().unwrap();
     let base = root.path().join("base");
     let out = base.join("out");
@@ -42,12 +47,13 @@ fn site_with(run_memory_limit: u64) -> Site {
     std::fs::write(outside.join("secret.txt"), "secret").unwrap();
     png_file(&outside.join("secret.png"));
     let (reg, _) = common::registry();
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         out_dir: out.clone(),
         base_dir: base.clone(),
-        run_memory_limit,
+        run_memory_limit: 2 << 30,
         ..ServerConfig::default()
     };
+    tune(&mut config);
     let server = State::start(reg, Executor::new(CachePolicy::default()), config);
     Site {
         _root: root,
@@ -1018,4 +1024,288 @@ async fn fuzzed_bodies_and_paths_never_break_the_server_or_leave_its_folders() {
     );
     // The fuzzing reached the executor, not only the parser.
     assert!(seen.get(&202).is_some_and(|&n| n >= 20), "{seen:?}");
+}
+
+// ---- 6 (continued): what nodes allocate inside themselves, and models ---------
+
+/// A served training run from `config` (a file in the base folder), on four
+/// images of the shapes world encoded by the tiny pipeline.
+fn training(config: &str) -> String {
+    format!(
+        "version: 1\nnodes:\n  \
+         pipe: {{type: pixart.load, inputs: {{path: fixtures/tiny-pixart}}}}\n  \
+         world: {{type: dataset.shapes, inputs: {{path: world, count: 4}}}}\n  \
+         data: {{type: dataset.folder, inputs: {{path: \"${{world.path}}\", resolution: 64}}}}\n  \
+         feats: {{type: train.precompute, inputs: {{dataset: \"${{data.dataset}}\", tokenizer: \"${{pipe.tokenizer}}\", \
+         encoder: \"${{pipe.text_encoder}}\", vae: \"${{pipe.vae}}\", path: cache}}}}\n  \
+         stage: {{type: train.pixart, inputs: {{features: \"${{feats.features}}\", {config}, steps: 1, batch: 2, \
+         warmup: 0, checkpoint_every: 0, out: run}}}}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_and_model_memory_are_counted_before_they_are_taken() {
+    // The finding: a config file the client wrote (text.save can) sizes what
+    // train.pixart makes. 64 blocks 8192 wide: a terabyte of training state.
+    let site = site();
+    let huge = serde_json::json!({
+        "num_attention_heads": 16, "attention_head_dim": 512, "num_layers": 64,
+        "sample_size": 8, "in_channels": 4, "out_channels": 8, "caption_channels": 32,
+    });
+    let (_, written, _) = call(
+        &site.server,
+        "POST",
+        "/api/runs",
+        text_save_text("huge.json", &huge.to_string()),
+    )
+    .await;
+    let run = wait_done(&site.server, written["run_id"].as_str().unwrap()).await;
+    assert_eq!(run["state"], "finished", "{run}");
+    let said = site.refused(&training("config: out/huge.json")).await;
+    assert!(
+        said.contains("training this transformer") && said.contains("a run may hold here"),
+        "{said}"
+    );
+    // Widths past any PixArt's are refused before anything is sized by them.
+    let wide = huge.to_string().replace(
+        "\"attention_head_dim\":512",
+        "\"attention_head_dim\":100000",
+    );
+    std::fs::write(site.base.join("wide.json"), wide).unwrap();
+    let said = site.refused(&training("config: wide.json")).await;
+    assert!(said.contains("attention_head_dim"), "{said}");
+    // train.vae: a config past any VAE's, then one within bounds but too large.
+    let vae = |channels: &str| {
+        format!(
+            "version: 1\nnodes:\n  \
+             world: {{type: dataset.shapes, inputs: {{path: vworld, count: 2}}}}\n  \
+             data: {{type: dataset.folder, inputs: {{path: \"${{world.path}}\", resolution: 64}}}}\n  \
+             vae: {{type: train.vae, inputs: {{dataset: \"${{data.dataset}}\", config: {channels}, steps: 1, out: vae}}}}\n"
+        )
+    };
+    std::fs::write(
+        site.base.join("vae-wide.json"),
+        r#"{"block_out_channels": [1000000], "norm_num_groups": 1}"#,
+    )
+    .unwrap();
+    let said = site.refused(&vae("vae-wide.json")).await;
+    assert!(said.contains("block_out_channels"), "{said}");
+    std::fs::write(
+        site.base.join("vae-big.json"),
+        r#"{"block_out_channels": [16384, 16384, 16384, 16384], "layers_per_block": 8, "norm_num_groups": 32}"#,
+    )
+    .unwrap();
+    let said = site.refused(&vae("vae-big.json")).await;
+    assert!(said.contains("training this VAE"), "{said}");
+    // The tiny model trains within the budget, served.
+    let run = site.run(&training("init: \"${pipe.transformer}\"")).await;
+    assert_eq!(run["state"], "finished", "{run}");
+
+    // Models count when they load, against the model budget: the tiny pipeline
+    // (about 1 MiB of weights) under a budget of 64 KiB, then under the default.
+    let save = "version: 1\nnodes:\n  \
+                pipe: {type: pixart.load, inputs: {path: fixtures/tiny-pixart}}\n  \
+                save: {type: pipeline.save, inputs: {transformer: \"${pipe.transformer}\", \
+                tokenizer: fixtures/tiny-pixart/tokenizer, text_encoder: fixtures/tiny-pixart/text_encoder, \
+                vae: fixtures/tiny-pixart/vae, out: saved}}\n";
+    let small = site_config(|c| c.run_model_memory_limit = 64 << 10);
+    let said = small.refused(save).await;
+    assert!(
+        said.contains("loading the") && said.contains("model memory"),
+        "{said}"
+    );
+    let run = site.run(save).await;
+    assert_eq!(run["state"], "finished", "{run}");
+    site.still_up().await;
+}
+
+fn text_save_text(path: &str, text: &str) -> String {
+    format!(
+        "version: 1\nnodes:\n  t: {{type: text.save, inputs: {{text: {}, path: \"{path}\"}}}}\n",
+        serde_json::to_string(text).unwrap()
+    )
+}
+
+// ---- disk: a quota for the output folder, and room left on its disk -----------
+
+/// Bytes of the files below `dir`, the server's own `.pixart` aside.
+fn bytes_below(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let meta = e.metadata().unwrap();
+            if e.file_name() == ".pixart" {
+                continue;
+            }
+            if meta.is_dir() {
+                pending.push(e.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_output_folder_has_a_quota_and_the_disk_keeps_room() {
+    const QUOTA: u64 = 256 << 10;
+    let site = site_config(|c| c.out_quota = Some(QUOTA));
+    let kept = site.run(&text_save("kept.txt")).await;
+    assert_eq!(kept["state"], "finished", "{kept}");
+    // The finding: dataset.shapes with ten million images from one request.
+    let said = site
+        .refused(
+            "version: 1\nnodes:\n  w: {type: dataset.shapes, inputs: {path: world, count: 10000000}}\n",
+        )
+        .await;
+    assert!(said.contains("quota"), "{said}");
+    let held = bytes_below(&site.out);
+    assert!(held <= QUOTA, "the output folder holds {held} bytes");
+    // Uploads count too.
+    let mut upload = b"\x89PNG\r\n\x1a\n".to_vec();
+    upload.resize(QUOTA as usize, 7);
+    let (status, body, _) = call(&site.server, "POST", "/api/uploads", &upload).await;
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{body}");
+    // Other writers: a tensor, a model folder.
+    let said = site.refused(&noises("[256, 256]")).await;
+    assert!(said.contains("quota"), "{said}");
+    // Deleting outputs makes room again.
+    std::fs::remove_dir_all(site.out.join("world")).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let again = site.run(&text_save("again.txt")).await;
+    assert_eq!(again["state"], "finished", "{again}");
+    assert_eq!(std::fs::read(site.out.join("kept.txt")).unwrap(), b"pwned");
+    site.still_up().await;
+
+    // Without a quota, a write that would leave the disk with less than
+    // `keep_free` fails (here: more than any disk has).
+    let full = site_config(|c| c.keep_free = u64::MAX / 4);
+    let said = full.refused(&text_save("x.txt")).await;
+    assert!(said.contains("free on the output folder's disk"), "{said}");
+    let (status, _, _) = call(&full.server, "POST", "/api/uploads", &upload[..64]).await;
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE);
+    full.still_up().await;
+}
+
+// ---- 7 (continued): slow bodies and event streams ------------------------------
+
+/// A server on a loopback port with `tune`d settings.
+async fn listening(
+    tune: impl FnOnce(&mut ServerConfig),
+) -> (tempfile::TempDir, std::net::SocketAddr) {
+    let root = tempfile::tempdir().unwrap();
+    let (reg, _) = common::registry();
+    let mut config = ServerConfig {
+        out_dir: root.path().join("out"),
+        base_dir: root.path().to_path_buf(),
+        ..ServerConfig::default()
+    };
+    tune(&mut config);
+    let state = State::start(reg, Executor::new(CachePolicy::default()), config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(pixart_runtime::server::serve(state, listener));
+    (root, addr)
+}
+
+/// Reads from `s` until the end of the response head (or the connection's end).
+async fn response_head(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_does_not_arrive_in_time_is_answered_408() {
+    use tokio::io::AsyncWriteExt;
+    let (_root, addr) = listening(|c| c.body_timeout = std::time::Duration::from_secs(1)).await;
+    let started = std::time::Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"POST /api/validate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/yaml\r\n\
+          Content-Length: 100\r\n\r\nversion: 1\n",
+    )
+    .await
+    .unwrap();
+    let head = response_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 408"), "{head:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // The same for an upload sent as chunks that stop coming.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"POST /api/uploads HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n\
+          Transfer-Encoding: chunked\r\n\r\n8\r\n\x89PNG\r\n\x1a\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = response_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 408"), "{head:?}");
+    // Still serving.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /api/nodes HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(response_head(&mut s).await.starts_with("HTTP/1.1 200"));
+}
+
+async fn open_event_stream(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = response_head(&mut s).await;
+    (s, head)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_are_bounded_in_number_and_message_size() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_root, addr) = listening(|c| c.max_event_streams = 2).await;
+    let (mut first, head) = open_event_stream(addr).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head:?}");
+    let (_second, head) = open_event_stream(addr).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head:?}");
+    let (_, head) = open_event_stream(addr).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head:?}");
+    // A client message over 64 KiB (a masked binary frame) ends that stream.
+    let payload = vec![0x5au8; (64 << 10) + 1];
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend((payload.len() as u64).to_be_bytes());
+    let mask = [1u8, 2, 3, 4];
+    frame.extend(mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let _ = first.write_all(&frame).await;
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        first.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(ended.is_ok(), "the stream was still open after 5 s");
+    // Its slot comes back.
+    let mut reopened = String::new();
+    for _ in 0..50 {
+        let (_s, head) = open_event_stream(addr).await;
+        reopened = head;
+        if reopened.starts_with("HTTP/1.1 101") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(reopened.starts_with("HTTP/1.1 101"), "{reopened:?}");
 }

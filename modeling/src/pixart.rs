@@ -160,8 +160,27 @@ impl Config {
         json
     }
 
-    /// Refuses configs of other transformer families.
+    /// Refuses configs of other transformer families, and sizes far beyond any
+    /// PixArt's (a config is user input: it sizes what a loader or trainer makes).
     pub fn check(&self) -> std::result::Result<(), String> {
+        use crate::weights::check_size;
+        check_size("num_attention_heads", self.num_attention_heads, 1024)?;
+        check_size("attention_head_dim", self.attention_head_dim, 1024)?;
+        check_size("hidden size (heads × head dim)", self.hidden(), 16384)?;
+        check_size("in_channels", self.in_channels, 1024)?;
+        check_size("out_channels", self.out_channels(), 1024)?;
+        check_size("patch_size", self.patch_size, 64)?;
+        check_size("caption_channels", self.caption_channels(), 16384)?;
+        check_size(
+            "cross_attention_dim",
+            self.cross_attention_dim.unwrap_or(0),
+            16384,
+        )?;
+        check_size("num_layers", self.num_layers, 256)?;
+        check_size("sample_size", self.sample_size, 1 << 16)?;
+        if let Some(kv) = &self.kv_compress_config {
+            check_size("kv_compress_config.scale_factor", kv.scale_factor, 8)?;
+        }
         if let Some(norm) = &self.norm_type {
             if norm != "ada_norm_single" {
                 return Err(format!(

@@ -131,6 +131,21 @@ fn read_tensor(file: &mut std::fs::File, e: &Entry) -> Result<Tensor, String> {
     t.map_err(|err| format!("tensor {}: {err}", e.name))
 }
 
+/// Each tensor's name, stored dtype and element count, from the header alone
+/// (checked against the file's length like a full read).
+pub fn tensor_sizes(path: &Path) -> Result<Vec<(String, DType, usize)>, String> {
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    let (entries, _) = header(&mut file, len)?;
+    Ok(entries
+        .into_iter()
+        .map(|e| {
+            let n = e.shape.iter().product();
+            (e.name, e.dtype, n)
+        })
+        .collect())
+}
+
 /// Every tensor of `path`, each handed to `take(name, tensor)` as soon as it is
 /// read (on the CPU, in the file's dtype): `take` converts and keeps it.
 pub fn for_each_tensor(

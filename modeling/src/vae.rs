@@ -68,6 +68,25 @@ impl Config {
         if self.block_out_channels.is_empty() {
             return Err("block_out_channels is empty".into());
         }
+        // A config is user input: sizes far beyond any VAE's are refused before
+        // anything is sized by them.
+        use crate::weights::check_size;
+        check_size(
+            "block_out_channels (levels)",
+            self.block_out_channels.len(),
+            16,
+        )?;
+        for &c in &self.block_out_channels {
+            check_size("block_out_channels", c, 16384)?;
+        }
+        check_size("layers_per_block", self.layers_per_block, 64)?;
+        check_size("in_channels", self.in_channels, 1024)?;
+        check_size("out_channels", self.out_channels, 1024)?;
+        check_size("latent_channels", self.latent_channels, 1024)?;
+        check_size("norm_num_groups", self.norm_num_groups, 1024)?;
+        if self.norm_num_groups == 0 {
+            return Err("norm_num_groups must be at least 1".into());
+        }
         if let Some(bad) = self
             .block_out_channels
             .iter()

@@ -486,9 +486,183 @@ fn replace_non_json_numbers(text: &str) -> String {
     out
 }
 
+/// Bytes the weights at `path` (a weight file, or a folder of them) take once
+/// loaded, read off the safetensors headers alone: each tensor at the dtype
+/// `keep(name, stored dtype)` gives it (8-bit weights with their scales). A
+/// folder counts its `*.safetensors` files (shards and variants alike: more,
+/// never less); one without them counts its PyTorch checkpoints twice over, as
+/// a half-precision pickle read into f32 would take. For memory budgets, before
+/// anything is loaded.
+pub fn loaded_bytes(path: &Path, keep: impl Fn(&str, DType) -> Keep) -> Result<u64, LoadError> {
+    let is_safetensors = |p: &Path| p.extension().is_some_and(|e| e == "safetensors");
+    let is_pickle = |p: &Path| {
+        p.extension()
+            .is_some_and(|e| ["bin", "pth", "pt", "ckpt"].iter().any(|x| e == *x))
+    };
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut listed: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| LoadError::file(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        listed.sort();
+        if listed.iter().any(|p| is_safetensors(p)) {
+            listed.retain(|p| is_safetensors(p));
+        } else {
+            listed.retain(|p| is_pickle(p));
+        }
+        listed
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut total = 0u64;
+    for file in files {
+        if !is_safetensors(&file) {
+            let len = std::fs::metadata(&file)
+                .map_err(|e| LoadError::file(&file, e))?
+                .len();
+            total = total.saturating_add(len.saturating_mul(2));
+            continue;
+        }
+        let sizes = crate::safetensors_reader::tensor_sizes(&file)
+            .map_err(|e| LoadError::file(&file, format!("not a readable safetensors file: {e}")))?;
+        for (name, stored, n) in sizes {
+            let kept = if stored.is_float() {
+                keep(&name, stored).dtype
+            } else {
+                stored
+            };
+            let n = n as u64;
+            let bytes = match kept {
+                // One byte an element and an f32 scale per block of inputs.
+                DType::U8 if stored.is_float() => n.saturating_add(n / 8),
+                other => n.saturating_mul(other.size_in_bytes() as u64),
+            };
+            total = total.saturating_add(bytes);
+        }
+    }
+    Ok(total)
+}
+
+/// Elements of the parameters a model asks its `VarBuilder` for, counted
+/// without making them (each is a broadcast zero): what a model of some config
+/// will take, before it is made. Buffers a constructor makes itself (a layer
+/// norm's ones, sized by one width) are not counted: bound the config's sizes
+/// first, as `Config::check_sizes` does.
+pub fn count_parameters<T>(
+    dtype: DType,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<T>,
+) -> candle_core::Result<u64> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    struct Counting(Arc<AtomicU64>);
+    impl candle_nn::var_builder::SimpleBackend for Counting {
+        fn get(
+            &self,
+            s: candle_core::Shape,
+            _name: &str,
+            _h: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
+            self.0.fetch_add(s.elem_count() as u64, Ordering::Relaxed);
+            Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+        }
+        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+            candle_core::bail!("{name}: a model being counted has no stored tensors")
+        }
+        fn contains_tensor(&self, _name: &str) -> bool {
+            false
+        }
+    }
+    let count = Arc::new(AtomicU64::new(0));
+    let vb = VarBuilder::from_backend(Box::new(Counting(count.clone())), dtype, Device::Cpu);
+    build(vb)?;
+    Ok(count.load(Ordering::Relaxed))
+}
+
+/// A config size checked against a bound far beyond the real models', before
+/// anything is sized by it.
+pub fn check_size(what: &str, value: usize, max: usize) -> Result<(), String> {
+    if value > max {
+        Err(format!(
+            "`{what}` is {value}; this loader takes at most {max}"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pixart_config(heads: usize, head_dim: usize, layers: usize) -> crate::pixart::Config {
+        serde_json::from_value(serde_json::json!({
+            "num_attention_heads": heads, "attention_head_dim": head_dim, "num_layers": layers,
+            "sample_size": 8, "in_channels": 4, "out_channels": 8, "caption_channels": 32,
+            "kv_compress_config": {"sampling": "conv", "scale_factor": 2, "kv_compress_layer": [1]},
+        }))
+        .unwrap()
+    }
+
+    /// The count equals what building the model really allocates, and a model
+    /// far too large to make is counted without being made.
+    #[test]
+    fn parameters_are_counted_as_a_model_would_allocate_them() {
+        let cfg = pixart_config(2, 8, 2);
+        let counted = count_parameters(DType::F32, |vb| {
+            crate::pixart::PixArtTransformer::new(vb, &cfg)
+        })
+        .unwrap();
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        crate::pixart::PixArtTransformer::new(vb, &cfg).unwrap();
+        let made: usize = varmap
+            .all_vars()
+            .iter()
+            .map(|v| v.as_tensor().elem_count())
+            .sum();
+        assert_eq!(counted, made as u64);
+        let huge = pixart_config(16, 1024, 256);
+        let started = std::time::Instant::now();
+        let counted = count_parameters(DType::F32, |vb| {
+            crate::pixart::PixArtTransformer::new(vb, &huge)
+        })
+        .unwrap();
+        assert!(counted > 256 * 12 * 16384 * 16384, "{counted}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        let mut wide = pixart_config(16, 1024, 2);
+        wide.attention_head_dim = 1 << 40;
+        let refused = wide.check().unwrap_err();
+        assert!(refused.contains("attention_head_dim"), "{refused}");
+    }
+
+    #[test]
+    fn loaded_bytes_follow_the_headers_and_the_kept_dtype() {
+        let dir = std::env::temp_dir().join(format!("loaded-bytes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let w = Tensor::zeros((64, 32), DType::BF16, &Device::Cpu).unwrap();
+        let ids = Tensor::zeros(10, DType::I64, &Device::Cpu).unwrap();
+        candle_core::safetensors::save(
+            &HashMap::from([("w".to_string(), w), ("ids".to_string(), ids)]),
+            dir.join("model.safetensors"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("pytorch_model.bin"), vec![0u8; 1000]).unwrap();
+        // Integers keep their dtype; floats take the kept one; pickles beside
+        // safetensors are not counted.
+        let f32 = loaded_bytes(&dir, |_, _| Keep::as_is(DType::F32)).unwrap();
+        assert_eq!(f32, 64 * 32 * 4 + 80);
+        let int8 = loaded_bytes(&dir, |_, _| Keep::as_is(DType::U8)).unwrap();
+        assert_eq!(int8, 64 * 32 + 64 * 32 / 8 + 80);
+        std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+        assert_eq!(
+            loaded_bytes(&dir, |_, _| Keep::as_is(DType::F32)).unwrap(),
+            2000
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn diffusers_non_json_numbers_are_read() {

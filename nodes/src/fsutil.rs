@@ -3,8 +3,11 @@
 use pixart_runtime::{Inputs, NodeContext, NodeError};
 use std::path::Path;
 
-/// [`pixart_runtime::fsutil::atomic_write`], with the error naming the file.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
+/// [`pixart_runtime::fsutil::atomic_write`], charged to the server's quota of
+/// the output folder first, with the error naming the file.
+pub fn atomic_write(ctx: &NodeContext, path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
+    ctx.charge_disk(bytes.len() as u64)
+        .map_err(|e| NodeError::msg(format!("{}: {e}", path.display())))?;
     pixart_runtime::fsutil::atomic_write(path, bytes).map_err(|e| NodeError::io(path, e))
 }
 

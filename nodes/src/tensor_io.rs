@@ -140,7 +140,7 @@ impl Node for SaveTensor {
         let bytes =
             safetensors::serialize(named.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
                 .map_err(|e| NodeError::msg(format!("cannot serialise the tensor: {e}")))?;
-        atomic_write(&path, &bytes)?;
+        atomic_write(ctx, &path, &bytes)?;
         Ok(Outputs::one("path", Value::Path(path)))
     }
 }

@@ -135,7 +135,7 @@ impl Node for SaveText {
 
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
         let path = ctx.output_path(inputs.path("path")?)?;
-        atomic_write(&path, inputs.str("text")?.as_bytes())?;
+        atomic_write(ctx, &path, inputs.str("text")?.as_bytes())?;
         Ok(Outputs::one("path", Value::Path(path)))
     }
 }

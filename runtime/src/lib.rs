@@ -1,6 +1,7 @@
 //! pixart-flow's engine: typed node declarations, workflow loading and validation,
 //! and the DAG executor. It knows nothing of models: nodes bring those.
 
+pub mod budget;
 pub mod confine;
 pub mod events;
 pub mod executor;

@@ -76,8 +76,13 @@ pub(crate) struct RunShared {
     pub confinement: Option<crate::confine::Confinement>,
     /// Someone watches this run: previews are worth making.
     pub previews: bool,
-    /// Bytes the run's values may hold (the server's per-run budget).
-    pub memory_limit: Option<u64>,
+    /// Bytes the run's values and the working memory of its nodes may hold
+    /// (the server's per-run budget).
+    pub memory: Arc<crate::budget::MemoryBudget>,
+    /// Bytes of the models the run loads (the server's per-run model budget).
+    pub model_memory: Arc<crate::budget::MemoryBudget>,
+    /// Room left in the output folder (the server's quota).
+    pub disk: Option<Arc<crate::budget::DiskQuota>>,
 }
 
 /// A node's view of the run it is part of (cheap to clone: the plugin host keeps
@@ -105,7 +110,9 @@ impl NodeContext {
                 params: serde_json::Value::Null,
                 confinement: None,
                 previews: false,
-                memory_limit: None,
+                memory: Arc::new(crate::budget::MemoryBudget::new("memory", None)),
+                model_memory: Arc::new(crate::budget::MemoryBudget::new("model memory", None)),
+                disk: None,
             }),
         }
     }
@@ -201,6 +208,39 @@ impl NodeContext {
         match &self.run.confinement {
             Some(c) => c.write(path, &full).map_err(NodeError::Message),
             None => Ok(full),
+        }
+    }
+
+    /// Reserves working memory the node is about to allocate inside itself
+    /// (a model and optimiser it trains, buffers sized by a config file) against
+    /// the run's memory budget, before allocating it; the reservation ends when
+    /// the returned guard is dropped. `purpose` names it in the error.
+    pub fn reserve_memory(
+        &self,
+        bytes: u64,
+        purpose: &str,
+    ) -> Result<crate::budget::Reservation, NodeError> {
+        self.run
+            .memory
+            .reserve(bytes, purpose)
+            .map_err(NodeError::Message)
+    }
+
+    /// Counts a model the node is about to load against the run's model budget
+    /// (held until the run ends: handles outlive the node that made them).
+    pub fn take_model_memory(&self, bytes: u64, purpose: &str) -> Result<(), NodeError> {
+        self.run
+            .model_memory
+            .take(bytes, purpose)
+            .map_err(NodeError::Message)
+    }
+
+    /// Counts `bytes` the node is about to write into the output folder against
+    /// the server's quota (nothing to count outside the server).
+    pub fn charge_disk(&self, bytes: u64) -> Result<(), NodeError> {
+        match &self.run.disk {
+            Some(quota) => quota.charge(bytes).map_err(NodeError::Message),
+            None => Ok(()),
         }
     }
 

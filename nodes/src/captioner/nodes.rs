@@ -101,6 +101,9 @@ impl Node for LoadCaptioner {
         let (dtype, device) = dtype_device(&inputs)?;
         let dir = ctx.input_path(inputs.path("path")?)?;
         check_dtype_device(&dir, dtype, &device).map_err(NodeError::msg)?;
+        crate::pixart::nodes::take_model(ctx, "captioner", &dir, |_, _| {
+            pixart_models::weights::Keep::as_is(dtype)
+        })?;
         let captioner = cache::get_or_load(&key("llava", &dir, dtype, &device), || {
             Captioner::load(&dir, dtype, &device).map(|c| {
                 let bytes = c.bytes();
@@ -319,7 +322,7 @@ impl Node for CaptionDataset {
                 // Keep the original once; a rerun with `overwrite` keeps the first one.
                 if !item.original.exists() {
                     let original = std::fs::read_to_string(&item.caption).unwrap_or_default();
-                    atomic_write(&item.original, original.as_bytes())?;
+                    atomic_write(ctx, &item.original, original.as_bytes())?;
                 }
                 asked.push(if use_original {
                     let original = std::fs::read_to_string(&item.original).unwrap_or_default();
@@ -345,7 +348,7 @@ impl Node for CaptionDataset {
                 // Each caption is saved as soon as it exists: a kill loses at most
                 // the one being generated.
                 |i, caption| {
-                    atomic_write(&chunk[i].caption, caption.text.trim().as_bytes())
+                    atomic_write(ctx, &chunk[i].caption, caption.text.trim().as_bytes())
                         .map_err(candle_core::Error::msg)?;
                     captioned += 1;
                     let per = started.elapsed().as_secs_f64() / captioned as f64;

@@ -161,6 +161,44 @@ pub fn check_text_weights(
     Ok(())
 }
 
+/// Whether a T5 weight is one of the projections the CPU keeps narrow and transposed.
+fn is_projection(name: &str) -> bool {
+    name.starts_with("encoder.block.")
+        && (name.contains(".SelfAttention.") || name.contains(".DenseReluDense."))
+        && !name.contains("relative_attention_bias")
+}
+
+/// How the T5 loader keeps each tensor (by name and stored dtype), for the
+/// model's `dtype` and the `weights` choice.
+pub fn text_encoder_keep(
+    dtype: DType,
+    weights: TextWeights,
+    device: &Device,
+) -> impl Fn(&str, DType) -> Keep {
+    let narrow = device.is_cpu() && dtype == DType::F32;
+    move |name: &str, stored: DType| {
+        if !is_projection(name) {
+            return Keep::as_is(dtype);
+        }
+        // On the CPU in f32 the projections are stored transposed, the layout
+        // the product reads fastest with T5's few rows.
+        let kept = if dtype == DType::F16 && name.ends_with("DenseReluDense.wo.weight") {
+            // transformers keeps T5's `wo` in f32 in half precision.
+            DType::F32
+        } else if narrow && weights == TextWeights::Int8 {
+            DType::U8
+        } else if narrow && (weights == TextWeights::Bf16 || stored == DType::BF16) {
+            DType::BF16
+        } else {
+            dtype
+        };
+        Keep {
+            dtype: kept,
+            transposed: narrow,
+        }
+    }
+}
+
 /// A T5 encoder folder read afresh (no model cache), with its size in bytes.
 pub fn read_text_encoder(
     dir: &Path,
@@ -171,41 +209,13 @@ pub fn read_text_encoder(
     check_text_weights(dir, dtype, weights, device)?;
     let narrow = device.is_cpu() && dtype == DType::F32;
     let cfg: t5::Config = read_config(dir)?;
-    let projection = |name: &str| {
-        name.starts_with("encoder.block.")
-            && (name.contains(".SelfAttention.") || name.contains(".DenseReluDense."))
-            && !name.contains("relative_attention_bias")
-    };
-    // On the CPU in f32 the projections are stored transposed, the layout the
-    // product reads fastest with T5's few rows.
-    let proj_dtype = |name: &str, stored: DType| {
-        if dtype == DType::F16 && name.ends_with("DenseReluDense.wo.weight") {
-            // transformers keeps T5's `wo` in f32 in half precision.
-            DType::F32
-        } else if narrow && weights == TextWeights::Int8 {
-            DType::U8
-        } else if narrow && (weights == TextWeights::Bf16 || stored == DType::BF16) {
-            DType::BF16
-        } else {
-            dtype
-        }
-    };
-    let choose = |name: &str, stored: DType| {
-        if projection(name) {
-            Keep {
-                dtype: proj_dtype(name, stored),
-                transposed: narrow,
-            }
-        } else {
-            Keep::as_is(dtype)
-        }
-    };
+    let choose = text_encoder_keep(dtype, weights, device);
     let w = Weights::from_folder_choosing(dir, &["model", "pytorch_model"], dtype, device, choose)?;
     // One dtype for every projection: bf16 only where all are (a checkpoint
     // mixing bf16 and f32 ones computes them all from f32, widened exactly).
     let all_bf16 = w
         .names()
-        .filter(|n| projection(n))
+        .filter(|n| is_projection(n))
         .all(|n| w.get(n).is_some_and(|t| t.dtype() == DType::BF16));
     let proj = Projections {
         dtype: if narrow && weights == TextWeights::Int8 {

@@ -18,6 +18,7 @@ use pixart_models::schedulers::{SchedulerConfig, DMD_TIMESTEP, SAMPLER_NAMES};
 use pixart_models::t5::T5Encoder;
 use pixart_models::tokenizer::T5Tokenizer;
 use pixart_models::vae::AutoencoderKl;
+use pixart_models::weights::Keep;
 use pixart_runtime::{
     Conditioning, Handle, InputSpec, Inputs, Latents, Node, NodeContext, NodeError, NodeSpec,
     Outputs, PortType, Value,
@@ -33,6 +34,19 @@ fn load_err(e: impl std::fmt::Display) -> NodeError {
 /// so the output cache counts it as free.
 fn handle<T: Send + Sync + 'static>(kind: PortType, bytes: usize, model: Arc<T>) -> Value {
     Value::Handle(Handle::shared(kind, bytes, model))
+}
+
+/// Counts a model about to be loaded from `path` against the run's model
+/// budget, as its weight files' headers tell (`keep`: how each tensor is held).
+/// Where they cannot be read the loader itself says why.
+pub(crate) fn take_model(
+    ctx: &NodeContext,
+    what: &str,
+    path: &std::path::Path,
+    keep: impl Fn(&str, DType) -> Keep,
+) -> Result<(), NodeError> {
+    let bytes = pixart_models::weights::loaded_bytes(path, keep).unwrap_or(0);
+    ctx.take_model_memory(bytes, &format!("loading the {what}"))
 }
 
 /// A node that loads model components from a path: the declaration plus the one
@@ -85,17 +99,17 @@ fn load_pipeline(
     let low = low_memory(inputs)?;
     ctx.progress(0, 4);
     let tok = load::tokenizer(&folder.part("tokenizer")).map_err(load_err)?;
-    let enc = load_text_encoder(inputs, &folder.part("text_encoder"), dtype, device)?;
+    let enc = load_text_encoder(ctx, inputs, &folder.part("text_encoder"), dtype, device)?;
     ctx.check_cancelled()?;
     ctx.progress(1, 4);
     let transformer_path = match inputs.get("transformer") {
         Some(Value::Path(p)) => ctx.input_path(p)?,
         _ => folder.part("transformer"),
     };
-    let den = transformer_value(transformer_path, dtype, device, low)?;
+    let den = transformer_value(ctx, transformer_path, dtype, device, low)?;
     ctx.check_cancelled()?;
     ctx.progress(2, 4);
-    let vae = vae_value(folder.part("vae"), dtype, device, low)?;
+    let vae = vae_value(ctx, folder.part("vae"), dtype, device, low)?;
     ctx.progress(3, 4);
     let sched = load::scheduler(&folder.part("scheduler")).map_err(load_err)?;
     ctx.progress(4, 4);
@@ -115,11 +129,13 @@ fn load_pipeline(
 /// `Handle::lazy`: the pipeline's models then take memory one by one, as they
 /// are needed; what can be checked without reading them is checked now).
 fn transformer_value(
+    ctx: &NodeContext,
     path: PathBuf,
     dtype: DType,
     device: &Device,
     lazy: bool,
 ) -> Result<Value, NodeError> {
+    take_model(ctx, "transformer", &path, |_, _| Keep::as_is(dtype))?;
     if !lazy {
         let den = load::transformer(&path, dtype, device).map_err(load_err)?;
         return Ok(handle(PortType::Denoiser, 0, den));
@@ -140,7 +156,14 @@ fn transformer_value(
 }
 
 /// The VAE, loaded now, or with `lazy` when a node first reads it.
-fn vae_value(dir: PathBuf, dtype: DType, device: &Device, lazy: bool) -> Result<Value, NodeError> {
+fn vae_value(
+    ctx: &NodeContext,
+    dir: PathBuf,
+    dtype: DType,
+    device: &Device,
+    lazy: bool,
+) -> Result<Value, NodeError> {
+    take_model(ctx, "VAE", &dir, |_, _| Keep::as_is(dtype))?;
     if !lazy {
         let vae = load::vae(&dir, dtype, device).map_err(load_err)?;
         return Ok(handle(PortType::Vae, 0, vae));
@@ -161,11 +184,18 @@ fn vae_value(dir: PathBuf, dtype: DType, device: &Device, lazy: bool) -> Result<
 /// The T5 a loader node outputs, as its `text_encoder_weights` and `memory`
 /// inputs ask.
 fn load_text_encoder(
+    ctx: &NodeContext,
     inputs: &Inputs,
     dir: &std::path::Path,
     dtype: DType,
     device: &Device,
 ) -> Result<TextEncoder, NodeError> {
+    take_model(
+        ctx,
+        "text encoder",
+        dir,
+        load::text_encoder_keep(dtype, text_weights(inputs)?, device),
+    )?;
     TextEncoder::load(
         dir,
         dtype,
@@ -185,7 +215,7 @@ fn load_transformer(
     let path = ctx.input_path(inputs.path("path")?)?;
     Ok(Outputs::one(
         "transformer",
-        transformer_value(path, dtype, device, false)?,
+        transformer_value(ctx, path, dtype, device, false)?,
     ))
 }
 
@@ -197,6 +227,7 @@ fn load_t5(
 ) -> Result<Outputs, NodeError> {
     let tok = load::tokenizer(&ctx.input_path(inputs.path("tokenizer")?)?).map_err(load_err)?;
     let enc = load_text_encoder(
+        ctx,
         inputs,
         &ctx.input_path(inputs.path("path")?)?,
         dtype,
@@ -215,7 +246,10 @@ fn load_vae(
     device: &Device,
 ) -> Result<Outputs, NodeError> {
     let dir = ctx.input_path(inputs.path("path")?)?;
-    Ok(Outputs::one("vae", vae_value(dir, dtype, device, false)?))
+    Ok(Outputs::one(
+        "vae",
+        vae_value(ctx, dir, dtype, device, false)?,
+    ))
 }
 
 fn loaders() -> Vec<ComponentLoader> {

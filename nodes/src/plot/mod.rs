@@ -155,7 +155,7 @@ impl Node for PlotCurves {
         if let Some(parent) = out.parent() {
             std::fs::create_dir_all(parent).map_err(|e| NodeError::io(parent, e))?;
         }
-        atomic_write(&out, &png)?;
+        atomic_write(ctx, &out, &png)?;
         Ok(Outputs::one("path", Value::Path(out)))
     }
 }

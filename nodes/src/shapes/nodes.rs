@@ -147,17 +147,17 @@ impl Node for DatasetShapes {
                         scene.dense_caption()
                     };
                     let base = dir.join(name(i));
-                    atomic_write(&base.with_extension("png"), &png)?;
-                    atomic_write(&base.with_extension("txt"), text.as_bytes())?;
+                    atomic_write(ctx, &base.with_extension("png"), &png)?;
+                    atomic_write(ctx, &base.with_extension("txt"), text.as_bytes())?;
                     // The label last: its presence marks the item complete.
-                    atomic_write(&base.with_extension("label"), scene.label().as_bytes())?;
+                    atomic_write(ctx, &base.with_extension("label"), scene.label().as_bytes())?;
                     let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     if n.is_multiple_of(64) || n == count {
                         ctx.progress(n, count);
                     }
                     Ok(())
                 })?;
-            atomic_write(&manifest_file, manifest.to_string().as_bytes())?;
+            atomic_write(ctx, &manifest_file, manifest.to_string().as_bytes())?;
         }
         Ok(Outputs::one("path", Value::Path(dir)).with("count", Value::Int(count as i64)))
     }
@@ -390,7 +390,7 @@ impl Node for EvalShapes {
             "scores": eval.to_json(),
             "settings": {"size": size, "steps": settings.steps, "guidance": settings.guidance, "seed": settings.seed},
         });
-        let outputs = write_report(&out, &report, &images)?;
+        let outputs = write_report(ctx, &out, &report, &images)?;
         Ok(outputs
             .with("colour", Value::Float(eval.all.colour_rate()))
             .with("shape", Value::Float(eval.all.shape_rate()))
@@ -487,6 +487,7 @@ impl Node for EvalReconstruction {
                 Ok(())
             })?;
         write_report(
+            ctx,
             &out,
             &json!({"prompts": prompts.len(), "scores": eval.to_json()}),
             &images,
@@ -496,13 +497,14 @@ impl Node for EvalReconstruction {
 
 /// report.json and a contact sheet of (up to) the first 90 images.
 fn write_report(
+    ctx: &NodeContext,
     out: &std::path::Path,
     report: &serde_json::Value,
     images: &[RgbImage],
 ) -> Result<Outputs, NodeError> {
     std::fs::create_dir_all(out).map_err(|e| NodeError::io(out, e))?;
     let text = serde_json::to_string_pretty(report).map_err(NodeError::msg)?;
-    atomic_write(&out.join("report.json"), text.as_bytes())?;
+    atomic_write(ctx, &out.join("report.json"), text.as_bytes())?;
     let sheet = contact_sheet(images, 15);
     let png = encode_png(
         sheet.as_raw(),
@@ -512,7 +514,7 @@ fn write_report(
         &[],
     )
     .map_err(NodeError::msg)?;
-    atomic_write(&out.join("sheet.png"), &png)?;
+    atomic_write(ctx, &out.join("sheet.png"), &png)?;
     Ok(Outputs::one("report", Value::String(text)))
 }
 
@@ -630,7 +632,7 @@ impl Node for EvalCurve {
             if let Some(parent) = out.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| NodeError::io(parent, e))?;
             }
-            atomic_write(&out, text.as_bytes())?;
+            atomic_write(ctx, &out, text.as_bytes())?;
         }
         ctx.progress(checkpoints.len() as u64, checkpoints.len() as u64);
         Ok(Outputs::one("csv", Value::Path(out)))

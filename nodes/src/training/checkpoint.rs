@@ -37,6 +37,20 @@ pub struct Saved {
     pub meta: serde_json::Value,
 }
 
+impl Saved {
+    /// About the bytes its files take (tensor data; headers and JSON aside).
+    pub fn bytes(&self) -> u64 {
+        let of = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let tensors = self
+            .params
+            .values()
+            .chain(self.ema.values())
+            .chain(self.moments.values().flat_map(|(m, v)| [m, v]))
+            .chain(std::iter::once(&self.null_caption));
+        tensors.map(of).sum::<u64>() + (1 << 20)
+    }
+}
+
 pub fn folder_name(step: u64) -> String {
     format!("checkpoint-{step:06}")
 }

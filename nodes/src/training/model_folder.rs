@@ -2,6 +2,7 @@
 //! renamed into place, so a reader sees the old folder or the new one, never a mix.
 
 use candle_core::Tensor;
+use pixart_runtime::NodeContext;
 use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,11 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> io::Result<Vec<u8>> {
 /// An existing folder is replaced only when everything in it is among `files`
 /// (an earlier save of the same model): a folder holding anything else — other
 /// outputs, someone's data — is refused, never lost.
-pub fn write(dir: &Path, files: &[(&str, Vec<u8>)]) -> io::Result<()> {
+/// What it writes is charged to the server's quota of the output folder first.
+pub fn write(ctx: &NodeContext, dir: &Path, files: &[(&str, Vec<u8>)]) -> io::Result<()> {
+    let bytes: usize = files.iter().map(|(_, b)| b.len()).sum();
+    ctx.charge_disk(bytes as u64)
+        .map_err(|e| io::Error::other(e.to_string()))?;
     let new: HashSet<PathBuf> = files.iter().map(|(f, _)| PathBuf::from(f)).collect();
     if let Ok(meta) = std::fs::symlink_metadata(dir) {
         if !meta.is_dir() {
@@ -122,16 +127,17 @@ mod tests {
     #[test]
     fn a_folder_is_replaced_only_when_it_holds_nothing_else() {
         let root = tempfile::tempdir().unwrap();
+        let ctx = NodeContext::detached(root.path(), root.path());
         let dir = root.path().join("model");
         let files = [("config.json", b"{}".to_vec()), ("sub/w.bin", vec![1u8])];
-        write(&dir, &files).unwrap();
-        write(&dir, &files).unwrap(); // the same model again
+        write(&ctx, &dir, &files).unwrap();
+        write(&ctx, &dir, &files).unwrap(); // the same model again
         std::fs::write(dir.join("sub/photo.png"), b"keep").unwrap();
-        let err = write(&dir, &files).unwrap_err();
+        let err = write(&ctx, &dir, &files).unwrap_err();
         assert!(err.to_string().contains("sub/photo.png"), "{err}");
         assert_eq!(std::fs::read(dir.join("sub/photo.png")).unwrap(), b"keep");
         let file = root.path().join("file");
         std::fs::write(&file, b"x").unwrap();
-        assert!(write(&file, &files).is_err());
+        assert!(write(&ctx, &file, &files).is_err());
     }
 }

@@ -12,7 +12,7 @@ use pixart_runtime::{
     InputSpec, Inputs, Node, NodeContext, NodeError, NodeSpec, Outputs, PortType, Value,
 };
 use serde_json::json;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The components' (library, class) as `model_index.json` names them.
@@ -48,7 +48,7 @@ fn scheduler_config() -> serde_json::Value {
 }
 
 /// The files of a component folder (not its bookkeeping, not sub-folders).
-fn component_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, NodeError> {
+fn component_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, NodeError> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| NodeError::io(dir, e))? {
         let path = entry.map_err(|e| NodeError::io(dir, e))?.path();
@@ -57,10 +57,7 @@ fn component_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, NodeError> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         if path.is_file() && !name.starts_with('.') && name != "training.json" {
-            out.push((
-                name,
-                std::fs::read(&path).map_err(|e| NodeError::io(&path, e))?,
-            ));
+            out.push((name, path));
         }
     }
     out.sort();
@@ -100,12 +97,32 @@ impl Node for SavePipeline {
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
         let den = inputs.handle::<Denoiser>("transformer")?;
         let out = ctx.output_path(inputs.path("out")?)?;
-        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut listed = Vec::new();
         for part in ["tokenizer", "text_encoder", "vae"] {
             let dir = ctx.input_path(inputs.path(part)?)?;
-            for (name, bytes) in component_files(&dir)? {
-                files.push((format!("{part}/{name}"), bytes));
+            for (name, path) in component_files(&dir)? {
+                listed.push((format!("{part}/{name}"), path));
             }
+        }
+        // The folder is assembled in memory, then written whole: reserve it first.
+        let copied: u64 = listed
+            .iter()
+            .filter_map(|(_, p)| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        let weights_bytes: u64 = den
+            .weights
+            .values()
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum();
+        let _memory = ctx.reserve_memory(
+            copied.saturating_add(weights_bytes),
+            "assembling the pipeline folder",
+        )?;
+        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        for (name, path) in listed {
+            let bytes = std::fs::read(&path).map_err(|e| NodeError::io(&path, e))?;
+            files.push((name, bytes));
         }
         let mut weights: Vec<(String, candle_core::Tensor)> = den
             .weights
@@ -140,9 +157,11 @@ impl Node for SavePipeline {
         }
         let index = serde_json::to_string_pretty(&index).map_err(NodeError::msg)?;
         files.push(("model_index.json".into(), index.into_bytes()));
-        let borrowed: Vec<(&str, Vec<u8>)> =
-            files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
-        super::model_folder::write(&out, &borrowed).map_err(io)?;
+        let named: Vec<(&str, Vec<u8>)> = files
+            .iter_mut()
+            .map(|(n, b)| (n.as_str(), std::mem::take(b)))
+            .collect();
+        super::model_folder::write(ctx, &out, &named).map_err(io)?;
         Ok(Outputs::one("path", Value::Path(out)))
     }
 }

@@ -318,11 +318,11 @@ impl Node for Precompute {
             }
             let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (*k, t)), Some(meta))
                 .map_err(|e| NodeError::msg(format!("cannot serialise features: {e}")))?;
-            atomic_write(file, &bytes)?;
+            atomic_write(ctx, file, &bytes)?;
             ctx.progress(i as u64 + 1, n as u64);
         }
         let index = serde_json::json!({ "key": key, "count": n, "resolution": ds.resolution, "max_length": max_length });
-        atomic_write(&index_path, index.to_string().as_bytes())?;
+        atomic_write(ctx, &index_path, index.to_string().as_bytes())?;
         Ok(Outputs::one("features", handle(features)).with("computed", Value::Int(n as i64)))
     }
 }

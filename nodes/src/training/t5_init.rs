@@ -190,6 +190,7 @@ impl Node for InitT5 {
             model_folder::safetensors_bytes(&tensors).map_err(|e| NodeError::io(&out, e))?;
         let config = serde_json::to_string_pretty(&shape.config()).map_err(NodeError::msg)?;
         model_folder::write(
+            ctx,
             &out,
             &[
                 ("config.json", config.into_bytes()),

@@ -90,7 +90,7 @@ pub fn train(texts: &[String], vocab_size: u32) -> Result<String, String> {
 }
 
 /// Writes a transformers T5 tokenizer folder.
-pub fn save(dir: &Path, tokenizer_json: &str) -> std::io::Result<()> {
+pub fn save(ctx: &NodeContext, dir: &Path, tokenizer_json: &str) -> std::io::Result<()> {
     let config = json!({
         "tokenizer_class": "T5Tokenizer",
         "model_max_length": 120,
@@ -102,6 +102,7 @@ pub fn save(dir: &Path, tokenizer_json: &str) -> std::io::Result<()> {
     });
     let special = json!({"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"});
     model_folder::write(
+        ctx,
         dir,
         &[
             ("tokenizer.json", tokenizer_json.as_bytes().to_vec()),
@@ -151,7 +152,7 @@ impl Node for TrainTokenizer {
         let out = ctx.output_path(inputs.path("out")?)?;
         let texts: Vec<String> = ds.items.iter().map(|i| i.caption.clone()).collect();
         let json = train(&texts, inputs.int("vocab_size")? as u32).map_err(NodeError::msg)?;
-        save(&out, &json).map_err(|e| NodeError::io(&out, e))?;
+        save(ctx, &out, &json).map_err(|e| NodeError::io(&out, e))?;
         let tok = T5Tokenizer::from_folder(&out).map_err(NodeError::msg)?;
         let size = tok.vocab_size() as i64;
         Ok(Outputs::one(
@@ -186,7 +187,7 @@ mod tests {
         let a = train(&texts, 64).unwrap();
         assert_eq!(a, train(&texts, 64).unwrap());
         let dir = std::env::temp_dir().join(format!("tok-train-{}", std::process::id()));
-        save(&dir, &a).unwrap();
+        save(&NodeContext::detached(&dir, &dir), &dir, &a).unwrap();
         let tok = T5Tokenizer::from_folder(&dir).unwrap();
         let e = tok.encode("A Red circle", 6).unwrap();
         // ▁a ▁red ▁circle </s> <pad> <pad>: whole words

@@ -263,7 +263,7 @@ fn denoiser(
 }
 
 /// Rewrites the loss log keeping only the steps up to `step`.
-fn truncate_log(path: &Path, step: u64) -> Result<(), NodeError> {
+fn truncate_log(ctx: &NodeContext, path: &Path, step: u64) -> Result<(), NodeError> {
     let kept: String = std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -275,7 +275,7 @@ fn truncate_log(path: &Path, step: u64) -> Result<(), NodeError> {
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    crate::fsutil::atomic_write(path, kept.as_bytes())
+    crate::fsutil::atomic_write(ctx, path, kept.as_bytes())
 }
 
 pub struct TrainPixArt {
@@ -500,6 +500,15 @@ impl Node for TrainPixArt {
         } else {
             None
         };
+        // Counted before anything is made: a config sized past the run's
+        // memory fails here, not by exhausting the machine.
+        let params = pixart_models::weights::count_parameters(DType::F32, |vb| {
+            PixArtTransformer::new(vb, &cfg)
+        })?;
+        let _memory = ctx.reserve_memory(
+            params.saturating_mul(20),
+            "training this transformer (f32 weights, their EMA, gradients and Adam moments)",
+        )?;
         let run = Run {
             settings: &settings,
             features,
@@ -541,7 +550,7 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
     let resumed = resume_point(run, &fingerprint)?;
     let mut state = State::start(run, &data, classes, fingerprint, resumed)?;
     std::fs::create_dir_all(run.out).map_err(|e| NodeError::io(run.out, e))?;
-    let mut log = LossLog::open(run.out, state.step)?;
+    let mut log = LossLog::open(ctx, run.out, state.step)?;
 
     let diffusion = Diffusion::pixart();
     let table = state.tm.class_table().map(|v| v.as_tensor().clone());
@@ -555,7 +564,7 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
     while state.step < s.steps {
         if ctx.is_cancelled() {
             if state.step > first {
-                state.save(run)?;
+                state.save(ctx, run)?;
             }
             return Err(NodeError::Cancelled);
         }
@@ -597,19 +606,19 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
             &format!("loss {loss:.4} · lr {lr:.2e} · |g| {grad_norm:.3} · {rate:.2} it/s"),
         );
         if step == s.steps || (s.checkpoint_every > 0 && step.is_multiple_of(s.checkpoint_every)) {
-            last_checkpoint = Some(state.save(run)?);
+            last_checkpoint = Some(state.save(ctx, run)?);
         }
         if let Some((every, preview)) = &run.samples {
             if step.is_multiple_of(*every) || step == s.steps {
                 let png = render(&state.ema_denoiser(run)?, preview)?;
                 let path = run.out.join(format!("samples/step-{step:06}.png"));
-                crate::fsutil::atomic_write(&path, &png)?;
+                crate::fsutil::atomic_write(ctx, &path, &png)?;
             }
         }
     }
     let checkpoint = match last_checkpoint {
         Some(p) => p,
-        None => state.save(run)?,
+        None => state.save(ctx, run)?,
     };
     let den = state.ema_denoiser(run)?;
     let bytes = den.weights.values().map(|t| t.elem_count() * 4).sum();
@@ -786,7 +795,7 @@ impl State {
     }
 
     /// A checkpoint of the current step; its folder.
-    fn save(&self, run: &Run) -> Result<PathBuf, NodeError> {
+    fn save(&self, ctx: &NodeContext, run: &Run) -> Result<PathBuf, NodeError> {
         let saved = Saved {
             step: self.step,
             params: self.tm.tensors().into_iter().collect(),
@@ -802,6 +811,7 @@ impl State {
             meta: json!({ "settings": self.fingerprint, "total_steps": run.settings.steps }),
         };
         let class_table = run.settings.class_conditional.then_some(CLASS_TABLE);
+        ctx.charge_disk(saved.bytes())?;
         checkpoint::save(run.out, run.cfg, class_table, &saved)
             .map_err(|e| NodeError::io(run.out, e))
     }
@@ -820,6 +830,7 @@ impl State {
 
 /// `loss.jsonl`: one line a step, kept in step with the checkpoints on resume.
 struct LossLog {
+    ctx: NodeContext,
     file: std::fs::File,
     path: PathBuf,
     started: Instant,
@@ -828,15 +839,16 @@ struct LossLog {
 impl LossLog {
     /// Opens the run's log for appending, dropping lines past `step` (a resume
     /// redoes those steps).
-    fn open(out: &Path, step: u64) -> Result<LossLog, NodeError> {
+    fn open(ctx: &NodeContext, out: &Path, step: u64) -> Result<LossLog, NodeError> {
         let path = out.join(LOSS_LOG);
-        truncate_log(&path, step)?;
+        truncate_log(ctx, &path, step)?;
         let file = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
             .open(&path)
             .map_err(|e| NodeError::io(&path, e))?;
         Ok(LossLog {
+            ctx: ctx.clone(),
             file,
             path,
             started: Instant::now(),
@@ -866,7 +878,11 @@ impl LossLog {
             "grad_norm": grad_norm,
             "seconds": seconds,
         });
-        writeln!(self.file, "{line}").map_err(|e| NodeError::io(&self.path, e))?;
+        let line = format!("{line}\n");
+        self.ctx.charge_disk(line.len() as u64)?;
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|e| NodeError::io(&self.path, e))?;
         Ok((step - first) as f64 / seconds.max(1e-9))
     }
 }

@@ -279,6 +279,17 @@ fn train(
     fingerprint: &serde_json::Value,
 ) -> Result<serde_json::Value, NodeError> {
     let device = Device::Cpu;
+    // Counted before anything is made: a config or dataset sized past the
+    // run's memory fails here, not by exhausting the machine.
+    let params =
+        pixart_models::weights::count_parameters(DType::F32, |vb| AutoencoderKl::new(vb, cfg))?;
+    let pixels = (ds.items.len() as u64).saturating_mul((ds.resolution as u64).pow(2));
+    let _memory = ctx.reserve_memory(
+        params
+            .saturating_mul(16)
+            .saturating_add(pixels.saturating_mul(12)),
+        "training this VAE (f32 weights, gradients and Adam moments; the images in f32)",
+    )?;
     let images = ds
         .items
         .iter()
@@ -375,6 +386,7 @@ fn train(
         .map_err(NodeError::msg)?;
     let record = json!({"fingerprint": fingerprint, "loss": loss, "latent_std": std, "psnr": psnr});
     model_folder::write(
+        ctx,
         out,
         &[
             ("config.json", config.into_bytes()),

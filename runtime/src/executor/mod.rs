@@ -41,9 +41,14 @@ pub struct RunOptions {
     pub confine_paths: bool,
     /// Let nodes send preview images (someone is watching, e.g. the editor).
     pub previews: bool,
-    /// Bytes the values of the run may hold at most (models excepted); a node
-    /// whose outputs pass it fails, and the run with it.
+    /// Bytes the values of the run and the working memory its nodes reserve
+    /// may hold at most (models excepted); a node whose outputs pass it fails,
+    /// and the run with it.
     pub memory_limit: Option<u64>,
+    /// Bytes of the models the run's nodes load, at most.
+    pub model_memory_limit: Option<u64>,
+    /// The output folder's quota, shared by every run (the server's).
+    pub disk_quota: Option<Arc<crate::budget::DiskQuota>>,
 }
 
 impl Default for RunOptions {
@@ -57,6 +62,8 @@ impl Default for RunOptions {
             previews: false,
             confine_paths: false,
             memory_limit: None,
+            model_memory_limit: None,
+            disk_quota: None,
         }
     }
 }
@@ -224,7 +231,15 @@ impl Executor {
             params: wf.params_json(),
             confinement,
             previews: opts.previews,
-            memory_limit: opts.memory_limit,
+            memory: Arc::new(crate::budget::MemoryBudget::new(
+                "memory",
+                opts.memory_limit,
+            )),
+            model_memory: Arc::new(crate::budget::MemoryBudget::new(
+                "model memory",
+                opts.model_memory_limit,
+            )),
+            disk: opts.disk_quota.clone(),
         });
         let mut run = Run::new(self, wf, needed, shared, run_no);
         self.emit(Event::RunStarted {
@@ -268,8 +283,6 @@ struct Run<'a> {
     tasks: JoinSet<TaskResult>,
     running: usize,
     failures: Vec<Failure>,
-    /// Bytes of the values nodes of this run produced (models excepted).
-    held: u64,
 }
 
 impl<'a> Run<'a> {
@@ -304,7 +317,6 @@ impl<'a> Run<'a> {
             tasks: JoinSet::new(),
             running: 0,
             failures: Vec::new(),
-            held: 0,
         }
     }
 
@@ -530,24 +542,17 @@ impl<'a> Run<'a> {
     }
 
     /// Counts node `i`'s outputs against the run's memory budget (models are
-    /// the model cache's to bound, so handles do not count).
+    /// counted when loaded, against the model budget, so handles do not count).
     fn hold(&mut self, outputs: Vec<Value>) -> Result<Vec<Value>, String> {
         let bytes: usize = outputs
             .iter()
             .filter(|v| !matches!(v, Value::Handle(_)))
             .map(Value::approx_bytes)
             .sum();
-        self.held = self.held.saturating_add(bytes as u64);
-        match self.shared.memory_limit {
-            Some(limit) if self.held > limit => Err(format!(
-                "its outputs take {}, and the run's values would hold {}, more than the {} a \
-                 run may hold here",
-                human_bytes(bytes as u64),
-                human_bytes(self.held),
-                human_bytes(limit)
-            )),
-            _ => Ok(outputs),
-        }
+        self.shared
+            .memory
+            .take(bytes as u64, "its outputs")
+            .map(|()| outputs)
     }
 
     /// Puts a node's named outputs in declaration order, refusing missing, extra or

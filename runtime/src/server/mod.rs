@@ -6,8 +6,8 @@ mod journal;
 mod state;
 
 pub use state::{
-    default_run_memory_limit, CancelError, OutputRecord, RunRecord, RunRequest, RunState,
-    ServerConfig, State, SubmitError,
+    default_run_memory_limit, default_run_model_memory_limit, CancelError, OutputRecord, RunRecord,
+    RunRequest, RunState, ServerConfig, State, SubmitError,
 };
 
 use bytes::Bytes;
@@ -81,11 +81,14 @@ impl warp::reject::Reject for SlowBody {}
 /// The request body, at most `limit` bytes, with or without a Content-Length
 /// (a chunked upload has none): a declared length over the limit is refused
 /// before reading, a chunked body as soon as it passes it.
-fn bounded_body(limit: u64) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
+fn bounded_body(
+    limit: u64,
+    timeout: std::time::Duration,
+) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
     warp::header::optional::<u64>("content-length")
         .and(warp::body::stream())
         .and_then(move |declared: Option<u64>, stream| async move {
-            tokio::time::timeout(BODY_TIMEOUT, read_bounded(declared, stream, limit))
+            tokio::time::timeout(timeout, read_bounded(declared, stream, limit))
                 .await
                 .unwrap_or_else(|_| Err(warp::reject::custom(SlowBody)))
         })
@@ -209,7 +212,8 @@ const IMAGE_TYPES: &[&str] = &["image/png", "image/jpeg"];
 /// it would otherwise have to prove it `Send` and `Unpin` level by level.
 pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
     let api = warp::path("api").and(same_origin(state.config.allow_remote));
-    let body = bounded_body(4 << 20);
+    let body_timeout = state.config.body_timeout;
+    let body = bounded_body(4 << 20, body_timeout);
 
     let nodes = api
         .clone()
@@ -332,7 +336,7 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(warp::path::end())
         .and(warp::post())
         .and(content_type(IMAGE_TYPES))
-        .and(bounded_body(upload_limit))
+        .and(bounded_body(upload_limit, body_timeout))
         .and(with_state(state.clone()))
         .map(|body: Bytes, s: Arc<State>| upload_image(&s, &body));
 
@@ -342,19 +346,22 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(warp::path::end())
         .and(warp::ws())
         .and(with_state(state.clone()))
-        .map(|ws: warp::ws::Ws, s: Arc<State>| {
+        .map(move |ws: warp::ws::Ws, s: Arc<State>| {
             // An upgraded connection leaves the connection limit: event streams
             // have their own, and clients have nothing long to send.
             let Ok(slot) = s.event_streams.clone().try_acquire_owned() else {
                 return error(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("{MAX_EVENT_STREAMS} event streams are open; try again later"),
+                    format!(
+                        "{} event streams are open; try again later",
+                        s.config.max_event_streams
+                    ),
                 );
             };
             // Subscribe before the upgrade completes, so no event after it is missed.
             let events = s.executor.subscribe();
-            ws.max_message_size(64 << 10)
-                .max_frame_size(64 << 10)
+            ws.max_message_size(MAX_EVENT_MESSAGE)
+                .max_frame_size(MAX_EVENT_MESSAGE)
                 .on_upgrade(move |socket| async move {
                     stream_events(socket, events).await;
                     drop(slot);
@@ -417,14 +424,13 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
 
 /// Connections held at once; more are closed as they arrive.
 pub const MAX_CONNECTIONS: usize = 512;
-/// Event streams (WebSockets) open at once.
-pub const MAX_EVENT_STREAMS: usize = 256;
+/// The largest message a client may send on an event stream (it has nothing
+/// to say but a close).
+pub const MAX_EVENT_MESSAGE: usize = 64 << 10;
 /// The largest file `/api/files` hands out.
 pub const MAX_SERVED_BYTES: u64 = 256 << 20;
 /// Request bodies read at once (each up to its route's limit).
 pub const BODIES_AT_ONCE: usize = 16;
-/// How long a request body may take to arrive.
-pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Serves the API and the editor on `listener` until the process ends, with a
 /// limit on the time to send headers and on open connections, so that clients
@@ -633,6 +639,14 @@ fn upload_image(s: &State, body: &Bytes) -> Response {
     let name = format!("{}.{ext}", &blake3::hash(body).to_hex()[..24]);
     let dir = s.data_dir().join("uploads");
     let path = dir.join(&name);
+    if !path.exists() {
+        if let Err(why) = s.disk.charge(body.len() as u64) {
+            return error(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("the upload is not stored: {why}"),
+            );
+        }
+    }
     let written = crate::fsutil::atomic_write(&path, body);
     if let Err(e) = written {
         return error(

@@ -34,24 +34,45 @@ pub struct ServerConfig {
     pub editor: &'static [(&'static str, &'static [u8])],
     /// How long a client may take to send a request's headers.
     pub header_read_timeout: std::time::Duration,
-    /// Bytes the values of one run may hold (models excepted): checked against
-    /// the nodes' estimates when a run is submitted, and as nodes finish.
+    /// Bytes the values of one run, and the working memory its nodes reserve
+    /// (a model being trained), may hold (loaded models excepted): checked
+    /// against the nodes' estimates when a run is submitted, and as it goes.
     pub run_memory_limit: u64,
+    /// Bytes of the models one run may load (read off their weight files
+    /// before loading).
+    pub run_model_memory_limit: u64,
+    /// Bytes the output folder may hold, uploads included (`None`: no quota).
+    pub out_quota: Option<u64>,
+    /// Bytes left free on the output folder's disk: writes that would pass it fail.
+    pub keep_free: u64,
+    /// How long a request body may take to arrive.
+    pub body_timeout: std::time::Duration,
+    /// Event streams (WebSockets) open at once.
+    pub max_event_streams: usize,
 }
 
 /// An eighth of this machine's memory (of 16 GiB where it cannot be read),
 /// between 1 and 8 GiB: a run's tensors and images are far smaller than its
 /// models, which do not count.
 pub fn default_run_memory_limit() -> u64 {
-    let total = std::fs::read_to_string("/proc/meminfo")
+    (machine_memory() / 8).clamp(1 << 30, 8 << 30)
+}
+
+/// Five eighths of this machine's memory (of 16 GiB where it cannot be read),
+/// at least 2 GiB: room for PixArt-XL and a bf16 T5-XXL on a 24 GiB machine.
+pub fn default_run_model_memory_limit() -> u64 {
+    (machine_memory() / 8 * 5).max(2 << 30)
+}
+
+fn machine_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|text| {
             let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
             let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
             Some(kib * 1024)
         })
-        .unwrap_or(16 << 30);
-    (total / 8).clamp(1 << 30, 8 << 30)
+        .unwrap_or(16 << 30)
 }
 
 impl Default for ServerConfig {
@@ -66,6 +87,11 @@ impl Default for ServerConfig {
             editor: &[],
             header_read_timeout: std::time::Duration::from_secs(10),
             run_memory_limit: default_run_memory_limit(),
+            run_model_memory_limit: default_run_model_memory_limit(),
+            out_quota: None,
+            keep_free: 1 << 30,
+            body_timeout: std::time::Duration::from_secs(60),
+            max_event_streams: 256,
         }
     }
 }
@@ -139,6 +165,8 @@ pub struct State {
     journal: Mutex<Journal>,
     /// Event streams (WebSockets) open now.
     pub(crate) event_streams: Arc<Semaphore>,
+    /// Room in the output folder, shared by runs and uploads.
+    pub(crate) disk: Arc<crate::budget::DiskQuota>,
 }
 
 #[derive(Default)]
@@ -203,6 +231,12 @@ impl State {
         if swept > 0 {
             tracing::info!("removed {swept} temporary files of writers that were killed");
         }
+        let disk = Arc::new(crate::budget::DiskQuota::new(
+            &config.out_dir,
+            config.out_quota,
+            config.keep_free,
+        ));
+        let event_streams = Arc::new(Semaphore::new(config.max_event_streams));
         let state = Arc::new(State {
             registry,
             executor,
@@ -211,7 +245,8 @@ impl State {
             files: Mutex::new(HashMap::new()),
             queue: tx,
             journal: Mutex::new(journal),
-            event_streams: Arc::new(Semaphore::new(super::MAX_EVENT_STREAMS)),
+            event_streams,
+            disk,
         });
         state.load_history(recorded);
         tokio::spawn(worker(state.clone(), rx));
@@ -545,6 +580,8 @@ impl State {
             confine_paths: true,
             previews: true,
             memory_limit: Some(self.config.run_memory_limit),
+            model_memory_limit: Some(self.config.run_model_memory_limit),
+            disk_quota: Some(self.disk.clone()),
         };
         let result = self.executor.run(&wf, opts).await;
         let out = self.out_root();
