@@ -10,6 +10,7 @@
 pub mod clip_image;
 pub mod kernels;
 pub mod llava;
+pub mod lora;
 pub mod pixart;
 pub mod safetensors_reader;
 pub mod schedulers;

@@ -164,6 +164,16 @@ impl Config {
     /// PixArt's (a config is user input: it sizes what a loader or trainer makes).
     pub fn check(&self) -> std::result::Result<(), String> {
         use crate::weights::check_size;
+        for (what, value) in [
+            ("num_attention_heads", self.num_attention_heads),
+            ("attention_head_dim", self.attention_head_dim),
+            ("patch_size", self.patch_size),
+            ("in_channels", self.in_channels),
+        ] {
+            if value == 0 {
+                return Err(format!("`{what}` must be at least 1"));
+            }
+        }
         check_size("num_attention_heads", self.num_attention_heads, 1024)?;
         check_size("attention_head_dim", self.attention_head_dim, 1024)?;
         check_size("hidden size (heads × head dim)", self.hidden(), 16384)?;

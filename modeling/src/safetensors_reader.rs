@@ -34,7 +34,8 @@ fn dtype_of(name: &str) -> Result<DType, String> {
     })
 }
 
-fn header(file: &mut std::fs::File, len: u64) -> Result<(Vec<Entry>, u64), String> {
+/// The header as JSON, and where the data section starts.
+fn header_json(file: &mut std::fs::File, len: u64) -> Result<(serde_json::Value, u64), String> {
     let mut size = [0u8; 8];
     file.read_exact(&mut size)
         .map_err(|e| format!("no safetensors header: {e}"))?;
@@ -47,8 +48,12 @@ fn header(file: &mut std::fs::File, len: u64) -> Result<(Vec<Entry>, u64), Strin
         .map_err(|e| format!("truncated header: {e}"))?;
     let value: serde_json::Value =
         serde_json::from_slice(&json).map_err(|e| format!("header is not JSON: {e}"))?;
+    Ok((value, 8 + n))
+}
+
+fn header(file: &mut std::fs::File, len: u64) -> Result<(Vec<Entry>, u64), String> {
+    let (value, data_start) = header_json(file, len)?;
     let map = value.as_object().ok_or("header is not a JSON object")?;
-    let data_start = 8 + n;
     let mut entries = Vec::with_capacity(map.len());
     for (name, info) in map {
         if name == "__metadata__" {
@@ -129,6 +134,22 @@ fn read_tensor(file: &mut std::fs::File, e: &Entry) -> Result<Tensor, String> {
         }
     };
     t.map_err(|err| format!("tensor {}: {err}", e.name))
+}
+
+/// The header's `__metadata__` (string to string), empty when it has none.
+pub fn metadata(path: &Path) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    let (value, _) = header_json(&mut file, len)?;
+    Ok(value
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
 }
 
 /// Each tensor's name, stored dtype and element count, from the header alone

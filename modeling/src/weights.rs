@@ -490,9 +490,9 @@ fn replace_non_json_numbers(text: &str) -> String {
 /// loaded, read off the safetensors headers alone: each tensor at the dtype
 /// `keep(name, stored dtype)` gives it (8-bit weights with their scales). A
 /// folder counts its `*.safetensors` files (shards and variants alike: more,
-/// never less); one without them counts its PyTorch checkpoints twice over, as
-/// a half-precision pickle read into f32 would take. For memory budgets, before
-/// anything is loaded.
+/// never less); one without them counts its PyTorch checkpoints (`.bin`, `.pth`,
+/// `.pt`, `.ckpt`) from their pickles. Any other file is read as a checkpoint.
+/// For memory budgets, before anything is loaded.
 pub fn loaded_bytes(path: &Path, keep: impl Fn(&str, DType) -> Keep) -> Result<u64, LoadError> {
     let is_safetensors = |p: &Path| p.extension().is_some_and(|e| e == "safetensors");
     let is_pickle = |p: &Path| {
@@ -517,15 +517,13 @@ pub fn loaded_bytes(path: &Path, keep: impl Fn(&str, DType) -> Keep) -> Result<u
     };
     let mut total = 0u64;
     for file in files {
-        if !is_safetensors(&file) {
-            let len = std::fs::metadata(&file)
-                .map_err(|e| LoadError::file(&file, e))?
-                .len();
-            total = total.saturating_add(len.saturating_mul(2));
-            continue;
-        }
-        let sizes = crate::safetensors_reader::tensor_sizes(&file)
-            .map_err(|e| LoadError::file(&file, format!("not a readable safetensors file: {e}")))?;
+        let sizes = if is_safetensors(&file) {
+            crate::safetensors_reader::tensor_sizes(&file).map_err(|e| {
+                LoadError::file(&file, format!("not a readable safetensors file: {e}"))
+            })?
+        } else {
+            pickle_sizes(&file)?
+        };
         for (name, stored, n) in sizes {
             let kept = if stored.is_float() {
                 keep(&name, stored).dtype
@@ -542,6 +540,23 @@ pub fn loaded_bytes(path: &Path, keep: impl Fn(&str, DType) -> Keep) -> Result<u
         }
     }
     Ok(total)
+}
+
+/// A PyTorch checkpoint's tensors (name, dtype, elements) from its pickle
+/// alone, at the top level or under `state_dict` as official checkpoints keep them.
+fn pickle_sizes(file: &Path) -> Result<Vec<(String, DType, usize)>, LoadError> {
+    let read = |key| {
+        candle_core::pickle::read_pth_tensor_info(file, false, key)
+            .map_err(|e| LoadError::file(file, format!("not a readable PyTorch checkpoint: {e}")))
+    };
+    let mut infos = read(None)?;
+    if infos.is_empty() {
+        infos = read(Some("state_dict"))?;
+    }
+    Ok(infos
+        .into_iter()
+        .map(|i| (i.name, i.dtype, i.layout.shape().elem_count()))
+        .collect())
 }
 
 /// Elements of the parameters a model asks its `VarBuilder` for, counted
@@ -657,11 +672,15 @@ mod tests {
         let int8 = loaded_bytes(&dir, |_, _| Keep::as_is(DType::U8)).unwrap();
         assert_eq!(int8, 64 * 32 + 64 * 32 / 8 + 80);
         std::fs::remove_file(dir.join("model.safetensors")).unwrap();
-        assert_eq!(
-            loaded_bytes(&dir, |_, _| Keep::as_is(DType::F32)).unwrap(),
-            2000
-        );
+        // A pickle counts its tensors' elements, not its file's length.
+        assert!(loaded_bytes(&dir, |_, _| Keep::as_is(DType::F32)).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let f32 = |p: &Path| loaded_bytes(p, |_, _| Keep::as_is(DType::F32)).unwrap();
+        let pth = f32(&fixtures.join("tiny-pixart-official.pth"));
+        let folder = f32(&fixtures.join("tiny-pixart/transformer"));
+        // The official file adds its pos_embed table and null caption.
+        assert!(pth > folder && pth < folder * 2, "{pth} {folder}");
     }
 
     #[test]

@@ -6,8 +6,13 @@ use std::path::Path;
 /// [`pixart_runtime::fsutil::atomic_write`], charged to the server's quota of
 /// the output folder first, with the error naming the file.
 pub fn atomic_write(ctx: &NodeContext, path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
+    // Named by the file alone: the server's own paths stay its own.
+    let name = path
+        .file_name()
+        .unwrap_or(path.as_os_str())
+        .to_string_lossy();
     ctx.charge_disk(bytes.len() as u64)
-        .map_err(|e| NodeError::msg(format!("{}: {e}", path.display())))?;
+        .map_err(|e| NodeError::msg(format!("{name}: {e}")))?;
     pixart_runtime::fsutil::atomic_write(path, bytes).map_err(|e| NodeError::io(path, e))
 }
 

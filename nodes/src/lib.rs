@@ -32,6 +32,7 @@ pub fn builtin_nodes() -> Vec<Arc<dyn Node>> {
     nodes.extend(image_ops::nodes());
     nodes.extend(noise::nodes());
     nodes.extend(pixart::nodes::nodes());
+    nodes.extend(pixart::lora::nodes());
     nodes.extend(training::dataset::nodes());
     nodes.extend(training::precompute::nodes());
     nodes.extend(training::trainer::nodes());

@@ -103,6 +103,11 @@ pub struct DiskQuota {
 const MEASURE_ENTRIES: usize = 2_000_000;
 /// The least time between two measurements caused by charges.
 const REMEASURE_AFTER: Duration = Duration::from_secs(2);
+/// The unit writes are charged in: a file takes whole blocks on the disk.
+const BLOCK: u64 = 4096;
+/// Files (inodes) left free on the output folder's disk: writes that would
+/// take the last of them fail.
+const KEEP_FREE_FILES: u64 = 10_000;
 
 impl DiskQuota {
     pub fn new(root: &Path, limit: Option<u64>, keep_free: u64) -> DiskQuota {
@@ -124,32 +129,50 @@ impl DiskQuota {
     /// them (counting nothing) when they would pass the quota or leave less
     /// than `keep_free` on the disk.
     pub fn charge(&self, bytes: u64) -> Result<(), String> {
+        // What the disk gives a file is whole blocks: small files count as one.
+        let bytes = bytes.div_ceil(BLOCK).max(1).saturating_mul(BLOCK);
         if let Some(limit) = self.limit {
-            if self.used().saturating_add(bytes) > limit {
+            let fits = |used: u64| used.saturating_add(bytes) <= limit;
+            if !fits(self.used()) {
                 self.remeasure();
-                let used = self.used();
-                if used.saturating_add(bytes) > limit {
-                    return Err(format!(
-                        "writing {} would pass the output folder's quota of {} (it holds {})",
-                        human_bytes(bytes),
-                        human_bytes(limit),
-                        human_bytes(used)
-                    ));
-                }
             }
-        }
-        if let Some(free) = free_bytes(&self.root) {
-            if free < bytes.saturating_add(self.keep_free) {
+            let taken = self
+                .used
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                    fits(used).then(|| used.saturating_add(bytes))
+                });
+            if let Err(used) = taken {
                 return Err(format!(
+                    "writing {} would pass the output folder's quota of {} (it holds {})",
+                    human_bytes(bytes),
+                    human_bytes(limit),
+                    human_bytes(used)
+                ));
+            }
+        } else {
+            self.used.fetch_add(bytes, Ordering::AcqRel);
+        }
+        if let Some((free, files)) = free_space(&self.root) {
+            let why = if free < bytes.saturating_add(self.keep_free) {
+                Some(format!(
                     "writing {} would leave less than {} free on the output folder's disk \
                      ({} free)",
                     human_bytes(bytes),
                     human_bytes(self.keep_free),
                     human_bytes(free)
-                ));
+                ))
+            } else if files < KEEP_FREE_FILES {
+                Some(format!(
+                    "the output folder's disk has room for only {files} more files"
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                self.used.fetch_sub(bytes, Ordering::AcqRel);
+                return Err(why);
             }
         }
-        self.used.fetch_add(bytes, Ordering::AcqRel);
         Ok(())
     }
 
@@ -182,15 +205,18 @@ fn folder_bytes(root: &Path) -> u64 {
             if meta.is_dir() {
                 pending.push(entry.path());
             } else {
-                total = total.saturating_add(meta.len());
+                // The blocks the file takes, as charges count them.
+                use std::os::unix::fs::MetadataExt;
+                total = total.saturating_add(meta.blocks().saturating_mul(512).max(BLOCK));
             }
         }
     }
     total
 }
 
-/// Bytes an unprivileged writer may still use on the disk holding `path`.
-fn free_bytes(path: &Path) -> Option<u64> {
+/// Bytes and files (inodes) an unprivileged writer may still use on the disk
+/// holding `path`.
+fn free_space(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
@@ -202,8 +228,12 @@ fn free_bytes(path: &Path) -> Option<u64> {
     // SAFETY: statvfs returned 0, so it filled `stat`.
     let stat = unsafe { stat.assume_init() };
     #[allow(clippy::useless_conversion)] // u32 on 32-bit targets
-    let (blocks, size) = (u64::from(stat.f_bavail), u64::from(stat.f_frsize));
-    Some(blocks.saturating_mul(size))
+    let (blocks, size, files) = (
+        u64::from(stat.f_bavail),
+        u64::from(stat.f_frsize),
+        u64::from(stat.f_favail),
+    );
+    Some((blocks.saturating_mul(size), files))
 }
 
 #[cfg(test)]
@@ -227,19 +257,24 @@ mod tests {
     #[test]
     fn the_quota_counts_charges_and_measures_again_when_full() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("old.bin"), vec![0u8; 1000]).unwrap();
-        let quota = DiskQuota::new(dir.path(), Some(1500), 0);
-        assert_eq!(quota.used(), 1000);
-        quota.charge(400).unwrap();
+        std::fs::write(dir.path().join("old.bin"), vec![1u8; 10_000]).unwrap();
+        let held = DiskQuota::new(dir.path(), None, 0).used();
+        assert!(held >= 10_000, "{held}");
+        let quota = DiskQuota::new(dir.path(), Some(held + 3 * BLOCK), 0);
+        quota.charge(1).unwrap();
+        quota.charge(BLOCK + 1).unwrap();
+        assert_eq!(quota.used(), held + 3 * BLOCK, "whole blocks");
         let refused = quota.charge(200).unwrap_err();
         assert!(refused.contains("quota"), "{refused}");
+        assert_eq!(quota.used(), held + 3 * BLOCK, "a refusal counts nothing");
         // Deleting files makes room once the folder is measured again.
         std::fs::remove_file(dir.path().join("old.bin")).unwrap();
         *quota.last_measured.lock().unwrap() -= REMEASURE_AFTER;
         quota.charge(200).unwrap();
-        assert_eq!(quota.used(), 200);
+        assert_eq!(quota.used(), BLOCK);
         let disk = DiskQuota::new(dir.path(), None, u64::MAX / 2);
         let refused = disk.charge(1).unwrap_err();
         assert!(refused.contains("free"), "{refused}");
+        assert_eq!(disk.used(), 0, "a refusal counts nothing");
     }
 }

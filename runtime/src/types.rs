@@ -37,6 +37,8 @@ pub enum PortType {
     Vae,
     Scheduler,
     Captioner,
+    /// A LoRA adapter of the transformer.
+    Lora,
     Dataset,
     /// Precomputed training features (VAE posteriors, T5 embeddings) on disk.
     Features,
@@ -138,6 +140,7 @@ impl fmt::Display for PortType {
                     Vae => "Vae",
                     Scheduler => "Scheduler",
                     Captioner => "Captioner",
+                    Lora => "Lora",
                     Dataset => "Dataset",
                     Features => "Features",
                     Checkpoint => "Checkpoint",

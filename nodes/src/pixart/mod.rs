@@ -4,6 +4,7 @@ pub mod binning;
 pub mod denoiser;
 pub mod latents;
 pub mod load;
+pub mod lora;
 pub mod nodes;
 pub mod sample;
 pub mod text_encoder;

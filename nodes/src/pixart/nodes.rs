@@ -38,14 +38,18 @@ fn handle<T: Send + Sync + 'static>(kind: PortType, bytes: usize, model: Arc<T>)
 
 /// Counts a model about to be loaded from `path` against the run's model
 /// budget, as its weight files' headers tell (`keep`: how each tensor is held).
-/// Where they cannot be read the loader itself says why.
+/// Weight files that cannot be counted are refused: what cannot be counted is
+/// not loaded.
 pub(crate) fn take_model(
     ctx: &NodeContext,
     what: &str,
     path: &std::path::Path,
     keep: impl Fn(&str, DType) -> Keep,
 ) -> Result<(), NodeError> {
-    let bytes = pixart_models::weights::loaded_bytes(path, keep).unwrap_or(0);
+    if !path.exists() {
+        return Ok(()); // the loader says what is missing
+    }
+    let bytes = pixart_models::weights::loaded_bytes(path, keep).map_err(load_err)?;
     ctx.take_model_memory(bytes, &format!("loading the {what}"))
 }
 
@@ -192,7 +196,7 @@ fn load_text_encoder(
 ) -> Result<TextEncoder, NodeError> {
     take_model(
         ctx,
-        "text encoder",
+        "text encoder (text_encoder_weights bf16 or int8 take a half or a quarter of f32)",
         dir,
         load::text_encoder_keep(dtype, text_weights(inputs)?, device),
     )?;

@@ -612,12 +612,15 @@ impl Node for EvalCurve {
             if done.contains(&(step + offset)) {
                 continue;
             }
-            let den = crate::pixart::load::transformer(
-                &dir.join(crate::training::checkpoint::TRANSFORMER),
-                candle_core::DType::F32,
-                &device,
-            )
+            let transformer = dir.join(crate::training::checkpoint::TRANSFORMER);
+            let bytes = pixart_models::weights::loaded_bytes(&transformer, |_, _| {
+                pixart_models::weights::Keep::as_is(candle_core::DType::F32)
+            })
             .map_err(NodeError::msg)?;
+            let _model = ctx.reserve_memory(bytes, "this checkpoint's transformer")?;
+            let den =
+                crate::pixart::load::transformer(&transformer, candle_core::DType::F32, &device)
+                    .map_err(NodeError::msg)?;
             let eval = evaluate(&den, tok, enc, vae, &prompts, &settings, |_, _| {
                 ctx.check_cancelled()
             })?;

@@ -21,10 +21,28 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> io::Result<Vec<u8>> {
 /// outputs, someone's data — is refused, never lost.
 /// What it writes is charged to the server's quota of the output folder first.
 pub fn write(ctx: &NodeContext, dir: &Path, files: &[(&str, Vec<u8>)]) -> io::Result<()> {
-    let bytes: usize = files.iter().map(|(_, b)| b.len()).sum();
-    ctx.charge_disk(bytes as u64)
+    write_with_copies(ctx, dir, files, &[])
+}
+
+/// [`write`], with `copies` (relative path → source file) copied in as well,
+/// streamed rather than read into memory.
+pub fn write_with_copies(
+    ctx: &NodeContext,
+    dir: &Path,
+    files: &[(&str, Vec<u8>)],
+    copies: &[(&str, PathBuf)],
+) -> io::Result<()> {
+    let mut bytes: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+    for (_, source) in copies {
+        bytes += std::fs::metadata(source)?.len();
+    }
+    ctx.charge_disk(bytes)
         .map_err(|e| io::Error::other(e.to_string()))?;
-    let new: HashSet<PathBuf> = files.iter().map(|(f, _)| PathBuf::from(f)).collect();
+    let new: HashSet<PathBuf> = files
+        .iter()
+        .map(|(f, _)| PathBuf::from(f))
+        .chain(copies.iter().map(|(f, _)| PathBuf::from(f)))
+        .collect();
     if let Ok(meta) = std::fs::symlink_metadata(dir) {
         if !meta.is_dir() {
             return Err(io::Error::new(
@@ -57,6 +75,13 @@ pub fn write(ctx: &NodeContext, dir: &Path, files: &[(&str, Vec<u8>)]) -> io::Re
             std::fs::create_dir_all(parent)?;
         }
         pixart_runtime::fsutil::atomic_write(&path, bytes)?;
+    }
+    for (file, source) in copies {
+        let path = staging.join(file);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::copy(source, &path)?;
     }
     if dir.exists() {
         std::fs::rename(dir, &old)?;

@@ -104,26 +104,15 @@ impl Node for SavePipeline {
                 listed.push((format!("{part}/{name}"), path));
             }
         }
-        // The folder is assembled in memory, then written whole: reserve it first.
-        let copied: u64 = listed
-            .iter()
-            .filter_map(|(_, p)| std::fs::metadata(p).ok())
-            .map(|m| m.len())
-            .sum();
+        // The components are copied file to file; the transformer is
+        // serialised in memory: reserve that.
         let weights_bytes: u64 = den
             .weights
             .values()
             .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
             .sum();
-        let _memory = ctx.reserve_memory(
-            copied.saturating_add(weights_bytes),
-            "assembling the pipeline folder",
-        )?;
+        let _memory = ctx.reserve_memory(weights_bytes, "serialising the transformer")?;
         let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-        for (name, path) in listed {
-            let bytes = std::fs::read(&path).map_err(|e| NodeError::io(&path, e))?;
-            files.push((name, bytes));
-        }
         let mut weights: Vec<(String, candle_core::Tensor)> = den
             .weights
             .iter()
@@ -161,7 +150,11 @@ impl Node for SavePipeline {
             .iter_mut()
             .map(|(n, b)| (n.as_str(), std::mem::take(b)))
             .collect();
-        super::model_folder::write(ctx, &out, &named).map_err(io)?;
+        let copies: Vec<(&str, PathBuf)> = listed
+            .iter()
+            .map(|(n, p)| (n.as_str(), p.clone()))
+            .collect();
+        super::model_folder::write_with_copies(ctx, &out, &named, &copies).map_err(io)?;
         Ok(Outputs::one("path", Value::Path(out)))
     }
 }

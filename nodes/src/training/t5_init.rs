@@ -185,6 +185,17 @@ impl Node for InitT5 {
             num_layers: int("layers")?,
             num_heads: int("heads")?,
         };
+        // The tokenizer's vocabulary is known only now: reserve the whole model
+        // (its f32 tensors and their file's bytes) before making it.
+        let elements: u64 = shape
+            .weights()
+            .iter()
+            .map(|(_, dims, _)| dims.iter().map(|&d| d as u64).product::<u64>())
+            .sum();
+        let _memory = ctx.reserve_memory(
+            elements.saturating_mul(8),
+            "initialising this T5 (its f32 weights and their file)",
+        )?;
         let tensors = shape.init(inputs.int("seed")? as u64)?;
         let bytes =
             model_folder::safetensors_bytes(&tensors).map_err(|e| NodeError::io(&out, e))?;

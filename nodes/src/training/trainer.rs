@@ -539,6 +539,15 @@ struct Run<'a> {
 
 fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
     let s = run.settings;
+    // The features are read whole into memory: reserve what their files hold.
+    let feature_bytes: u64 = run
+        .features
+        .files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    let _features = ctx.reserve_memory(feature_bytes, "the training features")?;
     let data = Data::load(run.features, s.batch, run.device)?;
     check_features(run, &data)?;
     let classes = if s.class_conditional {

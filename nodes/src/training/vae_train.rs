@@ -284,11 +284,20 @@ fn train(
     let params =
         pixart_models::weights::count_parameters(DType::F32, |vb| AutoencoderKl::new(vb, cfg))?;
     let pixels = (ds.items.len() as u64).saturating_mul((ds.resolution as u64).pow(2));
+    // A batch keeps at least a few feature maps of the first level's width at
+    // full crop size for the backward pass: a lower bound, so a legitimate run
+    // is never refused by it.
+    let activations = (s.batch as u64)
+        .saturating_mul((s.crop as u64).pow(2))
+        .saturating_mul(cfg.block_out_channels[0] as u64)
+        .saturating_mul(16);
     let _memory = ctx.reserve_memory(
         params
             .saturating_mul(16)
-            .saturating_add(pixels.saturating_mul(12)),
-        "training this VAE (f32 weights, gradients and Adam moments; the images in f32)",
+            .saturating_add(pixels.saturating_mul(12))
+            .saturating_add(activations),
+        "training this VAE (f32 weights, gradients and Adam moments; the images in f32; a batch's \
+         activations)",
     )?;
     let images = ds
         .items

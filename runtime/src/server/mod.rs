@@ -338,7 +338,7 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(content_type(IMAGE_TYPES))
         .and(bounded_body(upload_limit, body_timeout))
         .and(with_state(state.clone()))
-        .map(|body: Bytes, s: Arc<State>| upload_image(&s, &body));
+        .and_then(|body: Bytes, s: Arc<State>| blocking(move || upload_image(&s, &body)));
 
     let events = api
         .clone()

@@ -1,0 +1,186 @@
+//! LoRA parity: the tiny transformer with LoRAs made by peft
+//! (tests/fixtures/generate_adapters.py), loaded in each published layout and
+//! merged by `lora.apply`, against peft's own forward.
+
+mod common;
+
+use pixart_models::lora::{self, Lora};
+use pixart_nodes::pixart::{load, Denoiser};
+use pixart_runtime::candle_core::{DType, Device, Tensor};
+use pixart_runtime::executor::{CachePolicy, Executor, RunOptions};
+use pixart_runtime::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn reference() -> HashMap<String, Tensor> {
+    let path = fixtures().join("reference/lora.safetensors");
+    pixart_runtime::candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn base() -> std::sync::Arc<Denoiser> {
+    load::transformer(
+        &fixtures().join("tiny-pixart/transformer"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn forward(den: &Denoiser, r: &HashMap<String, Tensor>) -> Tensor {
+    den.model
+        .forward(&r["x"], &r["t"], &r["text"], Some(&r["mask"]), None)
+        .unwrap()
+}
+
+/// The base transformer with `stack` merged in.
+fn adapted(base: &Denoiser, stack: &[(&Lora, f64)]) -> Denoiser {
+    let weights = lora::apply(&base.weights, stack).unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
+    Denoiser {
+        model: pixart_models::pixart::PixArtTransformer::new(vb, base.model.config()).unwrap(),
+        null_caption: None,
+        weights,
+        vae_scale_factor: 8,
+    }
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
+    let e = common::rel_err(got, want);
+    assert!(e <= 1e-4, "{what}: relative error {e:e} > 1e-4");
+}
+
+#[test]
+fn loras_in_every_layout_match_peft_at_each_strength_and_stacked() {
+    let r = reference();
+    let base = base();
+    assert_close("base", &forward(&base, &r), &r["base"]);
+    let dir = fixtures().join("tiny-lora");
+    for (path, layout) in [
+        (dir.join("peft"), "peft"),
+        (dir.join("diffusers.safetensors"), "diffusers"),
+        (dir.join("kohya.safetensors"), "kohya"),
+    ] {
+        let l = Lora::load(&path).unwrap();
+        assert_eq!(l.layout, layout);
+        assert_close(
+            layout,
+            &forward(&adapted(&base, &[(&l, 1.0)]), &r),
+            &r["one"],
+        );
+        assert_close(
+            &format!("{layout} at 0.5"),
+            &forward(&adapted(&base, &[(&l, 0.5)]), &r),
+            &r["half"],
+        );
+    }
+    let first = Lora::load(&dir.join("stack-first")).unwrap();
+    let rs = Lora::load(&dir.join("rslora")).unwrap();
+    assert_close(
+        "stacked (rank-stabilised second)",
+        &forward(&adapted(&base, &[(&first, 1.0), (&rs, -0.7)]), &r),
+        &r["stacked"],
+    );
+    // Strength 0 is the base model; the weights a LoRA does not touch are shared.
+    let none = adapted(&base, &[(&first, 0.0)]);
+    assert_close("strength 0", &forward(&none, &r), &r["base"]);
+    let shared = &base.weights["caption_projection.linear_1.weight"];
+    assert_eq!(
+        none.weights["caption_projection.linear_1.weight"].id(),
+        shared.id()
+    );
+}
+
+#[test]
+fn a_lora_that_does_not_fit_is_refused_with_its_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, tensors: Vec<(&str, Tensor)>| {
+        let path = tmp.path().join(name);
+        let map: HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(k, t)| (k.to_string(), t))
+            .collect();
+        pixart_runtime::candle_core::safetensors::save(&map, &path).unwrap();
+        path
+    };
+    let t = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+    // A module the transformer lacks (block 9 of 2).
+    let path = write(
+        "far.safetensors",
+        vec![
+            (
+                "transformer.transformer_blocks.9.attn1.to_q.lora_A.weight",
+                t(&[2, 24]),
+            ),
+            (
+                "transformer.transformer_blocks.9.attn1.to_q.lora_B.weight",
+                t(&[24, 2]),
+            ),
+        ],
+    );
+    let far = Lora::load(&path).unwrap();
+    let err = lora::apply(&base().weights, &[(&far, 1.0)]).unwrap_err();
+    assert!(err.contains("transformer_blocks.9.attn1.to_q"), "{err}");
+    // Keys of something else, and a module missing its up weight.
+    let path = write(
+        "odd.safetensors",
+        vec![
+            ("model.diffusion_model.input_blocks.0.weight", t(&[2])),
+            ("transformer.proj_out.lora_A.weight", t(&[2, 24])),
+        ],
+    );
+    let err = Lora::load(&path).unwrap_err().to_string();
+    assert!(err.contains("input_blocks.0.weight"), "{err}");
+    let path = write(
+        "half.safetensors",
+        vec![("transformer.proj_out.lora_A.weight", t(&[2, 24]))],
+    );
+    let err = Lora::load(&path).unwrap_err().to_string();
+    assert!(err.contains("proj_out") && err.contains("up"), "{err}");
+    // Shapes that do not fit the weight.
+    let path = write(
+        "wide.safetensors",
+        vec![
+            ("transformer.proj_out.lora_A.weight", t(&[2, 30])),
+            ("transformer.proj_out.lora_B.weight", t(&[32, 2])),
+        ],
+    );
+    let wide = Lora::load(&path).unwrap();
+    let err = lora::apply(&base().weights, &[(&wide, 1.0)]).unwrap_err();
+    assert!(err.contains("proj_out"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_load_and_stack_loras() {
+    let yaml = r#"version: 1
+nodes:
+  t: {type: transformer.load, inputs: {path: tiny-pixart/transformer}}
+  a: {type: lora.load, inputs: {path: tiny-lora/stack-first}}
+  b: {type: lora.load, inputs: {path: tiny-lora/rslora}}
+  apply: {type: lora.apply, inputs: {transformer: "${t.transformer}", lora: "${a.lora}", lora_2: "${b.lora}", strength_2: -0.7}}
+"#;
+    let (reg, _) = common::registry();
+    let wf = common::load(yaml, &reg);
+    let out = tempfile::tempdir().unwrap();
+    let report = Executor::new(CachePolicy::None)
+        .run(
+            &wf,
+            RunOptions {
+                targets: vec!["apply".into()],
+                out_dir: out.path().into(),
+                base_dir: fixtures(),
+                ..RunOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    let Some(Value::Handle(h)) = report.output("apply", "transformer") else {
+        panic!("no transformer: {:?}", report.failures);
+    };
+    let den = h.downcast::<Denoiser>().unwrap();
+    let r = reference();
+    assert_close("lora.apply", &forward(den, &r), &r["stacked"]);
+}
