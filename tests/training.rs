@@ -475,3 +475,98 @@ fn the_three_stage_workflow_runs_end_to_end() {
     .any(|n| n.contains("resolution_embedder")));
     assert!(out.join("runs/stage3-sample.png").is_file());
 }
+
+/// Every file a LoRA checkpoint is made of.
+const LORA_PARTS: &[&str] = &[
+    "lora/adapter_model.safetensors",
+    "lora/adapter_config.json",
+    "lora/null_caption.safetensors",
+    "state/params.safetensors",
+    "state/optimizer.safetensors",
+];
+
+#[test]
+fn a_lora_trains_alone_resumes_and_loads_as_peft_and_lora_load_read_it() {
+    use pixart_runtime::candle_core::{DType, Device};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 8);
+    let lora =
+        "      lora_rank: 4\n      lora_alpha: 8\n      lora_targets: \"to_q,to_v,ff.net.2\"";
+    let ten = tmp.path().join("ten.yaml");
+    std::fs::rename(workflow(tmp.path(), &data, 10, 5, lora), &ten).unwrap();
+    let five = workflow(tmp.path(), &data, 5, 5, lora);
+
+    let straight = tmp.path().join("straight");
+    std::fs::create_dir(&straight).unwrap();
+    run_ok(&ten, &straight);
+    let resumed = tmp.path().join("resumed");
+    std::fs::create_dir(&resumed).unwrap();
+    run_ok(&five, &resumed);
+    run_ok(&ten, &resumed);
+    // The second run went on from the first's checkpoint (it did not redo it).
+    let first: serde_json::Value = serde_json::from_slice(&read(
+        &resumed.join("run/checkpoint-000005/state/trainer.json"),
+    ))
+    .unwrap();
+    assert_eq!(first["meta"]["total_steps"], 5);
+    let last = "run/checkpoint-000010";
+    for part in LORA_PARTS {
+        assert!(
+            read(&straight.join(last).join(part)) == read(&resumed.join(last).join(part)),
+            "{part} differs after a resume"
+        );
+    }
+    let ckpt = straight.join(last);
+    assert!(
+        !ckpt.join("transformer").exists(),
+        "a LoRA run saves no transformer"
+    );
+    // Only the adapter trains: two matrices for each adapted linear (2 blocks ×
+    // to_q, to_v of both attentions, ff.net.2), under peft's names.
+    let names = tensor_names(&ckpt.join("lora/adapter_model.safetensors"));
+    assert_eq!(names.len(), 2 * 2 * 5, "{names:?}");
+    assert!(names
+        .iter()
+        .all(|n| n.starts_with("base_model.model.transformer_blocks.")
+            && (n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))));
+    let params = tensor_names(&ckpt.join("state/params.safetensors"));
+    assert!(params.iter().all(|n| n.contains(".lora_")), "{params:?}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&read(&ckpt.join("lora/adapter_config.json"))).unwrap();
+    assert_eq!(
+        (config["peft_type"].as_str(), config["r"].as_u64()),
+        (Some("LORA"), Some(4))
+    );
+    assert_eq!(config["lora_alpha"].as_f64(), Some(8.0));
+    assert!(losses(&straight.join("run")).iter().all(|l| l.is_finite()));
+
+    // lora.load reads it, and it changes only the weights it adapts.
+    let base = pixart_nodes::pixart::load::transformer(
+        &repo().join("tests/fixtures/tiny-pixart/transformer"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let trained = pixart_models::lora::Lora::load(&ckpt.join("lora")).unwrap();
+    assert_eq!(trained.layout, "peft");
+    let merged = pixart_models::lora::apply(&base.weights, &[(&trained, 1.0)]).unwrap();
+    let mut changed: Vec<&String> = merged
+        .iter()
+        .filter(|(n, t)| {
+            let d = (*t - &base.weights[*n])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            d.to_scalar::<f32>().unwrap() > 0.0
+        })
+        .map(|(n, _)| n)
+        .collect();
+    changed.sort();
+    assert_eq!(changed.len(), 10, "{changed:?}");
+    assert!(changed.iter().all(|n| n.ends_with("to_q.weight")
+        || n.ends_with("to_v.weight")
+        || n.ends_with("ff.net.2.weight")));
+}

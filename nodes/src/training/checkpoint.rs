@@ -5,6 +5,11 @@
 //! a hidden folder and renamed into place, so one either exists whole or not at
 //! all; the randomness of every step derives from (seed, step), so no generator
 //! state is needed beyond the step.
+//!
+//! A LoRA run keeps its EMA adapter in peft's layout under `lora/` instead of a
+//! transformer (`adapter_model.safetensors` with keys
+//! `base_model.model.<module>.lora_A/B.weight`, `adapter_config.json`): what
+//! peft, diffusers and `lora.load` read.
 
 use crate::pixart::denoiser::NULL_CAPTION;
 use candle_core::{Device, Tensor};
@@ -15,6 +20,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub const TRANSFORMER: &str = "transformer";
+/// A LoRA run's adapter folder.
+pub const LORA: &str = "lora";
+const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+const ADAPTER_CONFIG: &str = "adapter_config.json";
+const PEFT_PREFIX: &str = "base_model.model.";
 const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 const PARAMS: &str = "state/params.safetensors";
 const OPTIMIZER: &str = "state/optimizer.safetensors";
@@ -35,6 +45,8 @@ pub struct Saved {
     pub null_caption: Tensor,
     /// Trainer settings and class names, checked when resuming.
     pub meta: serde_json::Value,
+    /// A LoRA run's peft `adapter_config.json`; `None` for full training.
+    pub adapter: Option<serde_json::Value>,
 }
 
 impl Saved {
@@ -93,7 +105,11 @@ pub fn save(
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
-    let transformer = staging.join(TRANSFORMER);
+    let transformer = staging.join(if saved.adapter.is_some() {
+        LORA
+    } else {
+        TRANSFORMER
+    });
     std::fs::create_dir_all(transformer.join(""))?;
     std::fs::create_dir_all(staging.join("state"))?;
 
@@ -106,9 +122,22 @@ pub fn save(
     let ema = sorted(&saved.ema);
     let model_weights: Vec<(String, Tensor)> =
         ema.iter().filter(|(n, _)| !is_class(n)).cloned().collect();
-    atomic_write(&transformer.join(WEIGHTS), &serialize(&model_weights)?)?;
-    let config = serde_json::to_string_pretty(&cfg.to_diffusers_json()).map_err(io_err)?;
-    atomic_write(&transformer.join("config.json"), config.as_bytes())?;
+    match &saved.adapter {
+        Some(adapter) => {
+            let peft: Vec<(String, Tensor)> = model_weights
+                .iter()
+                .map(|(n, t)| (format!("{PEFT_PREFIX}{n}"), t.clone()))
+                .collect();
+            atomic_write(&transformer.join(ADAPTER_WEIGHTS), &serialize(&peft)?)?;
+            let config = serde_json::to_string_pretty(adapter).map_err(io_err)?;
+            atomic_write(&transformer.join(ADAPTER_CONFIG), config.as_bytes())?;
+        }
+        None => {
+            atomic_write(&transformer.join(WEIGHTS), &serialize(&model_weights)?)?;
+            let config = serde_json::to_string_pretty(&cfg.to_diffusers_json()).map_err(io_err)?;
+            atomic_write(&transformer.join("config.json"), config.as_bytes())?;
+        }
+    }
     atomic_write(
         &transformer.join(NULL_CAPTION),
         &serialize(&[("y_embedding".into(), saved.null_caption.clone())])?,
@@ -171,7 +200,23 @@ pub fn load(dir: &Path, device: &Device) -> io::Result<Saved> {
             .ok_or_else(|| io_err(format!("{}: no `{k}`", trainer_path.display())))
     };
     let mut params = read(PARAMS)?;
-    let mut ema = read(&format!("{TRANSFORMER}/{WEIGHTS}"))?;
+    let lora = dir.join(LORA).join(ADAPTER_WEIGHTS).is_file();
+    let (model_dir, mut ema, adapter) = if lora {
+        let ema = read(&format!("{LORA}/{ADAPTER_WEIGHTS}"))?
+            .into_iter()
+            .map(|(k, t)| (k.strip_prefix(PEFT_PREFIX).unwrap_or(&k).to_string(), t))
+            .collect();
+        let path = dir.join(LORA).join(ADAPTER_CONFIG);
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .map_err(|e| io_err(format!("{}: {e}", path.display())))?;
+        (LORA, ema, Some(config))
+    } else {
+        (
+            TRANSFORMER,
+            read(&format!("{TRANSFORMER}/{WEIGHTS}"))?,
+            None,
+        )
+    };
     let extra: Vec<String> = params
         .keys()
         .filter(|k| k.starts_with(EMA_PREFIX))
@@ -195,7 +240,7 @@ pub fn load(dir: &Path, device: &Device) -> io::Result<Saved> {
             moments.insert(n, (m, v));
         }
     }
-    let null_caption = read(&format!("{TRANSFORMER}/{NULL_CAPTION}"))?
+    let null_caption = read(&format!("{model_dir}/{NULL_CAPTION}"))?
         .remove("y_embedding")
         .ok_or_else(|| io_err(format!("{}: no y_embedding", dir.display())))?;
     Ok(Saved {
@@ -206,5 +251,6 @@ pub fn load(dir: &Path, device: &Device) -> io::Result<Saved> {
         moments,
         null_caption,
         meta: trainer["meta"].clone(),
+        adapter,
     })
 }

@@ -21,9 +21,60 @@ pub struct Param {
 
 pub struct TrainModel {
     pub cfg: Config,
+    /// The model the parameters are (full training), or the frozen base a LoRA
+    /// adapts.
     pub model: PixArtTransformer,
-    /// Every parameter, sorted by name (the class table included when present).
+    /// Every parameter, sorted by name (the class table included when present;
+    /// with a LoRA, its `<module>.lora_A.weight` / `.lora_B.weight` alone).
     pub params: Vec<Param>,
+    /// LoRA training: the frozen base weights and the adapted modules.
+    pub lora: Option<LoraState>,
+}
+
+/// What a LoRA trains: `rank`, `alpha` (the update is `alpha/rank · B·A`) and
+/// the modules, matched as peft's `target_modules` are (a module whose name is
+/// one of them or ends with `.` and one of them).
+#[derive(Clone, Debug)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    pub targets: Vec<String>,
+}
+
+impl LoraSpec {
+    /// peft's `adapter_config.json` for this LoRA (what peft and diffusers read).
+    pub fn adapter_config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "peft_type": "LORA",
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "target_modules": self.targets,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "use_rslora": false,
+            "use_dora": false,
+            "init_lora_weights": true,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "modules_to_save": null,
+            "base_model_name_or_path": null,
+            "task_type": null,
+            "inference_mode": true,
+        })
+    }
+}
+
+pub struct LoraState {
+    pub spec: LoraSpec,
+    base: HashMap<String, Tensor>,
+    /// Adapted module names, in the order of their (A, B) parameters.
+    modules: Vec<String>,
+}
+
+/// The name a LoRA parameter of `module` has (peft's, without its prefix).
+pub fn lora_param(module: &str, up: bool) -> String {
+    format!("{module}.lora_{}.weight", if up { "B" } else { "A" })
 }
 
 /// Where the starting values come from.
@@ -103,7 +154,137 @@ impl TrainModel {
             cfg: cfg.clone(),
             model,
             params,
+            lora: None,
         })
+    }
+
+    /// A LoRA on the frozen `base` weights: for every targeted linear `[out, in]`
+    /// a trainable A `[rank, in]`, Kaiming-uniform as peft starts it (bound
+    /// 1/√in), and B `[out, rank]` at zero, so training starts at the base
+    /// model; or their values in `start` (a resumed checkpoint).
+    pub fn new_lora(
+        cfg: &Config,
+        base: &HashMap<String, Tensor>,
+        spec: &LoraSpec,
+        start: Option<&HashMap<String, Tensor>>,
+        seed: u64,
+        device: &Device,
+    ) -> Result<TrainModel> {
+        let base: HashMap<String, Tensor> = base
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), t.to_dtype(DType::F32)?.to_device(device)?)))
+            .collect::<Result<_>>()?;
+        let targeted = |module: &str| {
+            spec.targets
+                .iter()
+                .any(|t| module == t || module.ends_with(&format!(".{t}")))
+        };
+        let mut modules: Vec<String> = base
+            .iter()
+            .filter(|(_, t)| t.rank() == 2)
+            .filter_map(|(n, _)| n.strip_suffix(".weight"))
+            .filter(|m| targeted(m))
+            .map(str::to_string)
+            .collect();
+        modules.sort();
+        if modules.is_empty() {
+            candle_core::bail!(
+                "no linear layer of the transformer matches the LoRA targets {:?}",
+                spec.targets
+            );
+        }
+        let mut params = Vec::with_capacity(2 * modules.len());
+        for (i, module) in modules.iter().enumerate() {
+            let (out, inp) = base[&format!("{module}.weight")].dims2()?;
+            for (up, shape) in [(false, (spec.rank, inp)), (true, (out, spec.rank))] {
+                let name = lora_param(module, up);
+                let value = match start {
+                    Some(values) => values
+                        .get(&name)
+                        .ok_or_else(|| {
+                            candle_core::Error::msg(format!("the training state has no `{name}`"))
+                        })?
+                        .to_dtype(DType::F32)?
+                        .to_device(device)?,
+                    None if up => Tensor::zeros(shape, DType::F32, device)?,
+                    None => {
+                        let mut rng = TrainRng::new(seed, Stream::Init, i as u64);
+                        let bound = 1.0 / (inp as f64).sqrt();
+                        let v: Vec<f32> = (0..shape.0 * shape.1)
+                            .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+                            .collect();
+                        Tensor::from_vec(v, shape, device)?
+                    }
+                };
+                if value.dims() != [shape.0, shape.1] {
+                    candle_core::bail!(
+                        "`{name}` has shape {:?}, this LoRA needs {shape:?}",
+                        value.dims()
+                    );
+                }
+                params.push(Param {
+                    name,
+                    var: Var::from_tensor(&value)?,
+                    trainable: true,
+                });
+            }
+        }
+        let model = PixArtTransformer::new(
+            VarBuilder::from_tensors(base.clone(), DType::F32, device),
+            cfg,
+        )?;
+        Ok(TrainModel {
+            cfg: cfg.clone(),
+            model,
+            params,
+            lora: Some(LoraState {
+                spec: spec.clone(),
+                base,
+                modules,
+            }),
+        })
+    }
+
+    /// With a LoRA, the model a training step runs: the base with
+    /// `alpha/rank · B·A` added to each adapted weight (a graph through the
+    /// LoRA's variables, so their gradients flow). Without, `None`: the
+    /// parameters' own model (`self.model`) is the one.
+    pub fn step_model(&self) -> Result<Option<PixArtTransformer>> {
+        let Some(lora) = &self.lora else {
+            return Ok(None);
+        };
+        let vars: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|p| p.var.as_tensor().clone())
+            .collect();
+        let weights = lora.merged(&vars)?;
+        Ok(Some(PixArtTransformer::new(
+            VarBuilder::from_tensors(weights, DType::F32, self.model.device()),
+            &self.cfg,
+        )?))
+    }
+
+    /// The base weights with a LoRA's values (`values` by parameter name, such
+    /// as its EMA) merged in; the weights alone without a LoRA.
+    pub fn merged_weights(
+        &self,
+        values: &HashMap<String, Tensor>,
+    ) -> Result<Option<HashMap<String, Tensor>>> {
+        let Some(lora) = &self.lora else {
+            return Ok(None);
+        };
+        let ordered = self
+            .params
+            .iter()
+            .map(|p| {
+                values
+                    .get(&p.name)
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::msg(format!("no value of `{}`", p.name)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(lora.merged(&ordered)?))
     }
 
     pub fn trainable(&self) -> Vec<Var> {
@@ -138,6 +319,22 @@ impl TrainModel {
             p.var.set(t)?;
         }
         Ok(())
+    }
+}
+
+impl LoraState {
+    /// The base weights with `alpha/rank · B·A` added to each adapted one;
+    /// `ab` holds (A, B) per module, in order.
+    fn merged(&self, ab: &[Tensor]) -> Result<HashMap<String, Tensor>> {
+        let scale = self.spec.alpha / self.spec.rank as f64;
+        let mut weights = self.base.clone();
+        for (module, pair) in self.modules.iter().zip(ab.chunks(2)) {
+            let name = format!("{module}.weight");
+            let update = (pair[1].matmul(&pair[0])? * scale)?;
+            let w = (&self.base[&name] + update)?;
+            weights.insert(name, w);
+        }
+        Ok(weights)
     }
 }
 

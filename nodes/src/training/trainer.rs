@@ -5,7 +5,7 @@
 
 use super::checkpoint::{self, Saved};
 use super::loss::{Diffusion, LossTerms};
-use super::model::{Start, TrainModel, CLASS_TABLE};
+use super::model::{LoraSpec, Start, TrainModel, CLASS_TABLE};
 use super::optim::{scale_lr, scheduled_lr, AdamW, Ema, LrSchedule};
 use super::precompute::{FeatureItem, Features};
 use super::preview::{render, Preview};
@@ -51,6 +51,8 @@ pub struct Settings {
     pub seed: u64,
     pub checkpoint_every: u64,
     pub resume: bool,
+    /// Train a LoRA on the frozen `init` instead of the whole transformer.
+    pub lora: Option<LoraSpec>,
 }
 
 impl Settings {
@@ -76,6 +78,9 @@ impl Settings {
         }
         if self.min_snr_gamma > 0.0 {
             f["min_snr_gamma"] = json!(self.min_snr_gamma);
+        }
+        if let Some(lora) = &self.lora {
+            f["lora"] = json!({"rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets});
         }
         f
     }
@@ -393,6 +398,33 @@ impl TrainPixArt {
                 )
                 .input(InputSpec::new("sample_steps", PortType::Int).default(20).min(1.0).max(1000.0))
                 .input(InputSpec::new("sample_guidance", PortType::Float).default(4.5).min(0.0).max(100.0))
+                .input(
+                    InputSpec::new("lora_rank", PortType::Int)
+                        .default(0)
+                        .min(0.0)
+                        .max(1024.0)
+                        .describe(
+                            "Train a LoRA of this rank on the frozen `init` instead of the whole \
+                             transformer; checkpoints then hold the adapter in peft's layout \
+                             (checkpoint-N/lora/: adapter_model.safetensors, adapter_config.json), \
+                             and `transformer` is init with it merged. 0: full training.",
+                        ),
+                )
+                .input(
+                    InputSpec::new("lora_alpha", PortType::Float)
+                        .default(0.0)
+                        .min(0.0)
+                        .max(1e6)
+                        .describe("The LoRA's alpha (its update is alpha/rank · B·A); 0: the rank."),
+                )
+                .input(
+                    InputSpec::new("lora_targets", PortType::String)
+                        .default("to_q,to_k,to_v,to_out.0")
+                        .describe(
+                            "The linear layers the LoRA adapts, as peft's target_modules: a module \
+                             named so or ending in `.` and the name (to_q matches every attention's).",
+                        ),
+                )
                 .output("transformer", PortType::Denoiser, "the trained transformer (EMA weights)")
                 .output("checkpoint", PortType::Path, "the final checkpoint's folder")
                 .output("run", PortType::Path, "the run folder (`out`), once training is done"),
@@ -442,6 +474,23 @@ impl Node for TrainPixArt {
             seed: inputs.int("seed")? as u64,
             checkpoint_every: inputs.int("checkpoint_every")? as u64,
             resume: inputs.bool("resume")?,
+            lora: match inputs.int("lora_rank")? as usize {
+                0 => None,
+                rank => Some(LoraSpec {
+                    rank,
+                    alpha: match inputs.float("lora_alpha")? {
+                        a if a > 0.0 => a,
+                        _ => rank as f64,
+                    },
+                    targets: inputs
+                        .str("lora_targets")?
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|t| !t.is_empty())
+                        .map(str::to_string)
+                        .collect(),
+                }),
+            },
         };
         let out = ctx.output_path(inputs.path("out")?)?;
         let init = match inputs.get("init") {
@@ -471,6 +520,23 @@ impl Node for TrainPixArt {
             }
         };
         let extend = init.is_some() && inputs.get("config").is_some();
+        if let Some(lora) = &settings.lora {
+            if init.is_none() || extend {
+                return Err(NodeError::input(
+                    "lora_rank",
+                    "a LoRA adapts a trained transformer: give `init`, and no `config`",
+                ));
+            }
+            if settings.class_conditional {
+                return Err(NodeError::input(
+                    "lora_rank",
+                    "a LoRA trains on captions: use condition `text`",
+                ));
+            }
+            if lora.targets.is_empty() {
+                return Err(NodeError::input("lora_targets", "name at least one module"));
+            }
+        }
         let every = inputs.int("sample_every")? as u64;
         let samples = if every > 0 {
             let need = |port: &str| {
@@ -505,10 +571,18 @@ impl Node for TrainPixArt {
         let params = pixart_models::weights::count_parameters(DType::F32, |vb| {
             PixArtTransformer::new(vb, &cfg)
         })?;
-        let _memory = ctx.reserve_memory(
-            params.saturating_mul(20),
-            "training this transformer (f32 weights, their EMA, gradients and Adam moments)",
-        )?;
+        let _memory = match settings.lora {
+            // The frozen base, and each step's merged weights and their gradients.
+            Some(_) => ctx.reserve_memory(
+                params.saturating_mul(12),
+                "training a LoRA of this transformer (f32 base weights, each step's merged \
+                 weights and their gradients)",
+            )?,
+            None => ctx.reserve_memory(
+                params.saturating_mul(20),
+                "training this transformer (f32 weights, their EMA, gradients and Adam moments)",
+            )?,
+        };
         let run = Run {
             settings: &settings,
             features,
@@ -590,8 +664,11 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
             with_sizes,
             &diffusion,
         )?;
+        let merged = state.tm.step_model()?;
+        let model = merged.as_ref().unwrap_or(&state.tm.model);
         let (terms, loss, mut grads) =
-            loss_and_gradients(&state.tm.model, &diffusion, &batch, &state.opt.vars)?;
+            loss_and_gradients(model, &diffusion, &batch, &state.opt.vars)?;
+        drop(merged);
         let lr = scheduled_lr(s.lr, step, s.steps, s.warmup, s.lr_schedule, s.decay_steps);
         let grad_norm = state.opt.apply(&mut grads, lr)?;
         if s.ema_warmup {
@@ -722,8 +799,18 @@ impl State {
             (None, Some(den)) => Start::Tensors(&den.weights),
             (None, None) => Start::Scratch,
         };
-        let tm = TrainModel::new(run.cfg, start, s.seed, classes.len(), &s.frozen, device)
-            .map_err(|e| NodeError::input("init", e))?;
+        let tm = match (&s.lora, run.init) {
+            (Some(spec), Some(den)) => TrainModel::new_lora(
+                run.cfg,
+                &den.weights,
+                spec,
+                resumed.as_ref().map(|saved| &saved.params),
+                s.seed,
+                device,
+            ),
+            _ => TrainModel::new(run.cfg, start, s.seed, classes.len(), &s.frozen, device),
+        }
+        .map_err(|e| NodeError::input("init", e))?;
         let null_caption = match (&resumed, run.init.and_then(|d| d.null_caption.as_ref())) {
             (Some(saved), _) => saved.null_caption.clone(),
             (None, Some(null)) => null.to_dtype(DType::F32)?.to_device(device)?,
@@ -818,6 +905,7 @@ impl State {
             adam_step: self.opt.adam.steps(),
             null_caption: self.null_caption.clone(),
             meta: json!({ "settings": self.fingerprint, "total_steps": run.settings.steps }),
+            adapter: run.settings.lora.as_ref().map(LoraSpec::adapter_config),
         };
         let class_table = run.settings.class_conditional.then_some(CLASS_TABLE);
         ctx.charge_disk(saved.bytes())?;
@@ -827,9 +915,14 @@ impl State {
 
     /// The EMA weights as a denoiser: what samples and the stage's output use.
     fn ema_denoiser(&self, run: &Run) -> Result<Denoiser, NodeError> {
+        let ema = ema_tensors(&self.tm, &self.ema);
+        let weights = match self.tm.merged_weights(&ema)? {
+            Some(merged) => merged,
+            None => ema,
+        };
         Ok(denoiser(
             run.cfg,
-            &ema_tensors(&self.tm, &self.ema),
+            &weights,
             &self.null_caption,
             run.features.vae_scale,
             run.device,
