@@ -521,24 +521,45 @@ impl KvCompress {
 }
 
 struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: Proj,
+    to_k: Proj,
+    to_v: Proj,
+    to_out: Proj,
     heads: usize,
     head_dim: usize,
     kv_compress: Option<KvCompress>,
 }
 
 impl Attention {
-    fn new(vb: VarBuilder, cfg: &Config, kv_dim: usize) -> Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        cfg: &Config,
+        kv_dim: usize,
+        adapters: Option<&Adapters>,
+    ) -> Result<Self> {
         let d = cfg.hidden();
         let bias = cfg.attention_bias;
         Ok(Attention {
-            to_q: linear_b(d, d, bias, vb.pp("to_q"))?,
-            to_k: linear_b(kv_dim, d, bias, vb.pp("to_k"))?,
-            to_v: linear_b(kv_dim, d, bias, vb.pp("to_v"))?,
-            to_out: linear(d, d, vb.pp("to_out.0"))?,
+            to_q: Proj::new(
+                linear_b(d, d, bias, vb.pp("to_q"))?,
+                &vb.pp("to_q"),
+                adapters,
+            ),
+            to_k: Proj::new(
+                linear_b(kv_dim, d, bias, vb.pp("to_k"))?,
+                &vb.pp("to_k"),
+                adapters,
+            ),
+            to_v: Proj::new(
+                linear_b(kv_dim, d, bias, vb.pp("to_v"))?,
+                &vb.pp("to_v"),
+                adapters,
+            ),
+            to_out: Proj::new(
+                linear(d, d, vb.pp("to_out.0"))?,
+                &vb.pp("to_out.0"),
+                adapters,
+            ),
             heads: cfg.num_attention_heads,
             head_dim: cfg.attention_head_dim,
             kv_compress: None,
@@ -565,9 +586,9 @@ impl Attention {
         let (b, n, d) = x.dims3()?;
         let diff = differentiable;
         let (q, mut k, mut v) = (
-            linear_for(&self.to_q, x, diff)?,
-            linear_for(&self.to_k, context, diff)?,
-            linear_for(&self.to_v, context, diff)?,
+            self.to_q.forward(x, diff)?,
+            self.to_k.forward(context, diff)?,
+            self.to_v.forward(context, diff)?,
         );
         if let Some(kv) = &self.kv_compress {
             k = kv.downsample(&k, grid, diff)?;
@@ -576,32 +597,81 @@ impl Attention {
         let key_bias = bias.map(|b| b.reshape((b.dim(0)?, ()))).transpose()?;
         let fused = kernels::attention(&q, &k, &v, self.heads, key_bias.as_ref(), diff)?;
         if let Some(out) = fused {
-            return linear_for(&self.to_out, &out, diff);
+            return self.to_out.forward(&out, diff);
         }
         let (q, k, v) = (self.heads(&q)?, self.heads(&k)?, self.heads(&v)?);
         let out = kernels::attention_composed(&q, &k, &v, bias, differentiable)?
             .transpose(1, 2)?
             .reshape((b, n, d))?;
-        linear_for(&self.to_out, &out, diff)
+        self.to_out.forward(&out, diff)
     }
 }
 
 struct FeedForward {
-    proj: Linear,
-    out: Linear,
+    proj: Proj,
+    out: Proj,
 }
 
 impl FeedForward {
-    fn new(vb: VarBuilder, d: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, d: usize, adapters: Option<&Adapters>) -> Result<Self> {
+        let (proj, out) = (vb.pp("net.0.proj"), vb.pp("net.2"));
         Ok(FeedForward {
-            proj: linear(d, 4 * d, vb.pp("net.0.proj"))?,
-            out: linear(4 * d, d, vb.pp("net.2"))?,
+            proj: Proj::new(linear(d, 4 * d, proj.clone())?, &proj, adapters),
+            out: Proj::new(linear(4 * d, d, out.clone())?, &out, adapters),
         })
     }
 
     fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
-        let h = gelu_for(&linear_for(&self.proj, x, differentiable)?, differentiable)?;
-        linear_for(&self.out, &h, differentiable)
+        let h = gelu_for(&self.proj.forward(x, differentiable)?, differentiable)?;
+        self.out.forward(&h, differentiable)
+    }
+}
+
+/// A LoRA's low-rank update of one linear layer, added beside it rather than
+/// merged in: `y = x·Wᵀ + scale · (x·Aᵀ)·Bᵀ` (A `[r, in]`, B `[out, r]`). What
+/// LoRA training runs: no copy of W, and gradients for A and B only.
+#[derive(Clone, Debug)]
+pub struct LowRank {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+/// Low-rank updates by module name (`transformer_blocks.0.attn1.to_q`).
+pub type Adapters = std::collections::HashMap<String, LowRank>;
+
+/// The modules a [`LowRank`] can adapt: the blocks' attention and feed-forward
+/// projections (by the last part of their names).
+pub const ADAPTABLE: [&str; 6] = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+];
+
+/// A block's projection, with its low-rank update if it has one.
+struct Proj {
+    linear: Linear,
+    lora: Option<LowRank>,
+}
+
+impl Proj {
+    fn new(linear: Linear, vb: &VarBuilder, adapters: Option<&Adapters>) -> Proj {
+        let lora = adapters.and_then(|a| a.get(&vb.prefix()).cloned());
+        Proj { linear, lora }
+    }
+
+    fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+        let y = linear_for(&self.linear, x, differentiable)?;
+        match &self.lora {
+            None => Ok(y),
+            Some(l) => {
+                let low = x.broadcast_matmul(&l.a.t()?)?.broadcast_matmul(&l.b.t()?)?;
+                y + (low * l.scale)?
+            }
+        }
     }
 }
 
@@ -614,9 +684,14 @@ struct Block {
 }
 
 impl Block {
-    fn new(vb: VarBuilder, cfg: &Config, index: usize) -> Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        cfg: &Config,
+        index: usize,
+        adapters: Option<&Adapters>,
+    ) -> Result<Self> {
         let d = cfg.hidden();
-        let mut attn1 = Attention::new(vb.pp("attn1"), cfg, d)?;
+        let mut attn1 = Attention::new(vb.pp("attn1"), cfg, d, adapters)?;
         if let Some((sampling, factor)) = cfg
             .kv_compress_config
             .as_ref()
@@ -627,8 +702,13 @@ impl Block {
         Ok(Block {
             scale_shift_table: vb.get((6, d), "scale_shift_table")?,
             attn1,
-            attn2: Attention::new(vb.pp("attn2"), cfg, cfg.cross_attention_dim.unwrap_or(d))?,
-            ff: FeedForward::new(vb.pp("ff"), d)?,
+            attn2: Attention::new(
+                vb.pp("attn2"),
+                cfg,
+                cfg.cross_attention_dim.unwrap_or(d),
+                adapters,
+            )?,
+            ff: FeedForward::new(vb.pp("ff"), d, adapters)?,
             norm: LayerNorm::new(d, cfg.norm_eps, vb.dtype(), vb.device())?,
         })
     }
@@ -725,6 +805,44 @@ pub struct PixArtTransformer {
 
 impl PixArtTransformer {
     pub fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        Self::build(vb, cfg, None)
+    }
+
+    /// The transformer with low-rank updates beside some of its blocks'
+    /// projections (LoRA training); a name in `adapters` the blocks do not have
+    /// is an error.
+    pub fn new_adapted(vb: VarBuilder, cfg: &Config, adapters: &Adapters) -> Result<Self> {
+        let model = Self::build(vb, cfg, Some(adapters))?;
+        let used = model
+            .blocks
+            .iter()
+            .flat_map(|b| {
+                [
+                    &b.attn1.to_q,
+                    &b.attn1.to_k,
+                    &b.attn1.to_v,
+                    &b.attn1.to_out,
+                    &b.attn2.to_q,
+                    &b.attn2.to_k,
+                    &b.attn2.to_v,
+                    &b.attn2.to_out,
+                    &b.ff.proj,
+                    &b.ff.out,
+                ]
+            })
+            .filter(|p| p.lora.is_some())
+            .count();
+        if used != adapters.len() {
+            candle_core::bail!(
+                "{} of the {} low-rank updates name no projection of the blocks",
+                adapters.len() - used,
+                adapters.len()
+            );
+        }
+        Ok(model)
+    }
+
+    fn build(vb: VarBuilder, cfg: &Config, adapters: Option<&Adapters>) -> Result<Self> {
         cfg.check().map_err(candle_core::Error::msg)?;
         let d = cfg.hidden();
         let p = cfg.patch_size;
@@ -740,7 +858,7 @@ impl PixArtTransformer {
             caption_linear_1: linear(caption_channels, d, caption.pp("linear_1"))?,
             caption_linear_2: linear(d, d, caption.pp("linear_2"))?,
             blocks: (0..cfg.num_layers)
-                .map(|i| Block::new(vb.pp(format!("transformer_blocks.{i}")), cfg, i))
+                .map(|i| Block::new(vb.pp(format!("transformer_blocks.{i}")), cfg, i, adapters))
                 .collect::<Result<_>>()?,
             scale_shift_table: vb.get((2, d), "scale_shift_table")?,
             norm_out: LayerNorm::new(d, cfg.norm_eps, vb.dtype(), vb.device())?,

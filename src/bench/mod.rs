@@ -74,6 +74,14 @@ pub struct BenchArgs {
     /// For `caption`: new tokens per generation.
     #[arg(long, default_value_t = 64)]
     tokens: usize,
+    /// For `train`: the transformer (`dit`: the benchmark config, 12 blocks 384
+    /// wide; `xl`: PixArt-XL/2, 28 blocks 1152 wide).
+    #[arg(long, default_value = "dit")]
+    train_config: String,
+    /// For `train`: train a LoRA of this rank on the attention projections
+    /// (to_q, to_k, to_v, to_out.0) instead of the whole transformer.
+    #[arg(long, default_value_t = 0)]
+    lora_rank: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -97,6 +105,10 @@ enum Target {
     /// e.g. a pipeline folder): load, encode, peak memory, and the error against
     /// `--reference` (compare with scripts/bench_text_torch.py).
     Text,
+    /// A LoRA of rank `--lora-rank` (default 16) on PixArt-XL's attention
+    /// projections, applied two ways: merged into the weights once, against
+    /// adding x·Aᵀ·Bᵀ to every product on the fly, at `--size` px.
+    Lora,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -177,11 +189,12 @@ fn per_node(d: Duration, n: usize) -> f64 {
 pub async fn run(args: BenchArgs) -> Result<ExitCode> {
     match args.target {
         Target::Dit => return dit(args.repeat.max(1), &args.device),
-        Target::Train => return train(args.repeat.max(1), &args.device),
+        Target::Train => return train(&args),
         Target::Plugins => return plugins(&args.plugin, args.repeat.max(1)),
         Target::Caption => return caption(&args.model, args.tokens.max(2), args.repeat.max(1)),
         Target::Pipeline => return pipeline::run(&args),
         Target::Text => return text::run(&args),
+        Target::Lora => return lora(&args),
         Target::Runtime => {}
     }
     let n = args.nodes.max(1);
@@ -321,19 +334,94 @@ fn dit(repeat: usize, device: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The two ways of applying a LoRA to PixArt-XL's 112 attention projections
+/// (28 blocks × q, k, v, out; 1152 × 1152): the one-time cost of merging
+/// `W + s·B·A` and the memory the merged copies take, against the per-forward
+/// cost of `x·Aᵀ·Bᵀ` beside every `x·Wᵀ` for the image tokens of `--size` px
+/// (one CFG batch of 2).
+fn lora(args: &BenchArgs) -> Result<ExitCode> {
+    use pixart_runtime::candle_core::{DType, Device, Tensor};
+    let rank = if args.lora_rank == 0 {
+        16
+    } else {
+        args.lora_rank
+    };
+    let (d, modules) = (1152usize, 28 * 4);
+    let tokens = 2 * (args.size / 16).pow(2);
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 0.02, (d, d), &dev)?;
+    let a = Tensor::randn(0f32, 0.02, (rank, d), &dev)?;
+    let b = Tensor::randn(0f32, 0.02, (d, rank), &dev)?;
+    let x = Tensor::randn(0f32, 1.0, (tokens, d), &dev)?;
+    let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<Duration> {
+        let mut runs = Vec::new();
+        for _ in 0..args.repeat.max(1) + 1 {
+            let start = Instant::now();
+            for _ in 0..modules {
+                f()?;
+            }
+            runs.push(start.elapsed());
+        }
+        runs.remove(0);
+        Ok(median(runs))
+    };
+    let merge = time(&|| Ok((&w + (b.matmul(&a)? * 2.0)?)?))?;
+    let base = time(&|| Ok(x.matmul(&w.t()?)?))?;
+    let on_the_fly = time(&|| Ok(x.matmul(&a.t()?)?.matmul(&b.t()?)?))?;
+    let merged_mib = (modules * d * d * DType::F32.size_in_bytes()) as f64 / (1 << 20) as f64;
+    println!(
+        "{{\"bench\": \"lora\", \"rank\": {rank}, \"size\": {}, \"tokens\": {tokens}, \"modules\": {modules}, \"threads\": {}, \"merge_once_ms\": {:.1}, \"merged_copies_mib\": {merged_mib:.0}, \"base_products_ms\": {:.1}, \"on_the_fly_extra_ms\": {:.1}}}",
+        args.size,
+        pixart_runtime::candle_core::utils::get_num_threads(),
+        merge.as_secs_f64() * 1e3,
+        base.as_secs_f64() * 1e3,
+        on_the_fly.as_secs_f64() * 1e3,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// One PixArt training step on the benchmark transformer: forward (differentiable
 /// ops), the IDDPM loss, backward, gradient clipping and AdamW; batch 2, f32.
-fn train(repeat: usize, device: &str) -> Result<ExitCode> {
+fn train(args: &BenchArgs) -> Result<ExitCode> {
     use pixart_nodes::training::loss::Diffusion;
-    use pixart_nodes::training::model::{Start, TrainModel};
+    use pixart_nodes::training::model::{LoraSpec, Start, TrainModel};
     use pixart_nodes::training::optim::AdamW;
     use pixart_nodes::training::step::{loss_and_gradients, Batch, Optimizer};
 
-    let cfg = bench_config()?;
+    let (repeat, device) = (args.repeat.max(1), args.device.as_str());
+    let cfg = match args.train_config.as_str() {
+        "dit" => bench_config()?,
+        "xl" => serde_json::from_value(serde_json::json!({
+            "num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4,
+            "out_channels": 8, "num_layers": 28, "sample_size": 32, "patch_size": 2,
+            "caption_channels": 4096, "cross_attention_dim": 1152, "norm_type": "ada_norm_single"
+        }))?,
+        other => anyhow::bail!("--train-config {other}: dit or xl"),
+    };
     let dev = pixart_nodes::device::device(device).map_err(anyhow::Error::msg)?;
-    let tm = TrainModel::new(&cfg, Start::Scratch, 0, 0, &[], &dev)?;
+    let mut tm = TrainModel::new(&cfg, Start::Scratch, 0, 0, &[], &dev)?;
+    randomize(&tm.trainable())?;
+    if args.lora_rank > 0 {
+        let base: std::collections::HashMap<_, _> = tm.tensors().into_iter().collect();
+        drop(tm);
+        let spec = LoraSpec {
+            rank: args.lora_rank,
+            alpha: args.lora_rank as f64,
+            targets: ["to_q", "to_k", "to_v", "to_out.0"]
+                .map(String::from)
+                .to_vec(),
+        };
+        tm = TrainModel::new_lora(&cfg, &base, &spec, None, 0, &dev)?;
+        // B starts at zero: give it values so the update is a real one.
+        let b: Vec<_> = tm
+            .params
+            .iter()
+            .filter(|p| p.name.ends_with("lora_B.weight"))
+            .map(|p| p.var.clone())
+            .collect();
+        randomize(&b)?;
+    }
     let vars = tm.trainable();
-    randomize(&vars)?;
     let [x, _, text, mask] = bench_inputs(&dev)?;
     let noise = (x.sin()? * 1.5)?;
     let batch = Batch {
@@ -351,6 +439,7 @@ fn train(repeat: usize, device: &str) -> Result<ExitCode> {
         vars,
         max_grad_norm: 0.01,
     };
+    let trainable: usize = opt.vars.iter().map(|v| v.as_tensor().elem_count()).sum();
     let before = peak_rss_mib();
     let threads = pixart_runtime::candle_core::utils::get_num_threads();
     let mut times = Vec::new();
@@ -366,7 +455,9 @@ fn train(repeat: usize, device: &str) -> Result<ExitCode> {
     let min = *times.iter().min().unwrap_or(&Duration::ZERO);
     let med = median(times);
     println!(
-        "{{\"bench\": \"pixart_train_step\", \"device\": \"{device}\", \"threads\": {threads}, \"repeat\": {repeat}, \"median_ms\": {:.2}, \"min_ms\": {:.2}, \"peak_rss_mib\": {:.0}, \"rss_before_steps_mib\": {before:.0}}}",
+        "{{\"bench\": \"pixart_train_step\", \"config\": \"{}\", \"lora_rank\": {}, \"trainable\": {trainable}, \"device\": \"{device}\", \"threads\": {threads}, \"repeat\": {repeat}, \"median_ms\": {:.2}, \"min_ms\": {:.2}, \"peak_rss_mib\": {:.0}, \"rss_before_steps_mib\": {before:.0}}}",
+        args.train_config,
+        args.lora_rank,
         med.as_secs_f64() * 1e3,
         min.as_secs_f64() * 1e3,
         peak_rss_mib(),

@@ -35,24 +35,37 @@ impl candle_core::CustomOp3 for LinearOp {
         dense_cpu(self.name(), s1, l1, weight, Some(b), WIDEN_ELEMENTS)
     }
 
+    /// Only the gradients something needs: a frozen weight (a LoRA's base)
+    /// gets none, where candle would keep one for every argument to the end of
+    /// the backward pass.
     fn bwd(
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = grad.contiguous()?;
-        let dx = g.apply_op2_no_bwd(w, &LinearGradInput)?;
-        let dw = g.apply_op2_no_bwd(x, &LinearGradWeight)?;
+        let dx = x
+            .track_op()
+            .then(|| g.apply_op2_no_bwd(w, &LinearGradInput))
+            .transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| g.apply_op2_no_bwd(x, &LinearGradWeight))
+            .transpose()?;
         let o = w.dim(0)?;
         let rows = g.elem_count() / o;
-        let db = g
-            .reshape((1, rows, o))?
-            .apply_op1_no_bwd(&TokenSum)?
-            .reshape(o)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        let db = b
+            .track_op()
+            .then(|| {
+                g.reshape((1, rows, o))?
+                    .apply_op1_no_bwd(&TokenSum)?
+                    .reshape(o)
+            })
+            .transpose()?;
+        Ok((dx, dw, db))
     }
 }
 

@@ -6,7 +6,7 @@
 use super::rng::{Stream, TrainRng};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use pixart_models::pixart::{Config, PixArtTransformer};
+use pixart_models::pixart::{Adapters, Config, LowRank, PixArtTransformer, ADAPTABLE};
 use std::collections::HashMap;
 
 /// The name of the class table among the parameters; it is not a transformer
@@ -174,16 +174,12 @@ impl TrainModel {
             .iter()
             .map(|(n, t)| Ok((n.clone(), t.to_dtype(DType::F32)?.to_device(device)?)))
             .collect::<Result<_>>()?;
-        let targeted = |module: &str| {
-            spec.targets
-                .iter()
-                .any(|t| module == t || module.ends_with(&format!(".{t}")))
-        };
+        let named = |module: &str, t: &str| module == t || module.ends_with(&format!(".{t}"));
         let mut modules: Vec<String> = base
             .iter()
             .filter(|(_, t)| t.rank() == 2)
             .filter_map(|(n, _)| n.strip_suffix(".weight"))
-            .filter(|m| targeted(m))
+            .filter(|m| spec.targets.iter().any(|t| named(m, t)))
             .map(str::to_string)
             .collect();
         modules.sort();
@@ -191,6 +187,16 @@ impl TrainModel {
             candle_core::bail!(
                 "no linear layer of the transformer matches the LoRA targets {:?}",
                 spec.targets
+            );
+        }
+        // Training adds the update beside the blocks' projections (no merged
+        // copy of their weights): those are the layers it can adapt.
+        if let Some(other) = modules.iter().find(|m| {
+            !m.starts_with("transformer_blocks.") || !ADAPTABLE.iter().any(|a| named(m, a))
+        }) {
+            candle_core::bail!(
+                "`{other}`: LoRA training adapts the blocks' projections ({}) only",
+                ADAPTABLE.join(", ")
             );
         }
         let mut params = Vec::with_capacity(2 * modules.len());
@@ -229,9 +235,25 @@ impl TrainModel {
                 });
             }
         }
-        let model = PixArtTransformer::new(
+        // The update sits beside each adapted projection, reading the LoRA's
+        // variables: the optimiser's in-place updates reach the model as they are.
+        let scale = spec.alpha / spec.rank as f64;
+        let adapters: Adapters = modules
+            .iter()
+            .zip(params.chunks(2))
+            .map(|(m, ab)| {
+                let low = LowRank {
+                    a: ab[0].var.as_tensor().clone(),
+                    b: ab[1].var.as_tensor().clone(),
+                    scale,
+                };
+                (m.clone(), low)
+            })
+            .collect();
+        let model = PixArtTransformer::new_adapted(
             VarBuilder::from_tensors(base.clone(), DType::F32, device),
             cfg,
+            &adapters,
         )?;
         Ok(TrainModel {
             cfg: cfg.clone(),
@@ -243,26 +265,6 @@ impl TrainModel {
                 modules,
             }),
         })
-    }
-
-    /// With a LoRA, the model a training step runs: the base with
-    /// `alpha/rank · B·A` added to each adapted weight (a graph through the
-    /// LoRA's variables, so their gradients flow). Without, `None`: the
-    /// parameters' own model (`self.model`) is the one.
-    pub fn step_model(&self) -> Result<Option<PixArtTransformer>> {
-        let Some(lora) = &self.lora else {
-            return Ok(None);
-        };
-        let vars: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|p| p.var.as_tensor().clone())
-            .collect();
-        let weights = lora.merged(&vars)?;
-        Ok(Some(PixArtTransformer::new(
-            VarBuilder::from_tensors(weights, DType::F32, self.model.device()),
-            &self.cfg,
-        )?))
     }
 
     /// The base weights with a LoRA's values (`values` by parameter name, such

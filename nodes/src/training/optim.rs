@@ -102,6 +102,9 @@ impl AdamW {
             let Some(g) = grads.get(v.as_tensor()) else {
                 continue;
             };
+            // A gradient made through another variable (a LoRA's B·A) carries
+            // that graph: detached, the moments do not keep every step's alive.
+            let g = &g.detach();
             let p = v.as_tensor().detach();
             let p = (&p * (1.0 - lr * self.weight_decay))?;
             *m = ((&*m * self.beta1)? + (g * (1.0 - self.beta1))?)?;

@@ -422,7 +422,8 @@ impl TrainPixArt {
                         .default("to_q,to_k,to_v,to_out.0")
                         .describe(
                             "The linear layers the LoRA adapts, as peft's target_modules: a module \
-                             named so or ending in `.` and the name (to_q matches every attention's).",
+                             named so or ending in `.` and the name (to_q matches every attention's), among the blocks' projections to_q, to_k, to_v, \
+                             to_out.0, ff.net.0.proj and ff.net.2.",
                         ),
                 )
                 .output("transformer", PortType::Denoiser, "the trained transformer (EMA weights)")
@@ -572,11 +573,10 @@ impl Node for TrainPixArt {
             PixArtTransformer::new(vb, &cfg)
         })?;
         let _memory = match settings.lora {
-            // The frozen base, and each step's merged weights and their gradients.
+            // The frozen base; the adapter beside it is small.
             Some(_) => ctx.reserve_memory(
-                params.saturating_mul(12),
-                "training a LoRA of this transformer (f32 base weights, each step's merged \
-                 weights and their gradients)",
+                params.saturating_mul(4),
+                "training a LoRA of this transformer (its f32 base weights)",
             )?,
             None => ctx.reserve_memory(
                 params.saturating_mul(20),
@@ -664,11 +664,8 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
             with_sizes,
             &diffusion,
         )?;
-        let merged = state.tm.step_model()?;
-        let model = merged.as_ref().unwrap_or(&state.tm.model);
         let (terms, loss, mut grads) =
-            loss_and_gradients(model, &diffusion, &batch, &state.opt.vars)?;
-        drop(merged);
+            loss_and_gradients(&state.tm.model, &diffusion, &batch, &state.opt.vars)?;
         let lr = scheduled_lr(s.lr, step, s.steps, s.warmup, s.lr_schedule, s.decay_steps);
         let grad_norm = state.opt.apply(&mut grads, lr)?;
         if s.ema_warmup {
