@@ -41,7 +41,10 @@ fn adapted(base: &Denoiser, stack: &[(&Lora, f64)]) -> Denoiser {
     let weights = lora::apply(&base.weights, stack).unwrap();
     let vb = candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
     Denoiser {
-        model: pixart_models::pixart::PixArtTransformer::new(vb, base.model.config()).unwrap(),
+        model: std::sync::Arc::new(
+            pixart_models::pixart::PixArtTransformer::new(vb, base.model.config()).unwrap(),
+        ),
+        control: None,
         null_caption: None,
         weights,
         vae_scale_factor: 8,
@@ -183,4 +186,119 @@ nodes:
     let den = h.downcast::<Denoiser>().unwrap();
     let r = reference();
     assert_close("lora.apply", &forward(den, &r), &r["stacked"]);
+}
+
+fn control_reference() -> HashMap<String, Tensor> {
+    let path = fixtures().join("reference/controlnet.safetensors");
+    pixart_runtime::candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// The ControlNet in both layouts against the official forward written out
+/// (tests/fixtures/generate_adapters.py `controlled_forward`), at scale 1 and 0.5.
+#[test]
+fn controlnets_in_both_layouts_match_the_official_forward() {
+    use pixart_models::pixart::{read_controlnet, Control, ControlNet};
+    let r = control_reference();
+    let base = load::transformer(
+        &fixtures().join("tiny-controlnet/transformer"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let plain = base
+        .model
+        .forward(&r["x"], &r["t"], &r["text"], Some(&r["mask"]), None)
+        .unwrap();
+    assert_close("without control", &plain, &r["plain"]);
+    for path in [
+        fixtures().join("tiny-controlnet/controlnet"),
+        fixtures().join("tiny-controlnet-official.pth"),
+    ] {
+        let (tensors, copies) = read_controlnet(&path, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(copies, 2, "{}", path.display());
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let net = ControlNet::new(vb, base.model.config(), copies).unwrap();
+        for (scale, want) in [(1.0, "controlled"), (0.5, "half")] {
+            let control = Control {
+                net: &net,
+                latents: &r["control"],
+                scale,
+            };
+            let got = base
+                .model
+                .forward_controlled(
+                    &r["x"],
+                    &r["t"],
+                    &r["text"],
+                    Some(&r["mask"]),
+                    None,
+                    &control,
+                )
+                .unwrap();
+            assert_close(&format!("{} at {scale}", path.display()), &got, &r[want]);
+        }
+    }
+    // A control latent of another size is refused by name.
+    let net = {
+        let (tensors, copies) = read_controlnet(
+            &fixtures().join("tiny-controlnet/controlnet"),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        ControlNet::new(vb, base.model.config(), copies).unwrap()
+    };
+    let small = Tensor::zeros((1, 4, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let err = base
+        .model
+        .forward_controlled(
+            &r["x"],
+            &r["t"],
+            &r["text"],
+            Some(&r["mask"]),
+            None,
+            &Control {
+                net: &net,
+                latents: &small,
+                scale: 1.0,
+            },
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("control latent"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controlnet_nodes_lead_the_transformer() {
+    let yaml = r#"version: 1
+nodes:
+  t: {type: transformer.load, inputs: {path: tiny-controlnet/transformer}}
+  c: {type: controlnet.load, inputs: {path: tiny-controlnet-official.pth}}
+  latent: {type: tensor.load, inputs: {path: reference/controlnet.safetensors, key: control}}
+  apply: {type: controlnet.apply, inputs: {transformer: "${t.transformer}", controlnet: "${c.controlnet}", control: "${latent.tensor}"}}
+"#;
+    let (reg, _) = common::registry();
+    let wf = common::load(yaml, &reg);
+    let out = tempfile::tempdir().unwrap();
+    let report = Executor::new(CachePolicy::None)
+        .run(
+            &wf,
+            RunOptions {
+                targets: vec!["apply".into()],
+                out_dir: out.path().into(),
+                base_dir: fixtures(),
+                ..RunOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    let Some(Value::Handle(h)) = report.output("apply", "transformer") else {
+        panic!("no transformer: {:?}", report.failures);
+    };
+    let den = h.downcast::<Denoiser>().unwrap();
+    let r = control_reference();
+    let got = den
+        .forward(&r["x"], &r["t"], &r["text"], Some(&r["mask"]), None)
+        .unwrap();
+    assert_close("controlnet.apply", &got, &r["controlled"]);
 }

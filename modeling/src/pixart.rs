@@ -13,6 +13,8 @@ use crate::weights::{LoadError, Weights};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{conv2d, linear, linear_b, Conv2d, Conv2dConfig, Linear, VarBuilder};
 use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::Path;
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct Config {
@@ -627,6 +629,55 @@ impl FeedForward {
     }
 }
 
+/// PixArt-α's ControlNet ("ControlNet-Transformer", the official
+/// `ControlPixArtHalf`): trainable copies of the first N blocks (13 of 28 in
+/// the released models), a `before_proj` that adds the embedded control latent
+/// to the first copy's input and an `after_proj` per copy whose output joins the
+/// base's hidden state before the next block. Named as diffusers' PixArt port
+/// names it (`controlnet_blocks.N.transformer_block.*`, `.before_proj`,
+/// `.after_proj`); the official checkpoint converts to that.
+pub struct ControlNet {
+    copies: Vec<Block>,
+    before_proj: Linear,
+    after_proj: Vec<Linear>,
+}
+
+impl ControlNet {
+    pub fn new(vb: VarBuilder, cfg: &Config, copies: usize) -> Result<Self> {
+        let d = cfg.hidden();
+        if copies == 0 || copies >= cfg.num_layers {
+            candle_core::bail!(
+                "a ControlNet copies 1 to {} of the transformer's {} blocks, not {copies}",
+                cfg.num_layers - 1,
+                cfg.num_layers
+            );
+        }
+        let blocks = vb.pp("controlnet_blocks");
+        Ok(ControlNet {
+            copies: (0..copies)
+                .map(|i| Block::new(blocks.pp(i).pp("transformer_block"), cfg, i, None))
+                .collect::<Result<_>>()?,
+            before_proj: linear(d, d, blocks.pp(0).pp("before_proj"))?,
+            after_proj: (0..copies)
+                .map(|i| linear(d, d, blocks.pp(i).pp("after_proj")))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    pub fn copies(&self) -> usize {
+        self.copies.len()
+    }
+}
+
+/// A ControlNet leading a forward: the control image's latent
+/// `[1 or batch, C, h, w]` (the latents' size) and how much of it (`scale` 1 is
+/// the official model; it multiplies each copy's contribution).
+pub struct Control<'a> {
+    pub net: &'a ControlNet,
+    pub latents: &'a Tensor,
+    pub scale: f64,
+}
+
 /// A LoRA's low-rank update of one linear layer, added beside it rather than
 /// merged in: `y = x·Wᵀ + scale · (x·Aᵀ)·Bᵀ` (A `[r, in]`, B `[out, r]`). What
 /// LoRA training runs: no copy of W, and gradients for A and B only.
@@ -675,7 +726,7 @@ impl Proj {
     }
 }
 
-struct Block {
+pub(crate) struct Block {
     scale_shift_table: Tensor,
     attn1: Attention,
     attn2: Attention,
@@ -684,7 +735,7 @@ struct Block {
 }
 
 impl Block {
-    fn new(
+    pub(crate) fn new(
         vb: VarBuilder,
         cfg: &Config,
         index: usize,
@@ -714,7 +765,7 @@ impl Block {
     }
 
     /// `t6`: `[batch, 6·D]` from adaLN-single; `grid`: the token grid (gh, gw).
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         t6: &Tensor,
@@ -906,9 +957,37 @@ impl PixArtTransformer {
         text_mask: Option<&Tensor>,
         sizes: Option<&SizeConditions>,
     ) -> Result<Tensor> {
+        self.forward_split(x, t, text, text_mask, sizes, None)
+    }
+
+    /// [`forward`](Self::forward) with a ControlNet: its copies beside the
+    /// first blocks, led by the control image's latent (batch 1, shared by the
+    /// whole batch as the official sampler shares it between the CFG halves,
+    /// or one per sample).
+    pub fn forward_controlled(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        text: &Tensor,
+        text_mask: Option<&Tensor>,
+        sizes: Option<&SizeConditions>,
+        control: &Control,
+    ) -> Result<Tensor> {
+        self.forward_split(x, t, text, text_mask, sizes, Some(control))
+    }
+
+    fn forward_split(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        text: &Tensor,
+        text_mask: Option<&Tensor>,
+        sizes: Option<&SizeConditions>,
+        control: Option<&Control>,
+    ) -> Result<Tensor> {
         let b = x.dim(0)?;
         if !batch_parallel(x, b) {
-            return self.forward_with(x, t, text, text_mask, sizes, false);
+            return self.forward_with(x, t, text, text_mask, sizes, false, control);
         }
         // Samples are independent: two halves on two threads, each running its
         // element-wise work inline, scale better on few cores than splitting
@@ -928,6 +1007,16 @@ impl PixArtTransformer {
                 }),
                 _ => None,
             };
+            let latents = match control {
+                Some(ctl) if ctl.latents.dim(0)? == b => Some(cut(ctl.latents)?),
+                Some(ctl) => Some(ctl.latents.clone()),
+                None => None,
+            };
+            let control = control.zip(latents.as_ref()).map(|(ctl, latents)| Control {
+                net: ctl.net,
+                latents,
+                scale: ctl.scale,
+            });
             self.forward_with(
                 &cut(x)?,
                 &cut(t)?,
@@ -935,6 +1024,7 @@ impl PixArtTransformer {
                 mask.as_ref(),
                 sizes.as_ref(),
                 false,
+                control.as_ref(),
             )
         };
         let (a, b2) = rayon::join(|| part(0, half), || part(half, b - half));
@@ -951,9 +1041,12 @@ impl PixArtTransformer {
         text_mask: Option<&Tensor>,
         sizes: Option<&SizeConditions>,
     ) -> Result<Tensor> {
-        self.forward_with(x, t, text, text_mask, sizes, true)
+        self.forward_with(x, t, text, text_mask, sizes, true, None)
     }
 
+    // The forward's own inputs, and how to run it: splitting them into a struct
+    // would only rename them.
+    #[allow(clippy::too_many_arguments)]
     fn forward_with(
         &self,
         x: &Tensor,
@@ -962,6 +1055,7 @@ impl PixArtTransformer {
         text_mask: Option<&Tensor>,
         sizes: Option<&SizeConditions>,
         differentiable: bool,
+        control: Option<&Control>,
     ) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
         let p = self.cfg.patch_size;
@@ -986,7 +1080,49 @@ impl PixArtTransformer {
             ),
             None => None,
         };
-        for block in &self.blocks {
+        // A ControlNet's copies run beside blocks 1..=N, each on the previous
+        // one's output (the first on the hidden state plus the embedded control
+        // latent), and add their projected output to that block's input.
+        let mut c = match control {
+            Some(ctl) => {
+                let (cb, _, ch, cw) = ctl.latents.dims4()?;
+                if (ch, cw) != (h, w) || (cb != 1 && cb != b) {
+                    candle_core::bail!(
+                        "the control latent is {:?}; the latents are {:?}",
+                        ctl.latents.dims(),
+                        x.dims()
+                    );
+                }
+                let c = self
+                    .proj
+                    .forward(&ctl.latents.to_dtype(self.dtype)?)?
+                    .flatten_from(2)?
+                    .transpose(1, 2)?;
+                Some(c.broadcast_add(&self.position_embedding(gh, gw)?)?)
+            }
+            None => None,
+        };
+        for (i, block) in self.blocks.iter().enumerate() {
+            if let (Some(ctl), Some(state)) = (control, c.as_ref()) {
+                if i >= 1 && i <= ctl.net.copies.len() {
+                    let input = if i == 1 {
+                        x.broadcast_add(&linear_for(&ctl.net.before_proj, state, differentiable)?)?
+                    } else {
+                        state.clone()
+                    };
+                    let out = ctl.net.copies[i - 1].forward(
+                        &input,
+                        &t6,
+                        &text,
+                        text_bias.as_ref(),
+                        (gh, gw),
+                        differentiable,
+                    )?;
+                    let skip = linear_for(&ctl.net.after_proj[i - 1], &out, differentiable)?;
+                    x = (x + (skip * ctl.scale)?)?;
+                    c = Some(out);
+                }
+            }
             x = block.forward(&x, &t6, &text, text_bias.as_ref(), (gh, gw), differentiable)?;
         }
 
@@ -1088,62 +1224,147 @@ pub fn convert_official(w: &mut Weights) -> std::result::Result<Option<Tensor>, 
         let (i, field) = rest
             .split_once('.')
             .ok_or_else(|| err(format!("unexpected tensor {name}")))?;
-        let block = format!("transformer_blocks.{i}");
-        let split = |t: &Tensor, parts: usize| -> std::result::Result<Vec<Tensor>, LoadError> {
-            t.chunk(parts, 0)
-                .map_err(|e| err(format!("{name}: {e}")))
-                .and_then(|c| {
-                    if c.len() == parts {
-                        Ok(c)
-                    } else {
-                        Err(err(format!("{name}: cannot split into {parts}")))
-                    }
-                })
-        };
-        let kind = field.rsplit('.').next().unwrap_or(""); // weight | bias
-        match field {
-            "scale_shift_table" => w.insert(format!("{block}.scale_shift_table"), t),
-            f if f.starts_with("attn.qkv.") => {
-                for (part, x) in ["to_q", "to_k", "to_v"].iter().zip(split(&t, 3)?) {
-                    w.insert(
-                        format!("{block}.attn1.{part}.{kind}"),
-                        x.contiguous().map_err(|e| err(e.to_string()))?,
-                    );
-                }
-            }
-            f if f.starts_with("attn.proj.") => {
-                w.insert(format!("{block}.attn1.to_out.0.{kind}"), t)
-            }
-            // PixArt-Σ's KV compression keeps its official module names.
-            f if f.starts_with("attn.sr.") || f.starts_with("attn.norm.") => {
-                w.insert(format!("{block}.attn1.{}", &f["attn.".len()..]), t)
-            }
-            f if f.starts_with("attn.q_norm.") || f.starts_with("attn.k_norm.") => {
-                return Err(err(format!(
-                    "{name}: query/key normalisation (qk_norm) is not supported; no released \
-                     PixArt model uses it"
-                )));
-            }
-            f if f.starts_with("cross_attn.q_linear.") => {
-                w.insert(format!("{block}.attn2.to_q.{kind}"), t)
-            }
-            f if f.starts_with("cross_attn.kv_linear.") => {
-                for (part, x) in ["to_k", "to_v"].iter().zip(split(&t, 2)?) {
-                    w.insert(
-                        format!("{block}.attn2.{part}.{kind}"),
-                        x.contiguous().map_err(|e| err(e.to_string()))?,
-                    );
-                }
-            }
-            f if f.starts_with("cross_attn.proj.") => {
-                w.insert(format!("{block}.attn2.to_out.0.{kind}"), t)
-            }
-            f if f.starts_with("mlp.fc1.") => w.insert(format!("{block}.ff.net.0.proj.{kind}"), t),
-            f if f.starts_with("mlp.fc2.") => w.insert(format!("{block}.ff.net.2.{kind}"), t),
-            _ => w.insert(name.clone(), t),
-        }
+        convert_official_block(w, &format!("transformer_blocks.{i}"), field, &name, t)
+            .map_err(err)?;
     }
     Ok(null_caption)
+}
+
+/// A ControlNet's weights under diffusers' PixArt port names, and how many
+/// blocks it copies: a port folder (`config.json` with `num_layers`,
+/// `diffusion_pytorch_model.safetensors`), a `.safetensors` file of those names,
+/// or the official checkpoint (`torch.save({"state_dict": ...})` of
+/// `ControlPixArtHalf`: the base under `base_model.*`, which is left out: the
+/// transformer it adapts is loaded on its own).
+pub fn read_controlnet(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> std::result::Result<(HashMap<String, Tensor>, usize), LoadError> {
+    let official = path.extension().is_some_and(|e| e == "pth" || e == "pt");
+    let mut w = if path.is_dir() {
+        Weights::from_folder(path, &["diffusion_pytorch_model"], dtype, device)?
+    } else if official {
+        Weights::from_pth(path, Some("state_dict"), dtype, device)?
+    } else {
+        Weights::from_safetensors(&[path.to_path_buf()], dtype, device)?
+    };
+    if official {
+        let names: Vec<String> = w.names().map(str::to_string).collect();
+        for name in names {
+            let Some(t) = w.remove(&name) else { continue };
+            if name.starts_with("base_model.") {
+                continue;
+            }
+            let parsed = name
+                .strip_prefix("controlnet.")
+                .and_then(|rest| rest.split_once('.'));
+            let Some((i, field)) = parsed else {
+                return Err(LoadError::file(
+                    path,
+                    format!("`{name}` is not part of an official PixArt ControlNet"),
+                ));
+            };
+            let block = format!("controlnet_blocks.{i}");
+            match field.strip_prefix("copied_block.") {
+                Some(inner) => convert_official_block(
+                    &mut w,
+                    &format!("{block}.transformer_block"),
+                    inner,
+                    &name,
+                    t,
+                )
+                .map_err(|e| LoadError::file(path, e))?,
+                None => w.insert(format!("{block}.{field}"), t),
+            }
+        }
+    }
+    let copies = w
+        .names()
+        .filter_map(|n| {
+            n.strip_prefix("controlnet_blocks.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |i| i + 1);
+    if copies == 0 {
+        return Err(LoadError::file(
+            path,
+            "holds no ControlNet blocks (controlnet_blocks.N.* or controlnet.N.*)",
+        ));
+    }
+    let tensors = w
+        .names()
+        .filter_map(|n| Some((n.to_string(), w.get(n)?.clone())))
+        .collect();
+    Ok((tensors, copies))
+}
+
+/// One tensor of an official block (`field`: its name below `blocks.N.`, e.g.
+/// `attn.qkv.weight`, fused projections split) under diffusers' names below
+/// `block` (`transformer_blocks.N`; a ControlNet's copies go elsewhere).
+pub fn convert_official_block(
+    w: &mut Weights,
+    block: &str,
+    field: &str,
+    name: &str,
+    t: Tensor,
+) -> std::result::Result<(), String> {
+    let split = |t: &Tensor, parts: usize| -> std::result::Result<Vec<Tensor>, String> {
+        t.chunk(parts, 0)
+            .map_err(|e| format!("{name}: {e}"))
+            .and_then(|c| {
+                if c.len() == parts {
+                    Ok(c)
+                } else {
+                    Err(format!("{name}: cannot split into {parts}"))
+                }
+            })
+    };
+    let kind = field.rsplit('.').next().unwrap_or(""); // weight | bias
+    match field {
+        "scale_shift_table" => w.insert(format!("{block}.scale_shift_table"), t),
+        f if f.starts_with("attn.qkv.") => {
+            for (part, x) in ["to_q", "to_k", "to_v"].iter().zip(split(&t, 3)?) {
+                w.insert(
+                    format!("{block}.attn1.{part}.{kind}"),
+                    x.contiguous().map_err(|e| e.to_string())?,
+                );
+            }
+        }
+        f if f.starts_with("attn.proj.") => w.insert(format!("{block}.attn1.to_out.0.{kind}"), t),
+        // PixArt-Σ's KV compression keeps its official module names.
+        f if f.starts_with("attn.sr.") || f.starts_with("attn.norm.") => {
+            w.insert(format!("{block}.attn1.{}", &f["attn.".len()..]), t)
+        }
+        f if f.starts_with("attn.q_norm.") || f.starts_with("attn.k_norm.") => {
+            return Err(format!(
+                "{name}: query/key normalisation (qk_norm) is not supported; no released \
+                     PixArt model uses it"
+            ));
+        }
+        f if f.starts_with("cross_attn.q_linear.") => {
+            w.insert(format!("{block}.attn2.to_q.{kind}"), t)
+        }
+        f if f.starts_with("cross_attn.kv_linear.") => {
+            for (part, x) in ["to_k", "to_v"].iter().zip(split(&t, 2)?) {
+                w.insert(
+                    format!("{block}.attn2.{part}.{kind}"),
+                    x.contiguous().map_err(|e| e.to_string())?,
+                );
+            }
+        }
+        f if f.starts_with("cross_attn.proj.") => {
+            w.insert(format!("{block}.attn2.to_out.0.{kind}"), t)
+        }
+        f if f.starts_with("mlp.fc1.") => w.insert(format!("{block}.ff.net.0.proj.{kind}"), t),
+        f if f.starts_with("mlp.fc2.") => w.insert(format!("{block}.ff.net.2.{kind}"), t),
+        _ => w.insert(name.to_string(), t),
+    }
+    Ok(())
 }
 
 /// The KV compression a checkpoint's weights imply: blocks with the `conv`

@@ -33,6 +33,7 @@ pub fn builtin_nodes() -> Vec<Arc<dyn Node>> {
     nodes.extend(noise::nodes());
     nodes.extend(pixart::nodes::nodes());
     nodes.extend(pixart::lora::nodes());
+    nodes.extend(pixart::controlnet::nodes());
     nodes.extend(training::dataset::nodes());
     nodes.extend(training::precompute::nodes());
     nodes.extend(training::trainer::nodes());

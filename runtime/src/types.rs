@@ -39,6 +39,8 @@ pub enum PortType {
     Captioner,
     /// A LoRA adapter of the transformer.
     Lora,
+    /// A ControlNet of the transformer.
+    ControlNet,
     Dataset,
     /// Precomputed training features (VAE posteriors, T5 embeddings) on disk.
     Features,
@@ -141,6 +143,7 @@ impl fmt::Display for PortType {
                     Scheduler => "Scheduler",
                     Captioner => "Captioner",
                     Lora => "Lora",
+                    ControlNet => "ControlNet",
                     Dataset => "Dataset",
                     Features => "Features",
                     Checkpoint => "Checkpoint",

@@ -30,7 +30,7 @@ const NAMES = {
   int: 'Int', float: 'Float', bool: 'Bool', string: 'String', path: 'Path', scalar: 'Scalar',
   tensor: 'Tensor', tensor_like: 'TensorLike', latents: 'Latents', image: 'Image',
   conditioning: 'Conditioning', text_encoder: 'TextEncoder', tokenizer: 'Tokenizer',
-  denoiser: 'Denoiser', vae: 'Vae', scheduler: 'Scheduler', captioner: 'Captioner', lora: 'Lora',
+  denoiser: 'Denoiser', vae: 'Vae', scheduler: 'Scheduler', captioner: 'Captioner', lora: 'Lora', control_net: 'ControlNet',
   dataset: 'Dataset', features: 'Features', checkpoint: 'Checkpoint',
 };
 

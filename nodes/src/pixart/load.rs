@@ -306,7 +306,8 @@ pub fn transformer(path: &Path, dtype: DType, device: &Device) -> Result<Arc<Den
             .collect();
         Ok((
             Denoiser {
-                model,
+                model: Arc::new(model),
+                control: None,
                 null_caption,
                 weights,
                 vae_scale_factor: config_dir

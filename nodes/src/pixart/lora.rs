@@ -129,7 +129,8 @@ impl Node for ApplyLora {
         );
         let model = PixArtTransformer::new(vb, &cfg)?;
         let adapted = Denoiser {
-            model,
+            model: Arc::new(model),
+            control: base.control.clone(),
             null_caption: base.null_caption.clone(),
             weights,
             vae_scale_factor: base.vae_scale_factor,

@@ -1,6 +1,7 @@
 //! PixArt-α text-to-image: the loaded denoiser, loading, sampling, and the nodes.
 
 pub mod binning;
+pub mod controlnet;
 pub mod denoiser;
 pub mod latents;
 pub mod load;

@@ -377,7 +377,7 @@ pub fn sample(
             resolution: r,
             aspect_ratio: a,
         });
-        let out = model
+        let out = den
             .forward(&input, &tvec, &text, Some(&mask), size_cond.as_ref())?
             .to_dtype(DType::F32)?;
         let learned_sigma = out.dim(1)? == 2 * channels;

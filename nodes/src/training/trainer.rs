@@ -260,7 +260,8 @@ fn denoiser(
         cfg,
     )?;
     Ok(Denoiser {
-        model,
+        model: Arc::new(model),
+        control: None,
         null_caption: Some(null_caption.clone()),
         weights,
         vae_scale_factor: vae_scale,
