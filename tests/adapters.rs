@@ -156,19 +156,12 @@ fn a_lora_that_does_not_fit_is_refused_with_its_keys() {
     assert!(err.contains("proj_out"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_nodes_load_and_stack_loras() {
-    let yaml = r#"version: 1
-nodes:
-  t: {type: transformer.load, inputs: {path: tiny-pixart/transformer}}
-  a: {type: lora.load, inputs: {path: tiny-lora/stack-first}}
-  b: {type: lora.load, inputs: {path: tiny-lora/rslora}}
-  apply: {type: lora.apply, inputs: {transformer: "${t.transformer}", lora: "${a.lora}", lora_2: "${b.lora}", strength_2: -0.7}}
-"#;
+/// Runs `yaml` (paths under tests/fixtures) up to its node `apply`.
+async fn run_to_apply(yaml: &str) -> pixart_runtime::RunReport {
     let (reg, _) = common::registry();
     let wf = common::load(yaml, &reg);
     let out = tempfile::tempdir().unwrap();
-    let report = Executor::new(CachePolicy::None)
+    Executor::new(CachePolicy::None)
         .run(
             &wf,
             RunOptions {
@@ -179,11 +172,28 @@ nodes:
             },
         )
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The transformer node `apply` produced.
+fn applied(report: &pixart_runtime::RunReport) -> &Denoiser {
     let Some(Value::Handle(h)) = report.output("apply", "transformer") else {
         panic!("no transformer: {:?}", report.failures);
     };
-    let den = h.downcast::<Denoiser>().unwrap();
+    h.downcast::<Denoiser>().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_load_and_stack_loras() {
+    let yaml = r#"version: 1
+nodes:
+  t: {type: transformer.load, inputs: {path: tiny-pixart/transformer}}
+  a: {type: lora.load, inputs: {path: tiny-lora/stack-first}}
+  b: {type: lora.load, inputs: {path: tiny-lora/rslora}}
+  apply: {type: lora.apply, inputs: {transformer: "${t.transformer}", lora: "${a.lora}", lora_2: "${b.lora}", strength_2: -0.7}}
+"#;
+    let report = run_to_apply(yaml).await;
+    let den = applied(&report);
     let r = reference();
     assert_close("lora.apply", &forward(den, &r), &r["stacked"]);
 }
@@ -277,25 +287,8 @@ nodes:
   latent: {type: tensor.load, inputs: {path: reference/controlnet.safetensors, key: control}}
   apply: {type: controlnet.apply, inputs: {transformer: "${t.transformer}", controlnet: "${c.controlnet}", control: "${latent.tensor}"}}
 "#;
-    let (reg, _) = common::registry();
-    let wf = common::load(yaml, &reg);
-    let out = tempfile::tempdir().unwrap();
-    let report = Executor::new(CachePolicy::None)
-        .run(
-            &wf,
-            RunOptions {
-                targets: vec!["apply".into()],
-                out_dir: out.path().into(),
-                base_dir: fixtures(),
-                ..RunOptions::default()
-            },
-        )
-        .await
-        .unwrap();
-    let Some(Value::Handle(h)) = report.output("apply", "transformer") else {
-        panic!("no transformer: {:?}", report.failures);
-    };
-    let den = h.downcast::<Denoiser>().unwrap();
+    let report = run_to_apply(yaml).await;
+    let den = applied(&report);
     let r = control_reference();
     let got = den
         .forward(&r["x"], &r["t"], &r["text"], Some(&r["mask"]), None)
