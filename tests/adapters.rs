@@ -295,3 +295,43 @@ nodes:
         .unwrap();
     assert_close("controlnet.apply", &got, &r["controlled"]);
 }
+
+/// `image.canny` equals OpenCV's `cv2.Canny` on the fixture picture, pixel for
+/// pixel, at two threshold pairs.
+#[test]
+fn canny_edges_equal_opencv() {
+    let path = fixtures().join("reference/canny.safetensors");
+    let r = pixart_runtime::candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let image = &r["image"];
+    let (_, h, w, c) = image.dims4().unwrap();
+    let bytes: Vec<u8> = image
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| (v * 255.0).round() as u8)
+        .collect();
+    for (name, low, high) in [
+        ("edges_100_200", 100.0, 200.0),
+        ("edges_50_120", 50.0, 120.0),
+    ] {
+        let want = r[name].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        let got = pixart_nodes::edges::canny(&bytes, h, w, c, low, high);
+        let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differ,
+            0,
+            "{name}: {differ} of {} pixels differ",
+            want.len()
+        );
+    }
+    // The thresholds swap when given the wrong way round, as OpenCV's do.
+    let swapped = pixart_nodes::edges::canny(&bytes, h, w, c, 200.0, 100.0);
+    let want = r["edges_100_200"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
+    assert_eq!(swapped, want);
+}

@@ -3,6 +3,7 @@
 
 pub mod captioner;
 pub mod device;
+pub mod edges;
 pub mod fsutil;
 pub mod image_io;
 pub mod image_ops;
@@ -30,6 +31,7 @@ pub fn builtin_nodes() -> Vec<Arc<dyn Node>> {
     nodes.extend(tensor_io::nodes());
     nodes.extend(image_io::nodes());
     nodes.extend(image_ops::nodes());
+    nodes.extend(edges::nodes());
     nodes.extend(noise::nodes());
     nodes.extend(pixart::nodes::nodes());
     nodes.extend(pixart::lora::nodes());
