@@ -80,6 +80,21 @@ fn loras_in_every_layout_match_peft_at_each_strength_and_stacked() {
             &r["half"],
         );
     }
+    // peft's weights named on their own read their config beside them; away
+    // from it they are refused rather than scaled by a guess.
+    let file = dir.join("peft/adapter_model.safetensors");
+    let alone = Lora::load(&file).unwrap();
+    assert_close(
+        "peft file",
+        &forward(&adapted(&base, &[(&alone, 1.0)]), &r),
+        &r["one"],
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(&file, tmp.path().join("adapter_model.safetensors")).unwrap();
+    let err = Lora::load(&tmp.path().join("adapter_model.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("adapter_config.json"), "{err}");
     let first = Lora::load(&dir.join("stack-first")).unwrap();
     let rs = Lora::load(&dir.join("rslora")).unwrap();
     assert_close(
@@ -290,6 +305,22 @@ nodes:
     let report = run_to_apply(yaml).await;
     let den = applied(&report);
     let r = control_reference();
+    // One ControlNet at a time: a second on top is refused, not dropped.
+    let twice = format!(
+        "{yaml}  again: {{type: controlnet.apply, inputs: {{transformer: \"${{apply.transformer}}\", controlnet: \"${{c.controlnet}}\", control: \"${{latent.tensor}}\"}}}}\n"
+    );
+    let refused = run_to_apply(
+        &twice
+            .replace("  apply:", "  first:")
+            .replace("${apply.", "${first.")
+            .replace("  again:", "  apply:"),
+    )
+    .await;
+    assert!(
+        format!("{:?}", refused.failures).contains("already has a ControlNet"),
+        "{:?}",
+        refused.failures
+    );
     let got = den
         .forward(&r["x"], &r["t"], &r["text"], Some(&r["mask"]), None)
         .unwrap();

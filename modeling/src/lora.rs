@@ -49,8 +49,9 @@ struct AdapterConfig {
     peft_type: Option<String>,
     #[serde(default)]
     lora_alpha: Option<f64>,
-    #[serde(default)]
-    alpha_pattern: BTreeMap<String, f64>,
+    /// In the file's order: peft takes the first pattern that matches.
+    #[serde(default, deserialize_with = "in_order")]
+    alpha_pattern: Vec<(String, f64)>,
     #[serde(default)]
     use_rslora: bool,
     #[serde(default)]
@@ -58,14 +59,44 @@ struct AdapterConfig {
 }
 
 impl AdapterConfig {
-    /// peft matches a pattern against the end of a module's name, on a `.`.
+    /// peft's rule: the first pattern that, as a regular expression, matches
+    /// the end of the module's name on a `.` boundary (`(.*\.)?(pattern)$`).
     fn alpha(&self, module: &str) -> Option<f64> {
         self.alpha_pattern
             .iter()
-            .find(|(p, _)| module == p.as_str() || module.ends_with(&format!(".{p}")))
+            .find(|(p, _)| {
+                regex::Regex::new(&format!("^(.*\\.)?({p})$"))
+                    .map(|re| re.is_match(module))
+                    .unwrap_or(module == p)
+            })
             .map(|(_, a)| *a)
             .or(self.lora_alpha)
     }
+}
+
+/// A JSON object's entries in the order the file has them.
+fn in_order<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(String, f64)>, D::Error> {
+    struct Entries;
+    impl<'de> serde::de::Visitor<'de> for Entries {
+        type Value = Vec<(String, f64)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object of module patterns to numbers")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(entry) = map.next_entry::<String, f64>()? {
+                out.push(entry);
+            }
+            Ok(out)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+    }
+    d.deserialize_any(Entries)
 }
 
 const PREFIXES: [&str; 4] = [
@@ -99,9 +130,16 @@ impl Lora {
             let config = path.join("adapter_config.json");
             (file, config.is_file().then_some(config))
         } else {
-            (path.to_path_buf(), None)
+            // peft's weights named on their own: their config is beside them.
+            let config = path
+                .parent()
+                .map(|d| d.join("adapter_config.json"))
+                .filter(|c| c.is_file());
+            (path.to_path_buf(), config)
         };
-        let config = read_config(&file, config_file.as_deref())?;
+        let told = read_config(&file, config_file.as_deref())?;
+        let configured = told.is_some();
+        let config = told.unwrap_or_default();
         if config.use_dora {
             return Err(LoadError::file(
                 &file,
@@ -117,12 +155,14 @@ impl Lora {
         let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
         let mut unknown = Vec::new();
         let mut underscored = false;
+        let mut peft_keys = false;
         let mut layout = if config_file.is_some() {
             "peft"
         } else {
             "diffusers"
         };
         crate::safetensors_reader::for_each_tensor(&file, |name, t| {
+            peft_keys |= name.starts_with("base_model.model.");
             let (module, kind) = match split_key(&name) {
                 Some((module, kind, kohya)) => {
                     if kohya {
@@ -152,6 +192,14 @@ impl Lora {
             Ok(())
         })
         .map_err(|e| LoadError::file(&file, format!("not a readable safetensors file: {e}")))?;
+        // peft keeps alpha in its config alone: without it the scale is a guess.
+        if !configured && !underscored && peft_keys {
+            return Err(LoadError::file(
+                &file,
+                "peft's weights without their adapter_config.json (its lora_alpha sets the \
+                 scale): keep the file in its folder",
+            ));
+        }
         if !unknown.is_empty() {
             unknown.sort();
             return Err(LoadError::file(
@@ -255,16 +303,20 @@ fn split_key(name: &str) -> Option<(String, Part, bool)> {
 }
 
 /// The adapter's config: `adapter_config.json` beside it, else diffusers'
-/// `lora_adapter_metadata` (its keys under `transformer.` in a pipeline's file).
-fn read_config(file: &Path, config_file: Option<&Path>) -> Result<AdapterConfig, LoadError> {
+/// `lora_adapter_metadata` (its keys under `transformer.` in a pipeline's file);
+/// `None` when neither is there.
+fn read_config(
+    file: &Path,
+    config_file: Option<&Path>,
+) -> Result<Option<AdapterConfig>, LoadError> {
     if let Some(path) = config_file {
         let text = std::fs::read_to_string(path).map_err(|e| LoadError::file(path, e))?;
-        return crate::weights::parse_json(path, &text);
+        return crate::weights::parse_json(path, &text).map(Some);
     }
     let meta = crate::safetensors_reader::metadata(file)
         .map_err(|e| LoadError::file(file, format!("not a readable safetensors file: {e}")))?;
     let Some(raw) = meta.get("lora_adapter_metadata") else {
-        return Ok(AdapterConfig::default());
+        return Ok(None);
     };
     let value: serde_json::Value = crate::weights::parse_json(file, raw)?;
     let object = value.as_object().cloned().unwrap_or_default();
@@ -278,6 +330,7 @@ fn read_config(file: &Path, config_file: Option<&Path>) -> Result<AdapterConfig,
         })
         .collect();
     serde_json::from_value(serde_json::Value::Object(config))
+        .map(Some)
         .map_err(|e| LoadError::file(file, format!("lora_adapter_metadata: {e}")))
 }
 
@@ -378,4 +431,24 @@ fn update(m: &LoraModule, dims: &[usize], factor: f64) -> candle_core::Result<Te
         );
     }
     (delta * factor)?.reshape(dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// peft's rule: patterns are regular expressions on the end of the name, the
+    /// first in the file's order wins.
+    #[test]
+    fn alpha_patterns_match_as_peft_matches_them() {
+        let config: AdapterConfig = serde_json::from_str(
+            r#"{"lora_alpha": 8, "alpha_pattern": {"transformer_blocks\\.(0|1)\\.attn1\\.to_q": 2, "to_q": 3, "attn1.to_q": 4}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.alpha("transformer_blocks.1.attn1.to_q"), Some(2.0));
+        assert_eq!(config.alpha("transformer_blocks.5.attn1.to_q"), Some(3.0));
+        assert_eq!(config.alpha("transformer_blocks.5.attn2.to_q"), Some(3.0));
+        assert_eq!(config.alpha("transformer_blocks.5.attn2.to_k"), Some(8.0));
+        assert_eq!(config.alpha("transformer_blocks.5.attn2.xto_q"), Some(8.0));
+    }
 }

@@ -1088,9 +1088,9 @@ impl PixArtTransformer {
                 let (cb, _, ch, cw) = ctl.latents.dims4()?;
                 if (ch, cw) != (h, w) || (cb != 1 && cb != b) {
                     candle_core::bail!(
-                        "the control latent is {:?}; the latents are {:?}",
-                        ctl.latents.dims(),
-                        x.dims()
+                        "the control latent is {:?}; the latents are [{b}, _, {h}, {w}] (one \
+                         control, or one per sample, of the latents' size)",
+                        ctl.latents.dims()
                     );
                 }
                 let c = self

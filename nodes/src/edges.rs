@@ -157,6 +157,9 @@ impl Node for Canny {
     fn run(&self, _ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
         let image = inputs.image("image")?;
         let (b, h, w, c) = image.dims4()?;
+        if h * w * c == 0 {
+            return Err(NodeError::input("image", "the image is empty"));
+        }
         let (low, high) = (inputs.float("low")?, inputs.float("high")?);
         let values = image
             .to_dtype(pixart_runtime::candle_core::DType::F32)?

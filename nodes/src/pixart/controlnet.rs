@@ -112,8 +112,15 @@ impl Node for ApplyControlNet {
         &self.spec
     }
 
-    fn run(&self, _ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
+    fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
         let base = inputs.handle::<Denoiser>("transformer")?;
+        if base.control.is_some() {
+            return Err(NodeError::input(
+                "transformer",
+                "this transformer already has a ControlNet; one at a time (apply the next to the \
+                 transformer without it)",
+            ));
+        }
         let weights = inputs.handle::<ControlNetWeights>("controlnet")?;
         let latents = inputs.tensor("control")?;
         let channels = base.model.config().in_channels;
@@ -130,6 +137,14 @@ impl Node for ApplyControlNet {
             }
         }
         let (dtype, device) = (base.model.dtype(), base.model.device().clone());
+        // The modules are made in the transformer's dtype and on its device: new
+        // tensors unless those are the loaded f32 CPU ones.
+        let bytes: usize = weights
+            .tensors
+            .values()
+            .map(|t| t.elem_count() * dtype.size_in_bytes())
+            .sum();
+        ctx.take_model_memory(bytes as u64, "the ControlNet's modules")?;
         let vb = candle_nn::VarBuilder::from_tensors(weights.tensors.clone(), dtype, &device);
         let net = ControlNet::new(vb, base.model.config(), weights.copies)
             .map_err(|e| NodeError::input("controlnet", e))?;
@@ -146,7 +161,7 @@ impl Node for ApplyControlNet {
         };
         Ok(Outputs::one(
             "transformer",
-            Value::Handle(Handle::new(PortType::Denoiser, 0, controlled)),
+            Value::Handle(Handle::new(PortType::Denoiser, bytes, controlled)),
         ))
     }
 }

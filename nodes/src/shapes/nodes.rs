@@ -613,6 +613,13 @@ impl Node for EvalCurve {
                 continue;
             }
             let transformer = dir.join(crate::training::checkpoint::TRANSFORMER);
+            if !transformer.exists() && dir.join(crate::training::checkpoint::LORA).exists() {
+                return Err(NodeError::input(
+                    "run",
+                    "a LoRA run's checkpoints hold only the adapter: evaluate the stage's \
+                     transformer (init with it merged) instead",
+                ));
+            }
             let bytes = pixart_models::weights::loaded_bytes(&transformer, |_, _| {
                 pixart_models::weights::Keep::as_is(candle_core::DType::F32)
             })

@@ -96,6 +96,12 @@ impl Node for SavePipeline {
 
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
         let den = inputs.handle::<Denoiser>("transformer")?;
+        if den.control.is_some() {
+            return Err(NodeError::input(
+                "transformer",
+                "a ControlNet is not part of a pipeline folder: save the transformer without it",
+            ));
+        }
         let out = ctx.output_path(inputs.path("out")?)?;
         let mut listed = Vec::new();
         for part in ["tokenizer", "text_encoder", "vae"] {

@@ -499,6 +499,12 @@ impl Node for TrainPixArt {
             Some(_) => Some(inputs.handle::<Denoiser>("init")?),
             None => None,
         };
+        if init.is_some_and(|d| d.control.is_some()) {
+            return Err(NodeError::input(
+                "init",
+                "a transformer with a ControlNet: train the transformer without it",
+            ));
+        }
         let config = match inputs.get("config") {
             Some(_) => {
                 let path = ctx.input_path(inputs.path("config")?)?;
@@ -537,6 +543,12 @@ impl Node for TrainPixArt {
             }
             if lora.targets.is_empty() {
                 return Err(NodeError::input("lora_targets", "name at least one module"));
+            }
+            if !settings.frozen.is_empty() {
+                return Err(NodeError::input(
+                    "freeze",
+                    "a LoRA run freezes the whole transformer already: leave `freeze` empty",
+                ));
             }
         }
         let every = inputs.int("sample_every")? as u64;
