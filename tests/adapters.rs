@@ -366,3 +366,34 @@ fn canny_edges_equal_opencv() {
         .unwrap();
     assert_eq!(swapped, want);
 }
+
+/// pixart.sample under a ControlNet, with CFG (a batch of 2 sharing the one
+/// control latent): it samples, and the control changes what it makes. (The
+/// tiny transformer's sample size 32 puts it on the 256 px bins: latents 32×32.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pixart_sample_runs_under_a_controlnet_with_guidance() {
+    let sample = |transformer: &str| {
+        format!(
+            r#"version: 1
+nodes:
+  pipe: {{type: pixart.load, inputs: {{path: tiny-pixart}}}}
+  t: {{type: transformer.load, inputs: {{path: tiny-controlnet/transformer}}}}
+  c: {{type: controlnet.load, inputs: {{path: tiny-controlnet/controlnet}}}}
+  latent: {{type: noise.gaussian, inputs: {{shape: [1, 4, 32, 32], seed: 9}}}}
+  ctl: {{type: controlnet.apply, inputs: {{transformer: "${{t.transformer}}", controlnet: "${{c.controlnet}}", control: "${{latent.tensor}}"}}}}
+  pos: {{type: t5.encode, inputs: {{tokenizer: "${{pipe.tokenizer}}", encoder: "${{pipe.text_encoder}}", text: a red circle}}}}
+  neg: {{type: t5.encode, inputs: {{tokenizer: "${{pipe.tokenizer}}", encoder: "${{pipe.text_encoder}}", text: ""}}}}
+  apply: {{type: pixart.sample, inputs: {{transformer: "${{{transformer}}}", scheduler: "${{pipe.scheduler}}", positive: "${{pos.conditioning}}", negative: "${{neg.conditioning}}", steps: 3, guidance: 4.5, width: 256, height: 256, seed: 5}}}}
+"#
+        )
+    };
+    let latents = |report: &pixart_runtime::RunReport| match report.output("apply", "latents") {
+        Some(Value::Latents(l)) => l.tensor.clone(),
+        other => panic!("no latents: {other:?}; {:?}", report.failures),
+    };
+    let controlled = latents(&run_to_apply(&sample("ctl.transformer")).await);
+    let plain = latents(&run_to_apply(&sample("t.transformer")).await);
+    assert_eq!(controlled.dims(), &[1, 4, 32, 32]);
+    let differ = common::max_abs_diff(&controlled, &plain);
+    assert!(differ > 1e-3, "the control changed nothing ({differ})");
+}

@@ -89,7 +89,8 @@ impl ApplyControlNet {
                 .input(
                     InputSpec::new("control", PortType::TensorLike).describe(
                         "The control image's latents (vae.encode of it, or a [1, C, h, w] tensor), \
-                         the latent size of the image to make.",
+                         the latent size of the image pixart.sample makes (after its resolution \
+                         binning: encode the control image at the binned size).",
                     ),
                 )
                 .input(
