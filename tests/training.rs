@@ -522,6 +522,32 @@ fn a_lora_trains_alone_resumes_and_loads_as_peft_and_lora_load_read_it() {
         !ckpt.join("transformer").exists(),
         "a LoRA run saves no transformer"
     );
+    // Resuming onto another base of the same shape is refused.
+    let other = std::fs::read_to_string(&ten)
+        .unwrap()
+        .replace(
+            "init: \"${pipe.transformer}\"",
+            "init: \"${other.transformer}\"",
+        )
+        .replace(
+            "  data:",
+            &format!(
+                "  other: {{type: transformer.load, inputs: {{path: \"{}\"}}}}\n  data:",
+                repo()
+                    .join("tests/fixtures/tiny-pixart-sigma/transformer")
+                    .display()
+            ),
+        )
+        .replace("steps: 10", "steps: 12");
+    let other_path = tmp.path().join("other.yaml");
+    std::fs::write(&other_path, other).unwrap();
+    let o = pixart(&other_path, &straight).output().unwrap();
+    assert!(!o.status.success(), "a LoRA resumed onto another base");
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains("other settings") && said.contains("lora"),
+        "{said}"
+    );
     // Only the adapter trains: two matrices for each adapted linear (2 blocks ×
     // to_q, to_v of both attentions, ff.net.2), under peft's names.
     let names = tensor_names(&ckpt.join("lora/adapter_model.safetensors"));

@@ -53,6 +53,9 @@ pub struct Settings {
     pub resume: bool,
     /// Train a LoRA on the frozen `init` instead of the whole transformer.
     pub lora: Option<LoraSpec>,
+    /// With a LoRA: what the frozen base's weights hash to, so a run resumes
+    /// only onto the base it started from.
+    pub base_key: Option<String>,
 }
 
 impl Settings {
@@ -80,7 +83,9 @@ impl Settings {
             f["min_snr_gamma"] = json!(self.min_snr_gamma);
         }
         if let Some(lora) = &self.lora {
-            f["lora"] = json!({"rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets});
+            f["lora"] = json!({
+                "rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets, "base": self.base_key,
+            });
         }
         f
     }
@@ -443,7 +448,7 @@ impl Node for TrainPixArt {
         let features = inputs.handle::<Features>("features")?;
         let batch = inputs.int("batch")? as usize;
         let base_lr = inputs.float("lr")?;
-        let settings = Settings {
+        let mut settings = Settings {
             steps: inputs.int("steps")? as u64,
             batch,
             lr: if inputs.bool("scale_lr")? {
@@ -493,12 +498,16 @@ impl Node for TrainPixArt {
                         .collect(),
                 }),
             },
+            base_key: None,
         };
         let out = ctx.output_path(inputs.path("out")?)?;
         let init = match inputs.get("init") {
             Some(_) => Some(inputs.handle::<Denoiser>("init")?),
             None => None,
         };
+        if let (Some(_), Some(den)) = (&settings.lora, init) {
+            settings.base_key = Some(weights_key(&den.weights)?);
+        }
         if init.is_some_and(|d| d.control.is_some()) {
             return Err(NodeError::input(
                 "init",
@@ -938,6 +947,22 @@ impl State {
             run.device,
         )?)
     }
+}
+
+/// A hash of every weight's name, shape and values (in f32), in name order.
+fn weights_key(weights: &HashMap<String, Tensor>) -> Result<String, NodeError> {
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    let mut hasher = blake3::Hasher::new();
+    for name in names {
+        let t = &weights[name];
+        hasher.update(name.as_bytes());
+        hasher.update(format!("{:?}", t.dims()).as_bytes());
+        for v in t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()? {
+            hasher.update(&v.to_le_bytes());
+        }
+    }
+    Ok(hasher.finalize().to_hex()[..16].to_string())
 }
 
 /// `loss.jsonl`: one line a step, kept in step with the checkpoints on resume.
