@@ -420,3 +420,42 @@ async fn the_editor_is_served_from_its_embedded_files_only() {
     assert_eq!(status, StatusCode::OK);
     assert!(String::from_utf8_lossy(&body).contains("built without the browser editor"));
 }
+
+/// Two runs that name the same file keep both (the second gets a counter, as
+/// ComfyUI numbers its outputs), and each run's file id serves what that run
+/// wrote (issue 23, item 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_never_overwrites_an_earlier_runs_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let mut served = Vec::new();
+    for text in ["first", "second", "third"] {
+        let yaml = format!(
+            "version: 1\nnodes:\n  t: {{type: text.save, inputs: {{text: {text}, path: notes/note.txt}}}}\n"
+        );
+        let (status, queued, _) = call(&s, "POST", "/api/runs", yaml).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        let run = wait_done(&s, queued["run_id"].as_str().unwrap()).await;
+        assert_eq!(run["state"], "finished", "{run}");
+        let file = &run["outputs"][0]["files"][0];
+        served.push((
+            text,
+            file["id"].as_str().unwrap().to_string(),
+            file["path"].clone(),
+        ));
+    }
+    for (text, id, _) in &served {
+        let (status, _, bytes) = call(&s, "GET", &format!("/api/files/{id}"), "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(bytes, text.as_bytes());
+    }
+    let paths: Vec<String> = served.iter().map(|(_, _, p)| p.to_string()).collect();
+    assert_eq!(
+        paths,
+        [
+            "\"notes/note.txt\"",
+            "\"notes/note_00001.txt\"",
+            "\"notes/note_00002.txt\""
+        ]
+    );
+}

@@ -173,7 +173,7 @@ impl Node for SaveImage {
         for (i, pixels) in bytes.chunks_exact(h * w * c).enumerate() {
             ctx.check_cancelled()?;
             let png = encode_png(pixels, w, h, c, &texts).map_err(NodeError::msg)?;
-            let target = batch_path(&path, i, batch);
+            let target = ctx.output_file(&batch_path(&path, i, batch))?;
             atomic_write(ctx, &target, &png)?;
             written.push(Value::Path(target));
             ctx.progress(i as u64 + 1, batch as u64);

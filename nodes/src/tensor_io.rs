@@ -135,7 +135,7 @@ impl Node for SaveTensor {
                 ));
             }
         };
-        let path = ctx.output_path(inputs.path("path")?)?;
+        let path = ctx.output_file(inputs.path("path")?)?;
         let metadata = HashMap::from([("pixart.params".to_string(), ctx.params().to_string())]);
         let bytes =
             safetensors::serialize(named.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))

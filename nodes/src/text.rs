@@ -134,7 +134,7 @@ impl Node for SaveText {
     }
 
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
-        let path = ctx.output_path(inputs.path("path")?)?;
+        let path = ctx.output_file(inputs.path("path")?)?;
         atomic_write(ctx, &path, inputs.str("text")?.as_bytes())?;
         Ok(Outputs::one("path", Value::Path(path)))
     }

@@ -200,6 +200,36 @@ impl NodeContext {
         }
     }
 
+    /// Where an output *file* goes ([`output_path`](Self::output_path)): in a
+    /// served run, a name no earlier run has used, a counter added before the
+    /// extension when the name is taken (`img.png`, `img_00001.png`, … as
+    /// ComfyUI numbers its outputs), so an earlier run's file is never
+    /// overwritten and its id keeps serving what it wrote. The CLI overwrites,
+    /// as a script expects of a name it chose.
+    pub fn output_file(&self, path: &Path) -> Result<PathBuf, NodeError> {
+        let full = self.output_path(path)?;
+        if self.run.confinement.is_none() || std::fs::symlink_metadata(&full).is_err() {
+            return Ok(full);
+        }
+        let stem = full
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let ext = full
+            .extension()
+            .map(|e| format!(".{}", e.to_string_lossy()))
+            .unwrap_or_default();
+        for n in 1..100_000u32 {
+            let candidate = full.with_file_name(format!("{stem}_{n:05}{ext}"));
+            if std::fs::symlink_metadata(&candidate).is_err() {
+                return self.output_path(&candidate);
+            }
+        }
+        Err(NodeError::msg(format!(
+            "{stem}{ext}: 100,000 files of that name already; choose another"
+        )))
+    }
+
     /// A folder a node reads and rewrites in place (a dataset it relabels):
     /// relative paths under the base directory, like inputs; in a confined run it
     /// must also be writable, that is inside the output directory.
