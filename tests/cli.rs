@@ -96,6 +96,21 @@ fn run_writes_outputs_and_reports_them() {
     assert!(stdout.contains("noise-5.png"), "{stdout}");
     assert!(out.path().join("out/noise-5.png").exists());
     assert!(out.path().join("out/noise-5.safetensors").exists());
+    // A relative --out, as the README's main job gives it: files land under it once.
+    let res = pixart(
+        &[
+            "run",
+            wf.to_str().unwrap(),
+            "--set",
+            "size=8",
+            "--out",
+            "rel/dir",
+        ],
+        out.path(),
+    );
+    assert!(res.status.success(), "{}", text(&res.stderr));
+    assert!(out.path().join("rel/dir/out/noise-0.png").is_file());
+    assert!(out.path().join("rel/dir/out/noise-0.safetensors").is_file());
 
     // --target runs only what the target needs.
     let res = pixart(

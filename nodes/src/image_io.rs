@@ -162,7 +162,10 @@ impl Node for SaveImage {
     fn run(&self, ctx: &NodeContext, inputs: Inputs) -> Result<Outputs, NodeError> {
         let image = inputs.image("image")?;
         let (batch, h, w, c) = image_dims(image)?;
-        let path = ctx.output_path(inputs.path("path")?)?;
+        // As the workflow names it: each file is resolved under the output
+        // folder (and numbered in a served run) as it is written.
+        let path = inputs.path("path")?.to_path_buf();
+        ctx.output_path(&path)?;
         let bytes = to_bytes(image)?;
         let params = ctx.params().to_string();
         let texts = [

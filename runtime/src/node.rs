@@ -211,18 +211,21 @@ impl NodeContext {
         if self.run.confinement.is_none() || std::fs::symlink_metadata(&full).is_err() {
             return Ok(full);
         }
-        let stem = full
+        let stem = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let ext = full
+        let ext = path
             .extension()
             .map(|e| format!(".{}", e.to_string_lossy()))
             .unwrap_or_default();
         for n in 1..100_000u32 {
-            let candidate = full.with_file_name(format!("{stem}_{n:05}{ext}"));
+            // Named as the node named it (relative to the output folder), then
+            // resolved like it.
+            let candidate =
+                self.output_path(&path.with_file_name(format!("{stem}_{n:05}{ext}")))?;
             if std::fs::symlink_metadata(&candidate).is_err() {
-                return self.output_path(&candidate);
+                return Ok(candidate);
             }
         }
         Err(NodeError::msg(format!(
