@@ -21,13 +21,13 @@ fn reference() -> HashMap<String, Tensor> {
     pixart_runtime::candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
+/// A fixture transformer folder, loaded in f32.
+fn fixture_transformer(folder: &str) -> std::sync::Arc<Denoiser> {
+    load::transformer(&fixtures().join(folder), DType::F32, &Device::Cpu).unwrap()
+}
+
 fn base() -> std::sync::Arc<Denoiser> {
-    load::transformer(
-        &fixtures().join("tiny-pixart/transformer"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
+    fixture_transformer("tiny-pixart/transformer")
 }
 
 fn forward(den: &Denoiser, r: &HashMap<String, Tensor>) -> Tensor {
@@ -218,18 +218,18 @@ fn control_reference() -> HashMap<String, Tensor> {
     pixart_runtime::candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
+/// The transformer the fixture ControlNet adapts.
+fn control_base() -> std::sync::Arc<Denoiser> {
+    fixture_transformer("tiny-controlnet/transformer")
+}
+
 /// The ControlNet in both layouts against the official forward written out
 /// (tests/fixtures/generate_adapters.py `controlled_forward`), at scale 1 and 0.5.
 #[test]
 fn controlnets_in_both_layouts_match_the_official_forward() {
     use pixart_models::pixart::{read_controlnet, Control, ControlNet};
     let r = control_reference();
-    let base = load::transformer(
-        &fixtures().join("tiny-controlnet/transformer"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let base = control_base();
     let plain = base
         .model
         .forward(&r["x"], &r["t"], &r["text"], Some(&r["mask"]), None)
@@ -291,6 +291,69 @@ fn controlnets_in_both_layouts_match_the_official_forward() {
         )
         .unwrap_err();
     assert!(err.to_string().contains("control latent"), "{err}");
+}
+
+/// ControlNet training's forward and backward against the official forward's in
+/// PyTorch: the same output, and the same gradients for the ControlNet's
+/// parameters (the base frozen) of a fixed weighting of it.
+#[test]
+fn controlnet_training_matches_the_official_gradients() {
+    use pixart_models::pixart::{read_controlnet, Control, ControlNet};
+    use pixart_runtime::candle_core::Var;
+    let r = control_reference();
+    let base = control_base();
+    let (tensors, copies) = read_controlnet(
+        &fixtures().join("tiny-controlnet/controlnet"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let vars: HashMap<String, Var> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
+        .collect();
+    let vb = candle_nn::VarBuilder::from_tensors(
+        vars.iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect(),
+        DType::F32,
+        &Device::Cpu,
+    );
+    let net = ControlNet::new(vb, base.model.config(), copies).unwrap();
+    let out = base
+        .model
+        .forward_train_controlled(
+            &r["x"],
+            &r["t"],
+            &r["text"],
+            Some(&r["mask"]),
+            None,
+            &Control {
+                net: &net,
+                latents: &r["control"],
+                scale: 1.0,
+            },
+        )
+        .unwrap();
+    assert_close("the training forward", &out, &r["controlled"]);
+    let grads = (out * &r["loss_weights"])
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let mut checked = 0;
+    for (key, want) in &r {
+        let Some(name) = key.strip_prefix("grad.") else {
+            continue;
+        };
+        let got = grads
+            .get(vars[name].as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert_close(name, got, want);
+        checked += 1;
+    }
+    assert_eq!(checked, 7);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -883,6 +883,7 @@ fn two_training_steps_match_the_official_loop() {
         mask: get(&r, "mask").to_dtype(DType::F32).unwrap(),
         sizes: None,
         mse_weights: None,
+        control: None,
     };
     assert!(batch.t.contains(&0) && batch.t.contains(&999));
     let diffusion = Diffusion::linear(1e-4, 0.02, 1000);
@@ -895,7 +896,7 @@ fn two_training_steps_match_the_official_loop() {
     let norms: Vec<f32> = get(&r, "grad_norm").to_vec1().unwrap();
     for (step, want_norm) in norms.iter().enumerate() {
         let (terms, mean, mut grads) =
-            loss_and_gradients(&tm.model, &diffusion, &batch, &opt.vars).unwrap();
+            loss_and_gradients(&tm.model, None, &diffusion, &batch, &opt.vars).unwrap();
         if step == 0 {
             assert_close("mse", &terms.mse, get(&r, "mse"), 1e-5);
             assert_close("vb", &terms.vb, get(&r, "vb"), 1e-5);

@@ -2,6 +2,8 @@
 //! run killed with SIGKILL resumes to the very same weights, checkpoints are
 //! whole and load as diffusers transformers, stages chain.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -595,4 +597,120 @@ fn a_lora_trains_alone_resumes_and_loads_as_peft_and_lora_load_read_it() {
     assert!(changed.iter().all(|n| n.ends_with("to_q.weight")
         || n.ends_with("to_v.weight")
         || n.ends_with("ff.net.2.weight")));
+}
+
+const CONTROLNET_PARTS: &[&str] = &[
+    "controlnet/config.json",
+    "controlnet/diffusion_pytorch_model.safetensors",
+    "state/params.safetensors",
+    "state/optimizer.safetensors",
+];
+
+/// Control images for `make_dataset`'s: each square's outline, white on black.
+fn make_controls(dir: &Path, count: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let places = [8usize, 24, 40];
+    for i in 0..count {
+        let x0 = places[(i / 3) % 3];
+        let mut px = vec![0u8; 64 * 64 * 3];
+        for y in 20..44 {
+            for x in x0..x0 + 16 {
+                if y == 20 || y == 43 || x == x0 || x == x0 + 15 {
+                    px[(y * 64 + x) * 3..][..3].copy_from_slice(&[255; 3]);
+                }
+            }
+        }
+        let png = pixart_nodes::image_io::encode_png(&px, 64, 64, 3, &[]).unwrap();
+        std::fs::write(dir.join(format!("img{i:02}.png")), png).unwrap();
+    }
+}
+
+#[test]
+fn a_controlnet_trains_alone_from_copied_blocks_resumes_and_controlnet_load_reads_it() {
+    use pixart_runtime::candle_core::{DType, Device};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_dataset(&data, 8);
+    let controls = tmp.path().join("edges");
+    make_controls(&controls, 8);
+    let with_control = |path: PathBuf| {
+        let yaml = std::fs::read_to_string(&path).unwrap().replace(
+            "path: \"cache\"}",
+            &format!("path: \"cache\", control: \"{}\"}}", controls.display()),
+        );
+        std::fs::write(&path, yaml).unwrap();
+        path
+    };
+    let extra = "      controlnet_blocks: 1";
+    let ten = tmp.path().join("ten.yaml");
+    std::fs::rename(
+        with_control(workflow(tmp.path(), &data, 10, 5, extra)),
+        &ten,
+    )
+    .unwrap();
+    let five = with_control(workflow(tmp.path(), &data, 5, 5, extra));
+
+    let straight = tmp.path().join("straight");
+    std::fs::create_dir(&straight).unwrap();
+    run_ok(&ten, &straight);
+    let resumed = tmp.path().join("resumed");
+    std::fs::create_dir(&resumed).unwrap();
+    run_ok(&five, &resumed);
+    run_ok(&ten, &resumed);
+    let last = "run/checkpoint-000010";
+    for part in CONTROLNET_PARTS {
+        assert!(
+            read(&straight.join(last).join(part)) == read(&resumed.join(last).join(part)),
+            "{part} differs after a resume"
+        );
+    }
+    let ckpt = straight.join(last);
+    assert!(!ckpt.join("transformer").exists());
+    // Only the ControlNet trains: one copied block and its projections.
+    let names = tensor_names(&ckpt.join("controlnet/diffusion_pytorch_model.safetensors"));
+    assert!(
+        names.iter().all(|n| n.starts_with("controlnet_blocks.0.")),
+        "{names:?}"
+    );
+    for part in [
+        "before_proj.weight",
+        "after_proj.weight",
+        "transformer_block.attn2.to_k.weight",
+    ] {
+        assert!(
+            names.contains(&format!("controlnet_blocks.0.{part}")),
+            "no {part}"
+        );
+    }
+    let params = tensor_names(&ckpt.join("state/params.safetensors"));
+    assert!(params.iter().all(|n| n.starts_with("controlnet_blocks.")));
+    assert!(losses(&straight.join("run")).iter().all(|l| l.is_finite()));
+
+    // controlnet.load's reader takes the folder; training moved the projections
+    // off zero and the copy off the base block it started as.
+    let (net, copies) =
+        pixart_models::pixart::read_controlnet(&ckpt.join("controlnet"), DType::F32, &Device::Cpu)
+            .unwrap();
+    assert_eq!(copies, 1);
+    let base = pixart_nodes::pixart::load::transformer(
+        &repo().join("tests/fixtures/tiny-pixart/transformer"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(common::abs_max(&net["controlnet_blocks.0.after_proj.weight"]) > 0.0);
+    let copy = &net["controlnet_blocks.0.transformer_block.attn1.to_q.weight"];
+    let source = &base.weights["transformer_blocks.0.attn1.to_q.weight"];
+    let moved = common::max_abs_diff(copy, source);
+    assert!(moved > 0.0 && moved < 0.1, "the copy moved by {moved}");
+
+    // Features without control images are refused, naming the port.
+    let plain = workflow(tmp.path(), &data, 10, 5, extra);
+    let o = pixart(&plain, &straight).output().unwrap();
+    assert!(!o.status.success());
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains("features") && said.contains("control"),
+        "{said}"
+    );
 }

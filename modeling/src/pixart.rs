@@ -1044,6 +1044,20 @@ impl PixArtTransformer {
         self.forward_with(x, t, text, text_mask, sizes, true, None)
     }
 
+    /// [`forward_train`](Self::forward_train) led by a ControlNet: what
+    /// ControlNet training differentiates (the control latent one per sample).
+    pub fn forward_train_controlled(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        text: &Tensor,
+        text_mask: Option<&Tensor>,
+        sizes: Option<&SizeConditions>,
+        control: &Control,
+    ) -> Result<Tensor> {
+        self.forward_with(x, t, text, text_mask, sizes, true, Some(control))
+    }
+
     // The forward's own inputs, and how to run it: splitting them into a struct
     // would only rename them.
     #[allow(clippy::too_many_arguments)]

@@ -181,6 +181,17 @@ impl Node for Canny {
     }
 }
 
+/// The Canny edge map of an RGB image, as an RGB image (white edges on black):
+/// the control images the shapes world's ControlNet data is made of.
+pub fn canny_rgb(img: &image::RgbImage, low: f64, high: f64) -> image::RgbImage {
+    let (w, h) = img.dimensions();
+    let edges = canny(img.as_raw(), h as usize, w as usize, 3, low, high);
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let v = edges[(y * w + x) as usize];
+        image::Rgb([v, v, v])
+    })
+}
+
 pub fn nodes() -> Vec<Arc<dyn Node>> {
     vec![Arc::new(Canny::new())]
 }

@@ -432,6 +432,7 @@ fn train(args: &BenchArgs) -> Result<ExitCode> {
         mask,
         sizes: None,
         mse_weights: None,
+        control: None,
     };
     let diffusion = Diffusion::pixart();
     let mut opt = Optimizer {
@@ -445,7 +446,8 @@ fn train(args: &BenchArgs) -> Result<ExitCode> {
     let mut times = Vec::new();
     for i in 0..repeat + 2 {
         let start = Instant::now();
-        let (_, loss, mut grads) = loss_and_gradients(&tm.model, &diffusion, &batch, &opt.vars)?;
+        let (_, loss, mut grads) =
+            loss_and_gradients(&tm.model, None, &diffusion, &batch, &opt.vars)?;
         opt.apply(&mut grads, 2e-5)?;
         anyhow::ensure!(loss.is_finite(), "loss {loss}");
         if i >= 2 {

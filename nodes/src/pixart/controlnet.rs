@@ -138,17 +138,8 @@ impl Node for ApplyControlNet {
             }
         }
         let (dtype, device) = (base.model.dtype(), base.model.device().clone());
-        // The modules are made in the transformer's dtype and on its device: new
-        // tensors unless those are the loaded f32 CPU ones.
-        let bytes: usize = weights
-            .tensors
-            .values()
-            .map(|t| t.elem_count() * dtype.size_in_bytes())
-            .sum();
-        ctx.take_model_memory(bytes as u64, "the ControlNet's modules")?;
-        let vb = candle_nn::VarBuilder::from_tensors(weights.tensors.clone(), dtype, &device);
-        let net = ControlNet::new(vb, base.model.config(), weights.copies)
-            .map_err(|e| NodeError::input("controlnet", e))?;
+        let net = build_controlnet(ctx, weights, base)?;
+        let bytes = net_bytes(weights, dtype);
         let controlled = Denoiser {
             model: base.model.clone(),
             null_caption: base.null_caption.clone(),
@@ -165,6 +156,28 @@ impl Node for ApplyControlNet {
             Value::Handle(Handle::new(PortType::Denoiser, bytes, controlled)),
         ))
     }
+}
+
+fn net_bytes(weights: &ControlNetWeights, dtype: DType) -> usize {
+    weights
+        .tensors
+        .values()
+        .map(|t| t.elem_count() * dtype.size_in_bytes())
+        .sum()
+}
+
+/// The ControlNet's modules for `base`: in its dtype and on its device (new
+/// tensors unless those are the loaded f32 CPU ones), charged to the run.
+pub fn build_controlnet(
+    ctx: &NodeContext,
+    weights: &ControlNetWeights,
+    base: &Denoiser,
+) -> Result<ControlNet, NodeError> {
+    let (dtype, device) = (base.model.dtype(), base.model.device().clone());
+    ctx.take_model_memory(net_bytes(weights, dtype) as u64, "the ControlNet's modules")?;
+    let vb = candle_nn::VarBuilder::from_tensors(weights.tensors.clone(), dtype, &device);
+    ControlNet::new(vb, base.model.config(), weights.copies)
+        .map_err(|e| NodeError::input("controlnet", e))
 }
 
 pub fn nodes() -> Vec<Arc<dyn Node>> {

@@ -2,13 +2,20 @@
 //! generates images for the world's prompts and scores them with the detector.
 
 use super::detect::{score, Score};
-use super::world::{all_combos, caption, held_out, Background, Object, Sampling, Scene, Size};
+use super::world::{
+    caption, combos_of, held_out, unplaced_caption, Background, Object, Sampling, Scene, Shape,
+    Size,
+};
+use crate::edges::canny_rgb;
 use crate::fsutil::atomic_write;
 use crate::image_io::encode_png;
+use crate::pixart::controlnet::{build_controlnet, ControlNetWeights};
+use crate::pixart::denoiser::DenoiserControl;
 use crate::pixart::nodes::encode_text;
 use crate::pixart::Denoiser;
 use crate::training::preview::{generate, Preview};
 use image::RgbImage;
+use pixart_models::pixart::ControlNet;
 use pixart_models::t5::T5Encoder;
 use pixart_models::tokenizer::T5Tokenizer;
 use pixart_models::vae::AutoencoderKl;
@@ -20,6 +27,8 @@ use serde_json::json;
 use std::sync::Arc;
 
 const MANIFEST: &str = "shapes.json";
+/// The subfolder of edge maps.
+const EDGES: &str = "edges";
 
 /// Aspect ratios (width : height) of the multi-scale set.
 const ASPECTS: &[(u32, u32)] = &[(1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (2, 1), (1, 2)];
@@ -74,12 +83,37 @@ impl DatasetShapes {
                         .describe("Probability that a scene has two objects."),
                 )
                 .input(
-                    InputSpec::new("captions", PortType::enum_of(&["dense", "sparse"]))
+                    InputSpec::new("captions", PortType::enum_of(&["dense", "sparse", "unplaced"]))
                         .default("dense")
                         .describe(
                             "dense: every object's size, colour, shape and position and the background; \
                              sparse: like web alt-text, the first object's shape, sometimes with its colour \
-                             or position.",
+                             or position; unplaced: dense without the positions (for a ControlNet that \
+                             places objects by its control image).",
+                        ),
+                )
+                .input(
+                    InputSpec::new("new_shape", PortType::enum_of(&["none", "ring"]))
+                        .default("none")
+                        .describe(
+                            "A shape the default world never shows (nor its tokenizer's vocabulary): \
+                             with probability `new_shape_share` a scene's first object takes it. The \
+                             data for teaching a trained model a new shape with a LoRA.",
+                        ),
+                )
+                .input(
+                    InputSpec::new("new_shape_share", PortType::Float)
+                        .default(0.5)
+                        .min(0.0)
+                        .max(1.0),
+                )
+                .input(
+                    InputSpec::new("edges", PortType::Bool)
+                        .default(false)
+                        .describe(
+                            "Also write each image's Canny edge map (image.canny's defaults, 100 and \
+                             200) as edges/name.png: control images for ControlNet training \
+                             (train.precompute's `control`).",
                         ),
                 )
                 .input(
@@ -88,7 +122,8 @@ impl DatasetShapes {
                         .describe("Leave out the 13 colour-shape-position combinations kept for evaluation."),
                 )
                 .output("path", PortType::Path, "the folder, for dataset.folder")
-                .output("count", PortType::Int, "images written"),
+                .output("count", PortType::Int, "images written")
+                .output("edges", PortType::Path, "the edge maps' folder (written with `edges`)"),
         }
     }
 }
@@ -103,13 +138,23 @@ impl Node for DatasetShapes {
         let count = inputs.int("count")? as u64;
         let (width, height) = (inputs.int("width")? as u32, inputs.int("height")? as u32);
         let mixed = inputs.str("aspect")? == "mixed";
-        let sparse = inputs.str("captions")? == "sparse";
+        let captions = inputs.str("captions")?.to_string();
+        let edges = inputs.bool("edges")?;
+        let new_shape = match inputs.str("new_shape")? {
+            "none" => None,
+            word => Some((
+                Shape::from_word(word)
+                    .ok_or_else(|| NodeError::input("new_shape", format!("no shape `{word}`")))?,
+                inputs.float("new_shape_share")?,
+            )),
+        };
         let sampling = Sampling {
             seed: inputs.int("seed")? as u64,
             two_objects: inputs.float("two_objects")?,
             holdout: inputs.bool("holdout")?,
+            new_shape,
         };
-        let manifest = json!({
+        let mut manifest = json!({
             "world": 1,
             "count": count,
             "seed": sampling.seed,
@@ -117,9 +162,16 @@ impl Node for DatasetShapes {
             "height": height,
             "aspect": if mixed { "mixed" } else { "fixed" },
             "two_objects": sampling.two_objects,
-            "captions": if sparse { "sparse" } else { "dense" },
+            "captions": captions,
             "holdout": sampling.holdout,
         });
+        // Only when used, so folders written before these options still match.
+        if let Some((shape, share)) = new_shape {
+            manifest["new_shape"] = json!({"shape": shape.word(), "share": share});
+        }
+        if edges {
+            manifest["edges"] = json!(true);
+        }
         let manifest_file = dir.join(MANIFEST);
         let name = |i: u64| format!("{i:06}");
         let complete = std::fs::read_to_string(&manifest_file)
@@ -127,8 +179,12 @@ impl Node for DatasetShapes {
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .is_some_and(|m| m == manifest)
             && (0..count).all(|i| dir.join(format!("{}.label", name(i))).is_file());
+        let edge_dir = dir.join(EDGES);
         if !complete {
             std::fs::create_dir_all(&dir).map_err(|e| NodeError::io(&dir, e))?;
+            if edges {
+                std::fs::create_dir_all(&edge_dir).map_err(|e| NodeError::io(&edge_dir, e))?;
+            }
             // A stale manifest must not vouch for a half-rewritten folder.
             let _ = std::fs::remove_file(&manifest_file);
             let done = std::sync::atomic::AtomicU64::new(0);
@@ -141,12 +197,18 @@ impl Node for DatasetShapes {
                     let img = scene.render(w, h);
                     let png = encode_png(img.as_raw(), w as usize, h as usize, 3, &[])
                         .map_err(NodeError::msg)?;
-                    let text = if sparse {
-                        scene.sparse_caption(sampling.seed, i)
-                    } else {
-                        scene.dense_caption()
+                    let text = match captions.as_str() {
+                        "sparse" => scene.sparse_caption(sampling.seed, i),
+                        "unplaced" => scene.unplaced_caption(),
+                        _ => scene.dense_caption(),
                     };
                     let base = dir.join(name(i));
+                    if edges {
+                        let map = canny_rgb(&img, 100.0, 200.0);
+                        let png = encode_png(map.as_raw(), w as usize, h as usize, 3, &[])
+                            .map_err(NodeError::msg)?;
+                        atomic_write(ctx, &edge_dir.join(format!("{}.png", name(i))), &png)?;
+                    }
                     atomic_write(ctx, &base.with_extension("png"), &png)?;
                     atomic_write(ctx, &base.with_extension("txt"), text.as_bytes())?;
                     // The label last: its presence marks the item complete.
@@ -159,7 +221,9 @@ impl Node for DatasetShapes {
                 })?;
             atomic_write(ctx, &manifest_file, manifest.to_string().as_bytes())?;
         }
-        Ok(Outputs::one("path", Value::Path(dir)).with("count", Value::Int(count as i64)))
+        Ok(Outputs::one("path", Value::Path(dir))
+            .with("count", Value::Int(count as i64))
+            .with("edges", Value::Path(edge_dir)))
     }
 }
 
@@ -169,23 +233,32 @@ pub struct EvalPrompt {
     pub objects: Vec<Object>,
     pub background: Background,
     pub held_out: bool,
+    /// Whether the text names the objects' positions (a ControlNet's prompts
+    /// leave them to the control image).
+    pub placed: bool,
 }
 
 impl EvalPrompt {
     pub fn text(&self) -> String {
-        caption(&self.objects, self.background)
+        if self.placed {
+            caption(&self.objects, self.background)
+        } else {
+            unplaced_caption(&self.objects, self.background)
+        }
     }
 }
 
-/// The evaluation prompts: every colour-shape-position combination once per
-/// sample, sizes and backgrounds rotating; or two-object scenes of the world.
-pub fn eval_prompts(two: bool, samples: usize) -> Vec<EvalPrompt> {
+/// The evaluation prompts: every colour-position combination of `shapes` once
+/// per sample, sizes and backgrounds rotating; or (`two`) two-object scenes of
+/// the world. `placed`: the prompts name the positions.
+pub fn eval_prompts(two: bool, samples: usize, shapes: &[Shape], placed: bool) -> Vec<EvalPrompt> {
     let mut out = Vec::new();
     if two {
         let sampling = Sampling {
             seed: 0x5eed_e7a1,
             two_objects: 1.0,
             holdout: false,
+            new_shape: None,
         };
         for i in 0..(60 * samples as u64) {
             let scene = Scene::sample(&sampling, i);
@@ -197,13 +270,14 @@ pub fn eval_prompts(two: bool, samples: usize) -> Vec<EvalPrompt> {
                         .any(|o| held_out((o.colour, o.shape, o.position))),
                     objects,
                     background: scene.background,
+                    placed,
                 });
             }
         }
         return out;
     }
     for k in 0..samples {
-        for (i, combo) in all_combos().into_iter().enumerate() {
+        for (i, combo) in combos_of(shapes).into_iter().enumerate() {
             let (colour, shape, position) = combo;
             out.push(EvalPrompt {
                 objects: vec![Object {
@@ -214,6 +288,7 @@ pub fn eval_prompts(two: bool, samples: usize) -> Vec<EvalPrompt> {
                 }],
                 background: Background::ALL[(i / 2 + k) % 3],
                 held_out: held_out(combo),
+                placed,
             });
         }
     }
@@ -253,6 +328,30 @@ pub struct EvalSettings {
     pub steps: usize,
     pub guidance: f64,
     pub seed: u64,
+    /// A ControlNet and its scale: each prompt is sampled under the edge map of
+    /// a true render of its scene.
+    pub control: Option<(Arc<ControlNet>, f64)>,
+}
+
+/// The edge map ControlNet evaluation conditions prompt `index` on: Canny of a
+/// true render of its scene (jittered by the evaluation seed), as `[1, 3, s, s]`
+/// in −1..1, and that map as an image.
+fn control_image(
+    p: &EvalPrompt,
+    size: usize,
+    seed: u64,
+) -> Result<(candle_core::Tensor, RgbImage), NodeError> {
+    let scene = Scene::of(&p.objects, p.background, seed);
+    let edges = canny_rgb(&scene.render(size as u32, size as u32), 100.0, 200.0);
+    let pixels = candle_core::Tensor::from_vec(
+        edges.as_raw().clone(),
+        (1, size, size, 3),
+        &candle_core::Device::Cpu,
+    )?
+    .permute((0, 3, 1, 2))?
+    .to_dtype(candle_core::DType::F32)?
+    .affine(2.0 / 255.0, -1.0)?;
+    Ok((pixels, edges))
 }
 
 /// Generates one image per prompt and scores it; `each` sees every image.
@@ -268,8 +367,26 @@ pub fn evaluate(
     let mut eval = Evaluation::default();
     for (i, p) in prompts.iter().enumerate() {
         let cond = encode_text(tok, enc, &p.text(), 120).map_err(NodeError::msg)?;
+        let controlled = match &s.control {
+            Some((net, scale)) => {
+                let (pixels, _) = control_image(p, s.size, s.seed.wrapping_add(i as u64))?;
+                let latents = (vae.encode(&pixels)?.mean * vae.config().scaling_factor)?;
+                Some(Denoiser {
+                    model: den.model.clone(),
+                    null_caption: den.null_caption.clone(),
+                    weights: den.weights.clone(),
+                    vae_scale_factor: den.vae_scale_factor,
+                    control: Some(DenoiserControl {
+                        net: net.clone(),
+                        latents: latents.to_dtype(den.model.dtype())?,
+                        scale: *scale,
+                    }),
+                })
+            }
+            None => None,
+        };
         let image = generate(
-            den,
+            controlled.as_ref().unwrap_or(den),
             &Preview {
                 vae,
                 prompt: &cond,
@@ -305,6 +422,28 @@ pub fn contact_sheet(images: &[RgbImage], columns: usize) -> RgbImage {
     sheet
 }
 
+/// The `shape` input of the evaluations: the world's shapes or one.
+fn shape_input() -> InputSpec {
+    InputSpec::new(
+        "shape",
+        PortType::enum_of(&["world", "circle", "square", "triangle", "ring"]),
+    )
+    .default("world")
+    .describe(
+        "Single prompts of these shapes: the world's three, or one shape (ring: the shape \
+         outside the world that a LoRA can teach).",
+    )
+}
+
+/// The shapes a `shape` input names.
+fn shapes_of(inputs: &Inputs) -> Result<Vec<Shape>, NodeError> {
+    Ok(match inputs.str("shape")? {
+        "world" => Shape::WORLD.to_vec(),
+        word => vec![Shape::from_word(word)
+            .ok_or_else(|| NodeError::input("shape", format!("no shape `{word}`")))?],
+    })
+}
+
 pub struct EvalShapes {
     spec: NodeSpec,
 }
@@ -326,6 +465,24 @@ impl EvalShapes {
                 .input(InputSpec::new("encoder", PortType::TextEncoder))
                 .input(InputSpec::new("vae", PortType::Vae))
                 .input(InputSpec::new("prompts", PortType::enum_of(&["single", "two"])).default("single"))
+                .input(shape_input())
+                .input(
+                    InputSpec::new("positions", PortType::Bool)
+                        .default(true)
+                        .describe(
+                            "Name the objects' positions in the prompts; without, only a ControlNet's \
+                             edge map says where they go (position is still scored).",
+                        ),
+                )
+                .input(
+                    InputSpec::new("controlnet", PortType::ControlNet)
+                        .optional()
+                        .describe(
+                            "Sample each prompt under this ControlNet, led by the Canny edge map of a \
+                             true render of its scene (written to controls.png).",
+                        ),
+                )
+                .input(InputSpec::new("control_scale", PortType::Float).default(1.0).min(0.0).max(4.0))
                 .input(
                     InputSpec::new("samples", PortType::Int)
                         .default(1)
@@ -366,15 +523,39 @@ impl Node for EvalShapes {
                 format!("{size} is not a multiple of {scale}"),
             ));
         }
-        let prompts = eval_prompts(
-            inputs.str("prompts")? == "two",
-            inputs.int("samples")? as usize,
-        );
+        let two = inputs.str("prompts")? == "two";
+        let shape = inputs.str("shape")?;
+        let shapes = shapes_of(&inputs)?;
+        if two && shape != "world" {
+            return Err(NodeError::input(
+                "shape",
+                "two-object prompts are the world's scenes: choose a shape with `single` prompts",
+            ));
+        }
+        let placed = inputs.bool("positions")?;
+        let prompts = eval_prompts(two, inputs.int("samples")? as usize, &shapes, placed);
+        if den.control.is_some() {
+            return Err(NodeError::input(
+                "transformer",
+                "this transformer has one control image for every prompt: give the transformer \
+                 without it and the ControlNet as `controlnet`, so each prompt gets its own edge map",
+            ));
+        }
+        let control = match inputs.get("controlnet") {
+            Some(_) => {
+                let weights = inputs.handle::<ControlNetWeights>("controlnet")?;
+                let net = build_controlnet(ctx, weights, den)
+                    .map_err(|e| NodeError::input("controlnet", e))?;
+                Some((Arc::new(net), inputs.float("control_scale")?))
+            }
+            None => None,
+        };
         let settings = EvalSettings {
             size,
             steps: inputs.int("steps")? as usize,
             guidance: inputs.float("guidance")?,
             seed: inputs.int("seed")? as u64,
+            control,
         };
         let mut images = Vec::new();
         let eval = evaluate(den, tok, enc, vae, &prompts, &settings, |i, img| {
@@ -387,10 +568,24 @@ impl Node for EvalShapes {
         })?;
         let report = json!({
             "prompts": prompts.len(),
+            "shape": shape,
+            "positions_in_prompt": placed,
+            "controlnet": settings.control.as_ref().map(|(_, scale)| json!({"scale": scale})),
             "scores": eval.to_json(),
             "settings": {"size": size, "steps": settings.steps, "guidance": settings.guidance, "seed": settings.seed},
         });
         let outputs = write_report(ctx, &out, &report, &images)?;
+        if settings.control.is_some() {
+            // The edge maps beside the images they led, for people to compare.
+            let maps = prompts
+                .iter()
+                .take(images.len())
+                .enumerate()
+                .map(|(i, p)| Ok(control_image(p, size, settings.seed.wrapping_add(i as u64))?.1))
+                .collect::<Result<Vec<_>, NodeError>>()?;
+            let png = sheet_png(&contact_sheet(&maps, 15))?;
+            atomic_write(ctx, &out.join("controls.png"), &png)?;
+        }
         Ok(outputs
             .with("colour", Value::Float(eval.all.colour_rate()))
             .with("shape", Value::Float(eval.all.shape_rate()))
@@ -451,6 +646,7 @@ impl EvalReconstruction {
                      this VAE decodes. Writes report.json and sheet.png to `out`.",
                 )
                 .input(InputSpec::new("vae", PortType::Vae))
+                .input(shape_input())
                 .input(InputSpec::new("samples", PortType::Int).default(1).min(1.0).max(1000.0))
                 .input(InputSpec::new("size", PortType::Int).default(64).min(16.0).max(4096.0))
                 .input(InputSpec::new("seed", PortType::Int).default(0).min(0.0))
@@ -475,7 +671,12 @@ impl Node for EvalReconstruction {
                 format!("{size} is not a multiple of the VAE's factor"),
             ));
         }
-        let prompts = eval_prompts(false, inputs.int("samples")? as usize);
+        let prompts = eval_prompts(
+            false,
+            inputs.int("samples")? as usize,
+            &shapes_of(&inputs)?,
+            true,
+        );
         let mut images = Vec::new();
         let eval =
             evaluate_reconstruction(vae, &prompts, size, inputs.int("seed")? as u64, |i, img| {
@@ -495,6 +696,17 @@ impl Node for EvalReconstruction {
     }
 }
 
+fn sheet_png(sheet: &RgbImage) -> Result<Vec<u8>, NodeError> {
+    encode_png(
+        sheet.as_raw(),
+        sheet.width() as usize,
+        sheet.height() as usize,
+        3,
+        &[],
+    )
+    .map_err(NodeError::msg)
+}
+
 /// report.json and a contact sheet of (up to) the first 90 images.
 fn write_report(
     ctx: &NodeContext,
@@ -505,15 +717,7 @@ fn write_report(
     std::fs::create_dir_all(out).map_err(|e| NodeError::io(out, e))?;
     let text = serde_json::to_string_pretty(report).map_err(NodeError::msg)?;
     atomic_write(ctx, &out.join("report.json"), text.as_bytes())?;
-    let sheet = contact_sheet(images, 15);
-    let png = encode_png(
-        sheet.as_raw(),
-        sheet.width() as usize,
-        sheet.height() as usize,
-        3,
-        &[],
-    )
-    .map_err(NodeError::msg)?;
+    let png = sheet_png(&contact_sheet(images, 15))?;
     atomic_write(ctx, &out.join("sheet.png"), &png)?;
     Ok(Outputs::one("report", Value::String(text)))
 }
@@ -586,6 +790,7 @@ impl Node for EvalCurve {
             steps: inputs.int("steps")? as usize,
             guidance: inputs.float("guidance")?,
             seed: inputs.int("seed")? as u64,
+            control: None,
         };
         let checkpoints = crate::training::checkpoint::list(&run);
         if checkpoints.is_empty() {
@@ -604,7 +809,7 @@ impl Node for EvalCurve {
             .iter()
             .filter_map(|r| r.split(',').next()?.parse().ok())
             .collect();
-        let prompts = eval_prompts(false, 1);
+        let prompts = eval_prompts(false, 1, Shape::WORLD, true);
         let device = candle_core::Device::Cpu;
         for (i, (step, dir)) in checkpoints.iter().enumerate() {
             ctx.check_cancelled()?;

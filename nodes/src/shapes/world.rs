@@ -37,7 +37,14 @@ macro_rules! attribute {
     };
 }
 
-attribute!(Shape { Circle => "circle", Square => "square", Triangle => "triangle" });
+attribute!(Shape { Circle => "circle", Square => "square", Triangle => "triangle", Ring => "ring" });
+
+impl Shape {
+    /// The world's shapes: what the default model learns. The ring is kept out
+    /// of it (and out of its tokenizer's vocabulary) as the shape a LoRA
+    /// teaches; the detector knows all four.
+    pub const WORLD: &'static [Shape] = &[Shape::Circle, Shape::Square, Shape::Triangle];
+}
 attribute!(Colour {
     Red => "red", Green => "green", Blue => "blue",
     Yellow => "yellow", Purple => "purple", Orange => "orange",
@@ -102,6 +109,10 @@ const POSITION_JITTER: f64 = 0.02;
 const SIZE_JITTER: f64 = 0.08;
 /// …and a triangle turns by up to this many radians (±15°).
 const ROTATION_JITTER: f64 = 0.2618;
+/// A ring's outer and inner radii, in circle radii: a band about as wide as a
+/// small object's hole, so both survive the VAE at 64 px.
+const RING_OUTER: f64 = 1.25;
+const RING_INNER: f64 = 0.7;
 /// Objects of a two-object scene keep at least this gap between their boxes.
 const MIN_GAP: f64 = 0.03;
 
@@ -117,10 +128,12 @@ pub struct Object {
 impl Object {
     /// "a large red circle on the left"
     pub fn phrase(&self) -> String {
-        format!(
-            "a {} {} {} {}",
-            self.size, self.colour, self.shape, self.position
-        )
+        format!("{} {}", self.unplaced_phrase(), self.position)
+    }
+
+    /// "a large red circle": the phrase without where the object is.
+    pub fn unplaced_phrase(&self) -> String {
+        format!("a {} {} {}", self.size, self.colour, self.shape)
     }
 }
 
@@ -141,6 +154,7 @@ pub struct Placed {
 fn half_extents(shape: Shape, r: f64, rotation: f64) -> (f64, f64) {
     match shape {
         Shape::Circle => (r, r),
+        Shape::Ring => (RING_OUTER * r, RING_OUTER * r),
         Shape::Square => (0.9 * r, 0.9 * r),
         Shape::Triangle => {
             let (xs, ys) = triangle_vertices(r, rotation);
@@ -213,6 +227,10 @@ impl Placed {
         let r = self.radius;
         match self.object.shape {
             Shape::Circle => dx * dx + dy * dy <= r * r,
+            Shape::Ring => {
+                let d2 = dx * dx + dy * dy;
+                d2 <= (RING_OUTER * r).powi(2) && d2 >= (RING_INNER * r).powi(2)
+            }
             Shape::Square => dx.abs() <= 0.9 * r && dy.abs() <= 0.9 * r,
             Shape::Triangle => {
                 let (xs, ys) = triangle_vertices(r, self.rotation);
@@ -263,10 +281,16 @@ pub fn held_out(combo: Combo) -> bool {
     (c.index() + 3 * s.index() + 2 * p.index()) % 7 == 0
 }
 
+/// Every colour-shape-position combination of the world's shapes.
 pub fn all_combos() -> Vec<Combo> {
+    combos_of(Shape::WORLD)
+}
+
+/// Every colour-position combination of these shapes.
+pub fn combos_of(shapes: &[Shape]) -> Vec<Combo> {
     let mut out = Vec::new();
     for &c in Colour::ALL {
-        for &s in Shape::ALL {
+        for &s in shapes {
             for &p in Position::ALL {
                 out.push((c, s, p));
             }
@@ -289,6 +313,9 @@ pub struct Sampling {
     pub two_objects: f64,
     /// Leave the held-out combinations out.
     pub holdout: bool,
+    /// A shape outside the world (the ring) and the probability that a
+    /// scene's first object takes it: the data a LoRA learns a new shape from.
+    pub new_shape: Option<(Shape, f64)>,
 }
 
 impl Scene {
@@ -310,7 +337,13 @@ impl Scene {
                 position,
             }
         };
-        let first = draw(&mut rng);
+        let mut first = draw(&mut rng);
+        // Drawn only with a new shape, so the world's own scenes stay as they were.
+        if let Some((shape, share)) = sampling.new_shape {
+            if rng.uniform() < share {
+                first.shape = shape;
+            }
+        }
         if rng.uniform() >= sampling.two_objects {
             return Scene {
                 objects: vec![Placed::new(first, Some(&mut rng))],
@@ -321,14 +354,17 @@ impl Scene {
         // centred first object leaves no room: draw another first object);
         // jittered placements are then tried a bounded number of times, falling
         // back to the unjittered ones, which fit by construction.
-        let mut first = first;
         let mut partners = Vec::new();
         for _ in 0..8 {
             partners = partners_of(first, &allowed);
             if !partners.is_empty() {
                 break;
             }
+            let shape = first.shape;
             first = draw(&mut rng);
+            if sampling.new_shape.is_some_and(|(s, _)| s == shape) {
+                first.shape = shape;
+            }
         }
         if partners.is_empty() {
             return Scene {
@@ -392,6 +428,16 @@ impl Scene {
         )
     }
 
+    /// The dense caption without the objects' positions ("a large red circle
+    /// on a white background"): what a ControlNet learns to place from its
+    /// control image alone.
+    pub fn unplaced_caption(&self) -> String {
+        unplaced_caption(
+            &self.objects.iter().map(|p| p.object).collect::<Vec<_>>(),
+            self.background,
+        )
+    }
+
     /// What a web alt-text might say: the first object's shape, sometimes with
     /// its colour or position, never the rest of the scene.
     pub fn sparse_caption(&self, seed: u64, index: u64) -> String {
@@ -419,6 +465,12 @@ impl Scene {
 /// The dense caption of these objects on this background.
 pub fn caption(objects: &[Object], background: Background) -> String {
     let phrases: Vec<String> = objects.iter().map(Object::phrase).collect();
+    format!("{} on a {} background", phrases.join(" and "), background)
+}
+
+/// The dense caption of these objects without their positions.
+pub fn unplaced_caption(objects: &[Object], background: Background) -> String {
+    let phrases: Vec<String> = objects.iter().map(Object::unplaced_phrase).collect();
     format!("{} on a {} background", phrases.join(" and "), background)
 }
 
@@ -452,7 +504,7 @@ pub fn parse_caption(text: &str) -> Option<(Vec<Object>, Background)> {
 /// Every word a caption of this world can use (for training its tokenizer).
 pub fn vocabulary() -> Vec<&'static str> {
     let mut words: Vec<&'static str> = vec!["a", "and", "on", "background"];
-    words.extend(Shape::ALL.iter().map(|s| s.word()));
+    words.extend(Shape::WORLD.iter().map(|s| s.word()));
     words.extend(Colour::ALL.iter().map(|s| s.word()));
     words.extend(Size::ALL.iter().map(|s| s.word()));
     words.extend(Background::ALL.iter().map(|s| s.word()));
@@ -473,6 +525,7 @@ mod tests {
             seed: 3,
             two_objects: two,
             holdout: true,
+            new_shape: None,
         }
     }
 

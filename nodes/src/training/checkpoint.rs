@@ -9,7 +9,9 @@
 //! A LoRA run keeps its EMA adapter in peft's layout under `lora/` instead of a
 //! transformer (`adapter_model.safetensors` with keys
 //! `base_model.model.<module>.lora_A/B.weight`, `adapter_config.json`): what
-//! peft, diffusers and `lora.load` read.
+//! peft, diffusers and `lora.load` read. A ControlNet run keeps its EMA
+//! ControlNet under `controlnet/` in the layout of diffusers' PixArt port
+//! (`controlnet_blocks.N.*`, `config.json`): what `controlnet.load` reads.
 
 use crate::pixart::denoiser::NULL_CAPTION;
 use candle_core::{Device, Tensor};
@@ -22,6 +24,8 @@ use std::path::{Path, PathBuf};
 pub const TRANSFORMER: &str = "transformer";
 /// A LoRA run's adapter folder.
 pub const LORA: &str = "lora";
+/// A ControlNet run's folder.
+pub const CONTROLNET: &str = "controlnet";
 const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 const ADAPTER_CONFIG: &str = "adapter_config.json";
 const PEFT_PREFIX: &str = "base_model.model.";
@@ -45,8 +49,29 @@ pub struct Saved {
     pub null_caption: Tensor,
     /// Trainer settings and class names, checked when resuming.
     pub meta: serde_json::Value,
-    /// A LoRA run's peft `adapter_config.json`; `None` for full training.
-    pub adapter: Option<serde_json::Value>,
+    /// What the run trains, and so how its model is written.
+    pub layout: Layout,
+}
+
+/// What a checkpoint's model folder holds.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Layout {
+    /// The transformer, in the diffusers layout.
+    Transformer,
+    /// A LoRA adapter and its peft `adapter_config.json`.
+    Lora(serde_json::Value),
+    /// A ControlNet and its `config.json`.
+    ControlNet(serde_json::Value),
+}
+
+impl Layout {
+    fn folder(&self) -> &'static str {
+        match self {
+            Layout::Transformer => TRANSFORMER,
+            Layout::Lora(_) => LORA,
+            Layout::ControlNet(_) => CONTROLNET,
+        }
+    }
 }
 
 impl Saved {
@@ -105,11 +130,7 @@ pub fn save(
     if staging.exists() {
         std::fs::remove_dir_all(&staging)?;
     }
-    let transformer = staging.join(if saved.adapter.is_some() {
-        LORA
-    } else {
-        TRANSFORMER
-    });
+    let transformer = staging.join(saved.layout.folder());
     std::fs::create_dir_all(transformer.join(""))?;
     std::fs::create_dir_all(staging.join("state"))?;
 
@@ -122,8 +143,8 @@ pub fn save(
     let ema = sorted(&saved.ema);
     let model_weights: Vec<(String, Tensor)> =
         ema.iter().filter(|(n, _)| !is_class(n)).cloned().collect();
-    match &saved.adapter {
-        Some(adapter) => {
+    match &saved.layout {
+        Layout::Lora(adapter) => {
             let peft: Vec<(String, Tensor)> = model_weights
                 .iter()
                 .map(|(n, t)| (format!("{PEFT_PREFIX}{n}"), t.clone()))
@@ -132,7 +153,12 @@ pub fn save(
             let config = serde_json::to_string_pretty(adapter).map_err(io_err)?;
             atomic_write(&transformer.join(ADAPTER_CONFIG), config.as_bytes())?;
         }
-        None => {
+        Layout::ControlNet(config) => {
+            atomic_write(&transformer.join(WEIGHTS), &serialize(&model_weights)?)?;
+            let config = serde_json::to_string_pretty(config).map_err(io_err)?;
+            atomic_write(&transformer.join("config.json"), config.as_bytes())?;
+        }
+        Layout::Transformer => {
             atomic_write(&transformer.join(WEIGHTS), &serialize(&model_weights)?)?;
             let config = serde_json::to_string_pretty(&cfg.to_diffusers_json()).map_err(io_err)?;
             atomic_write(&transformer.join("config.json"), config.as_bytes())?;
@@ -200,23 +226,30 @@ pub fn load(dir: &Path, device: &Device) -> io::Result<Saved> {
             .ok_or_else(|| io_err(format!("{}: no `{k}`", trainer_path.display())))
     };
     let mut params = read(PARAMS)?;
-    let lora = dir.join(LORA).join(ADAPTER_WEIGHTS).is_file();
-    let (model_dir, mut ema, adapter) = if lora {
+    let json = |path: PathBuf| -> io::Result<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .map_err(|e| io_err(format!("{}: {e}", path.display())))
+    };
+    let (mut ema, layout) = if dir.join(LORA).join(ADAPTER_WEIGHTS).is_file() {
         let ema = read(&format!("{LORA}/{ADAPTER_WEIGHTS}"))?
             .into_iter()
             .map(|(k, t)| (k.strip_prefix(PEFT_PREFIX).unwrap_or(&k).to_string(), t))
             .collect();
-        let path = dir.join(LORA).join(ADAPTER_CONFIG);
-        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
-            .map_err(|e| io_err(format!("{}: {e}", path.display())))?;
-        (LORA, ema, Some(config))
+        let config = json(dir.join(LORA).join(ADAPTER_CONFIG))?;
+        (ema, Layout::Lora(config))
+    } else if dir.join(CONTROLNET).join(WEIGHTS).is_file() {
+        let config = json(dir.join(CONTROLNET).join("config.json"))?;
+        (
+            read(&format!("{CONTROLNET}/{WEIGHTS}"))?,
+            Layout::ControlNet(config),
+        )
     } else {
         (
-            TRANSFORMER,
             read(&format!("{TRANSFORMER}/{WEIGHTS}"))?,
-            None,
+            Layout::Transformer,
         )
     };
+    let model_dir = layout.folder();
     let extra: Vec<String> = params
         .keys()
         .filter(|k| k.starts_with(EMA_PREFIX))
@@ -251,6 +284,6 @@ pub fn load(dir: &Path, device: &Device) -> io::Result<Saved> {
         moments,
         null_caption,
         meta: trainer["meta"].clone(),
-        adapter,
+        layout,
     })
 }

@@ -6,7 +6,7 @@
 use super::rng::{Stream, TrainRng};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use pixart_models::pixart::{Adapters, Config, LowRank, PixArtTransformer, ADAPTABLE};
+use pixart_models::pixart::{Adapters, Config, ControlNet, LowRank, PixArtTransformer, ADAPTABLE};
 use std::collections::HashMap;
 
 /// The name of the class table among the parameters; it is not a transformer
@@ -29,6 +29,9 @@ pub struct TrainModel {
     pub params: Vec<Param>,
     /// LoRA training: the frozen base weights and the adapted modules.
     pub lora: Option<LoraState>,
+    /// ControlNet training: the network the parameters are (beside the frozen
+    /// `model`).
+    pub controlnet: Option<ControlNet>,
 }
 
 /// What a LoRA trains: `rank`, `alpha` (the update is `alpha/rank · B·A`) and
@@ -105,14 +108,7 @@ impl TrainModel {
         if classes > 0 {
             vb.get((classes, caption), CLASS_TABLE)?;
         }
-        let mut vars: Vec<(String, Var)> = varmap
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::msg("poisoned variable map"))?
-            .iter()
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let vars = sorted_vars(&varmap)?;
         for (i, (name, var)) in vars.iter().enumerate() {
             let shape = var.as_tensor().dims().to_vec();
             let mut rng = TrainRng::new(seed, Stream::Init, i as u64);
@@ -155,6 +151,70 @@ impl TrainModel {
             model,
             params,
             lora: None,
+            controlnet: None,
+        })
+    }
+
+    /// A ControlNet for the frozen `base`, as PixArt-α's ControlNet-Transformer
+    /// starts one: `copies` blocks copied from the base's first ones, and the
+    /// `before_proj` / `after_proj` layers at zero, so training starts at the
+    /// base model's output; or its values in `start` (a resumed checkpoint).
+    pub fn new_controlnet(
+        cfg: &Config,
+        base: &HashMap<String, Tensor>,
+        copies: usize,
+        start: Option<&HashMap<String, Tensor>>,
+        device: &Device,
+    ) -> Result<TrainModel> {
+        let base = f32_on(base, device)?;
+        let model = PixArtTransformer::new(
+            VarBuilder::from_tensors(base.clone(), DType::F32, device),
+            cfg,
+        )?;
+        let varmap = VarMap::new();
+        let net = ControlNet::new(
+            VarBuilder::from_varmap(&varmap, DType::F32, device),
+            cfg,
+            copies,
+        )?;
+        let vars = sorted_vars(&varmap)?;
+        for (name, var) in &vars {
+            let value = match start {
+                Some(values) => values.get(name).cloned().ok_or_else(|| {
+                    candle_core::Error::msg(format!("the training state has no `{name}`"))
+                })?,
+                None => match copied_from(name) {
+                    Some(source) => base.get(&source).cloned().ok_or_else(|| {
+                        candle_core::Error::msg(format!(
+                            "the base transformer has no `{source}` to copy into `{name}`"
+                        ))
+                    })?,
+                    None => var.as_tensor().zeros_like()?,
+                },
+            };
+            if value.dims() != var.as_tensor().dims() {
+                candle_core::bail!(
+                    "`{name}` has shape {:?}, this ControlNet needs {:?}",
+                    value.dims(),
+                    var.as_tensor().dims()
+                );
+            }
+            var.set(&value.to_dtype(DType::F32)?.to_device(device)?)?;
+        }
+        let params = vars
+            .into_iter()
+            .map(|(name, var)| Param {
+                name,
+                var,
+                trainable: true,
+            })
+            .collect();
+        Ok(TrainModel {
+            cfg: cfg.clone(),
+            model,
+            params,
+            lora: None,
+            controlnet: Some(net),
         })
     }
 
@@ -170,10 +230,7 @@ impl TrainModel {
         seed: u64,
         device: &Device,
     ) -> Result<TrainModel> {
-        let base: HashMap<String, Tensor> = base
-            .iter()
-            .map(|(n, t)| Ok((n.clone(), t.to_dtype(DType::F32)?.to_device(device)?)))
-            .collect::<Result<_>>()?;
+        let base = f32_on(base, device)?;
         let named = |module: &str, t: &str| module == t || module.ends_with(&format!(".{t}"));
         let mut modules: Vec<String> = base
             .iter()
@@ -264,6 +321,7 @@ impl TrainModel {
                 base,
                 modules,
             }),
+            controlnet: None,
         })
     }
 
@@ -322,6 +380,37 @@ impl TrainModel {
         }
         Ok(())
     }
+}
+
+/// The frozen base weights in f32 on `device`.
+fn f32_on(weights: &HashMap<String, Tensor>, device: &Device) -> Result<HashMap<String, Tensor>> {
+    weights
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.to_dtype(DType::F32)?.to_device(device)?)))
+        .collect()
+}
+
+/// A variable map's variables, by name.
+fn sorted_vars(varmap: &VarMap) -> Result<Vec<(String, Var)>> {
+    let mut vars: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::msg("poisoned variable map"))?
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(vars)
+}
+
+/// The base weight a ControlNet parameter starts as: copy `i`'s block is the
+/// base's block `i` (`controlnet_blocks.i.transformer_block.X` ←
+/// `transformer_blocks.i.X`); `None` for the zero-started projections.
+fn copied_from(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("controlnet_blocks.")?;
+    let (i, field) = rest.split_once('.')?;
+    let inner = field.strip_prefix("transformer_block.")?;
+    Some(format!("transformer_blocks.{i}.{inner}"))
 }
 
 impl LoraState {
@@ -487,5 +576,62 @@ mod tests {
                 == y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert!(same, "{}", a.name);
         }
+    }
+
+    #[test]
+    fn a_new_controlnet_copies_the_first_blocks_and_leaves_the_output_unchanged() {
+        use pixart_models::pixart::Control;
+        let cfg = tiny();
+        let base = TrainModel::new(&cfg, Start::Scratch, 3, 0, &[], &Device::Cpu).unwrap();
+        let weights: HashMap<String, Tensor> = base.tensors().into_iter().collect();
+        let tm = TrainModel::new_controlnet(&cfg, &weights, 1, None, &Device::Cpu).unwrap();
+        let value = |name: &str| {
+            let p = tm.params.iter().find(|p| p.name == name).unwrap();
+            p.var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let of = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(
+            value("controlnet_blocks.0.transformer_block.attn2.to_v.weight"),
+            of(&weights["transformer_blocks.0.attn2.to_v.weight"])
+        );
+        assert!(value("controlnet_blocks.0.before_proj.weight")
+            .iter()
+            .all(|v| *v == 0.0));
+        assert!(value("controlnet_blocks.0.after_proj.bias")
+            .iter()
+            .all(|v| *v == 0.0));
+        assert!(tm
+            .params
+            .iter()
+            .all(|p| p.trainable && p.name.starts_with("controlnet_blocks.0.")));
+        // Zero projections: the controlled forward is the base's, whatever the control.
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
+        let control = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
+        let t = Tensor::new(&[10f32, 700.0], &dev).unwrap();
+        let text = Tensor::randn(0f32, 1.0, (2, 3, 12), &dev).unwrap();
+        let plain = tm.model.forward_train(&x, &t, &text, None, None).unwrap();
+        let net = tm.controlnet.as_ref().unwrap();
+        let controlled = tm
+            .model
+            .forward_train_controlled(
+                &x,
+                &t,
+                &text,
+                None,
+                None,
+                &Control {
+                    net,
+                    latents: &control,
+                    scale: 1.0,
+                },
+            )
+            .unwrap();
+        assert_eq!(of(&plain), of(&controlled));
     }
 }

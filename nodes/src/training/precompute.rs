@@ -32,6 +32,8 @@ pub struct Features {
     pub vae_scale: usize,
     /// Identifies the data the cache was made from.
     pub key: String,
+    /// Every item has a control latent (made with `control`).
+    pub control: bool,
 }
 
 /// One cached item.
@@ -47,6 +49,8 @@ pub struct FeatureItem {
     /// the aspect bin it was cropped to (1 for square crops).
     pub hw: (f32, f32),
     pub ratio: f32,
+    /// The control image's VAE posterior mean `[C, h, w]` (ControlNet training).
+    pub control: Option<Tensor>,
 }
 
 impl FeatureItem {
@@ -78,6 +82,7 @@ impl FeatureItem {
             caption,
             hw: (num("height", 0.0), num("width", 0.0)),
             ratio: num("ratio", 1.0),
+            control: tensors.get("control").cloned(),
         })
     }
 }
@@ -158,28 +163,42 @@ fn load_for_training(
     Ok((cover_crop(&img, h, w, device)?, original, ratio))
 }
 
+/// The control image of `image`: the file of the same name in `dir`.
+fn control_file(dir: &Path, image: &Path) -> PathBuf {
+    dir.join(image.file_name().unwrap_or_default())
+}
+
+/// A control image, cropped as its training image is: to the same size (its
+/// own aspect is the image's, a control map being made from it).
+fn load_control(
+    path: &Path,
+    height: usize,
+    width: usize,
+    device: &Device,
+) -> Result<Tensor, NodeError> {
+    cover_crop(&decode(path)?, height, width, device)
+}
+
 /// What the cache was made from: images (path, size, mtime), captions, resolution
 /// and text length. A different dataset gives a different index.
-fn dataset_key(ds: &Dataset, max_length: usize) -> String {
-    let mut h = blake3::Hasher::new();
-    h.update(format!("{}|{}|{max_length}|", ds.resolution, ds.buckets).as_bytes());
-    for item in &ds.items {
-        let meta = std::fs::metadata(&item.image).ok();
-        let stamp = meta
+fn dataset_key(ds: &Dataset, max_length: usize, control: Option<&Path>) -> String {
+    let stamp = |path: &Path| {
+        let meta = std::fs::metadata(path).ok();
+        let time = meta
             .as_ref()
             .and_then(|m| m.modified().ok())
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos());
-        h.update(
-            format!(
-                "{}|{}|{stamp}|{}|{:?}\n",
-                item.image.display(),
-                meta.map_or(0, |m| m.len()),
-                item.caption,
-                item.label
-            )
-            .as_bytes(),
-        );
+        format!("{}|{}|{time}", path.display(), meta.map_or(0, |m| m.len()))
+    };
+    let mut h = blake3::Hasher::new();
+    h.update(format!("{}|{}|{max_length}|", ds.resolution, ds.buckets).as_bytes());
+    for item in &ds.items {
+        h.update(format!("{}|{}|{:?}\n", stamp(&item.image), item.caption, item.label).as_bytes());
+        // Only with control images, so caches made without stay valid.
+        if let Some(dir) = control {
+            h.update(format!("control {}\n", stamp(&control_file(dir, &item.image))).as_bytes());
+        }
     }
     h.finalize().to_hex().to_string()
 }
@@ -241,6 +260,13 @@ impl Precompute {
                 .input(InputSpec::new("path", PortType::Path).describe("The cache folder."))
                 .input(InputSpec::new("max_length", PortType::Int).default(120).min(1.0).max(512.0))
                 .input(InputSpec::new("recompute", PortType::Bool).default(false))
+                .input(
+                    InputSpec::new("control", PortType::Path).optional().describe(
+                        "A folder of control images (edge maps, depth, …) named as the dataset's \
+                         images: each is cropped as its image and encoded (VAE mean) beside it, for \
+                         ControlNet training (train.pixart `controlnet_blocks`).",
+                    ),
+                )
                 .output("features", PortType::Features, "the feature cache")
                 .output("computed", PortType::Int, "items encoded by this run (0 when the cache was reused)"),
         }
@@ -260,9 +286,39 @@ impl Node for Precompute {
         let vae = inputs.handle::<AutoencoderKl>("vae")?;
         let dir = ctx.output_path(inputs.path("path")?)?;
         let max_length = inputs.int("max_length")? as usize;
+        let control = match inputs.get("control") {
+            Some(_) => Some(ctx.input_path(inputs.path("control")?)?),
+            None => None,
+        };
+        if let Some(dir) = &control {
+            let missing: Vec<String> = ds
+                .items
+                .iter()
+                .map(|i| control_file(dir, &i.image))
+                .filter(|f| !f.is_file())
+                .map(|f| f.display().to_string())
+                .collect();
+            if !missing.is_empty() {
+                return Err(NodeError::input(
+                    "control",
+                    format!(
+                        "{} of {} images have no control image of the same name: {}{}",
+                        missing.len(),
+                        ds.items.len(),
+                        missing
+                            .iter()
+                            .take(3)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        if missing.len() > 3 { ", …" } else { "" }
+                    ),
+                ));
+            }
+        }
         let key = format!(
             "{}-{}",
-            dataset_key(ds, max_length),
+            dataset_key(ds, max_length, control.as_deref()),
             models_key(ds, tok, enc, vae, max_length)?
         );
         let index_path = dir.join("index.json");
@@ -283,6 +339,7 @@ impl Node for Precompute {
             scaling_factor: vae.config().scaling_factor,
             vae_scale: vae.config().scale_factor(),
             key: key.clone(),
+            control: control.is_some(),
         };
         let handle =
             |f: Features| Value::Handle(Handle::new(PortType::Features, f.files.len() * 64, f));
@@ -295,18 +352,29 @@ impl Node for Precompute {
             ctx.check_cancelled()?;
             let (pixels, original, ratio) = load_for_training(&item.image, ds, &device)?;
             let post = vae.encode(&pixels)?;
+            let control_mean = match &control {
+                Some(dir) => {
+                    let (_, _, h, w) = pixels.dims4()?;
+                    let c = load_control(&control_file(dir, &item.image), h, w, &device)?;
+                    Some(vae.encode(&c)?.mean.squeeze(0)?.to_dtype(DType::F32)?)
+                }
+                None => None,
+            };
             let e = tok
                 .encode(&item.caption, max_length)
                 .map_err(|e| NodeError::input("dataset", e))?;
             let ids = Tensor::from_vec(e.ids, (1, max_length), &device)?;
             let mask = Tensor::from_vec(e.mask, (1, max_length), &device)?.to_dtype(DType::F32)?;
             let text = enc.forward(&ids, &mask)?;
-            let tensors: HashMap<&str, Tensor> = HashMap::from([
+            let mut tensors: HashMap<&str, Tensor> = HashMap::from([
                 ("vae_mean", post.mean.squeeze(0)?.to_dtype(DType::F32)?),
                 ("vae_std", post.std()?.squeeze(0)?.to_dtype(DType::F32)?),
                 ("text", text.squeeze(0)?.to_dtype(DType::F32)?),
                 ("mask", mask.squeeze(0)?),
             ]);
+            if let Some(c) = control_mean {
+                tensors.insert("control", c);
+            }
             let mut meta = HashMap::from([
                 ("caption".to_string(), item.caption.clone()),
                 ("height".to_string(), original.0.to_string()),

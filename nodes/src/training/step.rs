@@ -6,7 +6,9 @@ use super::loss::{Diffusion, LossTerms};
 use super::optim::{clip_grad_norm, AdamW};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
-use pixart_models::pixart::{batch_parallel, PixArtTransformer, SizeConditions};
+use pixart_models::pixart::{
+    batch_parallel, Control, ControlNet, PixArtTransformer, SizeConditions,
+};
 
 /// One batch, ready for the model.
 pub struct Batch {
@@ -21,6 +23,9 @@ pub struct Batch {
     pub sizes: Option<(Tensor, Tensor)>,
     /// Per-sample weights `[B]` of the ε term (min-SNR); `None` weighs all alike.
     pub mse_weights: Option<Tensor>,
+    /// ControlNet training: each sample's control latent `[B, C, h, w]` (scaled
+    /// like `x0`).
+    pub control: Option<Tensor>,
 }
 
 /// The per-sample loss terms, their batch mean and the gradients of that mean
@@ -28,18 +33,27 @@ pub struct Batch {
 /// threads (forward and backward each), their gradients summed.
 pub fn loss_and_gradients(
     model: &PixArtTransformer,
+    controlnet: Option<&ControlNet>,
     diffusion: &Diffusion,
     batch: &Batch,
     vars: &[Var],
 ) -> Result<(LossTerms, f64, GradStore)> {
     let b = batch.t.len();
     if !batch_parallel(&batch.x0, b) {
-        return part_gradients(model, diffusion, batch, b);
+        return part_gradients(model, controlnet, diffusion, batch, b);
     }
     let half = b / 2;
     let (first, second) = rayon::join(
-        || part_gradients(model, diffusion, &batch.slice(0, half)?, b),
-        || part_gradients(model, diffusion, &batch.slice(half, b - half)?, b),
+        || part_gradients(model, controlnet, diffusion, &batch.slice(0, half)?, b),
+        || {
+            part_gradients(
+                model,
+                controlnet,
+                diffusion,
+                &batch.slice(half, b - half)?,
+                b,
+            )
+        },
     );
     let (t1, l1, mut g1) = first?;
     let (t2, l2, g2) = second?;
@@ -66,6 +80,7 @@ pub fn loss_and_gradients(
 /// mean (its sum / `total`); returns that share.
 fn part_gradients(
     model: &PixArtTransformer,
+    controlnet: Option<&ControlNet>,
     diffusion: &Diffusion,
     batch: &Batch,
     total: usize,
@@ -77,7 +92,24 @@ fn part_gradients(
         resolution: r,
         aspect_ratio: a,
     });
-    let out = model.forward_train(&x_t, &t, &batch.text, Some(&batch.mask), sizes.as_ref())?;
+    let out = match (controlnet, &batch.control) {
+        (Some(net), Some(latents)) => model.forward_train_controlled(
+            &x_t,
+            &t,
+            &batch.text,
+            Some(&batch.mask),
+            sizes.as_ref(),
+            &Control {
+                net,
+                latents,
+                scale: 1.0,
+            },
+        )?,
+        (None, None) => {
+            model.forward_train(&x_t, &t, &batch.text, Some(&batch.mask), sizes.as_ref())?
+        }
+        _ => candle_core::bail!("a ControlNet trains on batches with control latents"),
+    };
     let mut terms = diffusion.loss(
         &batch.x0,
         &batch.t,
@@ -108,6 +140,7 @@ impl Batch {
                 None => None,
             },
             mse_weights: self.mse_weights.as_ref().map(cut).transpose()?,
+            control: self.control.as_ref().map(cut).transpose()?,
         })
     }
 }

@@ -3,7 +3,7 @@
 //! dropout to the null caption, IDDPM learned-range loss, clipping, AdamW with
 //! warm-up, EMA — with crash-safe checkpoints and exact resumption.
 
-use super::checkpoint::{self, Saved};
+use super::checkpoint::{self, Layout, Saved};
 use super::loss::{Diffusion, LossTerms};
 use super::model::{LoraSpec, Start, TrainModel, CLASS_TABLE};
 use super::optim::{scale_lr, scheduled_lr, AdamW, Ema, LrSchedule};
@@ -53,8 +53,11 @@ pub struct Settings {
     pub resume: bool,
     /// Train a LoRA on the frozen `init` instead of the whole transformer.
     pub lora: Option<LoraSpec>,
-    /// With a LoRA: what the frozen base's weights hash to, so a run resumes
-    /// only onto the base it started from.
+    /// Train a ControlNet copying this many of `init`'s first blocks (frozen
+    /// beside it) instead of the transformer.
+    pub controlnet: Option<usize>,
+    /// With a LoRA or a ControlNet: what the frozen base's weights hash to, so
+    /// a run resumes only onto the base it started from.
     pub base_key: Option<String>,
 }
 
@@ -86,6 +89,9 @@ impl Settings {
             f["lora"] = json!({
                 "rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets, "base": self.base_key,
             });
+        }
+        if let Some(copies) = self.controlnet {
+            f["controlnet"] = json!({"copies": copies, "base": self.base_key});
         }
         f
     }
@@ -214,6 +220,21 @@ fn make_batch(
     } else {
         None
     };
+    // The control latent is scaled as the latents are (and as vae.encode gives
+    // it to controlnet.apply), and stays when the caption is dropped.
+    let control = if s.controlnet.is_some() {
+        let maps = items
+            .iter()
+            .map(|i| {
+                i.control.as_ref().ok_or_else(|| {
+                    candle_core::Error::msg(format!("`{}` has no control latent", i.caption))
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Some((Tensor::stack(&maps, 0)? * scaling)?)
+    } else {
+        None
+    };
     Ok(Batch {
         x0,
         t,
@@ -222,6 +243,7 @@ fn make_batch(
         mask,
         sizes,
         mse_weights,
+        control,
     })
 }
 
@@ -432,6 +454,20 @@ impl TrainPixArt {
                              to_out.0, ff.net.0.proj and ff.net.2.",
                         ),
                 )
+                .input(
+                    InputSpec::new("controlnet_blocks", PortType::Int)
+                        .default(0)
+                        .min(0.0)
+                        .max(1024.0)
+                        .describe(
+                            "Train a ControlNet for the frozen `init` instead (PixArt-α's \
+                             ControlNet-Transformer: copies of its first N blocks, 13 of 28 in the \
+                             released model, joined by zero-initialised projections), on features made \
+                             with control images (train.precompute `control`). Checkpoints then hold the \
+                             ControlNet as controlnet.load reads it (checkpoint-N/controlnet/), and \
+                             `transformer` is `init` unchanged. 0: no ControlNet.",
+                        ),
+                )
                 .output("transformer", PortType::Denoiser, "the trained transformer (EMA weights)")
                 .output("checkpoint", PortType::Path, "the final checkpoint's folder")
                 .output("run", PortType::Path, "the run folder (`out`), once training is done"),
@@ -498,6 +534,10 @@ impl Node for TrainPixArt {
                         .collect(),
                 }),
             },
+            controlnet: match inputs.int("controlnet_blocks")? as usize {
+                0 => None,
+                copies => Some(copies),
+            },
             base_key: None,
         };
         let out = ctx.output_path(inputs.path("out")?)?;
@@ -505,7 +545,10 @@ impl Node for TrainPixArt {
             Some(_) => Some(inputs.handle::<Denoiser>("init")?),
             None => None,
         };
-        if let (Some(_), Some(den)) = (&settings.lora, init) {
+        if let (true, Some(den)) = (
+            settings.lora.is_some() || settings.controlnet.is_some(),
+            init,
+        ) {
             settings.base_key = Some(weights_key(&den.weights)?);
         }
         if init.is_some_and(|d| d.control.is_some()) {
@@ -560,6 +603,57 @@ impl Node for TrainPixArt {
                 ));
             }
         }
+        if let Some(copies) = settings.controlnet {
+            let refuse = |port: &str, why: &str| Err(NodeError::input(port, why.to_string()));
+            if init.is_none() || extend {
+                return refuse(
+                    "controlnet_blocks",
+                    "a ControlNet adapts a trained transformer: give `init`, and no `config`",
+                );
+            }
+            if settings.lora.is_some() {
+                return refuse(
+                    "lora_rank",
+                    "train a LoRA or a ControlNet, not both at once",
+                );
+            }
+            if settings.class_conditional {
+                return refuse(
+                    "controlnet_blocks",
+                    "a ControlNet trains on captions: use condition `text`",
+                );
+            }
+            if !settings.frozen.is_empty() {
+                return refuse(
+                    "freeze",
+                    "a ControlNet run freezes the whole transformer already: leave `freeze` empty",
+                );
+            }
+            if copies >= cfg.num_layers {
+                return Err(NodeError::input(
+                    "controlnet_blocks",
+                    format!(
+                        "the transformer has {} blocks: copy 1 to {} of them",
+                        cfg.num_layers,
+                        cfg.num_layers - 1
+                    ),
+                ));
+            }
+            if !features.control {
+                return refuse(
+                    "features",
+                    "a ControlNet trains on control images: make the features with \
+                     train.precompute's `control` folder",
+                );
+            }
+            if inputs.int("sample_every")? > 0 {
+                return refuse(
+                    "sample_every",
+                    "a ControlNet run has no sample images (they would need a control image); \
+                     evaluate its checkpoints instead (eval.shapes `controlnet`)",
+                );
+            }
+        }
         let every = inputs.int("sample_every")? as u64;
         let samples = if every > 0 {
             let need = |port: &str| {
@@ -594,13 +688,25 @@ impl Node for TrainPixArt {
         let params = pixart_models::weights::count_parameters(DType::F32, |vb| {
             PixArtTransformer::new(vb, &cfg)
         })?;
-        let _memory = match settings.lora {
+        let _memory = match (&settings.lora, settings.controlnet) {
             // The frozen base; the adapter beside it is small.
-            Some(_) => ctx.reserve_memory(
+            (Some(_), _) => ctx.reserve_memory(
                 params.saturating_mul(4),
                 "training a LoRA of this transformer (its f32 base weights)",
             )?,
-            None => ctx.reserve_memory(
+            (None, Some(copies)) => {
+                let net = pixart_models::weights::count_parameters(DType::F32, |vb| {
+                    pixart_models::pixart::ControlNet::new(vb, &cfg, copies)
+                })?;
+                ctx.reserve_memory(
+                    params
+                        .saturating_mul(4)
+                        .saturating_add(net.saturating_mul(20)),
+                    "training a ControlNet (the f32 base; the ControlNet's weights, EMA, \
+                     gradients and Adam moments)",
+                )?
+            }
+            (None, None) => ctx.reserve_memory(
                 params.saturating_mul(20),
                 "training this transformer (f32 weights, their EMA, gradients and Adam moments)",
             )?,
@@ -686,8 +792,13 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
             with_sizes,
             &diffusion,
         )?;
-        let (terms, loss, mut grads) =
-            loss_and_gradients(&state.tm.model, &diffusion, &batch, &state.opt.vars)?;
+        let (terms, loss, mut grads) = loss_and_gradients(
+            &state.tm.model,
+            state.tm.controlnet.as_ref(),
+            &diffusion,
+            &batch,
+            &state.opt.vars,
+        )?;
         let lr = scheduled_lr(s.lr, step, s.steps, s.warmup, s.lr_schedule, s.decay_steps);
         let grad_norm = state.opt.apply(&mut grads, lr)?;
         if s.ema_warmup {
@@ -725,7 +836,17 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
         Some(p) => p,
         None => state.save(ctx, run)?,
     };
-    let den = state.ema_denoiser(run)?;
+    let den = match (s.controlnet, run.init) {
+        // The base is not trained: it goes on as it came.
+        (Some(_), Some(base)) => Denoiser {
+            model: base.model.clone(),
+            null_caption: base.null_caption.clone(),
+            weights: base.weights.clone(),
+            vae_scale_factor: base.vae_scale_factor,
+            control: None,
+        },
+        _ => state.ema_denoiser(run)?,
+    };
     let bytes = den.weights.values().map(|t| t.elem_count() * 4).sum();
     Ok(Outputs::one(
         "transformer",
@@ -755,6 +876,13 @@ fn check_features(run: &Run, data: &Data) -> Result<(), NodeError> {
                 "the cache holds {text_dim}-wide text features, the transformer takes {caption_channels}: \
                  encode with the T5 this model was made for"
             ),
+        ));
+    }
+    if s.controlnet.is_some() && data.items.iter().any(|i| i.control.is_none()) {
+        return Err(NodeError::input(
+            "features",
+            "some cached items have no control latent: make the features with train.precompute's \
+             `control` folder",
         ));
     }
     let latent_channels = data.items[0].vae_mean.dim(0)?;
@@ -818,8 +946,15 @@ impl State {
             (None, Some(den)) => Start::Tensors(&den.weights),
             (None, None) => Start::Scratch,
         };
-        let tm = match (&s.lora, run.init) {
-            (Some(spec), Some(den)) => TrainModel::new_lora(
+        let tm = match (&s.lora, s.controlnet, run.init) {
+            (None, Some(copies), Some(den)) => TrainModel::new_controlnet(
+                run.cfg,
+                &den.weights,
+                copies,
+                resumed.as_ref().map(|saved| &saved.params),
+                device,
+            ),
+            (Some(spec), _, Some(den)) => TrainModel::new_lora(
                 run.cfg,
                 &den.weights,
                 spec,
@@ -924,7 +1059,11 @@ impl State {
             adam_step: self.opt.adam.steps(),
             null_caption: self.null_caption.clone(),
             meta: json!({ "settings": self.fingerprint, "total_steps": run.settings.steps }),
-            adapter: run.settings.lora.as_ref().map(LoraSpec::adapter_config),
+            layout: match (&run.settings.lora, run.settings.controlnet) {
+                (Some(lora), _) => Layout::Lora(lora.adapter_config()),
+                (None, Some(copies)) => Layout::ControlNet(controlnet_config(run.cfg, copies)),
+                (None, None) => Layout::Transformer,
+            },
         };
         let class_table = run.settings.class_conditional.then_some(CLASS_TABLE);
         ctx.charge_disk(saved.bytes())?;
@@ -947,6 +1086,18 @@ impl State {
             run.device,
         )?)
     }
+}
+
+/// The `config.json` of a ControlNet folder, as diffusers' PixArt port
+/// (`PixArtControlNetAdapterModel`) writes it: the copies and their width.
+fn controlnet_config(cfg: &Config, copies: usize) -> serde_json::Value {
+    json!({
+        "_class_name": "PixArtControlNetAdapterModel",
+        "num_layers": copies,
+        "num_attention_heads": cfg.num_attention_heads,
+        "attention_head_dim": cfg.attention_head_dim,
+        "cross_attention_dim": cfg.cross_attention_dim,
+    })
 }
 
 /// A hash of every weight's name, shape and values (in f32), in name order.
