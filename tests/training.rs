@@ -713,4 +713,16 @@ fn a_controlnet_trains_alone_from_copied_blocks_resumes_and_controlnet_load_read
         said.contains("features") && said.contains("control"),
         "{said}"
     );
+    // A full run does not resume from the ControlNet's checkpoint.
+    let full = workflow(tmp.path(), &data, 12, 5, "");
+    let o = pixart(&full, &straight).output().unwrap();
+    assert!(
+        !o.status.success(),
+        "a full run resumed a ControlNet's checkpoint"
+    );
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains("other settings") && said.contains("controlnet"),
+        "{said}"
+    );
 }

@@ -287,7 +287,9 @@ pub fn eval_prompts(two: bool, samples: usize, shapes: &[Shape], placed: bool) -
                     position,
                 }],
                 background: Background::ALL[(i / 2 + k) % 3],
-                held_out: held_out(combo),
+                // Only the world's combinations are held out of training; a new
+                // shape's data shows all of its own.
+                held_out: Shape::WORLD.contains(&shape) && held_out(combo),
                 placed,
             });
         }
@@ -378,7 +380,9 @@ pub fn evaluate(
                     vae_scale_factor: den.vae_scale_factor,
                     control: Some(DenoiserControl {
                         net: net.clone(),
-                        latents: latents.to_dtype(den.model.dtype())?,
+                        latents: latents
+                            .to_dtype(den.model.dtype())?
+                            .to_device(den.model.device())?,
                         scale: *scale,
                     }),
                 })
@@ -823,6 +827,13 @@ impl Node for EvalCurve {
                     "run",
                     "a LoRA run's checkpoints hold only the adapter: evaluate the stage's \
                      transformer (init with it merged) instead",
+                ));
+            }
+            if !transformer.exists() && dir.join(crate::training::checkpoint::CONTROLNET).exists() {
+                return Err(NodeError::input(
+                    "run",
+                    "a ControlNet run's checkpoints hold only the ControlNet: score one with \
+                     eval.shapes `controlnet` (controlnet.load of checkpoint-N/controlnet)",
                 ));
             }
             let bytes = pixart_models::weights::loaded_bytes(&transformer, |_, _| {

@@ -168,15 +168,36 @@ fn control_file(dir: &Path, image: &Path) -> PathBuf {
     dir.join(image.file_name().unwrap_or_default())
 }
 
-/// A control image, cropped as its training image is: to the same size (its
-/// own aspect is the image's, a control map being made from it).
+/// A control image, cropped as its training image (`original` (height, width))
+/// is to `height`×`width`; it must have that image's aspect, or the crops
+/// would show different parts.
 fn load_control(
     path: &Path,
+    original: (u32, u32),
     height: usize,
     width: usize,
     device: &Device,
 ) -> Result<Tensor, NodeError> {
-    cover_crop(&decode(path)?, height, width, device)
+    let img = decode(path)?;
+    let aspect = |h: u32, w: u32| f64::from(w) / f64::from(h.max(1));
+    let (want, got) = (
+        aspect(original.0, original.1),
+        aspect(img.height(), img.width()),
+    );
+    if (got - want).abs() > 0.01 * want {
+        return Err(NodeError::input(
+            "control",
+            format!(
+                "{} is {}×{}, its image {}×{}: a control image must have its image's aspect",
+                path.display(),
+                img.width(),
+                img.height(),
+                original.1,
+                original.0
+            ),
+        ));
+    }
+    cover_crop(&img, height, width, device)
 }
 
 /// What the cache was made from: images (path, size, mtime), captions, resolution
@@ -291,6 +312,22 @@ impl Node for Precompute {
             None => None,
         };
         if let Some(dir) = &control {
+            let mut names: Vec<&std::ffi::OsStr> = ds
+                .items
+                .iter()
+                .filter_map(|i| i.image.file_name())
+                .collect();
+            names.sort();
+            if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
+                return Err(NodeError::input(
+                    "control",
+                    format!(
+                        "two images are named {}: control images are found by name, so the \
+                         dataset's image names must differ",
+                        twice[0].to_string_lossy()
+                    ),
+                ));
+            }
             let missing: Vec<String> = ds
                 .items
                 .iter()
@@ -355,7 +392,8 @@ impl Node for Precompute {
             let control_mean = match &control {
                 Some(dir) => {
                     let (_, _, h, w) = pixels.dims4()?;
-                    let c = load_control(&control_file(dir, &item.image), h, w, &device)?;
+                    let file = control_file(dir, &item.image);
+                    let c = load_control(&file, original, h, w, &device)?;
                     Some(vae.encode(&c)?.mean.squeeze(0)?.to_dtype(DType::F32)?)
                 }
                 None => None,

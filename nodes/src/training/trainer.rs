@@ -1187,21 +1187,28 @@ fn check_same_run(
             dir.display()
         )));
     };
-    let differing: Vec<String> = now
-        .iter()
-        .filter(|(k, v)| saved.get(*k) != Some(v))
-        .map(|(k, v)| {
-            let was = saved
-                .get(k)
-                .map_or("nothing".to_string(), |w| w.to_string());
-            let short = |s: String| {
-                if s.chars().count() > 40 {
-                    format!("{}…", s.chars().take(40).collect::<String>())
-                } else {
-                    s
-                }
-            };
-            format!("{k} (was {}, now {})", short(was), short(v.to_string()))
+    // Settings written only when on (a LoRA, a ControlNet, min-SNR…) count
+    // when either side has them: a LoRA checkpoint is no start for a full run.
+    let mut keys: Vec<&String> = now.keys().chain(saved.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let shown = |v: Option<&serde_json::Value>| {
+        let s = v.map_or("nothing".to_string(), |w| w.to_string());
+        if s.chars().count() > 40 {
+            format!("{}…", s.chars().take(40).collect::<String>())
+        } else {
+            s
+        }
+    };
+    let differing: Vec<String> = keys
+        .into_iter()
+        .filter(|k| saved.get(*k) != now.get(*k))
+        .map(|k| {
+            format!(
+                "{k} (was {}, now {})",
+                shown(saved.get(k)),
+                shown(now.get(k))
+            )
         })
         .collect();
     if differing.is_empty() {
