@@ -713,6 +713,16 @@ fn a_controlnet_trains_alone_from_copied_blocks_resumes_and_controlnet_load_read
         said.contains("features") && said.contains("control"),
         "{said}"
     );
+    // A control image of another aspect than its image is refused by name.
+    let wide = pixart_nodes::image_io::encode_png(&vec![0u8; 64 * 32 * 3], 64, 32, 3, &[]).unwrap();
+    std::fs::write(controls.join("img03.png"), wide).unwrap();
+    let o = pixart(&ten, &tmp.path().join("resumed")).output().unwrap();
+    assert!(!o.status.success());
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains("img03.png") && said.contains("aspect"),
+        "{said}"
+    );
     // A full run does not resume from the ControlNet's checkpoint.
     let full = workflow(tmp.path(), &data, 12, 5, "");
     let o = pixart(&full, &straight).output().unwrap();

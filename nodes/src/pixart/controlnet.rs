@@ -140,17 +140,11 @@ impl Node for ApplyControlNet {
         let (dtype, device) = (base.model.dtype(), base.model.device().clone());
         let net = build_controlnet(ctx, weights, base)?;
         let bytes = net_bytes(weights, dtype);
-        let controlled = Denoiser {
-            model: base.model.clone(),
-            null_caption: base.null_caption.clone(),
-            weights: base.weights.clone(),
-            vae_scale_factor: base.vae_scale_factor,
-            control: Some(DenoiserControl {
-                net: Arc::new(net),
-                latents: latents.to_dtype(dtype)?.to_device(&device)?,
-                scale: inputs.float("scale")?,
-            }),
-        };
+        let controlled = base.with_control(Some(DenoiserControl {
+            net: Arc::new(net),
+            latents: latents.to_dtype(dtype)?.to_device(&device)?,
+            scale: inputs.float("scale")?,
+        }));
         Ok(Outputs::one(
             "transformer",
             Value::Handle(Handle::new(PortType::Denoiser, bytes, controlled)),

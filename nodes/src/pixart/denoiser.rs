@@ -42,6 +42,17 @@ pub struct DenoiserControl {
 }
 
 impl Denoiser {
+    /// The same transformer (shared, not copied) led by `control`, or alone.
+    pub fn with_control(&self, control: Option<DenoiserControl>) -> Denoiser {
+        Denoiser {
+            model: self.model.clone(),
+            null_caption: self.null_caption.clone(),
+            weights: self.weights.clone(),
+            vae_scale_factor: self.vae_scale_factor,
+            control,
+        }
+    }
+
     /// One forward of the transformer, led by the ControlNet when there is one.
     pub fn forward(
         &self,

@@ -373,19 +373,15 @@ pub fn evaluate(
             Some((net, scale)) => {
                 let (pixels, _) = control_image(p, s.size, s.seed.wrapping_add(i as u64))?;
                 let latents = (vae.encode(&pixels)?.mean * vae.config().scaling_factor)?;
-                Some(Denoiser {
-                    model: den.model.clone(),
-                    null_caption: den.null_caption.clone(),
-                    weights: den.weights.clone(),
-                    vae_scale_factor: den.vae_scale_factor,
-                    control: Some(DenoiserControl {
+                Some(
+                    den.with_control(Some(DenoiserControl {
                         net: net.clone(),
                         latents: latents
                             .to_dtype(den.model.dtype())?
                             .to_device(den.model.device())?,
                         scale: *scale,
-                    }),
-                })
+                    })),
+                )
             }
             None => None,
         };

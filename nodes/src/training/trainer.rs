@@ -838,13 +838,7 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
     };
     let den = match (s.controlnet, run.init) {
         // The base is not trained: it goes on as it came.
-        (Some(_), Some(base)) => Denoiser {
-            model: base.model.clone(),
-            null_caption: base.null_caption.clone(),
-            weights: base.weights.clone(),
-            vae_scale_factor: base.vae_scale_factor,
-            control: None,
-        },
+        (Some(_), Some(base)) => base.with_control(None),
         _ => state.ema_denoiser(run)?,
     };
     let bytes = den.weights.values().map(|t| t.elem_count() * 4).sum();
