@@ -35,8 +35,9 @@ enum Command {
         /// Override a parameter: --set seed=3 (repeatable).
         #[arg(long = "set", value_name = "NAME=VALUE")]
         set: Vec<String>,
-        /// Directory that relative output paths are written under.
-        #[arg(long, default_value = ".")]
+        /// Folder that relative output paths are written under (relative input
+        /// paths that name nothing in the current folder are read from it too).
+        #[arg(long, default_value = "out")]
         out: PathBuf,
         /// Run only what these nodes need (repeatable); default: every output node.
         #[arg(long = "target", value_name = "NODE")]

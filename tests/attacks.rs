@@ -608,7 +608,7 @@ async fn the_history_is_appended_and_a_large_run_keeps_a_bounded_record() {
     assert_eq!(site.run(&text_save("a.txt")).await["state"], "finished");
     let run = site.run(&chain(20_000)).await;
     assert_eq!(run["state"], "finished");
-    assert_eq!(run["node_states"].as_array().unwrap().len(), 10_000);
+    assert_eq!(run["node_states"].as_object().unwrap().len(), 10_000);
     let before = size();
     assert!(
         before > 0 && before < 3 << 20,

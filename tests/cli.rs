@@ -94,8 +94,8 @@ fn run_writes_outputs_and_reports_them() {
         "{stdout}"
     );
     assert!(stdout.contains("noise-5.png"), "{stdout}");
-    assert!(out.path().join("out/noise-5.png").exists());
-    assert!(out.path().join("out/noise-5.safetensors").exists());
+    assert!(out.path().join("noise-5.png").exists());
+    assert!(out.path().join("noise-5.safetensors").exists());
     // A relative --out, as the README's main job gives it: files land under it once.
     let res = pixart(
         &[
@@ -109,8 +109,33 @@ fn run_writes_outputs_and_reports_them() {
         out.path(),
     );
     assert!(res.status.success(), "{}", text(&res.stderr));
-    assert!(out.path().join("rel/dir/out/noise-0.png").is_file());
-    assert!(out.path().join("rel/dir/out/noise-0.safetensors").is_file());
+    assert!(out.path().join("rel/dir/noise-0.png").is_file());
+    assert!(out.path().join("rel/dir/noise-0.safetensors").is_file());
+
+    // Without --out, outputs go under ./out; a later workflow reads what that
+    // run wrote by the name it wrote it under.
+    let res = pixart(
+        &[
+            "run",
+            wf.to_str().unwrap(),
+            "--set",
+            "size=8",
+            "--set",
+            "seed=2",
+        ],
+        out.path(),
+    );
+    assert!(res.status.success(), "{}", text(&res.stderr));
+    assert!(out.path().join("out/noise-2.safetensors").is_file());
+    std::fs::write(
+        out.path().join("read.yaml"),
+        "version: 1\nnodes:\n  t: {type: tensor.load, inputs: {path: noise-2.safetensors}}\n  \
+         s: {type: tensor.save, inputs: {tensor: \"${t.tensor}\", path: copy.safetensors}}\n",
+    )
+    .unwrap();
+    let res = pixart(&["run", "read.yaml"], out.path());
+    assert!(res.status.success(), "{}", text(&res.stderr));
+    assert!(out.path().join("out/copy.safetensors").is_file());
 
     // --target runs only what the target needs.
     let res = pixart(
@@ -129,8 +154,8 @@ fn run_writes_outputs_and_reports_them() {
         repo(),
     );
     assert!(res.status.success(), "{}", text(&res.stderr));
-    assert!(out.path().join("out/noise-6.safetensors").exists());
-    assert!(!out.path().join("out/noise-6.png").exists());
+    assert!(out.path().join("noise-6.safetensors").exists());
+    assert!(!out.path().join("noise-6.png").exists());
 }
 
 #[test]
@@ -172,7 +197,7 @@ fn bad_arguments_and_failures_exit_1_with_a_message() {
         "{stderr}"
     );
     assert!(
-        dir.path().join("n.safetensors").exists(),
+        dir.path().join("out/n.safetensors").exists(),
         "the independent branch still ran"
     );
 }

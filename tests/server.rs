@@ -459,3 +459,211 @@ async fn a_run_never_overwrites_an_earlier_runs_file() {
         ]
     );
 }
+
+/// A run's record keeps when it was submitted, started and ended, the
+/// workflow text and the params sent, and its node states as an object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_carry_times_workflow_and_params() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let body = serde_json::json!({ "workflow": SAVE, "params": {"seed": 7} }).to_string();
+    let (_, queued, _) = call(&s, "POST", "/api/runs", body).await;
+    let run = wait_done(&s, queued["run_id"].as_str().unwrap()).await;
+    assert_eq!(run["state"], "finished", "{run}");
+    let at = |k: &str| run[k].as_u64().unwrap_or_else(|| panic!("{k}: {run}"));
+    assert!(at("submitted_at") > 1_600_000_000_000, "{run}");
+    assert!(at("submitted_at") <= at("started_at"), "{run}");
+    assert!(at("started_at") <= at("finished_at"), "{run}");
+    assert_eq!(run["workflow"], SAVE);
+    assert_eq!(run["params"], serde_json::json!({"seed": 7}));
+    assert_eq!(
+        run["node_states"],
+        serde_json::json!({"noise": "executed", "save": "executed"})
+    );
+    // The history has the same; a workflow over 256 KiB is not kept.
+    let (_, history, _) = call(&s, "GET", "/api/history", "").await;
+    assert_eq!(history[0]["workflow"], SAVE);
+    let long = format!("# {}\n{SAVE}", "x".repeat(300 << 10));
+    let (_, queued, _) = call(&s, "POST", "/api/runs", long).await;
+    let run = wait_done(&s, queued["run_id"].as_str().unwrap()).await;
+    assert_eq!(run["state"], "finished", "{run}");
+    assert_eq!(
+        (run["workflow"].clone(), run["params"].clone()),
+        (J::Null, serde_json::json!({}))
+    );
+}
+
+/// Waiting runs stay queued while the queue is paused, can be moved, and
+/// start in the new order once it resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_runs_move_and_the_queue_pauses() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let mut ws = warp::test::ws()
+        .path("/api/events")
+        .handshake(routes(s.clone()))
+        .await
+        .expect("handshake");
+    let (status, q, _) = call(&s, "POST", "/api/queue/pause", "").await;
+    assert_eq!(
+        (status, q["paused"].clone()),
+        (StatusCode::OK, J::Bool(true))
+    );
+    let msg = tokio::time::timeout(Duration::from_secs(10), ws.recv())
+        .await
+        .expect("an event")
+        .unwrap();
+    let e: J = serde_json::from_str(msg.to_str().unwrap()).unwrap();
+    assert_eq!(
+        e,
+        serde_json::json!({"event": "queue_changed", "paused": true})
+    );
+
+    let mut ids = Vec::new();
+    for seed in 1..=4 {
+        let body = serde_json::json!({ "workflow": SAVE, "params": {"seed": seed} }).to_string();
+        let (status, q, _) = call(&s, "POST", "/api/runs", body).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        ids.push(q["run_id"].as_str().unwrap().to_string());
+    }
+    // Cancelling a waiting run takes it out of the queue.
+    let (status, _, _) = call(&s, "POST", &format!("/api/runs/{}/cancel", ids[3]), "").await;
+    assert_eq!(status, StatusCode::OK);
+    let ids = &ids[..3];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let order = |runs: &J| -> Vec<String> {
+        runs.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (_, q, _) = call(&s, "GET", "/api/queue", "").await;
+    assert_eq!(q["paused"], true);
+    assert_eq!(order(&q["runs"]), ids, "{q}");
+    assert!(
+        q["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["state"] == "queued"),
+        "{q}"
+    );
+
+    // The third goes first.
+    let path = format!("/api/runs/{}/move", ids[2]);
+    let (status, q, _) = call(&s, "POST", &path, r#"{"position": 0}"#).await;
+    assert_eq!(status, StatusCode::OK, "{q}");
+    let moved = vec![ids[2].clone(), ids[0].clone(), ids[1].clone()];
+    assert_eq!(order(&q["runs"]), moved);
+    let (_, list, _) = call(&s, "GET", "/api/runs", "").await;
+    assert_eq!(order(&list), moved);
+    // Past the end is last; then back to the front.
+    let (_, q, _) = call(&s, "POST", &path, r#"{"position": 99}"#).await;
+    assert_eq!(order(&q["runs"]), ids);
+    let (_, q, _) = call(&s, "POST", &path, r#"{"position": 0}"#).await;
+    assert_eq!(order(&q["runs"]), moved);
+    // Bad bodies, unknown and cancelled runs.
+    let (status, _, _) = call(&s, "POST", &path, r#"{"position": -1}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let host = [("host", "127.0.0.1:8188"), ("content-type", "text/plain")];
+    let (status, _, _) = send(&s, "POST", &path, br#"{"position": 0}"#, &host).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let (status, _, _) = call(&s, "POST", "/api/runs/r0-999/move", r#"{"position": 0}"#).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, q, _) = call(&s, "POST", "/api/queue/resume", "").await;
+    assert_eq!(
+        (status, q["paused"].clone()),
+        (StatusCode::OK, J::Bool(false))
+    );
+    let mut runs = Vec::new();
+    for id in &moved {
+        let run = wait_done(&s, id).await;
+        assert_eq!(run["state"], "finished", "{run}");
+        runs.push(run);
+    }
+    // One at a time, in the new order.
+    for pair in runs.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        assert!(
+            a["finished_at"].as_u64().unwrap() <= b["started_at"].as_u64().unwrap(),
+            "{a}\n{b}"
+        );
+        assert!(
+            a["started_at"].as_u64().unwrap() <= b["started_at"].as_u64().unwrap(),
+            "{a}\n{b}"
+        );
+    }
+    let (status, _, _) = call(&s, "POST", &path, r#"{"position": 0}"#).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _, _) = call(&s, "POST", "/api/queue/nope", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// A history written before node states became an object loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_of_an_earlier_version_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join(".pixart/history.jsonl");
+    std::fs::create_dir_all(journal.parent().unwrap()).unwrap();
+    std::fs::write(
+        &journal,
+        "{\"id\":\"r1-4\",\"name\":\"old\",\"state\":\"finished\",\"outputs\":[],\"failures\":[],\"node_states\":[[\"noise\",\"executed\"],[\"save\",\"cached\"]]}\n",
+    )
+    .unwrap();
+    let s = server(dir.path());
+    let (status, run, _) = call(&s, "GET", "/api/runs/r1-4", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        run["node_states"],
+        serde_json::json!({"noise": "executed", "save": "cached"})
+    );
+    assert_eq!(
+        (run["started_at"].clone(), run["workflow"].clone()),
+        (J::Null, J::Null)
+    );
+    // Rewritten in the new form.
+    let text = std::fs::read_to_string(&journal).unwrap();
+    assert!(
+        text.contains("\"node_states\":{\"noise\":\"executed\""),
+        "{text}"
+    );
+}
+
+/// Param errors of a request speak of its `params`, not of `--set`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn param_errors_read_in_the_apis_terms() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let messages = |bad: &J| -> Vec<String> {
+        bad["diagnostics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| format!("{} / {}", d["message"].as_str().unwrap(), d["help"]))
+            .collect()
+    };
+    let body = serde_json::json!({ "workflow": SAVE, "params": {"seed": "abc"} }).to_string();
+    let (status, bad, _) = call(&s, "POST", "/api/runs", body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let m = messages(&bad);
+    assert!(m[0].starts_with("param `seed` = abc: "), "{m:?}");
+    let body = serde_json::json!({ "workflow": SAVE, "params": {"sed": 3} }).to_string();
+    let (_, bad, _) = call(&s, "POST", "/api/validate", body).await;
+    let m = messages(&bad);
+    assert!(
+        m[0].starts_with("this workflow has no param `sed`"),
+        "{m:?}"
+    );
+    let needs = SAVE.replace("params: {seed: 1}", "params: {seed: {type: int}}");
+    let (_, bad, _) = call(&s, "POST", "/api/validate", &needs).await;
+    let m = messages(&bad);
+    assert!(
+        m[0].contains("send a value for `seed` in `params` or give it a `default:`"),
+        "{m:?}"
+    );
+    for m in m {
+        assert!(!m.contains("--set"), "{m}");
+    }
+}

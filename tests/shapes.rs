@@ -12,6 +12,8 @@ fn run(workflow: &str, dir: &Path) {
     let o = Command::new(env!("CARGO_BIN_EXE_pixart"))
         .arg("run")
         .arg(&file)
+        .arg("--out")
+        .arg(dir)
         .current_dir(dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

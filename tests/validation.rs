@@ -16,6 +16,7 @@ fn findings(yaml: &str, reg: &Registry, overrides: &[(&str, &str)]) -> Vec<Diagn
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        ..LoadOptions::default()
     };
     match load_workflow(yaml, reg, &opts) {
         Ok(wf) => wf.warnings,

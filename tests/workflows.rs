@@ -96,7 +96,7 @@ async fn every_shipped_workflow_validates_without_warnings_and_runs() {
             .unwrap();
         assert!(report.ok(), "{}: {:?}", file.display(), report.failures);
         assert!(
-            std::fs::read_dir(out.path().join("out")).unwrap().count() > 0,
+            std::fs::read_dir(out.path()).unwrap().count() > 0,
             "{} wrote nothing",
             file.display()
         );

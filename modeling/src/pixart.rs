@@ -10,7 +10,8 @@
 
 use crate::kernels;
 use crate::weights::{LoadError, Weights};
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 use candle_nn::{conv2d, linear, linear_b, Conv2d, Conv2dConfig, Linear, VarBuilder};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -1080,20 +1081,8 @@ impl PixArtTransformer {
         let mut x = tokens.broadcast_add(&self.position_embedding(gh, gw)?)?;
 
         let (t6, embedded_t) = self.adaln_single.forward(t, sizes, self.dtype)?;
-        let text = text.to_dtype(self.dtype)?;
-        let text = self.caption_linear_2.forward(&gelu_for(
-            &self.caption_linear_1.forward(&text)?,
-            differentiable,
-        )?)?;
-        let text_bias = match text_mask {
-            Some(m) => Some(
-                ((1.0 - m.to_dtype(DType::F32)?)? * -10000.0)?
-                    .to_dtype(self.dtype)?
-                    .unsqueeze(1)?
-                    .unsqueeze(1)?,
-            ),
-            None => None,
-        };
+        let text = self.embed_caption(text, differentiable)?;
+        let text_bias = self.attention_bias(text_mask)?;
         // A ControlNet's copies run beside blocks 1..=N, each on the previous
         // one's output (the first on the hidden state plus the embedded control
         // latent), and add their projected output to that block's input.
@@ -1139,14 +1128,47 @@ impl PixArtTransformer {
             }
             x = block.forward(&x, &t6, &text, text_bias.as_ref(), (gh, gw), differentiable)?;
         }
+        self.head(&x, &embedded_t, (b, gh, gw), differentiable)
+    }
 
+    /// The T5 features through the caption projection.
+    fn embed_caption(&self, text: &Tensor, differentiable: bool) -> Result<Tensor> {
+        let text = text.to_dtype(self.dtype)?;
+        self.caption_linear_2.forward(&gelu_for(
+            &self.caption_linear_1.forward(&text)?,
+            differentiable,
+        )?)
+    }
+
+    /// The cross-attention's additive mask `[B, 1, 1, L]` (−10000 on padding).
+    fn attention_bias(&self, text_mask: Option<&Tensor>) -> Result<Option<Tensor>> {
+        text_mask
+            .map(|m| {
+                ((1.0 - m.to_dtype(DType::F32)?)? * -10000.0)?
+                    .to_dtype(self.dtype)?
+                    .unsqueeze(1)?
+                    .unsqueeze(1)
+            })
+            .transpose()
+    }
+
+    /// After the blocks: the final norm modulated by the timestep, `proj_out`,
+    /// and the tokens back into a `[B, out_channels, H, W]` image.
+    fn head(
+        &self,
+        x: &Tensor,
+        embedded_t: &Tensor,
+        (b, gh, gw): (usize, usize, usize),
+        differentiable: bool,
+    ) -> Result<Tensor> {
+        let p = self.cfg.patch_size;
         let mods = self
             .scale_shift_table
             .unsqueeze(0)?
             .broadcast_add(&embedded_t.unsqueeze(1)?)?;
         let (shift, scale) = (mods.narrow(1, 0, 1)?, mods.narrow(1, 1, 1)?);
         let x = modulate_for(
-            &self.norm_out.forward(&x, differentiable)?,
+            &self.norm_out.forward(x, differentiable)?,
             &shift,
             &scale,
             differentiable,
@@ -1157,6 +1179,120 @@ impl PixArtTransformer {
             .permute((0, 5, 1, 3, 2, 4))?
             .reshape((b, c, gh * p, gw * p))
     }
+
+    /// A training forward and backward with activation checkpointing (the
+    /// official configs' `gradient_checkpointing`): the blocks keep only their
+    /// inputs on the way forward, and each block is run again on the way back,
+    /// so a step holds one block's activations instead of all of them. Equal to
+    /// [`forward_train`](Self::forward_train) then a backward, up to rounding.
+    ///
+    /// `loss_of` turns the model's output into the scalar to differentiate (and
+    /// anything else the caller wants back); the gradients of that scalar with
+    /// respect to `vars` are returned with it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn checkpointed_backward<T>(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        text: &Tensor,
+        text_mask: Option<&Tensor>,
+        sizes: Option<&SizeConditions>,
+        vars: &[Var],
+        loss_of: impl FnOnce(&Tensor) -> Result<(Tensor, T)>,
+    ) -> Result<(Tensor, T, GradStore)> {
+        let (b, _, h, w) = x.dims4()?;
+        let p = self.cfg.patch_size;
+        let grid = (h / p, w / p);
+        let x = x.to_dtype(self.dtype)?;
+        // The embeddings keep their graph for the last backward; the blocks
+        // and the head see them as leaves.
+        let tokens = self.proj.forward(&x)?.flatten_from(2)?.transpose(1, 2)?;
+        let x0 = tokens.broadcast_add(&self.position_embedding(grid.0, grid.1)?)?;
+        let (t6, embedded_t) = self.adaln_single.forward(t, sizes, self.dtype)?;
+        let text = self.embed_caption(text, true)?;
+        let text_bias = self.attention_bias(text_mask)?;
+        let t6_leaf = Var::from_tensor(&t6.detach())?;
+        let text_leaf = Var::from_tensor(&text.detach())?;
+        let embedded_leaf = Var::from_tensor(&embedded_t.detach())?;
+        let block = |i: usize, input: &Tensor| {
+            self.blocks[i].forward(
+                input,
+                t6_leaf.as_tensor(),
+                text_leaf.as_tensor(),
+                text_bias.as_ref(),
+                grid,
+                true,
+            )
+        };
+
+        // Forward: each block's input is kept, its activations are not.
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        let mut hidden = x0.detach();
+        for i in 0..self.blocks.len() {
+            let out = block(i, &hidden)?.detach();
+            inputs.push(std::mem::replace(&mut hidden, out));
+        }
+
+        // The head and the loss, then each block again, last to first.
+        let last = Var::from_tensor(&hidden)?;
+        let out = self.head(
+            last.as_tensor(),
+            embedded_leaf.as_tensor(),
+            (b, grid.0, grid.1),
+            true,
+        )?;
+        let (loss, extra) = loss_of(&out)?;
+        let mut grads = loss.backward()?;
+        let mut upstream = grads
+            .remove(last.as_tensor())
+            .ok_or_else(|| candle_core::Error::msg("the loss does not depend on the blocks"))?;
+        let mut leaf_grads: [Option<Tensor>; 3] =
+            [grads.remove(embedded_leaf.as_tensor()), None, None];
+        while let Some(input) = inputs.pop() {
+            let i = inputs.len();
+            let input = Var::from_tensor(&input)?;
+            let surrogate = (block(i, input.as_tensor())? * &upstream)?.sum_all()?;
+            let mut block_grads = surrogate.backward()?;
+            upstream = match block_grads.remove(input.as_tensor()) {
+                Some(g) => g,
+                None => upstream.zeros_like()?,
+            };
+            for (slot, leaf) in [(1, &t6_leaf), (2, &text_leaf)] {
+                if let Some(g) = block_grads.remove(leaf.as_tensor()) {
+                    leaf_grads[slot] = Some(match leaf_grads[slot].take() {
+                        Some(sum) => (sum + g)?,
+                        None => g,
+                    });
+                }
+            }
+            add_grads(&mut grads, &block_grads, vars)?;
+        }
+
+        // The embeddings, through what their outputs are owed.
+        let mut surrogate = (x0 * upstream)?.sum_all()?;
+        for (owed, value) in leaf_grads.into_iter().zip([&embedded_t, &t6, &text]) {
+            if let Some(g) = owed {
+                surrogate = (surrogate + (value * g)?.sum_all()?)?;
+            }
+        }
+        add_grads(&mut grads, &surrogate.backward()?, vars)?;
+        Ok((loss.detach(), extra, grads))
+    }
+}
+
+/// Adds `from`'s gradients of `vars` into `into`.
+fn add_grads(into: &mut GradStore, from: &GradStore, vars: &[Var]) -> Result<()> {
+    for v in vars {
+        let t = v.as_tensor();
+        if let Some(g) = from.get(t) {
+            let sum = match into.get(t) {
+                Some(have) => (have + g)?,
+                None => g.clone(),
+            };
+            into.insert(t, sum);
+        }
+    }
+    Ok(())
 }
 
 /// Whether to split a batch over two threads: CPU, at least two samples and two

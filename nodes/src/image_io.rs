@@ -93,7 +93,7 @@ impl SaveImage {
                      carries the workflow YAML and the run's parameters in text chunks.",
                 )
                 .input(InputSpec::new("image", PortType::Image))
-                .input(InputSpec::new("path", PortType::Path).describe("e.g. out/image.png"))
+                .input(InputSpec::new("path", PortType::Path).describe("Relative to the output folder (`--out`), e.g. image.png."))
                 .output("paths", PortType::list_of(PortType::Path), "The files written.")
                 .output_node(),
         }

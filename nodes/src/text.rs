@@ -121,7 +121,7 @@ impl SaveText {
                 .category("text")
                 .describe("Writes text to a UTF-8 file (relative paths go under the output directory), atomically.")
                 .input(InputSpec::new("text", PortType::String))
-                .input(InputSpec::new("path", PortType::Path).describe("Output file, e.g. out/caption.txt."))
+                .input(InputSpec::new("path", PortType::Path).describe("Output file, relative to the output folder (`--out`), e.g. caption.txt."))
                 .output("path", PortType::Path, "The file written.")
                 .output_node(),
         }

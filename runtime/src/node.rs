@@ -181,8 +181,19 @@ impl NodeContext {
     /// Where an input path points: relative paths under the run's base directory.
     /// In a confined run (the server) it is resolved and must lead inside the base
     /// or output directory; a folder is checked with everything in it.
+    ///
+    /// A relative path that names nothing under the base directory but names
+    /// something under the output directory is read from there: a workflow reads
+    /// what an earlier run wrote (a trained model, a cache) by the name that run
+    /// gave it.
     pub fn input_path(&self, path: &Path) -> Result<PathBuf, NodeError> {
-        let full = self.run.base_dir.join(path);
+        let mut full = self.run.base_dir.join(path);
+        if path.is_relative() && std::fs::symlink_metadata(&full).is_err() {
+            let written = self.run.out_dir.join(path);
+            if std::fs::symlink_metadata(&written).is_ok() {
+                full = written;
+            }
+        }
         match &self.run.confinement {
             Some(c) => c.read(path, &full).map_err(NodeError::Message),
             None => Ok(full),

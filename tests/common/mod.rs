@@ -169,6 +169,7 @@ pub fn load_with(yaml: &str, reg: &Registry, overrides: &[(&str, &str)]) -> Work
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        ..LoadOptions::default()
     };
     match load_workflow(yaml, reg, &opts) {
         Ok(wf) => wf,

@@ -2,7 +2,74 @@ import { Handle, Position } from '@xyflow/react';
 import YAML from 'yaml';
 import { useEditor } from './context.js';
 import { isEnum, isList, isLiteral, typeClass, typeName } from './types.js';
-import { fileUrl } from './api.js';
+import { fileUrl, upload } from './api.js';
+
+const PARAM_REF = /^\$\{params\.([A-Za-z_][A-Za-z0-9_-]*)\}$/;
+
+/** Inputs that name an image file to read: they get an upload button. */
+const IMAGE_PATHS = { 'image.load': ['path'] };
+
+/** An input fed by a param: shows the param's value (edited in the params
+ * panel); "unlink" writes that value on the node instead. */
+function ParamRef({ nodeId, input, name }) {
+  const { paramValues, openParam, setValue } = useEditor();
+  const value = paramValues[name];
+  const text = value === undefined ? '(no value)' : typeof value === 'string' ? value : JSON.stringify(value);
+  return (
+    <div className="param-ref nodrag" data-port={input.name} data-param-ref={name}>
+      <button type="button" className="link" title={`set in the params panel: ${text}`} onClick={() => openParam(name)}>
+        ⟵ params.{name}
+      </button>
+      <span className="param-ref-value">{text}</span>
+      <button
+        type="button"
+        className="link unlink"
+        title="use a value on this node instead of the param"
+        onClick={() => setValue(nodeId, input.name, value)}
+      >
+        unlink
+      </button>
+    </div>
+  );
+}
+
+function UploadButton({ nodeId, input }) {
+  const { setValue, say } = useEditor();
+  return (
+    <label className="upload nodrag" title="send an image to the server and use it here">
+      Upload…
+      <input
+        type="file"
+        accept="image/png,image/jpeg"
+        hidden
+        data-upload={`${nodeId}.${input.name}`}
+        onChange={async (e) => {
+          const file = e.target.files?.[0];
+          e.target.value = '';
+          if (!file) return;
+          const res = await upload(file);
+          if (res.error) say('error', `Cannot upload ${file.name}: ${res.error}`);
+          else {
+            setValue(nodeId, input.name, res.path);
+            say('info', `Uploaded ${file.name} as ${res.path}`);
+          }
+        }}
+      />
+    </label>
+  );
+}
+
+/** What hovering a port says: its declaration (type, default, range, choices). */
+export function portTip(input, finding) {
+  const lines = [`${input.name}: ${typeName(input.type)}${input.required ? ' (required)' : ''}`];
+  if (input.description) lines.push(input.description);
+  if (input.default !== undefined) lines.push(`default: ${JSON.stringify(input.default)}`);
+  const range = [input.min !== undefined && `min ${input.min}`, input.max !== undefined && `max ${input.max}`].filter(Boolean).join(', ');
+  if (range) lines.push(range);
+  if (isEnum(input.type)) lines.push(`one of: ${input.type.enum.join(', ')}`);
+  if (finding) lines.unshift(`${finding.severity}: ${finding.message}`);
+  return lines.join('\n');
+}
 
 /** A widget for a literal input: honours the declared default, range and choices. */
 function Widget({ nodeId, input, value }) {
@@ -11,6 +78,8 @@ function Widget({ nodeId, input, value }) {
   const current = value === undefined ? input.default : value;
   const set = (v) => setValue(nodeId, input.name, v);
   const common = { 'aria-label': `${nodeId}.${input.name}`, className: 'nodrag widget', 'data-port': input.name };
+  const ref = typeof current === 'string' ? PARAM_REF.exec(current.trim()) : null;
+  if (ref) return <ParamRef nodeId={nodeId} input={input} name={ref[1]} />;
   // A value that refers to a param (`${params.steps}`) or interpolates stays
   // text; typing a plain number turns it back into one.
   if (typeof current === 'string' && current.includes('${')) {
@@ -96,6 +165,7 @@ const STATE_LABEL = {
   failed: 'failed',
   skipped: 'skipped',
   cancelled: 'cancelled',
+  unused: 'not needed by this run',
 };
 
 export default function NodeCard({ id, data, selected }) {
@@ -112,7 +182,7 @@ export default function NodeCard({ id, data, selected }) {
 
   return (
     <div className={classes.join(' ')} data-node={id} data-state={state?.state ?? 'idle'}>
-      <header>
+      <header title={spec?.description || undefined}>
         <strong>{data.title || id}</strong>
         <span className="node-type">{data.nodeType}</span>
       </header>
@@ -123,7 +193,7 @@ export default function NodeCard({ id, data, selected }) {
             const finding = portFinding(input.name);
             const wired = connected.has(`${id}\u0000${input.name}`);
             return (
-              <div key={input.name} className={`port in${finding ? ' port-error' : ''}`} title={finding?.message || input.description}>
+              <div key={input.name} className={`port in${finding ? ' port-error' : ''}`} title={portTip(input, finding)}>
                 <Handle
                   type="target"
                   position={Position.Left}
@@ -138,11 +208,12 @@ export default function NodeCard({ id, data, selected }) {
                 {!wired && isLiteral(input.type) && (
                   <Widget nodeId={id} input={input} value={data.values[input.name]} />
                 )}
+                {!wired && IMAGE_PATHS[data.nodeType]?.includes(input.name) && <UploadButton nodeId={id} input={input} />}
               </div>
             );
           })}
           {spec.outputs.map((output) => (
-            <div key={output.name} className="port out" title={output.description}>
+            <div key={output.name} className="port out" title={[`${output.name}: ${typeName(output.type)}`, output.description].filter(Boolean).join('\n')}>
               <label>
                 <span className="port-type">{typeName(output.type)}</span>
                 {output.name}

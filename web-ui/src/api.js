@@ -18,18 +18,21 @@ async function request(method, path, body, type = 'application/yaml') {
   return { ok: res.ok, status: res.status, data };
 }
 
+const json = (method, path, value) => request(method, path, JSON.stringify(value), 'application/json');
+
 export const catalog = async () => (await request('GET', 'api/nodes')).data ?? [];
 
-/** {ok, diagnostics} from the server's validator. */
-export async function validate(yaml) {
-  const { data } = await request('POST', 'api/validate', yaml);
+/** {ok, diagnostics} from the server's validator, with the params a run would get. */
+export async function validate(yaml, params = {}) {
+  const { data } = await json('POST', 'api/validate', { workflow: yaml, params });
   return data ?? { ok: false, diagnostics: [] };
 }
 
-/** Queues a run: {run_id} or {error | diagnostics}. */
-export async function submit(yaml) {
-  const { ok, data } = await request('POST', 'api/runs', yaml);
-  return ok ? data : { error: data?.error || 'the server refused the run', diagnostics: data?.diagnostics };
+/** Queues a run: {run_id} or {error, diagnostics}. */
+export async function submit(yaml, params = {}) {
+  const { ok, status, data } = await json('POST', 'api/runs', { workflow: yaml, params });
+  if (ok) return data;
+  return { error: data?.error || `the server answered ${status}`, diagnostics: data?.diagnostics };
 }
 
 export async function cancel(runId) {
@@ -38,6 +41,31 @@ export async function cancel(runId) {
 
 export async function run(runId) {
   return (await request('GET', `api/runs/${encodeURIComponent(runId)}`)).data;
+}
+
+/** {paused, runs}: the running runs, then the waiting ones in the order they will start. */
+export async function queue() {
+  const { ok, data } = await request('GET', 'api/queue');
+  return ok && data ? data : { paused: false, runs: [] };
+}
+
+/** Moves a waiting run to `position` among the waiting runs. */
+export const move = (runId, position) => json('POST', `api/runs/${encodeURIComponent(runId)}/move`, { position });
+
+export const pause = () => request('POST', 'api/queue/pause');
+export const resume = () => request('POST', 'api/queue/resume');
+
+/** Finished runs, newest first. */
+export async function history() {
+  const { ok, data } = await request('GET', 'api/history');
+  return ok && Array.isArray(data) ? data : [];
+}
+
+/** Stores an image on the server: {id, path} (the path a workflow reads it by) or {error}. */
+export async function upload(file) {
+  const type = /\.jpe?g$/i.test(file.name) ? 'image/jpeg' : 'image/png';
+  const { ok, status, data } = await request('POST', 'api/uploads', file, type);
+  return ok ? data : { error: data?.error || `the server answered ${status}` };
 }
 
 export const fileUrl = (id) => `api/files/${encodeURIComponent(id)}`;

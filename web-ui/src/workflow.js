@@ -1,6 +1,6 @@
 // Workflow YAML <-> editor graph. What the editor saves is a workflow `pixart run`
-// runs: node ids, params, every other top-level key and the `ui:` block are kept;
-// node positions live in `ui.nodes`.
+// runs: node ids, params, every other top-level key, comments and the `ui:`
+// block are kept; node positions live in `ui.nodes`.
 
 import YAML from 'yaml';
 
@@ -20,9 +20,17 @@ export function parseRef(value) {
  * targetHandle}; `doc` keeps everything else for saving.
  */
 export function fromYaml(text, heightOf = () => 200) {
-  const doc = YAML.parse(text) ?? {};
-  if (typeof doc !== 'object' || Array.isArray(doc)) {
-    throw new Error('a workflow is a YAML mapping with `version: 1` and `nodes:`');
+  let doc;
+  try {
+    doc = YAML.parse(text) ?? {};
+  } catch (e) {
+    throw new Error(`it is not valid YAML (${e.message.split('\n')[0]})`);
+  }
+  if (typeof doc !== 'object' || Array.isArray(doc) || (doc.nodes !== undefined && (typeof doc.nodes !== 'object' || Array.isArray(doc.nodes)))) {
+    throw new Error('a workflow is a YAML mapping with `version: 1` and a `nodes:` mapping');
+  }
+  if (doc.nodes === undefined && Object.keys(doc).length > 0 && doc.version === undefined) {
+    throw new Error('it has neither `version:` nor `nodes:`, so it is not a workflow');
   }
   const layout = (doc.ui && typeof doc.ui === 'object' && doc.ui.nodes) || {};
   const nodes = [];
@@ -51,45 +59,173 @@ export function fromYaml(text, heightOf = () => 200) {
   return { doc, nodes, edges };
 }
 
-/** The workflow text for the editor's graph, on top of the loaded document. */
-export function toYaml(doc, nodes, edges, viewport) {
-  const out = { ...doc };
-  if (out.version === undefined) out.version = 1;
+const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+const isMap = (node) => YAML.isMap(node);
+
+/** Each node's inputs as the workflow writes them: edges as `${node.output}`,
+ * the file's own order of inputs first, then new ones. */
+function inputsOf(n, edges, oldInputs) {
   const byTarget = new Map();
-  for (const e of edges) byTarget.set(`${e.target}\u0000${e.targetHandle}`, e);
-  const oldNodes = doc.nodes || {};
-  const yamlNodes = {};
-  for (const n of nodes) {
-    const old = oldNodes[n.id] && typeof oldNodes[n.id] === 'object' ? oldNodes[n.id] : {};
-    const inputs = {};
-    // The file's own order of inputs first, then new ones.
-    const ports = new Set([
-      ...Object.keys(old.inputs || {}),
-      ...Object.keys(n.values),
-      ...edges.filter((e) => e.target === n.id).map((e) => e.targetHandle),
-    ]);
-    for (const port of ports) {
-      const edge = byTarget.get(`${n.id}\u0000${port}`);
-      if (edge) inputs[port] = `\${${edge.source}.${edge.sourceHandle}}`;
-      else if (n.values[port] !== undefined) inputs[port] = n.values[port];
-    }
-    const entry = { ...old, type: n.type };
-    if (n.title) entry.title = n.title;
-    if (Object.keys(inputs).length) entry.inputs = inputs;
-    else delete entry.inputs;
-    yamlNodes[n.id] = entry;
+  for (const e of edges) if (e.target === n.id) byTarget.set(e.targetHandle, e);
+  const ports = new Set([...oldInputs, ...Object.keys(n.values), ...byTarget.keys()]);
+  const inputs = {};
+  for (const port of ports) {
+    const edge = byTarget.get(port);
+    if (edge) inputs[port] = `\${${edge.source}.${edge.sourceHandle}}`;
+    else if (n.values[port] !== undefined) inputs[port] = n.values[port];
   }
-  out.nodes = yamlNodes;
-  const ui = out.ui && typeof out.ui === 'object' ? { ...out.ui } : {};
-  ui.nodes = Object.fromEntries(nodes.map((n) => [n.id, { x: Math.round(n.position.x), y: Math.round(n.position.y) }]));
-  if (viewport) ui.viewport = { x: Math.round(viewport.x), y: Math.round(viewport.y), zoom: Number(viewport.zoom.toFixed(3)) };
-  out.ui = ui;
-  // Keep the usual order: version, name, description, params, plugins, nodes, ui.
-  const order = ['version', 'name', 'description', 'params', 'plugins', 'nodes', 'ui'];
-  const sorted = {};
-  for (const k of order) if (k in out) sorted[k] = out[k];
-  for (const k of Object.keys(out)) if (!(k in sorted)) sorted[k] = out[k];
-  return YAML.stringify(sorted, { lineWidth: 0 });
+  return inputs;
+}
+
+/**
+ * The workflow text for the editor's graph, written onto the text it was loaded
+ * from (`source`, '' for a new one): what the graph did not change keeps its
+ * comments, order and style; only changed values, added or removed nodes and
+ * inputs, and the `ui:` block (positions, viewport) are rewritten.
+ */
+export function toYaml(source, nodes, edges, viewport) {
+  let doc = source ? YAML.parseDocument(source) : null;
+  if (!doc || doc.errors.length || !isMap(doc.contents)) doc = new YAML.Document({ version: 1 });
+  if (!doc.has('version')) doc.contents.items.unshift(doc.createPair('version', 1));
+  let yamlNodes = doc.get('nodes', true);
+  if (!isMap(yamlNodes)) {
+    doc.set('nodes', doc.createNode({}));
+    yamlNodes = doc.get('nodes', true);
+  }
+  const ids = new Set(nodes.map((n) => n.id));
+  for (const pair of [...yamlNodes.items]) {
+    const key = YAML.isScalar(pair.key) ? pair.key.value : pair.key;
+    if (!ids.has(String(key))) yamlNodes.delete(pair.key);
+  }
+  for (const n of nodes) {
+    let entry = yamlNodes.get(n.id, true);
+    if (!isMap(entry)) {
+      entry = doc.createNode({ type: n.type });
+      yamlNodes.set(n.id, entry);
+    }
+    if (entry.get('type') !== n.type) entry.set('type', n.type);
+    if (n.title && entry.get('title') !== n.title) entry.set('title', n.title);
+    if (!n.title && entry.has('title')) entry.delete('title');
+    const old = entry.get('inputs', true);
+    const oldKeys = isMap(old) ? old.items.map((p) => String(YAML.isScalar(p.key) ? p.key.value : p.key)) : [];
+    const inputs = inputsOf(n, edges, oldKeys);
+    if (Object.keys(inputs).length === 0) {
+      entry.delete('inputs');
+    } else if (!isMap(old)) {
+      const created = doc.createNode(inputs);
+      created.flow = true;
+      entry.set('inputs', created);
+    } else {
+      for (const key of oldKeys) if (!(key in inputs)) old.delete(key);
+      for (const [port, value] of Object.entries(inputs)) {
+        const current = old.get(port, true);
+        const was = current === undefined ? undefined : YAML.isNode(current) ? current.toJSON() : current;
+        if (!same(was, value)) old.set(port, doc.createNode(value));
+      }
+    }
+  }
+  const layout = Object.fromEntries(nodes.map((n) => [n.id, { x: Math.round(n.position.x), y: Math.round(n.position.y) }]));
+  if (!isMap(doc.get('ui', true))) doc.set('ui', doc.createNode({}));
+  // One line a node: `pipe: {x: 40, y: 40}`.
+  const positions = doc.createNode(layout);
+  for (const pair of positions.items) pair.value.flow = true;
+  doc.setIn(['ui', 'nodes'], positions);
+  if (viewport) {
+    const view = doc.createNode({ x: Math.round(viewport.x), y: Math.round(viewport.y), zoom: Number(viewport.zoom.toFixed(3)) });
+    view.flow = true;
+    doc.setIn(['ui', 'viewport'], view);
+  }
+  return doc.toString({ lineWidth: 0, flowCollectionPadding: false });
+}
+
+/** The workflow's declared params: [{name, type, default, min, max, choices,
+ * description}] in the file's order (a scalar shorthand `seed: 3` included). */
+export function paramDecls(doc) {
+  const params = doc?.params;
+  if (!params || typeof params !== 'object' || Array.isArray(params)) return [];
+  return Object.entries(params).map(([name, decl]) => {
+    if (decl === null || typeof decl !== 'object' || Array.isArray(decl)) {
+      const type = typeof decl === 'boolean' ? 'bool' : Number.isInteger(decl) ? 'int' : typeof decl === 'number' ? 'float' : 'string';
+      return { name, type, default: decl, description: '' };
+    }
+    const type = decl.type ?? (Array.isArray(decl.choices) ? 'enum' : 'string');
+    return {
+      name,
+      type,
+      default: decl.default,
+      min: decl.min,
+      max: decl.max,
+      choices: Array.isArray(decl.choices) ? decl.choices.map(String) : undefined,
+      description: decl.description || '',
+    };
+  });
+}
+
+/** Line (1-based) of the key at `path` in a parsed document, or null. */
+function lineOf(doc, counter, path) {
+  let node = doc.contents;
+  let line = null;
+  for (const key of path) {
+    if (!isMap(node)) return null;
+    const pair = node.items.find((p) => String(YAML.isScalar(p.key) ? p.key.value : p.key) === key);
+    if (!pair) return null;
+    line = pair.key?.range ? counter.linePos(pair.key.range[0]).line : line;
+    node = pair.value;
+  }
+  return line;
+}
+
+/** The path of the deepest key written on `line` (1-based) of a document. */
+function pathAt(doc, counter, line) {
+  let best = null;
+  const walk = (node, path) => {
+    if (!isMap(node)) return;
+    for (const pair of node.items) {
+      const key = String(YAML.isScalar(pair.key) ? pair.key.value : pair.key);
+      const start = pair.key?.range ? counter.linePos(pair.key.range[0]).line : null;
+      const end = pair.value?.range ? counter.linePos(pair.value.range[1]).line : start;
+      if (start === null || line < start || line > end) continue;
+      best = [...path, key];
+      walk(pair.value, best);
+    }
+  };
+  walk(doc.contents, []);
+  return best;
+}
+
+const parsed = (text) => {
+  const counter = new YAML.LineCounter();
+  const doc = YAML.parseDocument(text, { lineCounter: counter });
+  return { doc, counter };
+};
+
+/**
+ * Maps the server's findings on `sent` (the text validated) back to lines of
+ * `original` (the file the user loaded), by what they point at: node and port,
+ * a param, or the key on the reported line. A finding about something the file
+ * does not have yet gets `line: null` and `added: true`.
+ */
+export function mapFindings(findings, sent, original) {
+  if (!original || original === sent) return findings;
+  let s;
+  let o;
+  try {
+    s = parsed(sent);
+    o = parsed(original);
+  } catch {
+    return findings;
+  }
+  return findings.map((d) => {
+    let path = null;
+    if (d.node) path = ['nodes', d.node, ...(d.port ? ['inputs', d.port] : [])];
+    else if (d.port) path = ['params', d.port];
+    else if (d.line) path = pathAt(s.doc, s.counter, d.line);
+    if (!path) return d;
+    let line = lineOf(o.doc, o.counter, path);
+    // A node's input the file does not write yet: point at the node.
+    if (line === null && d.node) line = lineOf(o.doc, o.counter, ['nodes', d.node]);
+    return line === null ? { ...d, line: null, added: true } : { ...d, line };
+  });
 }
 
 /** A fresh node id from a type: `noise.gaussian` → `gaussian`, `gaussian_2`, … */

@@ -7,6 +7,7 @@
 
 import { chromium } from 'playwright-core';
 import YAML from 'yaml';
+import { dailyUse } from './daily-use.mjs';
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
@@ -38,6 +39,7 @@ try {
 
   await page.goto(base);
   await page.waitForSelector('.palette-item[data-type="noise.gaussian"]');
+  check(await page.locator('[data-testid="empty-hint"]').count() === 1, 'an empty canvas says how to begin');
   check(await page.locator('.palette h3').count() > 3, 'the palette groups the catalog by category');
 
   // Search narrows the palette.
@@ -193,14 +195,16 @@ try {
   check(progressed.includes('sample'), `the sampler showed a progress bar (${progressed.join(', ')})`);
   const previews = await page.evaluate(() => [...window.sawPreview]);
   check(previews.some((p) => p.startsWith('sample preview')), `the sampler sent preview images (${previews.join('; ')})`);
-  check(await page.locator('.side img.side-image').count() >= 1, 'the output image is listed in the side panel');
+  await page.click('[data-tab="gallery"]');
+  await page.waitForSelector('.side .gallery-item img.side-image');
+  check(await page.locator('.side img.side-image').count() >= 1, 'the output image is listed in the gallery');
   await shot('4-txt2img');
 
-  // Cancel a long run.
-  const steps = page.locator('[data-node="sample"] input[data-port="steps"]');
-  await steps.fill('1000');
+  // Cancel a long run (steps and seed set in the params panel).
+  await page.click('[data-tab="params"]');
+  await page.fill('[data-param="steps"]', '1000');
+  await page.fill('[data-param="seed"]', '7');
   await page.waitForFunction(() => document.querySelector('[data-testid="validity"]').textContent === 'valid');
-  await page.locator('[data-node="sample"] input[data-port="seed"]').fill('7');
   await page.click('button:has-text("Run")');
   await page.waitForSelector('[data-node="sample"] progress', { timeout: 60000 });
   await page.click('button:has-text("Cancel")');
@@ -220,6 +224,8 @@ try {
     `scheduler.select offers every sampler (${samplers.join(', ')})`,
   );
   await shot('6-samplers');
+
+  await dailyUse(page, shot, { txt2img, work, pixart, drop, check });
   writeFileSync(join(shots, 'done.txt'), 'ok\n');
 } catch (e) {
   if (page) await page.screenshot({ path: join(shots, 'failure.png') }).catch(() => {});

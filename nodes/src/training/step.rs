@@ -28,6 +28,26 @@ pub struct Batch {
     pub control: Option<Tensor>,
 }
 
+/// How a step computes its gradients; every way gives the plain step's
+/// gradients up to rounding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepPlan {
+    /// The batch in this many micro-batches, one after the other (gradient
+    /// accumulation): memory for a micro-batch's activations only.
+    pub micro_batches: usize,
+    /// Activation checkpointing of the transformer blocks.
+    pub checkpoint: bool,
+}
+
+impl Default for StepPlan {
+    fn default() -> Self {
+        StepPlan {
+            micro_batches: 1,
+            checkpoint: false,
+        }
+    }
+}
+
 /// The per-sample loss terms, their batch mean and the gradients of that mean
 /// with respect to `vars`. On the CPU the two halves of a batch run on two
 /// threads (forward and backward each), their gradients summed.
@@ -38,91 +58,174 @@ pub fn loss_and_gradients(
     batch: &Batch,
     vars: &[Var],
 ) -> Result<(LossTerms, f64, GradStore)> {
+    let plan = StepPlan::default();
     let b = batch.t.len();
-    if !batch_parallel(&batch.x0, b) {
-        return part_gradients(model, controlnet, diffusion, batch, b);
-    }
-    let half = b / 2;
-    let (first, second) = rayon::join(
-        || part_gradients(model, controlnet, diffusion, &batch.slice(0, half)?, b),
-        || {
-            part_gradients(
-                model,
-                controlnet,
-                diffusion,
-                &batch.slice(half, b - half)?,
-                b,
-            )
-        },
-    );
-    let (t1, l1, mut g1) = first?;
-    let (t2, l2, g2) = second?;
-    for v in vars {
-        let t = v.as_tensor();
-        let sum = match (g1.get(t), g2.get(t)) {
-            (Some(a), Some(c)) => Some((a + c)?),
-            (None, Some(c)) => Some(c.clone()),
-            _ => None,
-        };
-        if let Some(sum) = sum {
-            g1.insert(t, sum);
-        }
-    }
-    let terms = LossTerms {
-        mse: Tensor::cat(&[t1.mse, t2.mse], 0)?,
-        vb: Tensor::cat(&[t1.vb, t2.vb], 0)?,
-        loss: Tensor::cat(&[t1.loss, t2.loss], 0)?,
-    };
-    Ok((terms, l1 + l2, g1))
+    share_gradients(model, controlnet, diffusion, batch, b, vars, plan)
 }
 
-/// Loss terms of part of a batch and the gradients of its share of the batch
-/// mean (its sum / `total`); returns that share.
-fn part_gradients(
+/// [`loss_and_gradients`] of the samples of `batch`, as their share of a
+/// batch of `total` samples (their loss sum / `total`), computed as `plan`
+/// says. A step split across processes has each compute its slice's share;
+/// the shares' sums are the whole batch's mean and gradients.
+pub fn share_gradients(
     model: &PixArtTransformer,
     controlnet: Option<&ControlNet>,
     diffusion: &Diffusion,
     batch: &Batch,
     total: usize,
+    vars: &[Var],
+    plan: StepPlan,
 ) -> Result<(LossTerms, f64, GradStore)> {
-    let x_t = diffusion.q_sample(&batch.x0, &batch.t, &batch.noise)?;
-    let t: Vec<f32> = batch.t.iter().map(|&t| t as f32).collect();
-    let t = Tensor::from_vec(t, batch.t.len(), batch.x0.device())?;
-    let sizes = batch.sizes.as_ref().map(|(r, a)| SizeConditions {
-        resolution: r,
-        aspect_ratio: a,
-    });
-    let out = match (controlnet, &batch.control) {
-        (Some(net), Some(latents)) => model.forward_train_controlled(
-            &x_t,
-            &t,
-            &batch.text,
-            Some(&batch.mask),
-            sizes.as_ref(),
-            &Control {
-                net,
-                latents,
-                scale: 1.0,
-            },
-        )?,
-        (None, None) => {
-            model.forward_train(&x_t, &t, &batch.text, Some(&batch.mask), sizes.as_ref())?
-        }
-        _ => candle_core::bail!("a ControlNet trains on batches with control latents"),
-    };
-    let mut terms = diffusion.loss(
-        &batch.x0,
-        &batch.t,
-        &batch.noise,
-        &out.to_dtype(DType::F32)?,
-    )?;
-    if let Some(w) = &batch.mse_weights {
-        terms.loss = ((&terms.mse * w)? + &terms.vb)?;
+    if plan.checkpoint && controlnet.is_some() {
+        candle_core::bail!("grad_checkpoint does not cover ControlNet training yet: leave it off");
     }
-    let share = (terms.loss.sum_all()? / total as f64)?;
-    let grads = share.backward()?;
-    let value = share.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    Ok((terms, value, grads))
+    let share = Share {
+        model,
+        controlnet,
+        diffusion,
+        total,
+        vars,
+        checkpoint: plan.checkpoint,
+    };
+    let b = batch.t.len();
+    let micro = plan.micro_batches.clamp(1, b.max(1));
+    let mut parts = Vec::with_capacity(micro);
+    let mut start = 0;
+    for k in 0..micro {
+        // Sizes differ by at most one sample.
+        let len = b / micro + usize::from(k < b % micro);
+        parts.push(share.parallel(&batch.slice(start, len)?)?);
+        start += len;
+    }
+    merge(parts, vars)
+}
+
+/// What every part of one step's share shares.
+struct Share<'a> {
+    model: &'a PixArtTransformer,
+    controlnet: Option<&'a ControlNet>,
+    diffusion: &'a Diffusion,
+    /// Samples in the whole batch: each part's loss sum is divided by it.
+    total: usize,
+    vars: &'a [Var],
+    checkpoint: bool,
+}
+
+impl Share<'_> {
+    /// `batch`'s gradients with its two halves on two threads (CPU).
+    fn parallel(&self, batch: &Batch) -> Result<(LossTerms, f64, GradStore)> {
+        let b = batch.t.len();
+        if !batch_parallel(&batch.x0, b) {
+            return self.part(batch);
+        }
+        let half = b / 2;
+        let (first, second) = rayon::join(
+            || self.part(&batch.slice(0, half)?),
+            || self.part(&batch.slice(half, b - half)?),
+        );
+        merge(vec![first?, second?], self.vars)
+    }
+
+    /// Loss terms of part of a batch and the gradients of its share of the
+    /// batch mean (its sum / `total`); returns that share.
+    fn part(&self, batch: &Batch) -> Result<(LossTerms, f64, GradStore)> {
+        let diffusion = self.diffusion;
+        let x_t = diffusion.q_sample(&batch.x0, &batch.t, &batch.noise)?;
+        let t: Vec<f32> = batch.t.iter().map(|&t| t as f32).collect();
+        let t = Tensor::from_vec(t, batch.t.len(), batch.x0.device())?;
+        let sizes = batch.sizes.as_ref().map(|(r, a)| SizeConditions {
+            resolution: r,
+            aspect_ratio: a,
+        });
+        let loss_of = |out: &Tensor| -> Result<(Tensor, LossTerms)> {
+            let out = out.to_dtype(DType::F32)?;
+            let mut terms = diffusion.loss(&batch.x0, &batch.t, &batch.noise, &out)?;
+            if let Some(w) = &batch.mse_weights {
+                terms.loss = ((&terms.mse * w)? + &terms.vb)?;
+            }
+            let share = (terms.loss.sum_all()? / self.total as f64)?;
+            Ok((share, terms))
+        };
+        let (share, terms, grads) = if self.checkpoint {
+            self.model.checkpointed_backward(
+                &x_t,
+                &t,
+                &batch.text,
+                Some(&batch.mask),
+                sizes.as_ref(),
+                self.vars,
+                loss_of,
+            )?
+        } else {
+            let out = match (self.controlnet, &batch.control) {
+                (Some(net), Some(latents)) => self.model.forward_train_controlled(
+                    &x_t,
+                    &t,
+                    &batch.text,
+                    Some(&batch.mask),
+                    sizes.as_ref(),
+                    &Control {
+                        net,
+                        latents,
+                        scale: 1.0,
+                    },
+                )?,
+                (None, None) => self.model.forward_train(
+                    &x_t,
+                    &t,
+                    &batch.text,
+                    Some(&batch.mask),
+                    sizes.as_ref(),
+                )?,
+                _ => candle_core::bail!("a ControlNet trains on batches with control latents"),
+            };
+            let (share, terms) = loss_of(&out)?;
+            let grads = share.backward()?;
+            (share, terms, grads)
+        };
+        let value = share.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        Ok((terms, value, grads))
+    }
+}
+
+/// Parts of one batch, in order, as one: terms concatenated, shares and
+/// gradients summed.
+fn merge(
+    parts: Vec<(LossTerms, f64, GradStore)>,
+    vars: &[Var],
+) -> Result<(LossTerms, f64, GradStore)> {
+    let mut parts = parts.into_iter();
+    let Some((first_terms, mut total, mut grads)) = parts.next() else {
+        candle_core::bail!("an empty batch has no gradients");
+    };
+    let (mut mse, mut vb, mut loss) = (
+        vec![first_terms.mse],
+        vec![first_terms.vb],
+        vec![first_terms.loss],
+    );
+    for (terms, share, more) in parts {
+        for v in vars {
+            let t = v.as_tensor();
+            let sum = match (grads.get(t), more.get(t)) {
+                (Some(a), Some(c)) => Some((a + c)?),
+                (None, Some(c)) => Some(c.clone()),
+                _ => None,
+            };
+            if let Some(sum) = sum {
+                grads.insert(t, sum);
+            }
+        }
+        mse.push(terms.mse);
+        vb.push(terms.vb);
+        loss.push(terms.loss);
+        total += share;
+    }
+    let terms = LossTerms {
+        mse: Tensor::cat(&mse, 0)?,
+        vb: Tensor::cat(&vb, 0)?,
+        loss: Tensor::cat(&loss, 0)?,
+    };
+    Ok((terms, total, grads))
 }
 
 impl Batch {

@@ -10,7 +10,7 @@ use super::optim::{scale_lr, scheduled_lr, AdamW, Ema, LrSchedule};
 use super::precompute::{FeatureItem, Features};
 use super::preview::{render, Preview};
 use super::rng::{Stream, TrainRng};
-use super::step::{loss_and_gradients, Batch, Optimizer};
+use super::step::{share_gradients, Batch, Optimizer, StepPlan};
 use crate::pixart::Denoiser;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -59,6 +59,10 @@ pub struct Settings {
     /// With a LoRA or a ControlNet: what the frozen base's weights hash to, so
     /// a run resumes only onto the base it started from.
     pub base_key: Option<String>,
+    /// How each step computes its gradients (micro-batches, activation
+    /// checkpointing): not in the fingerprint, since every way gives the same
+    /// step, so a run may resume with another.
+    pub plan: StepPlan,
 }
 
 impl Settings {
@@ -351,6 +355,25 @@ impl TrainPixArt {
                 )
                 .input(InputSpec::new("steps", PortType::Int).default(1000).min(1.0).max(1e9))
                 .input(InputSpec::new("batch", PortType::Int).default(4).min(1.0).max(65536.0))
+                .input(
+                    InputSpec::new("accumulate", PortType::Int)
+                        .default(1)
+                        .min(1.0)
+                        .max(65536.0)
+                        .describe(
+                            "Gradient accumulation: each step's batch in this many micro-batches, one \
+                             after the other (memory for one micro-batch; the same step).",
+                        ),
+                )
+                .input(
+                    InputSpec::new("grad_checkpoint", PortType::Bool)
+                        .default(false)
+                        .describe(
+                            "Activation checkpointing of the transformer blocks, as PixArt's configs \
+                             use for XL at 1024 px: each block is run again in the backward pass \
+                             (about a third more time, a block's activations instead of all).",
+                        ),
+                )
                 .input(InputSpec::new("lr", PortType::Float).default(2e-5).min(0.0).max(1.0))
                 .input(
                     InputSpec::new("scale_lr", PortType::Bool)
@@ -539,7 +562,26 @@ impl Node for TrainPixArt {
                 copies => Some(copies),
             },
             base_key: None,
+            plan: StepPlan {
+                micro_batches: inputs.int("accumulate")? as usize,
+                checkpoint: inputs.bool("grad_checkpoint")?,
+            },
         };
+        if settings.plan.micro_batches > batch {
+            return Err(NodeError::input(
+                "accumulate",
+                format!(
+                    "{} micro-batches of a batch of {batch}: at most one a sample",
+                    settings.plan.micro_batches
+                ),
+            ));
+        }
+        if settings.plan.checkpoint && settings.controlnet.is_some() {
+            return Err(NodeError::input(
+                "grad_checkpoint",
+                "ControlNet training does not checkpoint its blocks yet: leave it off",
+            ));
+        }
         let out = ctx.output_path(inputs.path("out")?)?;
         let init = match inputs.get("init") {
             Some(_) => Some(inputs.handle::<Denoiser>("init")?),
@@ -792,12 +834,14 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
             with_sizes,
             &diffusion,
         )?;
-        let (terms, loss, mut grads) = loss_and_gradients(
+        let (terms, loss, mut grads) = share_gradients(
             &state.tm.model,
             state.tm.controlnet.as_ref(),
             &diffusion,
             &batch,
+            batch.t.len(),
             &state.opt.vars,
+            s.plan,
         )?;
         let lr = scheduled_lr(s.lr, step, s.steps, s.warmup, s.lr_schedule, s.decay_steps);
         let grad_norm = state.opt.apply(&mut grads, lr)?;

@@ -16,6 +16,8 @@ pub struct Journal {
     path: PathBuf,
     lines: usize,
     bytes: u64,
+    /// Bytes of the file when it was last compacted (what the kept records take).
+    compacted: u64,
 }
 
 impl Journal {
@@ -49,6 +51,7 @@ impl Journal {
             path: path.to_path_buf(),
             lines,
             bytes,
+            compacted: 0,
         };
         (journal, records.into_iter().map(|(_, r)| r).collect())
     }
@@ -61,6 +64,12 @@ impl Journal {
     /// Bytes in the file now.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Bytes of the file after its last compaction: the records kept take that
+    /// much, so compacting again is worth it only once the file has grown past it.
+    pub fn compacted_bytes(&self) -> u64 {
+        self.compacted
     }
 
     /// Appends `record` as one line, written with one call.
@@ -90,6 +99,7 @@ impl Journal {
         crate::fsutil::atomic_write(&self.path, &text)?;
         self.lines = records.len();
         self.bytes = text.len() as u64;
+        self.compacted = self.bytes;
         Ok(())
     }
 }

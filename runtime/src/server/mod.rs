@@ -1,13 +1,14 @@
 //! The HTTP/WebSocket API (warp): node catalog, validation, a run queue with
-//! per-run cancel, history, output files by id, uploads, and an event stream.
+//! per-run cancel, reordering and pause, history, output files by id, uploads, and an event stream.
 //! Documented in the README and served as OpenAPI at `/api/openapi.json`.
 
 mod journal;
 mod state;
 
 pub use state::{
-    default_run_memory_limit, default_run_model_memory_limit, CancelError, OutputRecord, RunRecord,
-    RunRequest, RunState, ServerConfig, State, SubmitError,
+    default_run_memory_limit, default_run_model_memory_limit, CancelError, MoveError, OutputRecord,
+    QueueView, RunRecord, RunRequest, RunState, ServerConfig, State, SubmitError,
+    MAX_RECORDED_PARAMS, MAX_RECORDED_WORKFLOW,
 };
 
 use bytes::Bytes;
@@ -205,6 +206,15 @@ const WORKFLOW_TYPES: &[&str] = &[
     "text/x-yaml",
 ];
 const IMAGE_TYPES: &[&str] = &["image/png", "image/jpeg"];
+const JSON_TYPES: &[&str] = &["application/json"];
+
+/// The body of `POST /api/runs/{id}/move`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MoveRequest {
+    /// Index among the waiting runs (0: next to start); past the end: last.
+    position: usize,
+}
 
 /// Every route of the API.
 ///
@@ -311,6 +321,57 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
             ),
         });
 
+    let move_run = api
+        .clone()
+        .and(warp::path("runs"))
+        .and(warp::path::param::<String>())
+        .and(warp::path("move"))
+        .and(warp::path::end())
+        .and(warp::post())
+        .and(content_type(JSON_TYPES))
+        .and(bounded_body(4 << 10, body_timeout))
+        .and(with_state(state.clone()))
+        .map(|id: String, body: Bytes, s: Arc<State>| {
+            let Ok(req) = serde_json::from_slice::<MoveRequest>(&body) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "send {\"position\": N}, N a whole number from 0",
+                );
+            };
+            match s.move_run(&id, req.position) {
+                Ok(queue) => json(&queue).into_response(),
+                Err(MoveError::Unknown) => error(StatusCode::NOT_FOUND, format!("no run {id}")),
+                Err(MoveError::NotQueued(state)) => error(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "run {id} is {}, not waiting",
+                        serde_json::to_value(state).unwrap_or_default()
+                    ),
+                ),
+            }
+        });
+
+    let queue_view = api
+        .clone()
+        .and(warp::path("queue"))
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .map(|s: Arc<State>| json(&s.queue_view()).into_response());
+
+    let pause = api
+        .clone()
+        .and(warp::path("queue"))
+        .and(warp::path::param::<String>())
+        .and(warp::path::end())
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .map(|action: String, s: Arc<State>| match action.as_str() {
+            "pause" => json(&s.set_paused(true)).into_response(),
+            "resume" => json(&s.set_paused(false)).into_response(),
+            _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+        });
+
     let history = api
         .clone()
         .and(warp::path("history"))
@@ -360,10 +421,11 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
             };
             // Subscribe before the upgrade completes, so no event after it is missed.
             let events = s.executor.subscribe();
+            let queue = s.subscribe_queue();
             ws.max_message_size(MAX_EVENT_MESSAGE)
                 .max_frame_size(MAX_EVENT_MESSAGE)
                 .on_upgrade(move |socket| async move {
-                    stream_events(socket, events).await;
+                    stream_events(socket, events, queue).await;
                     drop(slot);
                 })
                 .into_response()
@@ -404,6 +466,12 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .or(run)
         .unify()
         .or(cancel)
+        .unify()
+        .or(move_run)
+        .unify()
+        .or(queue_view)
+        .unify()
+        .or(pause)
         .unify()
         .or(history)
         .unify()
@@ -677,13 +745,28 @@ fn upload_image(s: &State, body: &Bytes) -> Response {
     .into_response()
 }
 
+/// Sends the executor's events, and `{"event": "queue_changed", "paused": …}`
+/// when the queue's order or pause changes, until the client goes away.
 async fn stream_events(
     socket: warp::ws::WebSocket,
     mut events: tokio::sync::broadcast::Receiver<crate::Event>,
+    mut queue: tokio::sync::broadcast::Receiver<bool>,
 ) {
+    use tokio::sync::broadcast::error::RecvError;
     let (mut tx, mut rx) = socket.split();
     loop {
         tokio::select! {
+            changed = queue.recv() => match changed {
+                Ok(paused) => {
+                    let note = serde_json::json!({ "event": "queue_changed", "paused": paused });
+                    if tx.send(warp::ws::Message::text(note.to_string())).await.is_err() {
+                        break;
+                    }
+                }
+                // The next notice says where the queue stands.
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => break,
+            },
             event = events.recv() => match event {
                 Ok(e) => {
                     let Ok(text) = serde_json::to_string(&e) else { continue };

@@ -6,13 +6,13 @@ use crate::executor::{Executor, NodeStatus, RunOptions};
 use crate::registry::Registry;
 use crate::value::Value;
 use crate::workflow::{
-    load_workflow, Diagnostic, DiagnosticKind, LoadOptions, Workflow, WorkflowError,
+    load_workflow, Diagnostic, DiagnosticKind, LoadOptions, OverrideSource, Workflow, WorkflowError,
 };
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{broadcast, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Debug)]
@@ -140,9 +140,79 @@ pub struct RunRecord {
     pub id: String,
     pub name: Option<String>,
     pub state: RunState,
+    /// When the server accepted the run, Unix time in milliseconds (`None` in
+    /// records of versions before it was kept).
+    #[serde(default)]
+    pub submitted_at: Option<u64>,
+    /// When the run left the queue and started, Unix milliseconds (`None`: not
+    /// yet, or never: cancelled while queued).
+    #[serde(default)]
+    pub started_at: Option<u64>,
+    /// When the run ended (finished, failed or cancelled), Unix milliseconds
+    /// (`None`: not yet, or cut short by the server's end).
+    #[serde(default)]
+    pub finished_at: Option<u64>,
+    /// The workflow text as submitted; `None` when it is longer than
+    /// [`MAX_RECORDED_WORKFLOW`] (256 KiB), so that the journal and the
+    /// history stay bounded (a record is kept for each of `history_limit` runs).
+    #[serde(default)]
+    pub workflow: Option<String>,
+    /// The param values the client sent; empty when none were sent, or when
+    /// they take more than [`MAX_RECORDED_PARAMS`] bytes as JSON.
+    #[serde(default)]
+    pub params: BTreeMap<String, serde_json::Value>,
     pub outputs: Vec<OutputRecord>,
     pub failures: Vec<serde_json::Value>,
+    /// Each node's end (`executed`, `cached`, `failed`, `skipped`,
+    /// `cancelled`), written as a JSON object `{"node": "state", ...}`; the
+    /// list of `[node, state]` pairs of earlier versions is read too.
+    #[serde(default, with = "node_states")]
     pub node_states: Vec<(String, String)>,
+}
+
+/// `node_states` as a JSON object, read from an object or (journals of
+/// earlier versions) a list of pairs.
+mod node_states {
+    use serde::de::{MapAccess, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+    use std::fmt;
+
+    pub fn serialize<S: Serializer>(states: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(states.iter().map(|(k, v)| (k, v)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::Error> {
+        struct States;
+        impl<'de> Visitor<'de> for States {
+            type Value = Vec<(String, String)>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object from node ids to states, or a list of [node, state] pairs")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut states = Vec::with_capacity(map.size_hint().unwrap_or(0).min(1024));
+                while let Some(pair) = map.next_entry::<String, String>()? {
+                    states.push(pair);
+                }
+                Ok(states)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut states = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+                while let Some(pair) = seq.next_element::<(String, String)>()? {
+                    states.push(pair);
+                }
+                Ok(states)
+            }
+        }
+        d.deserialize_any(States)
+    }
+}
+
+/// The queue as `GET /api/queue` answers it: whether it is paused, and the
+/// running runs then the waiting ones, in the order they will start.
+#[derive(Clone, Debug, Serialize)]
+pub struct QueueView {
+    pub paused: bool,
+    pub runs: Vec<RunRecord>,
 }
 
 /// What a client submits: a workflow (YAML or JSON text), param values and targets.
@@ -161,7 +231,11 @@ pub struct State {
     pub config: ServerConfig,
     runs: Mutex<Runs>,
     files: Mutex<HashMap<String, PathBuf>>,
-    queue: mpsc::UnboundedSender<String>,
+    /// Wakes the queue worker: a run was submitted, or the queue resumed.
+    wake: Notify,
+    /// `queue_changed` notices (with whether the queue is paused) for the
+    /// event streams: a run was moved, or the queue paused or resumed.
+    queue_changes: broadcast::Sender<bool>,
     journal: Mutex<Journal>,
     /// Event streams (WebSockets) open now.
     pub(crate) event_streams: Arc<Semaphore>,
@@ -175,6 +249,10 @@ struct Runs {
     /// Finished runs, oldest first (bounded by `history_limit`).
     history: VecDeque<String>,
     pending: HashMap<String, (Arc<Workflow>, Vec<String>)>,
+    /// The ids of the runs in `pending`, in the order they are to start.
+    order: VecDeque<String>,
+    /// No run starts while set (running ones go on).
+    paused: bool,
     /// Workflow text of the runs in `pending`, bytes.
     pending_bytes: usize,
     cancels: HashMap<String, CancellationToken>,
@@ -184,9 +262,30 @@ struct Runs {
 impl Runs {
     fn take_pending(&mut self, id: &str) -> Option<(Arc<Workflow>, Vec<String>)> {
         let taken = self.pending.remove(id)?;
+        self.order.retain(|waiting| waiting != id);
         self.pending_bytes = self.pending_bytes.saturating_sub(taken.0.source.len());
         Some(taken)
     }
+
+    /// Running runs (in the order they started), then waiting ones in queue order.
+    fn queue(&self) -> Vec<RunRecord> {
+        let mut running: Vec<&RunRecord> = self
+            .records
+            .values()
+            .filter(|r| r.state == RunState::Running)
+            .collect();
+        running.sort_by_key(|r| (r.started_at, run_number(&r.id)));
+        let waiting = self.order.iter().filter_map(|id| self.records.get(id));
+        running.into_iter().chain(waiting).cloned().collect()
+    }
+}
+
+/// A run taken off the queue by the worker, to execute.
+struct Started {
+    id: String,
+    workflow: Arc<Workflow>,
+    targets: Vec<String>,
+    cancel: CancellationToken,
 }
 
 #[derive(Debug)]
@@ -218,10 +317,28 @@ pub enum CancelError {
     AlreadyDone(RunState),
 }
 
+#[derive(Debug, PartialEq)]
+pub enum MoveError {
+    Unknown,
+    /// Only waiting runs move: this one is running or done.
+    NotQueued(RunState),
+}
+
+/// Workflow text kept in a run's record at most, bytes (longer: not kept).
+pub const MAX_RECORDED_WORKFLOW: usize = 256 << 10;
+/// Param values kept in a run's record at most, bytes of JSON (more: none kept).
+pub const MAX_RECORDED_PARAMS: usize = 64 << 10;
+
+/// Now, in milliseconds since the Unix epoch.
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl State {
     /// Creates the state, reloads the persisted history and starts the queue worker.
     pub fn start(registry: Registry, executor: Executor, config: ServerConfig) -> Arc<State> {
-        let (tx, rx) = mpsc::unbounded_channel();
         let (journal, recorded) = Journal::open(&config.out_dir.join(".pixart/history.jsonl"));
         // What writers killed mid-file left behind (their outputs are whole or absent).
         let swept = crate::fsutil::sweep_stale_temporaries(
@@ -243,13 +360,14 @@ impl State {
             config,
             runs: Mutex::new(Runs::default()),
             files: Mutex::new(HashMap::new()),
-            queue: tx,
+            wake: Notify::new(),
+            queue_changes: broadcast::channel(16).0,
             journal: Mutex::new(journal),
             event_streams,
             disk,
         });
         state.load_history(recorded);
-        tokio::spawn(worker(state.clone(), rx));
+        tokio::spawn(worker(state.clone()));
         state
     }
 
@@ -276,6 +394,7 @@ impl State {
         let opts = LoadOptions {
             file_name: Some("workflow".into()),
             overrides,
+            overrides_from: OverrideSource::Request,
         };
         let wf = load_workflow(text, &self.registry, &opts)?;
         self.within_budget(&wf)?;
@@ -302,18 +421,30 @@ impl State {
             runs.pending_bytes += wf.source.len();
             runs.counter += 1;
             let id = format!("r{}-{}", std::process::id(), runs.counter);
+            let params: BTreeMap<String, serde_json::Value> = req.params.into_iter().collect();
+            let params_size = serde_json::to_vec(&params).map_or(usize::MAX, |j| j.len());
             runs.records.insert(
                 id.clone(),
                 RunRecord {
                     id: id.clone(),
                     name: wf.name.clone(),
                     state: RunState::Queued,
+                    submitted_at: Some(now_millis()),
+                    started_at: None,
+                    finished_at: None,
+                    workflow: (req.workflow.len() <= MAX_RECORDED_WORKFLOW).then_some(req.workflow),
+                    params: if params_size <= MAX_RECORDED_PARAMS {
+                        params
+                    } else {
+                        BTreeMap::new()
+                    },
                     outputs: Vec::new(),
                     failures: Vec::new(),
                     node_states: Vec::new(),
                 },
             );
             runs.pending.insert(id.clone(), (Arc::new(wf), req.targets));
+            runs.order.push_back(id.clone());
             runs.cancels.insert(id.clone(), CancellationToken::new());
             id
         };
@@ -321,7 +452,7 @@ impl State {
         self.executor.publish(Event::RunQueued {
             run_id: Arc::from(id.as_str()),
         });
-        let _ = self.queue.send(id.clone());
+        self.wake.notify_one();
         Ok(id)
     }
 
@@ -384,17 +515,67 @@ impl State {
         self.runs().records.get(id).cloned()
     }
 
-    /// Queued and running runs, in submission order.
+    /// Running runs (in the order they started), then waiting ones in the
+    /// order they will start.
     pub fn queue(&self) -> Vec<RunRecord> {
+        self.runs().queue()
+    }
+
+    /// The queue and whether it is paused, read together.
+    pub fn queue_view(&self) -> QueueView {
         let runs = self.runs();
-        let mut list: Vec<RunRecord> = runs
-            .records
-            .values()
-            .filter(|r| !r.state.is_done())
-            .cloned()
-            .collect();
-        list.sort_by_key(|r| run_number(&r.id));
-        list
+        QueueView {
+            paused: runs.paused,
+            runs: runs.queue(),
+        }
+    }
+
+    /// Moves waiting run `id` to `position` among the waiting runs (past the
+    /// end: last).
+    pub fn move_run(&self, id: &str, position: usize) -> Result<QueueView, MoveError> {
+        {
+            let mut runs = self.runs();
+            let state = runs
+                .records
+                .get(id)
+                .map(|r| r.state)
+                .ok_or(MoveError::Unknown)?;
+            let Some(at) = runs.order.iter().position(|waiting| waiting == id) else {
+                return Err(MoveError::NotQueued(state));
+            };
+            if let Some(moved) = runs.order.remove(at) {
+                let to = position.min(runs.order.len());
+                runs.order.insert(to, moved);
+            }
+        }
+        self.queue_changed();
+        Ok(self.queue_view())
+    }
+
+    /// Pauses (no run starts; running ones go on) or resumes the queue.
+    pub fn set_paused(&self, paused: bool) -> QueueView {
+        let changed = {
+            let mut runs = self.runs();
+            std::mem::replace(&mut runs.paused, paused) != paused
+        };
+        if changed {
+            if !paused {
+                self.wake.notify_one();
+            }
+            self.queue_changed();
+        }
+        self.queue_view()
+    }
+
+    /// Tells the event streams that the queue's order or pause changed.
+    fn queue_changed(&self) {
+        let paused = self.runs().paused;
+        let _ = self.queue_changes.send(paused);
+    }
+
+    /// `queue_changed` notices (whether the queue is now paused), for an event stream.
+    pub fn subscribe_queue(&self) -> broadcast::Receiver<bool> {
+        self.queue_changes.subscribe()
     }
 
     /// Finished runs, newest first.
@@ -458,6 +639,7 @@ impl State {
     fn finish_record(&self, runs: &mut Runs, id: &str, state: RunState) {
         if let Some(r) = runs.records.get_mut(id) {
             r.state = state;
+            r.finished_at = Some(now_millis());
         }
         runs.cancels.remove(id);
         runs.history.push_back(id.to_string());
@@ -481,8 +663,10 @@ impl State {
         let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
         let Some(record) = self.get(id) else { return };
         let mut written = journal.append(&record);
+        // Records keep their workflow text: when the kept ones alone pass the
+        // size bound, compact only once the file has doubled since.
         let grown = journal.lines() > 4 * (self.config.history_limit + MAX_QUEUED)
-            || journal.bytes() > MAX_JOURNAL_BYTES;
+            || journal.bytes() > MAX_JOURNAL_BYTES.max(2 * journal.compacted_bytes());
         if written.is_ok() && grown {
             written = journal.compact(&self.all_records());
         }
@@ -558,19 +742,43 @@ impl State {
         }
     }
 
-    async fn execute(self: &Arc<State>, id: String) {
-        let (wf, targets, cancel) = {
+    /// Takes the first waiting run off the queue and marks it running, unless
+    /// the queue is paused or empty.
+    fn start_next(&self) -> Option<Started> {
+        let started = {
             let mut runs = self.runs();
-            let Some((wf, targets)) = runs.take_pending(&id) else {
-                return;
-            }; // cancelled while queued
+            if runs.paused {
+                return None;
+            }
+            let (id, (workflow, targets)) = loop {
+                let id = runs.order.pop_front()?;
+                if let Some(taken) = runs.take_pending(&id) {
+                    break (id, taken);
+                }
+            };
             let cancel = runs.cancels.get(&id).cloned().unwrap_or_default();
             if let Some(r) = runs.records.get_mut(&id) {
                 r.state = RunState::Running;
+                r.started_at = Some(now_millis());
             }
-            (wf, targets, cancel)
+            Started {
+                id,
+                workflow,
+                targets,
+                cancel,
+            }
         };
-        self.record(&id);
+        self.record(&started.id);
+        Some(started)
+    }
+
+    async fn execute(self: &Arc<State>, started: Started) {
+        let Started {
+            id,
+            workflow: wf,
+            targets,
+            cancel,
+        } = started;
         let opts = RunOptions {
             targets,
             out_dir: self.config.out_dir.clone(),
@@ -713,16 +921,24 @@ fn paths_of(value: &Value) -> Vec<PathBuf> {
     }
 }
 
-/// Takes queued runs in order and executes up to `max_parallel_runs` at once.
-async fn worker(state: Arc<State>, mut rx: mpsc::UnboundedReceiver<String>) {
+/// Starts the first waiting run whenever a slot is free and the queue is not
+/// paused, up to `max_parallel_runs` at once.
+async fn worker(state: Arc<State>) {
     let slots = Arc::new(Semaphore::new(state.config.max_parallel_runs.max(1)));
-    while let Some(id) = rx.recv().await {
+    loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
+        let started = loop {
+            if let Some(started) = state.start_next() {
+                break started;
+            }
+            // A notice sent since the check is kept: none is missed.
+            state.wake.notified().await;
+        };
         let state = state.clone();
         tokio::spawn(async move {
-            state.execute(id).await;
+            state.execute(started).await;
             drop(permit);
         });
     }
@@ -730,6 +946,45 @@ async fn worker(state: Arc<State>, mut rx: mpsc::UnboundedReceiver<String>) {
 
 #[cfg(test)]
 mod tests {
+    use super::{RunRecord, RunState};
+
+    /// Journals written before `node_states` became an object (and before
+    /// timestamps, workflow text and params were kept) still load.
+    #[test]
+    fn records_of_earlier_versions_load() {
+        let old = r#"{"id":"r7-3","name":"old","state":"finished","outputs":[],"failures":[],"node_states":[["noise","executed"],["save","cached"]]}"#;
+        let record: RunRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.state, RunState::Finished);
+        assert_eq!(
+            record.node_states,
+            [
+                ("noise".to_string(), "executed".to_string()),
+                ("save".to_string(), "cached".to_string())
+            ]
+        );
+        assert_eq!(
+            (record.submitted_at, record.workflow.as_deref()),
+            (None, None)
+        );
+        assert!(record.params.is_empty());
+        // Written back as an object, which reads again.
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(
+            json["node_states"],
+            serde_json::json!({"noise": "executed", "save": "cached"})
+        );
+        let again: RunRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(again.node_states, record.node_states);
+
+        // Through the journal, as a server starting on an old folder reads it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.jsonl");
+        std::fs::write(&path, format!("{old}\n")).unwrap();
+        let (_, records) = super::Journal::open(&path);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].node_states.len(), 2);
+    }
+
     #[test]
     fn backtraces_are_cut_from_failure_messages() {
         let trace = std::backtrace::Backtrace::force_capture().to_string();

@@ -8,7 +8,9 @@ pub mod template;
 mod yaml;
 
 pub use diagnostics::{Diagnostic, DiagnosticKind, Severity, Span, WorkflowError};
-pub use load::{load_workflow, load_workflow_file, read_source, LoadOptions, MAX_WORKFLOW_BYTES};
+pub use load::{
+    load_workflow, load_workflow_file, read_source, LoadOptions, OverrideSource, MAX_WORKFLOW_BYTES,
+};
 pub use plugins::{plugin_refs, PluginRef};
 
 use crate::node::Node;

@@ -19,6 +19,18 @@ use std::sync::Arc;
 pub struct LoadOptions {
     pub file_name: Option<String>,
     pub overrides: Vec<(String, String)>,
+    /// Where `overrides` come from: messages about them use its terms.
+    pub overrides_from: OverrideSource,
+}
+
+/// Where a load's param values come from, for the wording of its messages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OverrideSource {
+    /// `--set name=value` on the command line ("--set steps=5000: …").
+    #[default]
+    CommandLine,
+    /// The `params` of an API request ("param `steps` = 5000: …").
+    Request,
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -49,6 +61,7 @@ pub fn load_workflow_file(
     let opts = LoadOptions {
         file_name: Some(file_name),
         overrides: overrides.to_vec(),
+        overrides_from: OverrideSource::CommandLine,
     };
     load_workflow(&source, registry, &opts)
 }
@@ -200,7 +213,7 @@ impl<'a> Loader<'a> {
 
         let decls = self.param_decls(params_yaml);
         let (params, param_spans): (Vec<Param>, Vec<Span>) = self
-            .apply_overrides(decls, &opts.overrides)
+            .apply_overrides(decls, &opts.overrides, opts.overrides_from)
             .into_iter()
             .unzip();
 

@@ -1,7 +1,7 @@
 //! The `params:` section: declarations (type, default, range, choices) and the
-//! `--set` overrides applied to them.
+//! overrides applied to them (`--set` on the command line, or a request's `params`).
 
-use super::{Loader, PARAM_KEYS};
+use super::{Loader, OverrideSource, PARAM_KEYS};
 use crate::registry::closest;
 use crate::spec::{is_identifier, InputSpec};
 use crate::types::PortType;
@@ -183,14 +183,18 @@ impl<'a> Loader<'a> {
         &mut self,
         decls: Vec<ParamDecl>,
         overrides: &[(String, String)],
+        from: OverrideSource,
     ) -> Vec<(Param, Span)> {
+        let cli = from == OverrideSource::CommandLine;
         let mut values: HashMap<String, Value> = HashMap::new();
         for (key, text) in overrides {
             let Some(decl) = decls.iter().find(|d| &d.name == key) else {
-                let mut d = Diagnostic::error(
-                    K::InvalidValue,
-                    format!("--set {key}: this workflow has no param `{key}`"),
-                );
+                let message = if cli {
+                    format!("--set {key}: this workflow has no param `{key}`")
+                } else {
+                    format!("this workflow has no param `{key}`")
+                };
+                let mut d = Diagnostic::error(K::InvalidValue, message);
                 if let Some(s) = closest(key, decls.iter().map(|d| d.name.as_str())) {
                     d = d.help(format!("did you mean `{s}`?"));
                 }
@@ -208,10 +212,12 @@ impl<'a> Loader<'a> {
                     } else {
                         K::InvalidValue
                     };
-                    self.push(
-                        Diagnostic::error(kind, format!("--set {key}={text}: {e}"))
-                            .at(Some(decl.span)),
-                    );
+                    let message = if cli {
+                        format!("--set {key}={text}: {e}")
+                    } else {
+                        format!("param `{key}` = {text}: {e}")
+                    };
+                    self.push(Diagnostic::error(kind, message).at(Some(decl.span)));
                 }
             }
         }
@@ -234,10 +240,14 @@ impl<'a> Loader<'a> {
                         format!("param `{}` has no default and was not set", decl.name),
                     )
                     .at(Some(decl.span))
-                    .help(format!(
-                        "pass `--set {}=…` or give it a `default:`",
-                        decl.name
-                    )),
+                    .help(if cli {
+                        format!("pass `--set {}=…` or give it a `default:`", decl.name)
+                    } else {
+                        format!(
+                            "send a value for `{}` in `params` or give it a `default:`",
+                            decl.name
+                        )
+                    }),
                 ),
             }
         }
