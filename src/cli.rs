@@ -352,6 +352,11 @@ async fn run(
     targets: Vec<String>,
     jobs: Option<usize>,
 ) -> Result<ExitCode> {
+    // Under an MPI launcher (`mpirun -np N pixart run …`): one rank of a
+    // data-parallel training job.
+    let world = pixart_nodes::distributed::init_from_env()
+        .map_err(anyhow::Error::msg)?
+        .filter(|w| w.size() > 1);
     let wf = match load(path, set)? {
         Ok(wf) => wf,
         Err(code) => return Ok(code),
@@ -359,6 +364,21 @@ async fn run(
     let mut executor = Executor::new(CachePolicy::None);
     if let Some(jobs) = jobs {
         executor = executor.with_max_parallel(jobs);
+    }
+    let mut rank_job = None;
+    if let Some(w) = world {
+        // Nodes one at a time, in the workflow's order: the training nodes'
+        // collectives then meet in the same order on every rank.
+        executor = executor.with_max_parallel(1);
+        if w.rank() != 0 {
+            match RankJob::new(&wf, &targets, &out)? {
+                Some(job) => rank_job = Some(job),
+                None => {
+                    w.finalize().map_err(anyhow::Error::msg)?;
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+        }
     }
     let cancel = CancellationToken::new();
     let on_interrupt = cancel.clone();
@@ -368,22 +388,56 @@ async fn run(
             on_interrupt.cancel();
         }
     });
-    let view = ProgressView::start(&executor, &wf);
+    // The other ranks draw no progress and write only into their scratch folder.
+    let view = rank_job
+        .is_none()
+        .then(|| ProgressView::start(&executor, &wf));
+    let opts = match &rank_job {
+        Some(job) => RunOptions {
+            targets: job.trainers.clone(),
+            out_dir: job.scratch.path().to_path_buf(),
+            read_also: Some(out),
+            ..RunOptions::default()
+        },
+        None => RunOptions {
+            targets,
+            out_dir: out,
+            ..RunOptions::default()
+        },
+    };
     let opts = RunOptions {
-        targets,
-        out_dir: out,
         base_dir: PathBuf::from("."),
         cancel,
         run_id: None,
         confine_paths: false,
         previews: false,
-        ..RunOptions::default()
+        ..opts
     };
     let report = executor
         .run(&wf, opts)
         .await
         .context("cannot start the run")?;
-    view.finish().await;
+    if let Some(view) = view {
+        view.finish().await;
+    }
+    if let Some(w) = world {
+        // A rank that failed ends the job: the others would wait in their next
+        // collective.
+        if let Some(f) = report.failures.first() {
+            w.abort(&format!(
+                "node `{}` ({}) failed: {}",
+                f.node, f.node_type, f.message
+            ));
+        }
+        w.finalize().map_err(anyhow::Error::msg)?;
+        if rank_job.is_some() {
+            return Ok(if report.cancelled {
+                ExitCode::from(130)
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+    }
 
     let executed = report.count(|s| matches!(s, NodeStatus::Executed { .. }));
     let cached = report.count(|s| matches!(s, NodeStatus::Cached));
@@ -421,6 +475,36 @@ async fn run(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// What a rank other than 0 of an MPI job runs: the training nodes (and what
+/// they need) among what the run produces, writing into a scratch folder of its
+/// own; rank 0 runs the whole workflow and alone writes into `--out`.
+struct RankJob {
+    trainers: Vec<String>,
+    scratch: tempfile::TempDir,
+}
+
+impl RankJob {
+    fn new(wf: &Workflow, targets: &[String], out: &Path) -> Result<Option<RankJob>> {
+        let needed = wf.needed(targets).map_err(anyhow::Error::msg)?;
+        let trainers: Vec<String> = wf
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| needed[*i] && n.node.spec().name == "train.pixart")
+            .map(|(_, n)| n.id.to_string())
+            .collect();
+        if trainers.is_empty() {
+            eprintln!("this workflow trains nothing: rank 0 runs it alone");
+            return Ok(None);
+        }
+        let scratch = tempfile::Builder::new()
+            .prefix("pixart-rank-")
+            .tempdir()
+            .with_context(|| format!("a scratch folder beside {}", out.display()))?;
+        Ok(Some(RankJob { trainers, scratch }))
+    }
 }
 
 fn describe(value: &Value) -> String {

@@ -3,6 +3,7 @@
 
 pub mod captioner;
 pub mod device;
+pub mod distributed;
 pub mod edges;
 pub mod fsutil;
 pub mod image_io;

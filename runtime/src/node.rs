@@ -70,6 +70,8 @@ pub(crate) struct RunShared {
     pub events: broadcast::Sender<Event>,
     pub out_dir: PathBuf,
     pub base_dir: PathBuf,
+    /// Looked in for relative inputs after `out_dir` ([`RunOptions::read_also`](crate::executor::RunOptions::read_also)).
+    pub read_also: Option<PathBuf>,
     pub workflow_source: Arc<str>,
     pub params: serde_json::Value,
     /// Keeps file access inside `base_dir` / `out_dir` (workflows from the network).
@@ -106,6 +108,7 @@ impl NodeContext {
                 events,
                 out_dir: out_dir.into(),
                 base_dir: base_dir.into(),
+                read_also: None,
                 workflow_source: Arc::from(""),
                 params: serde_json::Value::Null,
                 confinement: None,
@@ -189,8 +192,11 @@ impl NodeContext {
     pub fn input_path(&self, path: &Path) -> Result<PathBuf, NodeError> {
         let mut full = self.run.base_dir.join(path);
         if path.is_relative() && std::fs::symlink_metadata(&full).is_err() {
-            let written = self.run.out_dir.join(path);
-            if std::fs::symlink_metadata(&written).is_ok() {
+            let written = std::iter::once(&self.run.out_dir)
+                .chain(&self.run.read_also)
+                .map(|dir| dir.join(path))
+                .find(|p| std::fs::symlink_metadata(p).is_ok());
+            if let Some(written) = written {
                 full = written;
             }
         }

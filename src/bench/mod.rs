@@ -82,6 +82,15 @@ pub struct BenchArgs {
     /// (to_q, to_k, to_v, to_out.0) instead of the whole transformer.
     #[arg(long, default_value_t = 0)]
     lora_rank: usize,
+    /// For `train`: the batch in this many micro-batches (gradient accumulation).
+    #[arg(long, default_value_t = 1)]
+    accumulate: usize,
+    /// For `train`: activation checkpointing of the transformer blocks.
+    #[arg(long)]
+    grad_checkpoint: bool,
+    /// For `train`: samples per step (the benchmark inputs repeated).
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -386,7 +395,8 @@ fn train(args: &BenchArgs) -> Result<ExitCode> {
     use pixart_nodes::training::loss::Diffusion;
     use pixart_nodes::training::model::{LoraSpec, Start, TrainModel};
     use pixart_nodes::training::optim::AdamW;
-    use pixart_nodes::training::step::{loss_and_gradients, Batch, Optimizer};
+    use pixart_nodes::training::step::{share_gradients, Batch, Optimizer, StepPlan};
+    use pixart_runtime::candle_core::Tensor;
 
     let (repeat, device) = (args.repeat.max(1), args.device.as_str());
     let cfg = match args.train_config.as_str() {
@@ -423,10 +433,20 @@ fn train(args: &BenchArgs) -> Result<ExitCode> {
     }
     let vars = tm.trainable();
     let [x, _, text, mask] = bench_inputs(&dev)?;
+    // The two benchmark samples, repeated to `--batch`.
+    let copies = args.batch.max(1).div_ceil(2);
+    let take = |t: Tensor| -> Result<Tensor> {
+        Ok(Tensor::cat(&vec![t; copies], 0)?.narrow(0, 0, args.batch.max(1))?)
+    };
+    let (x, text, mask) = (take(x)?, take(text)?, take(mask)?);
     let noise = (x.sin()? * 1.5)?;
+    let plan = StepPlan {
+        micro_batches: args.accumulate.max(1),
+        checkpoint: args.grad_checkpoint,
+    };
     let batch = Batch {
         x0: x,
-        t: vec![999, 500],
+        t: (0..args.batch.max(1)).map(|i| [999, 500][i % 2]).collect(),
         noise,
         text,
         mask,
@@ -446,8 +466,9 @@ fn train(args: &BenchArgs) -> Result<ExitCode> {
     let mut times = Vec::new();
     for i in 0..repeat + 2 {
         let start = Instant::now();
+        let b = batch.t.len();
         let (_, loss, mut grads) =
-            loss_and_gradients(&tm.model, None, &diffusion, &batch, &opt.vars)?;
+            share_gradients(&tm.model, None, &diffusion, &batch, b, &opt.vars, plan)?;
         opt.apply(&mut grads, 2e-5)?;
         anyhow::ensure!(loss.is_finite(), "loss {loss}");
         if i >= 2 {
@@ -457,9 +478,12 @@ fn train(args: &BenchArgs) -> Result<ExitCode> {
     let min = *times.iter().min().unwrap_or(&Duration::ZERO);
     let med = median(times);
     println!(
-        "{{\"bench\": \"pixart_train_step\", \"config\": \"{}\", \"lora_rank\": {}, \"trainable\": {trainable}, \"device\": \"{device}\", \"threads\": {threads}, \"repeat\": {repeat}, \"median_ms\": {:.2}, \"min_ms\": {:.2}, \"peak_rss_mib\": {:.0}, \"rss_before_steps_mib\": {before:.0}}}",
+        "{{\"bench\": \"pixart_train_step\", \"config\": \"{}\", \"lora_rank\": {}, \"batch\": {}, \"accumulate\": {}, \"grad_checkpoint\": {}, \"trainable\": {trainable}, \"device\": \"{device}\", \"threads\": {threads}, \"repeat\": {repeat}, \"median_ms\": {:.2}, \"min_ms\": {:.2}, \"peak_rss_mib\": {:.0}, \"rss_before_steps_mib\": {before:.0}}}",
         args.train_config,
         args.lora_rank,
+        args.batch.max(1),
+        plan.micro_batches,
+        plan.checkpoint,
         med.as_secs_f64() * 1e3,
         min.as_secs_f64() * 1e3,
         peak_rss_mib(),

@@ -2,6 +2,7 @@
 
 pub mod buckets;
 pub mod checkpoint;
+pub mod data_parallel;
 pub mod dataset;
 pub mod loss;
 pub mod model;

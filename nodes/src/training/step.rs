@@ -230,7 +230,7 @@ fn merge(
 
 impl Batch {
     /// Samples `start..start + len`.
-    fn slice(&self, start: usize, len: usize) -> Result<Batch> {
+    pub fn slice(&self, start: usize, len: usize) -> Result<Batch> {
         let cut = |x: &Tensor| x.narrow(0, start, len);
         Ok(Batch {
             x0: cut(&self.x0)?,

@@ -800,10 +800,38 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
         Vec::new()
     };
     let fingerprint = s.fingerprint(run.features, &classes);
-    let resumed = resume_point(run, &fingerprint)?;
+    // Across the ranks of an MPI job: each takes a slice of every batch, rank 0
+    // alone writes, and every rank starts from rank 0's state (its checkpoint
+    // when it resumes one).
+    let world = crate::distributed::world();
+    let primary = world.is_none_or(|w| w.rank() == 0);
+    if let Some(w) = world {
+        if s.batch < w.size() {
+            return Err(NodeError::input(
+                "batch",
+                format!(
+                    "a batch of {} over {} ranks: at least one sample a rank",
+                    s.batch,
+                    w.size()
+                ),
+            ));
+        }
+    }
+    let resumed = if primary {
+        resume_point(run, &fingerprint)?
+    } else {
+        None
+    };
     let mut state = State::start(run, &data, classes, fingerprint, resumed)?;
-    std::fs::create_dir_all(run.out).map_err(|e| NodeError::io(run.out, e))?;
-    let mut log = LossLog::open(ctx, run.out, state.step)?;
+    if let Some(w) = world {
+        state.take_rank0s(w)?;
+    }
+    let mut log = if primary {
+        std::fs::create_dir_all(run.out).map_err(|e| NodeError::io(run.out, e))?;
+        Some(LossLog::open(ctx, run.out, state.step)?)
+    } else {
+        None
+    };
 
     let diffusion = Diffusion::pixart();
     let table = state.tm.class_table().map(|v| v.as_tensor().clone());
@@ -816,7 +844,7 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
     ctx.progress(first, s.steps);
     while state.step < s.steps {
         if ctx.is_cancelled() {
-            if state.step > first {
+            if state.step > first && primary {
                 state.save(ctx, run)?;
             }
             return Err(NodeError::Cancelled);
@@ -834,15 +862,26 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
             with_sizes,
             &diffusion,
         )?;
-        let (terms, loss, mut grads) = share_gradients(
-            &state.tm.model,
-            state.tm.controlnet.as_ref(),
-            &diffusion,
-            &batch,
-            batch.t.len(),
-            &state.opt.vars,
-            s.plan,
-        )?;
+        let (terms, loss, mut grads) = match world {
+            Some(w) => super::data_parallel::gradients(
+                w,
+                &state.tm.model,
+                state.tm.controlnet.as_ref(),
+                &diffusion,
+                &batch,
+                &state.opt.vars,
+                s.plan,
+            )?,
+            None => share_gradients(
+                &state.tm.model,
+                state.tm.controlnet.as_ref(),
+                &diffusion,
+                &batch,
+                batch.t.len(),
+                &state.opt.vars,
+                s.plan,
+            )?,
+        };
         let lr = scheduled_lr(s.lr, step, s.steps, s.warmup, s.lr_schedule, s.decay_steps);
         let grad_norm = state.opt.apply(&mut grads, lr)?;
         if s.ema_warmup {
@@ -859,6 +898,10 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
                 "the loss became {loss} at step {step}: lower the learning rate (the last checkpoint is kept)"
             )));
         }
+        let Some(log) = log.as_mut() else {
+            ctx.progress(step, s.steps);
+            continue;
+        };
         let rate = log.write(step, loss, &terms, lr, grad_norm, first)?;
         ctx.progress_detail(
             step,
@@ -878,6 +921,8 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
     }
     let checkpoint = match last_checkpoint {
         Some(p) => p,
+        // The other ranks name what rank 0 wrote.
+        None if !primary => run.out.join(format!("checkpoint-{:06}", state.step)),
         None => state.save(ctx, run)?,
     };
     let den = match (s.controlnet, run.init) {
@@ -1054,6 +1099,40 @@ impl State {
             state.restore(&saved)?;
         }
         Ok(state)
+    }
+
+    /// Rank 0's step, weights, optimiser state, EMA and null caption, on every
+    /// rank: what it resumed or initialised is what all go on from.
+    fn take_rank0s(&mut self, world: &crate::distributed::World) -> Result<(), NodeError> {
+        use super::data_parallel::broadcast_tensor;
+        let err = NodeError::msg;
+        self.step = world
+            .broadcast_u64(self.step, "the start step")
+            .map_err(err)?;
+        for v in &self.all_vars {
+            v.set(&broadcast_tensor(world, v.as_tensor(), "the weights")?)?;
+        }
+        let adam_steps = world
+            .broadcast_u64(self.opt.adam.steps(), "the optimiser's step")
+            .map_err(err)?;
+        let moments = self
+            .opt
+            .adam
+            .moments()
+            .iter()
+            .map(|(m, v)| {
+                Ok((
+                    broadcast_tensor(world, m, "the optimiser state")?,
+                    broadcast_tensor(world, v, "the optimiser state")?,
+                ))
+            })
+            .collect::<Result<Vec<_>, NodeError>>()?;
+        self.opt.adam.restore(adam_steps, moments)?;
+        for e in self.ema.weights.iter_mut() {
+            *e = broadcast_tensor(world, e, "the EMA weights")?;
+        }
+        self.null_caption = broadcast_tensor(world, &self.null_caption, "the null caption")?;
+        Ok(())
     }
 
     /// The optimiser moments, EMA and step of a checkpoint.

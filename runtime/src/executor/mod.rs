@@ -49,6 +49,10 @@ pub struct RunOptions {
     pub model_memory_limit: Option<u64>,
     /// The output folder's quota, shared by every run (the server's).
     pub disk_quota: Option<Arc<crate::budget::DiskQuota>>,
+    /// A folder relative inputs are also looked for in, after `out_dir`: for
+    /// the other ranks of an MPI job, which write into a scratch folder, the
+    /// output folder of rank 0.
+    pub read_also: Option<PathBuf>,
 }
 
 impl Default for RunOptions {
@@ -64,6 +68,7 @@ impl Default for RunOptions {
             memory_limit: None,
             model_memory_limit: None,
             disk_quota: None,
+            read_also: None,
         }
     }
 }
@@ -227,6 +232,7 @@ impl Executor {
             events: self.events.clone(),
             out_dir: opts.out_dir.clone(),
             base_dir: opts.base_dir.clone(),
+            read_also: opts.read_also.clone(),
             workflow_source: wf.source.clone(),
             params: wf.params_json(),
             confinement,

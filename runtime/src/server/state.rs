@@ -790,6 +790,7 @@ impl State {
             memory_limit: Some(self.config.run_memory_limit),
             model_memory_limit: Some(self.config.run_model_memory_limit),
             disk_quota: Some(self.disk.clone()),
+            read_also: None,
         };
         let result = self.executor.run(&wf, opts).await;
         let out = self.out_root();

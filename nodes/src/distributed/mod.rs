@@ -1,0 +1,159 @@
+//! Training across processes (issue 24): the world this process belongs to
+//! (rank, size) when an MPI launcher started it (`mpirun -np N pixart run …`,
+//! `srun`), and the collectives data-parallel training needs. Without a
+//! launcher there is no world and everything runs as one process.
+//!
+//! Every collective has a deadline: a rank that died or hangs ends the whole job
+//! with a message on every rank (`MPI_Abort`) instead of leaving the others
+//! waiting forever. `PIXART_COLLECTIVE_TIMEOUT` (seconds, default 600) sets it.
+
+mod mpi;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub struct World {
+    rank: usize,
+    size: usize,
+    mpi: mpi::Mpi,
+    /// Milliseconds since `epoch` by which the collective under way must end;
+    /// 0 when none is.
+    deadline: AtomicU64,
+    epoch: Instant,
+    timeout: Duration,
+    /// What the collective under way is for, for the watchdog's message.
+    current: std::sync::Mutex<String>,
+}
+
+static WORLD: OnceLock<Option<World>> = OnceLock::new();
+
+/// Environment variables MPI launchers set in the processes they start.
+const LAUNCHER_VARS: &[&str] = &["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"];
+
+/// Joins the MPI job this process was launched into, once; `None` when no
+/// launcher started it (or it started one process only).
+pub fn init_from_env() -> Result<Option<&'static World>, String> {
+    if let Some(world) = WORLD.get() {
+        return Ok(world.as_ref());
+    }
+    if !LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
+        return Ok(WORLD.get_or_init(|| None).as_ref());
+    }
+    let mpi = mpi::Mpi::init()?;
+    let (rank, size) = mpi.rank_and_size()?;
+    let timeout = std::env::var("PIXART_COLLECTIVE_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .map_or(Duration::from_secs(600), Duration::from_secs_f64);
+    let world = World {
+        rank,
+        size,
+        mpi,
+        deadline: AtomicU64::new(0),
+        epoch: Instant::now(),
+        timeout,
+        current: std::sync::Mutex::new(String::new()),
+    };
+    let world = WORLD.get_or_init(|| Some(world)).as_ref();
+    if let Some(w) = world {
+        std::thread::Builder::new()
+            .name("collective-watchdog".into())
+            .spawn(move || w.watch())
+            .map_err(|e| format!("cannot start the collective watchdog: {e}"))?;
+    }
+    Ok(world)
+}
+
+/// The job this process is a rank of, when it has more than one.
+pub fn world() -> Option<&'static World> {
+    WORLD.get().and_then(Option::as_ref).filter(|w| w.size > 1)
+}
+
+impl World {
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The samples `start..start + len` of a batch of `total` that this rank
+    /// takes: contiguous, sizes differing by at most one, in rank order.
+    pub fn slice_of(&self, total: usize) -> (usize, usize) {
+        let (base, extra) = (total / self.size, total % self.size);
+        let start = self.rank * base + self.rank.min(extra);
+        (start, base + usize::from(self.rank < extra))
+    }
+
+    /// Sums `data` over the ranks, in place on every rank.
+    pub fn sum_f32(&self, data: &mut [f32], what: &str) -> Result<(), String> {
+        self.timed(what, || self.mpi.allreduce_sum_f32(data))
+    }
+
+    pub fn sum_f64(&self, data: &mut [f64], what: &str) -> Result<(), String> {
+        self.timed(what, || self.mpi.allreduce_sum_f64(data))
+    }
+
+    /// Rank 0's values into `data` on every rank.
+    pub fn broadcast_f32(&self, data: &mut [f32], what: &str) -> Result<(), String> {
+        self.timed(what, || self.mpi.broadcast(mpi::Mpi::float_bytes(data)))
+    }
+
+    pub fn broadcast_u64(&self, value: u64, what: &str) -> Result<u64, String> {
+        let mut bytes = value.to_le_bytes();
+        self.timed(what, || self.mpi.broadcast(&mut bytes))?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    pub fn barrier(&self, what: &str) -> Result<(), String> {
+        self.timed(what, || self.mpi.barrier())
+    }
+
+    /// Ends every rank of the job, after saying why on this one.
+    pub fn abort(&self, why: &str) -> ! {
+        eprintln!(
+            "rank {} of {}: {why}; ending every rank",
+            self.rank, self.size
+        );
+        self.mpi.abort(1)
+    }
+
+    /// Leaves the job (after the last collective).
+    pub fn finalize(&self) -> Result<(), String> {
+        self.mpi.finalize()
+    }
+
+    fn timed<T>(&self, what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+        let until = self.epoch.elapsed() + self.timeout;
+        self.deadline
+            .store(until.as_millis().max(1) as u64, Ordering::SeqCst);
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = what.to_string();
+        let out = f();
+        self.deadline.store(0, Ordering::SeqCst);
+        out.map_err(|e| format!("{what}: {e}"))
+    }
+
+    /// Ends the job when a collective passes its deadline: another rank died or
+    /// hangs, and MPI itself would wait forever.
+    fn watch(&self) {
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let deadline = self.deadline.load(Ordering::SeqCst);
+            if deadline != 0 && self.epoch.elapsed().as_millis() as u64 > deadline {
+                let what = self
+                    .current
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                self.abort(&format!(
+                    "{what} waited more than {:.0} s for the other ranks (one died or hangs; \
+                     PIXART_COLLECTIVE_TIMEOUT sets the limit)",
+                    self.timeout.as_secs_f64()
+                ));
+            }
+        }
+    }
+}
