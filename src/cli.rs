@@ -429,6 +429,14 @@ async fn run(
                 f.node, f.node_type, f.message
             ));
         }
+        if w.rank() == 0 {
+            println!(
+                "{} ranks; rank 0 spent {:.2?} in collectives (moving gradients and waiting \
+                 for the others)",
+                w.size(),
+                w.time_in_collectives()
+            );
+        }
         w.finalize().map_err(anyhow::Error::msg)?;
         if rank_job.is_some() {
             return Ok(if report.cancelled {

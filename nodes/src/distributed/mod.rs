@@ -24,6 +24,9 @@ pub struct World {
     timeout: Duration,
     /// What the collective under way is for, for the watchdog's message.
     current: std::sync::Mutex<String>,
+    /// Nanoseconds spent in collectives so far (moving data and waiting for
+    /// the other ranks).
+    spent: AtomicU64,
 }
 
 static WORLD: OnceLock<Option<World>> = OnceLock::new();
@@ -55,6 +58,7 @@ pub fn init_from_env() -> Result<Option<&'static World>, String> {
         epoch: Instant::now(),
         timeout,
         current: std::sync::Mutex::new(String::new()),
+        spent: AtomicU64::new(0),
     };
     let world = WORLD.get_or_init(|| Some(world)).as_ref();
     if let Some(w) = world {
@@ -121,6 +125,12 @@ impl World {
         self.mpi.abort(1)
     }
 
+    /// Time this rank has spent in collectives: moving data, and waiting for
+    /// the other ranks to arrive.
+    pub fn time_in_collectives(&self) -> Duration {
+        Duration::from_nanos(self.spent.load(Ordering::Relaxed))
+    }
+
     /// Leaves the job (after the last collective).
     pub fn finalize(&self) -> Result<(), String> {
         self.mpi.finalize()
@@ -131,8 +141,11 @@ impl World {
         self.deadline
             .store(until.as_millis().max(1) as u64, Ordering::SeqCst);
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = what.to_string();
+        let started = Instant::now();
         let out = f();
         self.deadline.store(0, Ordering::SeqCst);
+        self.spent
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         out.map_err(|e| format!("{what}: {e}"))
     }
 
