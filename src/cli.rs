@@ -510,7 +510,12 @@ impl RankJob {
         let scratch = tempfile::Builder::new()
             .prefix("pixart-rank-")
             .tempdir()
-            .with_context(|| format!("a scratch folder beside {}", out.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot make this rank's scratch folder in the temporary folder (rank 0 writes into {})",
+                    out.display()
+                )
+            })?;
         Ok(Some(RankJob { trainers, scratch }))
     }
 }
