@@ -72,41 +72,10 @@ enum Command {
         format: GraphFormat,
     },
     /// Serve the browser editor and the HTTP/WebSocket API.
-    Serve {
-        /// Address to bind; anything but loopback needs --allow-remote.
-        #[arg(long, default_value = "127.0.0.1")]
-        host: std::net::IpAddr,
-        #[arg(long, default_value_t = 8188)]
-        port: u16,
-        /// Outputs, uploads and the run history.
-        #[arg(long, default_value = "out")]
-        out: PathBuf,
-        /// Allow binding a non-loopback address (the API runs workflows that read
-        /// and write files: expose it only to people you trust).
-        #[arg(long)]
-        allow_remote: bool,
-        /// Runs executed at once.
-        #[arg(long, default_value_t = 1)]
-        parallel_runs: usize,
-        /// Where model nodes with `device: auto` run.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// GiB the values of one run (tensors, images) and the working memory
-        /// of its nodes (a model being trained, with its optimiser) may hold.
-        /// Default: an eighth of this machine's memory, between 1 and 8 GiB.
-        #[arg(long)]
-        run_memory_gib: Option<f64>,
-        /// GiB of models one run may load. Default: five eighths of this
-        /// machine's memory, at least 2.
-        #[arg(long)]
-        model_memory_gib: Option<f64>,
-        /// GiB the output folder may hold, uploads included. Default: no quota.
-        #[arg(long)]
-        out_quota_gib: Option<f64>,
-        /// GiB left free on the output folder's disk: writes that would pass it fail.
-        #[arg(long, default_value_t = 1.0)]
-        keep_free_gib: f64,
-    },
+    Serve(crate::serve::ServeArgs),
+    /// Execute the runs of a shared queue (`pixart serve --queue`): one worker
+    /// per GPU, on any number of hosts sharing the output folder.
+    Worker(crate::serve::WorkerArgs),
     /// Measure the runtime's own overhead per node (validation and execution).
     Bench(crate::bench::BenchArgs),
 }
@@ -118,7 +87,7 @@ enum GraphFormat {
 }
 
 /// A size flag in GiB, as bytes: positive and finite.
-fn gib_flag(flag: &str, gib: f64) -> Result<u64> {
+pub(crate) fn gib_flag(flag: &str, gib: f64) -> Result<u64> {
     if gib.is_finite() && gib > 0.0 {
         Ok((gib * (1u64 << 30) as f64) as u64)
     } else {
@@ -163,63 +132,8 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => crate::bench::run(args).await,
-        Command::Serve {
-            host,
-            port,
-            out,
-            allow_remote,
-            parallel_runs,
-            device,
-            run_memory_gib,
-            model_memory_gib,
-            out_quota_gib,
-            keep_free_gib,
-        } => {
-            if !host.is_loopback() && !allow_remote {
-                bail!("refusing to bind {host}: pass --allow-remote to serve beyond this machine");
-            }
-            if !host.is_loopback() {
-                eprintln!("warning: serving on {host}: anyone who can reach it can run workflows that read and write files here");
-            }
-            pixart_nodes::device::device(&device).map_err(anyhow::Error::msg)?;
-            pixart_nodes::device::set_default_device(&device);
-            let config = pixart_runtime::server::ServerConfig {
-                out_dir: out,
-                base_dir: PathBuf::from("."),
-                max_parallel_runs: parallel_runs,
-                allow_remote,
-                editor: crate::editor::EDITOR,
-                run_memory_limit: match run_memory_gib {
-                    Some(gib) => gib_flag("--run-memory-gib", gib)?,
-                    None => pixart_runtime::server::default_run_memory_limit(),
-                },
-                run_model_memory_limit: match model_memory_gib {
-                    Some(gib) => gib_flag("--model-memory-gib", gib)?,
-                    None => pixart_runtime::server::default_run_model_memory_limit(),
-                },
-                out_quota: out_quota_gib
-                    .map(|gib| gib_flag("--out-quota-gib", gib))
-                    .transpose()?,
-                keep_free: if keep_free_gib == 0.0 {
-                    0
-                } else {
-                    gib_flag("--keep-free-gib", keep_free_gib)?
-                },
-                ..Default::default()
-            };
-            let state = pixart_runtime::server::State::start(
-                registry(),
-                Executor::new(CachePolicy::default()),
-                config,
-            );
-            let addr = std::net::SocketAddr::new(host, port);
-            eprintln!("pixart serve: the editor at http://{addr}/, the API at http://{addr}/api (OpenAPI at /api/openapi.json)");
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?;
-            pixart_runtime::server::serve(state, listener).await;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Serve(args) => crate::serve::serve(args).await,
+        Command::Worker(args) => crate::serve::worker(args).await,
     }
 }
 

@@ -8,6 +8,7 @@ mod editor {
 }
 mod plugins;
 mod progress;
+mod serve;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -21,11 +21,18 @@ pub fn device(name: &str) -> Result<Device, String> {
     };
     match name {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).map_err(|e| {
-            format!("cannot use CUDA: {e} (build pixart with `--features cuda` on a machine with the CUDA toolkit)")
-        }),
-        other => Err(format!("unknown device {other:?} (cpu, cuda)")),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => cuda(ordinal),
+            _ => Err(format!("unknown device {other:?} (cpu, cuda, cuda:N)")),
+        },
     }
+}
+
+fn cuda(ordinal: usize) -> Result<Device, String> {
+    Device::new_cuda(ordinal).map_err(|e| {
+        format!("cannot use CUDA device {ordinal}: {e} (build pixart with `--features cuda` on a machine with the CUDA toolkit)")
+    })
 }
 
 pub fn dtype(name: &str) -> Result<DType, String> {

@@ -2,14 +2,20 @@
 //! per-run cancel, reordering and pause, history, output files by id, uploads, and an event stream.
 //! Documented in the README and served as OpenAPI at `/api/openapi.json`.
 
+mod execute;
 mod journal;
+mod shared;
 mod state;
+mod worker;
 
+pub use execute::{MAX_FAILURE_CHARS, MAX_RECORDED_FAILURES, MAX_RECORDED_FILES};
+pub use shared::{QueueError, SharedQueue};
 pub use state::{
     default_run_memory_limit, default_run_model_memory_limit, CancelError, MoveError, OutputRecord,
     QueueView, RunRecord, RunRequest, RunState, ServerConfig, State, SubmitError,
     MAX_RECORDED_PARAMS, MAX_RECORDED_WORKFLOW,
 };
+pub use worker::{default_worker_name, run_worker, WorkerConfig, MIN_LEASE};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -33,6 +39,19 @@ async fn blocking(work: impl FnOnce() -> Response + Send + 'static) -> Result<Re
     Ok(tokio::task::spawn_blocking(work)
         .await
         .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "the request failed")))
+}
+
+/// The shared queue could not be reached: the client may try again.
+fn unavailable(e: impl std::fmt::Display) -> Response {
+    error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+}
+
+/// A JSON answer, or 503 when the shared queue could not be reached.
+fn json_or_unavailable<T: serde::Serialize>(answer: Result<T, QueueError>) -> Response {
+    match answer {
+        Ok(v) => json(&v).into_response(),
+        Err(e) => unavailable(e),
+    }
 }
 
 fn with_state(
@@ -263,10 +282,10 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(content_type(WORKFLOW_TYPES))
         .and(body.clone())
         .and(with_state(state.clone()))
-        .and_then(|body: Bytes, s: Arc<State>| {
-            blocking(move || match parse_request(&body) {
+        .and_then(|body: Bytes, s: Arc<State>| async move {
+            let response = match parse_request(&body) {
                 Err(e) => error(StatusCode::BAD_REQUEST, e),
-                Ok(req) => match s.submit(req) {
+                Ok(req) => match s.submit(req).await {
                     Ok(id) => with_status(
                         json(&serde_json::json!({ "run_id": id })),
                         StatusCode::ACCEPTED,
@@ -277,8 +296,10 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!("{why}; try again later"),
                     ),
+                    Err(SubmitError::Unavailable(why)) => unavailable(why),
                 },
-            })
+            };
+            Ok::<Response, Rejection>(response)
         });
 
     let queue = api
@@ -287,7 +308,7 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(warp::path::end())
         .and(warp::get())
         .and(with_state(state.clone()))
-        .map(|s: Arc<State>| json(&s.queue()).into_response());
+        .then(|s: Arc<State>| async move { json_or_unavailable(s.queue().await) });
 
     let run = api
         .clone()
@@ -296,9 +317,12 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(warp::path::end())
         .and(warp::get())
         .and(with_state(state.clone()))
-        .map(|id: String, s: Arc<State>| match s.get(&id) {
-            Some(r) => json(&r).into_response(),
-            None => error(StatusCode::NOT_FOUND, format!("no run {id}")),
+        .then(|id: String, s: Arc<State>| async move {
+            match s.get(&id).await {
+                Ok(Some(r)) => json(&r).into_response(),
+                Ok(None) => error(StatusCode::NOT_FOUND, format!("no run {id}")),
+                Err(e) => unavailable(e),
+            }
         });
 
     let cancel = api
@@ -309,16 +333,21 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(warp::path::end())
         .and(warp::post())
         .and(with_state(state.clone()))
-        .map(|id: String, s: Arc<State>| match s.cancel(&id) {
-            Ok(state) => json(&serde_json::json!({ "run_id": id, "state": state })).into_response(),
-            Err(CancelError::Unknown) => error(StatusCode::NOT_FOUND, format!("no run {id}")),
-            Err(CancelError::AlreadyDone(state)) => error(
-                StatusCode::CONFLICT,
-                format!(
-                    "run {id} is already {}",
-                    serde_json::to_value(state).unwrap_or_default()
+        .then(|id: String, s: Arc<State>| async move {
+            match s.cancel(&id).await {
+                Ok(state) => {
+                    json(&serde_json::json!({ "run_id": id, "state": state })).into_response()
+                }
+                Err(CancelError::Unknown) => error(StatusCode::NOT_FOUND, format!("no run {id}")),
+                Err(CancelError::AlreadyDone(state)) => error(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "run {id} is already {}",
+                        serde_json::to_value(state).unwrap_or_default()
+                    ),
                 ),
-            ),
+                Err(CancelError::Unavailable(why)) => unavailable(why),
+            }
         });
 
     let move_run = api
@@ -331,14 +360,14 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(content_type(JSON_TYPES))
         .and(bounded_body(4 << 10, body_timeout))
         .and(with_state(state.clone()))
-        .map(|id: String, body: Bytes, s: Arc<State>| {
+        .then(|id: String, body: Bytes, s: Arc<State>| async move {
             let Ok(req) = serde_json::from_slice::<MoveRequest>(&body) else {
                 return error(
                     StatusCode::BAD_REQUEST,
                     "send {\"position\": N}, N a whole number from 0",
                 );
             };
-            match s.move_run(&id, req.position) {
+            match s.move_run(&id, req.position).await {
                 Ok(queue) => json(&queue).into_response(),
                 Err(MoveError::Unknown) => error(StatusCode::NOT_FOUND, format!("no run {id}")),
                 Err(MoveError::NotQueued(state)) => error(
@@ -348,6 +377,7 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
                         serde_json::to_value(state).unwrap_or_default()
                     ),
                 ),
+                Err(MoveError::Unavailable(why)) => unavailable(why),
             }
         });
 
@@ -357,7 +387,7 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(warp::path::end())
         .and(warp::get())
         .and(with_state(state.clone()))
-        .map(|s: Arc<State>| json(&s.queue_view()).into_response());
+        .then(|s: Arc<State>| async move { json_or_unavailable(s.queue_view().await) });
 
     let pause = api
         .clone()
@@ -366,10 +396,12 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(warp::path::end())
         .and(warp::post())
         .and(with_state(state.clone()))
-        .map(|action: String, s: Arc<State>| match action.as_str() {
-            "pause" => json(&s.set_paused(true)).into_response(),
-            "resume" => json(&s.set_paused(false)).into_response(),
-            _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+        .then(|action: String, s: Arc<State>| async move {
+            match action.as_str() {
+                "pause" => json_or_unavailable(s.set_paused(true).await),
+                "resume" => json_or_unavailable(s.set_paused(false).await),
+                _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+            }
         });
 
     let history = api
@@ -378,7 +410,7 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(warp::path::end())
         .and(warp::get())
         .and(with_state(state.clone()))
-        .map(|s: Arc<State>| json(&s.history()).into_response());
+        .then(|s: Arc<State>| async move { json_or_unavailable(s.history().await) });
 
     // Files are fetched by the id the server gave them, never by a client path.
     let file = api
@@ -388,7 +420,14 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(warp::path::end())
         .and(warp::get())
         .and(with_state(state.clone()))
-        .and_then(|id: String, s: Arc<State>| blocking(move || serve_file(&s, &id)));
+        .and_then(|id: String, s: Arc<State>| async move {
+            let path = match s.file(&id).await {
+                Ok(Some(path)) => path,
+                Ok(None) => return Ok(error(StatusCode::NOT_FOUND, "no such file")),
+                Err(e) => return Ok(unavailable(e)),
+            };
+            blocking(move || serve_file(&s, &path)).await
+        });
 
     let upload_limit = state.config.upload_limit;
     let upload = api
@@ -399,7 +438,15 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
         .and(content_type(IMAGE_TYPES))
         .and(bounded_body(upload_limit, body_timeout))
         .and(with_state(state.clone()))
-        .and_then(|body: Bytes, s: Arc<State>| blocking(move || upload_image(&s, &body)));
+        .and_then(|body: Bytes, s: Arc<State>| async move {
+            let stored = s.clone();
+            let written = tokio::task::spawn_blocking(move || store_upload(&stored, &body)).await;
+            Ok::<Response, Rejection>(match written {
+                Ok(Ok(path)) => registered_upload(&s, &path).await,
+                Ok(Err((status, why))) => error(status, why),
+                Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the request failed"),
+            })
+        });
 
     let events = api
         .clone()
@@ -420,12 +467,11 @@ pub fn routes(state: Arc<State>) -> warp::filters::BoxedFilter<(Response,)> {
                 );
             };
             // Subscribe before the upgrade completes, so no event after it is missed.
-            let events = s.executor.subscribe();
-            let queue = s.subscribe_queue();
+            let events = s.subscribe_events();
             ws.max_message_size(MAX_EVENT_MESSAGE)
                 .max_frame_size(MAX_EVENT_MESSAGE)
                 .on_upgrade(move |socket| async move {
-                    stream_events(socket, events, queue).await;
+                    stream_events(socket, events).await;
                     drop(slot);
                 })
                 .into_response()
@@ -612,13 +658,10 @@ fn editor_file(files: &[(&str, &[u8])], name: &str) -> Response {
 
 /// `/api/files/{id}`: what the path leads to *now* (a link planted since the run
 /// must not lead the server out of its folder), up to [`MAX_SERVED_BYTES`].
-fn serve_file(s: &State, id: &str) -> Response {
-    let Some(path) = s.file(id) else {
-        return error(StatusCode::NOT_FOUND, "no such file");
-    };
+fn serve_file(s: &State, path: &std::path::Path) -> Response {
     let served = crate::confine::Confinement::new(&s.config.base_dir, &s.config.out_dir)
         .map_err(|e| e.to_string())
-        .and_then(|c| c.served_file(&path));
+        .and_then(|c| c.served_file(path));
     let Ok(resolved) = served else {
         return error(StatusCode::GONE, "the file is no longer there");
     };
@@ -632,7 +675,7 @@ fn serve_file(s: &State, id: &str) -> Response {
         );
     }
     match std::fs::read(&resolved) {
-        Ok(bytes) => inert_file(bytes, &path),
+        Ok(bytes) => inert_file(bytes, path),
         Err(_) => error(StatusCode::GONE, "the file is no longer there"),
     }
 }
@@ -691,46 +734,53 @@ fn mime_of(path: &std::path::Path) -> &'static str {
 }
 
 /// Stores an uploaded PNG or JPEG (checked by its signature, not by the name the
-/// client gives) under `out/.pixart/uploads/`; returns its id and the path a
-/// workflow uses.
-fn upload_image(s: &State, body: &Bytes) -> Response {
+/// client gives) under `out/.pixart/uploads/`; returns where, or the refusal.
+fn store_upload(s: &State, body: &Bytes) -> Result<std::path::PathBuf, (StatusCode, String)> {
     let ext = if body.starts_with(b"\x89PNG\r\n\x1a\n") {
         "png"
     } else if body.starts_with(&[0xFF, 0xD8, 0xFF]) {
         "jpg"
     } else {
-        return error(
+        return Err((
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "only PNG and JPEG images can be uploaded",
-        );
+            "only PNG and JPEG images can be uploaded".into(),
+        ));
     };
     let name = format!("{}.{ext}", &blake3::hash(body).to_hex()[..24]);
     let dir = s.data_dir().join("uploads");
     let path = dir.join(&name);
     if !path.exists() {
         if let Err(why) = s.disk.charge(body.len() as u64) {
-            return error(
+            return Err((
                 StatusCode::INSUFFICIENT_STORAGE,
                 format!("the upload is not stored: {why}"),
-            );
+            ));
         }
     }
-    let written = crate::fsutil::atomic_write(&path, body);
-    if let Err(e) = written {
-        return error(
+    crate::fsutil::atomic_write(&path, body).map_err(|e| {
+        (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot store the upload: {e}"),
-        );
-    }
-    let Some((id, _)) = s.register_file(&path) else {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the upload was not stored",
-        );
+        )
+    })?;
+    Ok(path)
+}
+
+/// The id of a stored upload and the path a workflow names it by: relative to
+/// the folder inputs are read from when it lies there (the server's own paths
+/// stay its own).
+async fn registered_upload(s: &State, path: &std::path::Path) -> Response {
+    let id = match s.register_file(path).await {
+        Ok(Some((id, _))) => id,
+        Ok(None) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the upload was not stored",
+            )
+        }
+        Err(e) => return unavailable(e),
     };
-    // The path a workflow names it by: relative to the folder inputs are read
-    // from when it lies there (the server's own paths stay its own).
-    let resolved = path.canonicalize().unwrap_or(path);
+    let resolved = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     let shown = s
         .config
         .base_dir
@@ -745,43 +795,26 @@ fn upload_image(s: &State, body: &Bytes) -> Response {
     .into_response()
 }
 
-/// Sends the executor's events, and `{"event": "queue_changed", "paused": …}`
-/// when the queue's order or pause changes, until the client goes away.
+/// Sends the runs' events and `queue_changed` notices (see
+/// [`State::subscribe_events`]) until the client goes away.
 async fn stream_events(
     socket: warp::ws::WebSocket,
-    mut events: tokio::sync::broadcast::Receiver<crate::Event>,
-    mut queue: tokio::sync::broadcast::Receiver<bool>,
+    mut events: tokio::sync::broadcast::Receiver<Arc<str>>,
 ) {
     use tokio::sync::broadcast::error::RecvError;
     let (mut tx, mut rx) = socket.split();
     loop {
         tokio::select! {
-            changed = queue.recv() => match changed {
-                Ok(paused) => {
-                    let note = serde_json::json!({ "event": "queue_changed", "paused": paused });
-                    if tx.send(warp::ws::Message::text(note.to_string())).await.is_err() {
-                        break;
-                    }
+            event = events.recv() => {
+                let text = match event {
+                    Ok(text) => text,
+                    Err(RecvError::Lagged(n)) => state::lagged_event(n),
+                    Err(RecvError::Closed) => break,
+                };
+                if tx.send(warp::ws::Message::text(&*text)).await.is_err() {
+                    break;
                 }
-                // The next notice says where the queue stands.
-                Err(RecvError::Lagged(_)) => {}
-                Err(RecvError::Closed) => break,
-            },
-            event = events.recv() => match event {
-                Ok(e) => {
-                    let Ok(text) = serde_json::to_string(&e) else { continue };
-                    if tx.send(warp::ws::Message::text(text)).await.is_err() {
-                        break;
-                    }
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    let note = serde_json::json!({ "event": "lagged", "missed": n }).to_string();
-                    if tx.send(warp::ws::Message::text(note)).await.is_err() {
-                        break;
-                    }
-                }
-                Err(_) => break,
-            },
+            }
             incoming = rx.next() => match incoming {
                 // A client that goes away does not cancel anything.
                 None | Some(Err(_)) => break,

@@ -1,13 +1,12 @@
 //! The server's run queue, run records, history and file registry.
 
+use super::execute::{execute_run, file_ref, load_request, out_root};
 use super::journal::Journal;
+use super::shared::{QueueError, SharedQueue};
 use crate::events::Event;
-use crate::executor::{Executor, NodeStatus, RunOptions};
+use crate::executor::Executor;
 use crate::registry::Registry;
-use crate::value::Value;
-use crate::workflow::{
-    load_workflow, Diagnostic, DiagnosticKind, LoadOptions, OverrideSource, Workflow, WorkflowError,
-};
+use crate::workflow::{Workflow, WorkflowError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -168,6 +167,17 @@ pub struct RunRecord {
     /// list of `[node, state]` pairs of earlier versions is read too.
     #[serde(default, with = "node_states")]
     pub node_states: Vec<(String, String)>,
+    /// The worker that ran it, or runs it (shared queue only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Times the run was started: more than 1 when a worker died holding it
+    /// and another took it over (shared queue only; 0 in this process).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// `node_states` as a JSON object, read from an object or (journals of
@@ -216,7 +226,7 @@ pub struct QueueView {
 }
 
 /// What a client submits: a workflow (YAML or JSON text), param values and targets.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RunRequest {
     pub workflow: String,
     #[serde(default)]
@@ -233,10 +243,14 @@ pub struct State {
     files: Mutex<HashMap<String, PathBuf>>,
     /// Wakes the queue worker: a run was submitted, or the queue resumed.
     wake: Notify,
-    /// `queue_changed` notices (with whether the queue is paused) for the
-    /// event streams: a run was moved, or the queue paused or resumed.
-    queue_changes: broadcast::Sender<bool>,
-    journal: Mutex<Journal>,
+    /// What the event streams send, as JSON text: the runs' events and
+    /// `queue_changed` notices (a run was moved, the queue paused or resumed).
+    feed: broadcast::Sender<Arc<str>>,
+    /// The history on disk (the queue in this process only).
+    journal: Mutex<Option<Journal>>,
+    /// The queue, run states, history and events in Redis, shared by every
+    /// front end and worker (`pixart serve --queue`); `None`: all in this process.
+    shared: Option<SharedQueue>,
     /// Event streams (WebSockets) open now.
     pub(crate) event_streams: Arc<Semaphore>,
     /// Room in the output folder, shared by runs and uploads.
@@ -293,15 +307,10 @@ pub enum SubmitError {
     Invalid(WorkflowError),
     /// Too many runs, or too much workflow text, waiting.
     QueueFull(String),
+    /// The shared queue cannot be reached.
+    Unavailable(String),
 }
 
-/// Node states kept in a run's record (a run of 100,000 nodes keeps the first).
-pub const MAX_RECORDED_NODE_STATES: usize = 10_000;
-/// Failures kept in a run's record, and the characters kept of each message.
-pub const MAX_RECORDED_FAILURES: usize = 100;
-pub const MAX_FAILURE_CHARS: usize = 4096;
-/// Files listed per output of a run's record.
-pub const MAX_RECORDED_FILES: usize = 10_000;
 /// The journal is compacted past this size.
 const MAX_JOURNAL_BYTES: u64 = 64 << 20;
 
@@ -315,6 +324,8 @@ pub const MAX_QUEUED_BYTES: usize = 32 << 20;
 pub enum CancelError {
     Unknown,
     AlreadyDone(RunState),
+    /// The shared queue cannot be reached.
+    Unavailable(String),
 }
 
 #[derive(Debug, PartialEq)]
@@ -322,6 +333,20 @@ pub enum MoveError {
     Unknown,
     /// Only waiting runs move: this one is running or done.
     NotQueued(RunState),
+    /// The shared queue cannot be reached.
+    Unavailable(String),
+}
+
+impl From<QueueError> for CancelError {
+    fn from(e: QueueError) -> Self {
+        CancelError::Unavailable(e.to_string())
+    }
+}
+
+impl From<QueueError> for MoveError {
+    fn from(e: QueueError) -> Self {
+        MoveError::Unavailable(e.to_string())
+    }
 }
 
 /// Workflow text kept in a run's record at most, bytes (longer: not kept).
@@ -330,14 +355,15 @@ pub const MAX_RECORDED_WORKFLOW: usize = 256 << 10;
 pub const MAX_RECORDED_PARAMS: usize = 64 << 10;
 
 /// Now, in milliseconds since the Unix epoch.
-fn now_millis() -> u64 {
+pub(crate) fn now_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl State {
-    /// Creates the state, reloads the persisted history and starts the queue worker.
+    /// Creates the state with the queue in this process, reloads the persisted
+    /// history and starts the queue worker.
     pub fn start(registry: Registry, executor: Executor, config: ServerConfig) -> Arc<State> {
         let (journal, recorded) = Journal::open(&config.out_dir.join(".pixart/history.jsonl"));
         // What writers killed mid-file left behind (their outputs are whole or absent).
@@ -348,31 +374,68 @@ impl State {
         if swept > 0 {
             tracing::info!("removed {swept} temporary files of writers that were killed");
         }
+        let state = Arc::new(State::new(registry, executor, config, Some(journal), None));
+        state.load_history(recorded);
+        tokio::spawn(forward_executor_events(
+            state.executor.subscribe(),
+            state.feed.clone(),
+        ));
+        tokio::spawn(worker(state.clone()));
+        state
+    }
+
+    /// Creates a front end of a shared queue: runs, their states, the history and
+    /// events live in `queue` (Redis), and `pixart worker`s execute the runs. The
+    /// output folder is shared with the workers; nothing is swept from it, since
+    /// writers on other machines cannot be looked up.
+    pub fn start_shared(
+        registry: Registry,
+        executor: Executor,
+        config: ServerConfig,
+        queue: SharedQueue,
+    ) -> Arc<State> {
+        let state = Arc::new(State::new(registry, executor, config, None, Some(queue)));
+        if let Some(queue) = &state.shared {
+            tokio::spawn(queue.clone().forward_events(state.feed.clone()));
+        }
+        state
+    }
+
+    fn new(
+        registry: Registry,
+        executor: Executor,
+        config: ServerConfig,
+        journal: Option<Journal>,
+        shared: Option<SharedQueue>,
+    ) -> State {
         let disk = Arc::new(crate::budget::DiskQuota::new(
             &config.out_dir,
             config.out_quota,
             config.keep_free,
         ));
         let event_streams = Arc::new(Semaphore::new(config.max_event_streams));
-        let state = Arc::new(State {
+        State {
             registry,
             executor,
             config,
             runs: Mutex::new(Runs::default()),
             files: Mutex::new(HashMap::new()),
             wake: Notify::new(),
-            queue_changes: broadcast::channel(16).0,
+            feed: broadcast::channel(EVENT_BACKLOG).0,
             journal: Mutex::new(journal),
+            shared,
             event_streams,
             disk,
-        });
-        state.load_history(recorded);
-        tokio::spawn(worker(state.clone()));
-        state
+        }
     }
 
     fn runs(&self) -> std::sync::MutexGuard<'_, Runs> {
         self.runs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether runs, history and events live in a shared queue.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
     }
 
     pub fn validate(
@@ -380,31 +443,46 @@ impl State {
         text: &str,
         params: &HashMap<String, serde_json::Value>,
     ) -> Result<Workflow, WorkflowError> {
-        let overrides = params
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    v.as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| v.to_string()),
-                )
-            })
-            .collect();
-        let opts = LoadOptions {
-            file_name: Some("workflow".into()),
-            overrides,
-            overrides_from: OverrideSource::Request,
-        };
-        let wf = load_workflow(text, &self.registry, &opts)?;
-        self.within_budget(&wf)?;
-        Ok(wf)
+        load_request(&self.registry, &self.config, text, params)
     }
 
-    pub fn submit(&self, req: RunRequest) -> Result<String, SubmitError> {
-        let wf = self
-            .validate(&req.workflow, &req.params)
-            .map_err(SubmitError::Invalid)?;
+    /// Validates the run (off the async threads: a large workflow takes a while)
+    /// and queues it; returns its id.
+    pub async fn submit(self: &Arc<State>, req: RunRequest) -> Result<String, SubmitError> {
+        let state = self.clone();
+        let (req, loaded) = tokio::task::spawn_blocking(move || {
+            let loaded = state.validate(&req.workflow, &req.params);
+            (req, loaded)
+        })
+        .await
+        .map_err(|_| SubmitError::Unavailable("validating the workflow failed".into()))?;
+        let wf = loaded.map_err(SubmitError::Invalid)?;
+        match &self.shared {
+            Some(queue) => self.submit_shared(queue, req, &wf).await,
+            None => self.submit_local(req, wf),
+        }
+    }
+
+    async fn submit_shared(
+        &self,
+        queue: &SharedQueue,
+        req: RunRequest,
+        wf: &Workflow,
+    ) -> Result<String, SubmitError> {
+        let unavailable = |e: QueueError| SubmitError::Unavailable(e.to_string());
+        let waiting = queue.waiting().await.map_err(unavailable)?;
+        if waiting >= MAX_QUEUED {
+            return Err(SubmitError::QueueFull(format!(
+                "{MAX_QUEUED} runs are already waiting"
+            )));
+        }
+        let id = queue.next_id().await.map_err(unavailable)?;
+        let record = new_record(&id, wf, &req);
+        queue.enqueue(&record, &req).await.map_err(unavailable)?;
+        Ok(id)
+    }
+
+    fn submit_local(&self, req: RunRequest, wf: Workflow) -> Result<String, SubmitError> {
         let id = {
             let mut runs = self.runs();
             if runs.pending.len() >= MAX_QUEUED {
@@ -421,28 +499,7 @@ impl State {
             runs.pending_bytes += wf.source.len();
             runs.counter += 1;
             let id = format!("r{}-{}", std::process::id(), runs.counter);
-            let params: BTreeMap<String, serde_json::Value> = req.params.into_iter().collect();
-            let params_size = serde_json::to_vec(&params).map_or(usize::MAX, |j| j.len());
-            runs.records.insert(
-                id.clone(),
-                RunRecord {
-                    id: id.clone(),
-                    name: wf.name.clone(),
-                    state: RunState::Queued,
-                    submitted_at: Some(now_millis()),
-                    started_at: None,
-                    finished_at: None,
-                    workflow: (req.workflow.len() <= MAX_RECORDED_WORKFLOW).then_some(req.workflow),
-                    params: if params_size <= MAX_RECORDED_PARAMS {
-                        params
-                    } else {
-                        BTreeMap::new()
-                    },
-                    outputs: Vec::new(),
-                    failures: Vec::new(),
-                    node_states: Vec::new(),
-                },
-            );
+            runs.records.insert(id.clone(), new_record(&id, &wf, &req));
             runs.pending.insert(id.clone(), (Arc::new(wf), req.targets));
             runs.order.push_back(id.clone());
             runs.cancels.insert(id.clone(), CancellationToken::new());
@@ -456,36 +513,10 @@ impl State {
         Ok(id)
     }
 
-    /// Refuses a workflow whose nodes' estimates pass the per-run memory budget.
-    fn within_budget(&self, wf: &Workflow) -> Result<(), WorkflowError> {
-        use crate::executor::human_bytes;
-        let limit = self.config.run_memory_limit;
-        let (total, largest) = wf.estimated_bytes();
-        if total <= limit {
-            return Ok(());
+    pub async fn cancel(&self, id: &str) -> Result<RunState, CancelError> {
+        if let Some(queue) = &self.shared {
+            return queue.cancel(id, self.config.history_limit).await;
         }
-        let mut d = Diagnostic::error(
-            DiagnosticKind::Resources,
-            format!(
-                "the run's values would take about {}, more than the {} a run may hold on this \
-                 server",
-                human_bytes(total),
-                human_bytes(limit)
-            ),
-        )
-        .help("make tensors smaller or split the work into several runs");
-        if let Some((i, bytes)) = largest {
-            let node = &wf.nodes[i];
-            d = d.at(node.span).node(&node.id);
-            d.message += &format!(" (`{}` alone: {})", node.id, human_bytes(bytes));
-        }
-        d.file = Some("workflow".into());
-        Err(WorkflowError {
-            diagnostics: vec![d],
-        })
-    }
-
-    pub fn cancel(&self, id: &str) -> Result<RunState, CancelError> {
         let mut runs = self.runs();
         let state = runs
             .records
@@ -511,29 +542,41 @@ impl State {
         Ok(state)
     }
 
-    pub fn get(&self, id: &str) -> Option<RunRecord> {
+    pub async fn get(&self, id: &str) -> Result<Option<RunRecord>, QueueError> {
+        match &self.shared {
+            Some(queue) => queue.get(id).await,
+            None => Ok(self.get_local(id)),
+        }
+    }
+
+    fn get_local(&self, id: &str) -> Option<RunRecord> {
         self.runs().records.get(id).cloned()
     }
 
     /// Running runs (in the order they started), then waiting ones in the
     /// order they will start.
-    pub fn queue(&self) -> Vec<RunRecord> {
-        self.runs().queue()
+    pub async fn queue(&self) -> Result<Vec<RunRecord>, QueueError> {
+        Ok(self.queue_view().await?.runs)
     }
 
     /// The queue and whether it is paused, read together.
-    pub fn queue_view(&self) -> QueueView {
+    pub async fn queue_view(&self) -> Result<QueueView, QueueError> {
+        if let Some(queue) = &self.shared {
+            return queue.queue_view().await;
+        }
         let runs = self.runs();
-        QueueView {
+        Ok(QueueView {
             paused: runs.paused,
             runs: runs.queue(),
-        }
+        })
     }
 
     /// Moves waiting run `id` to `position` among the waiting runs (past the
     /// end: last).
-    pub fn move_run(&self, id: &str, position: usize) -> Result<QueueView, MoveError> {
-        {
+    pub async fn move_run(&self, id: &str, position: usize) -> Result<QueueView, MoveError> {
+        if let Some(queue) = &self.shared {
+            queue.move_run(id, position).await?;
+        } else {
             let mut runs = self.runs();
             let state = runs
                 .records
@@ -547,13 +590,21 @@ impl State {
                 let to = position.min(runs.order.len());
                 runs.order.insert(to, moved);
             }
+            let paused = runs.paused;
+            drop(runs);
+            self.queue_changed(paused);
         }
-        self.queue_changed();
-        Ok(self.queue_view())
+        self.queue_view()
+            .await
+            .map_err(|e| MoveError::Unavailable(e.to_string()))
     }
 
     /// Pauses (no run starts; running ones go on) or resumes the queue.
-    pub fn set_paused(&self, paused: bool) -> QueueView {
+    pub async fn set_paused(&self, paused: bool) -> Result<QueueView, QueueError> {
+        if let Some(queue) = &self.shared {
+            queue.set_paused(paused).await?;
+            return queue.queue_view().await;
+        }
         let changed = {
             let mut runs = self.runs();
             std::mem::replace(&mut runs.paused, paused) != paused
@@ -562,24 +613,32 @@ impl State {
             if !paused {
                 self.wake.notify_one();
             }
-            self.queue_changed();
+            self.queue_changed(paused);
         }
-        self.queue_view()
+        self.queue_view().await
     }
 
     /// Tells the event streams that the queue's order or pause changed.
-    fn queue_changed(&self) {
-        let paused = self.runs().paused;
-        let _ = self.queue_changes.send(paused);
+    fn queue_changed(&self, paused: bool) {
+        let _ = self.feed.send(queue_changed_event(paused));
     }
 
-    /// `queue_changed` notices (whether the queue is now paused), for an event stream.
-    pub fn subscribe_queue(&self) -> broadcast::Receiver<bool> {
-        self.queue_changes.subscribe()
+    /// Every event for the clients' event streams, as JSON text: the runs'
+    /// events and `queue_changed` notices, from this process or (shared queue)
+    /// from every front end and worker.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<str>> {
+        self.feed.subscribe()
     }
 
     /// Finished runs, newest first.
-    pub fn history(&self) -> Vec<RunRecord> {
+    pub async fn history(&self) -> Result<Vec<RunRecord>, QueueError> {
+        if let Some(queue) = &self.shared {
+            return queue.history().await;
+        }
+        Ok(self.history_local())
+    }
+
+    fn history_local(&self) -> Vec<RunRecord> {
         let runs = self.runs();
         runs.history
             .iter()
@@ -589,25 +648,42 @@ impl State {
     }
 
     /// Where file `id` is (below the output folder).
-    pub fn file(&self, id: &str) -> Option<PathBuf> {
-        let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-        files.get(id).map(|rel| self.config.out_dir.join(rel))
+    pub async fn file(&self, id: &str) -> Result<Option<PathBuf>, QueueError> {
+        let rel = match &self.shared {
+            Some(queue) => queue.file(id).await?,
+            None => {
+                let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+                files.get(id).cloned()
+            }
+        };
+        Ok(rel.map(|rel| self.config.out_dir.join(rel)))
     }
 
     /// The output folder, resolved.
     pub fn out_root(&self) -> PathBuf {
-        (self.config.out_dir.canonicalize())
-            .or_else(|_| std::path::absolute(&self.config.out_dir))
-            .unwrap_or_else(|_| self.config.out_dir.clone())
+        out_root(&self.config.out_dir)
     }
 
     /// Registers a file below the output folder that the server may hand out;
     /// returns its id (derived from its path) and its path relative to the
-    /// output folder, or `None` for a file elsewhere.
-    pub fn register_file(&self, path: &Path) -> Option<(String, PathBuf)> {
-        let resolved = path.canonicalize().ok()?;
-        let rel = resolved.strip_prefix(self.out_root()).ok()?.to_path_buf();
-        Some((self.register_relative(&rel), rel))
+    /// output folder, or `None` for a file elsewhere. With a shared queue the
+    /// id is recorded there, for every front end.
+    pub async fn register_file(
+        &self,
+        path: &Path,
+    ) -> Result<Option<(String, PathBuf)>, QueueError> {
+        let Some(FileRef {
+            id,
+            path: Some(rel),
+        }) = file_ref(&self.out_root(), path)
+        else {
+            return Ok(None);
+        };
+        match &self.shared {
+            Some(queue) => queue.register_file(&id, &rel).await?,
+            None => self.register_relative(&id, &rel),
+        }
+        Ok(Some((id, rel)))
     }
 
     /// Drops the file ids of a record that left the history, unless a kept
@@ -627,13 +703,11 @@ impl State {
         }
     }
 
-    fn register_relative(&self, rel: &Path) -> String {
-        let id = blake3::hash(rel.to_string_lossy().as_bytes()).to_hex()[..20].to_string();
+    fn register_relative(&self, id: &str, rel: &Path) {
         self.files
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), rel.to_path_buf());
-        id
+            .insert(id.to_string(), rel.to_path_buf());
     }
 
     fn finish_record(&self, runs: &mut Runs, id: &str, state: RunState) {
@@ -661,7 +735,12 @@ impl State {
     /// journal when it holds several times the records kept.
     fn record(&self, id: &str) {
         let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(record) = self.get(id) else { return };
+        let Some(journal) = journal.as_mut() else {
+            return;
+        };
+        let Some(record) = self.get_local(id) else {
+            return;
+        };
         let mut written = journal.append(&record);
         // Records keep their workflow text: when the kept ones alone pass the
         // size bound, compact only once the file has doubled since.
@@ -677,9 +756,9 @@ impl State {
 
     /// Finished runs then waiting ones, oldest first.
     fn all_records(&self) -> Vec<RunRecord> {
-        let mut all = self.history();
+        let mut all = self.history_local();
         all.reverse();
-        all.extend(self.queue());
+        all.extend(self.runs().queue());
         all
     }
 
@@ -731,6 +810,9 @@ impl State {
         drop(runs);
         let kept = self.all_records();
         let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(journal) = journal.as_mut() else {
+            return;
+        };
         if kept.is_empty() && journal.lines() == 0 {
             return;
         }
@@ -779,147 +861,101 @@ impl State {
             targets,
             cancel,
         } = started;
-        let opts = RunOptions {
+        let outcome = execute_run(
+            &self.executor,
+            &self.config,
+            &self.disk,
+            &id,
+            &wf,
             targets,
-            out_dir: self.config.out_dir.clone(),
-            base_dir: self.config.base_dir.clone(),
             cancel,
-            run_id: Some(id.clone()),
-            confine_paths: true,
-            previews: true,
-            memory_limit: Some(self.config.run_memory_limit),
-            model_memory_limit: Some(self.config.run_model_memory_limit),
-            disk_quota: Some(self.disk.clone()),
-            read_also: None,
-        };
-        let result = self.executor.run(&wf, opts).await;
-        let out = self.out_root();
+        )
+        .await;
+        for file in outcome.files() {
+            if let Some(rel) = &file.path {
+                self.register_relative(&file.id, rel);
+            }
+        }
         let mut runs = self.runs();
-        let state = match result {
-            Ok(report) => {
-                let mut outputs = Vec::new();
-                for node in &report.nodes {
-                    let spec_is_output = wf
-                        .node_index(&node.id)
-                        .is_some_and(|i| wf.nodes[i].node.spec().output_node);
-                    if !spec_is_output {
-                        continue;
-                    }
-                    for (name, value) in &node.outputs {
-                        let files = paths_of(value)
-                            .into_iter()
-                            .take(MAX_RECORDED_FILES)
-                            .filter_map(|p| self.register_file(&p))
-                            .map(|(id, rel)| FileRef {
-                                id,
-                                path: Some(rel),
-                            })
-                            .collect();
-                        outputs.push(OutputRecord {
-                            node: node.id.to_string(),
-                            output: name.clone(),
-                            value: relative_paths(value, &out).to_json(),
-                            files,
-                        });
-                    }
-                }
-                if let Some(r) = runs.records.get_mut(&id) {
-                    r.outputs = outputs;
-                    r.failures = report
-                        .failures
-                        .iter()
-                        .take(MAX_RECORDED_FAILURES)
-                        .map(|f| serde_json::json!({"node": f.node, "node_type": f.node_type, "message": shortened(&without_backtrace(&f.message)), "lost_outputs": f.lost_outputs.iter().take(100).collect::<Vec<_>>()}))
-                        .collect();
-                    r.node_states = report
-                        .nodes
-                        .iter()
-                        .take(MAX_RECORDED_NODE_STATES)
-                        .map(|n| (n.id.to_string(), status_name(&n.status).into()))
-                        .collect();
-                }
-                if report.cancelled {
-                    RunState::Cancelled
-                } else if report.ok() {
-                    RunState::Finished
-                } else {
-                    RunState::Failed
-                }
-            }
-            Err(e) => {
-                if let Some(r) = runs.records.get_mut(&id) {
-                    r.failures = vec![serde_json::json!({"message": e.to_string()})];
-                }
-                RunState::Failed
-            }
-        };
+        let state = outcome.state;
+        if let Some(r) = runs.records.get_mut(&id) {
+            outcome.apply(r, now_millis());
+        }
         self.finish_record(&mut runs, &id, state);
         drop(runs);
         self.record(&id);
     }
 }
 
-/// `message` cut to [`MAX_FAILURE_CHARS`] characters.
-fn shortened(message: &str) -> String {
-    match message.char_indices().nth(MAX_FAILURE_CHARS) {
-        Some((at, _)) => format!("{} …", &message[..at]),
-        None => message.to_string(),
+/// A new run's record: queued now, with the workflow and params as sent (when
+/// they are small enough to keep).
+fn new_record(id: &str, wf: &Workflow, req: &RunRequest) -> RunRecord {
+    let params: BTreeMap<String, serde_json::Value> = req
+        .params
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let params_size = serde_json::to_vec(&params).map_or(usize::MAX, |j| j.len());
+    RunRecord {
+        id: id.to_string(),
+        name: wf.name.clone(),
+        state: RunState::Queued,
+        submitted_at: Some(now_millis()),
+        started_at: None,
+        finished_at: None,
+        workflow: (req.workflow.len() <= MAX_RECORDED_WORKFLOW).then(|| req.workflow.clone()),
+        params: if params_size <= MAX_RECORDED_PARAMS {
+            params
+        } else {
+            BTreeMap::new()
+        },
+        outputs: Vec::new(),
+        failures: Vec::new(),
+        node_states: Vec::new(),
+        worker: None,
+        attempts: 0,
     }
 }
 
-/// `message` without a backtrace that an error captured (candle's errors do
-/// under `RUST_BACKTRACE=1`): clients get the error, the server's log the rest.
-fn without_backtrace(message: &str) -> String {
-    let mut kept = Vec::new();
-    for line in message.lines() {
-        let t = line.trim_start();
-        let numbered = t.split_once(": ").is_some_and(|(n, _)| {
-            !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && line.len() > t.len()
-        });
-        if t == "stack backtrace:" || (numbered && t.starts_with("0: ")) {
-            tracing::debug!("backtrace of a run failure: {message}");
-            break;
-        }
-        kept.push(line);
-    }
-    kept.join("\n").trim_end().to_string()
+/// Events the event streams may fall behind by before they are told they lagged.
+const EVENT_BACKLOG: usize = 1024;
+
+/// The `queue_changed` notice of the event stream.
+pub(crate) fn queue_changed_event(paused: bool) -> Arc<str> {
+    Arc::from(serde_json::json!({ "event": "queue_changed", "paused": paused }).to_string())
 }
 
-fn status_name(s: &NodeStatus) -> &'static str {
-    match s {
-        NodeStatus::Executed { .. } => "executed",
-        NodeStatus::Cached => "cached",
-        NodeStatus::Failed { .. } => "failed",
-        NodeStatus::Skipped { .. } => "skipped",
-        NodeStatus::Cancelled => "cancelled",
+/// The `lagged` notice: `missed` events were dropped for a slow listener.
+pub(crate) fn lagged_event(missed: u64) -> Arc<str> {
+    Arc::from(serde_json::json!({ "event": "lagged", "missed": missed }).to_string())
+}
+
+/// Sends the executor's events, as JSON text, to the event streams.
+async fn forward_executor_events(
+    mut events: broadcast::Receiver<Event>,
+    feed: broadcast::Sender<Arc<str>>,
+) {
+    use broadcast::error::RecvError;
+    loop {
+        let text = match events.recv().await {
+            Ok(e) => match serde_json::to_string(&e) {
+                Ok(text) => Arc::from(text),
+                Err(_) => continue,
+            },
+            Err(RecvError::Lagged(n)) => lagged_event(n),
+            Err(RecvError::Closed) => break,
+        };
+        let _ = feed.send(text);
     }
 }
 
-fn run_number(id: &str) -> u64 {
+/// The number at the end of a run id (`r123-7`: 7), which orders runs
+/// submitted to one process.
+pub(crate) fn run_number(id: &str) -> u64 {
     id.rsplit('-')
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
-}
-
-/// `value` with paths below `out` written relative to it.
-fn relative_paths(value: &Value, out: &Path) -> Value {
-    match value {
-        Value::Path(p) => Value::Path(
-            p.strip_prefix(out)
-                .map_or_else(|_| p.clone(), Path::to_path_buf),
-        ),
-        Value::List(items) => Value::List(items.iter().map(|v| relative_paths(v, out)).collect()),
-        other => other.clone(),
-    }
-}
-
-fn paths_of(value: &Value) -> Vec<PathBuf> {
-    match value {
-        Value::Path(p) => vec![p.clone()],
-        Value::List(items) => items.iter().flat_map(paths_of).collect(),
-        _ => Vec::new(),
-    }
 }
 
 /// Starts the first waiting run whenever a slot is free and the queue is not
@@ -984,17 +1020,5 @@ mod tests {
         let (_, records) = super::Journal::open(&path);
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].node_states.len(), 2);
-    }
-
-    #[test]
-    fn backtraces_are_cut_from_failure_messages() {
-        let trace = std::backtrace::Backtrace::force_capture().to_string();
-        let message = format!("tensor error: shape mismatch\n{trace}");
-        assert_eq!(
-            super::without_backtrace(&message),
-            "tensor error: shape mismatch"
-        );
-        let plain = "line one\n  2: is not a frame";
-        assert_eq!(super::without_backtrace(plain), plain);
     }
 }
