@@ -300,6 +300,63 @@ fn two_workers_on_one_queue_finish_every_run_once_through_a_killed_worker_and_a_
         asked.elapsed()
     );
 
+    // Pause, reorder and cancel a waiting run from B, resume from A.
+    assert_eq!(api(b, "POST", "/api/queue/pause", "")["paused"], true);
+    let waiting: Vec<String> = (100..102)
+        .map(|seed| {
+            api(a, "POST", "/api/runs", &txt2img(seed, 5))["run_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500)); // no worker starts one
+    let moved = api(
+        b,
+        "POST",
+        &format!("/api/runs/{}/move", waiting[1]),
+        r#"{"position": 0}"#,
+    );
+    let order: Vec<&str> = moved["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(order, [waiting[1].as_str(), waiting[0].as_str()]);
+    assert_eq!(queued(a), [waiting[1].clone(), waiting[0].clone()]);
+    let c = api(b, "POST", &format!("/api/runs/{}/cancel", waiting[0]), "");
+    assert_eq!(c["state"], "cancelled");
+    assert_eq!(api(a, "POST", "/api/queue/resume", "")["paused"], false);
+    let r = wait_for("the resumed run", Duration::from_secs(60), || {
+        let r = api(b, "GET", &format!("/api/runs/{}", waiting[1]), "");
+        (r["state"] == "finished").then_some(r)
+    });
+    assert_eq!(r["worker"], survivor);
+    let r = api(a, "GET", &format!("/api/runs/{}", waiting[0]), "");
+    assert_eq!(
+        (r["state"].as_str(), &r["started_at"]),
+        (Some("cancelled"), &J::Null)
+    );
+
+    // A worker keeps the server's sandbox: no writing outside the output folder.
+    let escape = r#"version: 1
+nodes:
+  noise: {type: noise.gaussian, inputs: {shape: [2, 3], seed: 1}}
+  save: {type: tensor.save, inputs: {tensor: "${noise.tensor}", path: "../escaped.safetensors"}}
+"#;
+    let body = serde_json::json!({ "workflow": escape }).to_string();
+    let run = api(a, "POST", "/api/runs", &body)["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = wait_for("the escaping run", Duration::from_secs(60), || {
+        let r = api(a, "GET", &format!("/api/runs/{run}"), "");
+        (r["state"] != "queued" && r["state"] != "running").then_some(r)
+    });
+    assert_eq!(r["state"], "failed", "{r}");
+    assert!(!dir.path().join("escaped.safetensors").exists());
+
     // Front end B's event stream carried what the workers did.
     let got: Vec<J> = events
         .try_iter()

@@ -50,18 +50,36 @@ const CANCELS: &str = "{pixart}:cancels";
 const PAUSED: &str = "{pixart}:paused";
 const TOKENS: &str = "{pixart}:tokens";
 const COUNTER: &str = "{pixart}:counter";
+const WAITING_BYTES: &str = "{pixart}:waiting_bytes";
 const EVENTS: &str = "{pixart}:events";
 const GROUP: &str = "workers";
 
 /// The keys every script is given, in the order the prelude names them.
-const SCRIPT_KEYS: [&str; 13] = [
-    RECORDS, REQUESTS, ORDER, RUNNING, HISTORY, FILES, FILEREFS, RUNFILES, CLAIMS, OWNERS, CANCELS,
-    PAUSED, TOKENS,
+const SCRIPT_KEYS: [&str; 14] = [
+    RECORDS,
+    REQUESTS,
+    ORDER,
+    RUNNING,
+    HISTORY,
+    FILES,
+    FILEREFS,
+    RUNFILES,
+    CLAIMS,
+    OWNERS,
+    CANCELS,
+    PAUSED,
+    TOKENS,
+    WAITING_BYTES,
 ];
 
 const PRELUDE: &str = r#"
-local RECORDS, REQUESTS, ORDER, RUNNING, HISTORY, FILES, FILEREFS, RUNFILES, CLAIMS, OWNERS, CANCELS, PAUSED, TOKENS = unpack(KEYS)
+local RECORDS, REQUESTS, ORDER, RUNNING, HISTORY, FILES, FILEREFS, RUNFILES, CLAIMS, OWNERS, CANCELS, PAUSED, TOKENS, WAITING_BYTES = unpack(KEYS)
 local GROUP = 'workers'
+-- A run leaves the waiting ones: its request no longer counts against the bound.
+local function unwait(id)
+  local bytes = redis.call('HSTRLEN', REQUESTS, id)
+  if bytes > 0 then redis.call('DECRBY', WAITING_BYTES, bytes) end
+end
 local function drop_entry(entry)
   redis.call('XACK', TOKENS, GROUP, entry)
   redis.call('XDEL', TOKENS, entry)
@@ -86,11 +104,29 @@ local function push_history(id, limit)
 end
 "#;
 
+/// ARGV: id, record, request, most runs waiting, most request bytes waiting.
+/// The bounds are checked with the queuing, so concurrent submits cannot pass them.
+static ENQUEUE: Lua = Lua::new(
+    r#"
+local id, request = ARGV[1], ARGV[3]
+if redis.call('LLEN', ORDER) >= tonumber(ARGV[4]) then return 'runs' end
+local bytes = tonumber(redis.call('GET', WAITING_BYTES) or '0')
+if bytes + #request > tonumber(ARGV[5]) then return 'bytes' end
+redis.call('HSET', RECORDS, id, ARGV[2])
+redis.call('HSET', REQUESTS, id, request)
+redis.call('INCRBY', WAITING_BYTES, #request)
+redis.call('RPUSH', ORDER, id)
+redis.call('XADD', TOKENS, '*', 'run', id)
+return 'queued'
+"#,
+);
+
 /// ARGV: id, the record as cancelled, history limit.
 static CANCEL: Lua = Lua::new(
     r#"
 local id = ARGV[1]
 if redis.call('LREM', ORDER, 0, id) > 0 then
+  unwait(id)
   redis.call('HSET', RECORDS, id, ARGV[2])
   redis.call('HDEL', REQUESTS, id)
   push_history(id, tonumber(ARGV[3]))
@@ -105,7 +141,7 @@ return 'unknown'
 "#,
 );
 
-/// ARGV: id, position among the waiting runs.
+/// ARGV: id, position among the waiting runs (at most [`MAX_POSITION`]).
 static MOVE: Lua = Lua::new(
     r#"
 if redis.call('LREM', ORDER, 0, ARGV[1]) == 0 then return 0 end
@@ -131,16 +167,24 @@ return 1
 "#,
 );
 
-/// ARGV: entry, worker. A run whose worker died (the entry names it in
-/// `claims` and it still runs) is taken over; otherwise the first waiting run
-/// is taken, unless the queue is paused or empty.
+/// ARGV: entry, worker. The entry must still be pending and this worker's (a
+/// worker that stalled past its lease may have finished and acknowledged it
+/// since it was claimed from it). A run whose worker died (the entry names it
+/// in `claims` and it still runs) is taken over, or ended if a front end
+/// cancelled it meanwhile; otherwise the first waiting run is taken, unless
+/// the queue is paused or empty.
 static CLAIM: Lua = Lua::new(
     r#"
 local entry, worker = ARGV[1], ARGV[2]
+local pending = redis.call('XPENDING', TOKENS, GROUP, entry, entry, 1)
+if #pending == 0 or pending[1][2] ~= worker then
+  return {'none', ''}
+end
 local held = redis.call('HGET', CLAIMS, entry)
 if held then
   if redis.call('SISMEMBER', RUNNING, held) == 1 then
     redis.call('HSET', OWNERS, held, worker)
+    if redis.call('SISMEMBER', CANCELS, held) == 1 then return {'cancelled', held} end
     return {'takeover', held}
   end
   drop_entry(entry)
@@ -155,6 +199,7 @@ if not id then
   drop_entry(entry)
   return {'none', ''}
 end
+unwait(id)
 redis.call('HSET', CLAIMS, entry, id)
 redis.call('SADD', RUNNING, id)
 redis.call('HSET', OWNERS, id, worker)
@@ -204,6 +249,21 @@ return 1
 "#,
 );
 
+/// ARGV: consumer. A stopping worker leaves the group, unless an entry is
+/// still pending for it (read as it stopped: another worker claims it later).
+static FORGET: Lua = Lua::new(
+    r#"
+if #redis.call('XPENDING', TOKENS, GROUP, '-', '+', 1, ARGV[1]) == 0 then
+  redis.call('XGROUP', 'DELCONSUMER', TOKENS, GROUP, ARGV[1])
+end
+return 1
+"#,
+);
+
+/// The largest position a move takes (past the end is last anyway): Lua reads
+/// numbers as doubles, and Redis refuses list indices that are not integers.
+const MAX_POSITION: usize = 1 << 30;
+
 /// A script with the prelude, compiled once per process: `Script` keeps its
 /// SHA1 and sends the body only when Redis does not know it yet.
 struct Lua {
@@ -236,12 +296,23 @@ pub struct QueueError {
     message: String,
 }
 
+/// Whether a run was queued, or which bound refused it.
+#[derive(Debug, PartialEq)]
+pub enum Enqueued {
+    Queued,
+    TooManyRuns,
+    TooManyBytes,
+}
+
 /// What a worker got for a stream entry.
 pub(crate) enum Claim {
     /// A waiting run, to start.
     New(String),
     /// A run whose worker died, to start again.
     Takeover(String),
+    /// A run whose worker died and that a front end cancelled since: to end
+    /// as cancelled without running it.
+    Cancelled(String),
     /// Nothing (the run the entry stood for was cancelled or taken), or the
     /// queue is paused.
     Nothing,
@@ -284,17 +355,24 @@ impl SharedQueue {
             .await
             .map_err(fail)?;
         let queue = SharedQueue { client, con, at };
+        queue.ensure_group().await?;
+        Ok(queue)
+    }
+
+    /// Makes the stream and its consumer group unless they are there (they go
+    /// with a Redis that restarts without persistence, or a `FLUSHALL`).
+    pub(crate) async fn ensure_group(&self) -> Result<(), QueueError> {
         let made: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(TOKENS)
             .arg(GROUP)
             .arg("0")
             .arg("MKSTREAM")
-            .query_async(&mut queue.con.clone())
+            .query_async(&mut self.con())
             .await;
         match made {
-            Err(e) if e.code() != Some("BUSYGROUP") => Err(queue.error(e)),
-            _ => Ok(queue),
+            Err(e) if e.code() != Some("BUSYGROUP") => Err(self.error(e)),
+            _ => Ok(()),
         }
     }
 
@@ -352,11 +430,6 @@ impl SharedQueue {
         }
     }
 
-    /// Runs waiting now.
-    pub async fn waiting(&self) -> Result<usize, QueueError> {
-        self.query(redis::cmd("LLEN").arg(ORDER)).await
-    }
-
     /// A new run id, unique across front ends.
     pub async fn next_id(&self) -> Result<String, QueueError> {
         let n: u64 = self.query(redis::cmd("INCR").arg(COUNTER)).await?;
@@ -364,33 +437,42 @@ impl SharedQueue {
     }
 
     /// Queues run `record.id`: its record, what was submitted, its place last
-    /// in the order and a stream entry for a worker, all at once.
-    pub async fn enqueue(&self, record: &RunRecord, req: &RunRequest) -> Result<(), QueueError> {
+    /// in the order and a stream entry for a worker, all at once, unless
+    /// `max_runs` runs or `max_bytes` of requests are already waiting.
+    pub async fn enqueue(
+        &self,
+        record: &RunRecord,
+        req: &RunRequest,
+        max_runs: usize,
+        max_bytes: usize,
+    ) -> Result<Enqueued, QueueError> {
         let json = serde_json::to_string(record).map_err(|e| self.error(e))?;
         let request = serde_json::to_string(req).map_err(|e| self.error(e))?;
         let id = record.id.as_str();
-        redis::pipe()
-            .atomic()
-            .hset(RECORDS, id, json)
-            .ignore()
-            .hset(REQUESTS, id, request)
-            .ignore()
-            .rpush(ORDER, id)
-            .ignore()
-            .cmd("XADD")
-            .arg(TOKENS)
-            .arg("*")
-            .arg("run")
-            .arg(id)
-            .ignore()
-            .query_async::<()>(&mut self.con())
-            .await
-            .map_err(|e| self.error(e))?;
-        self.publish_event(Event::RunQueued {
-            run_id: Arc::from(id),
-        })
-        .await;
-        Ok(())
+        let said: String = self
+            .run_script(
+                &ENQUEUE,
+                &[
+                    id,
+                    &json,
+                    &request,
+                    &max_runs.to_string(),
+                    &max_bytes.to_string(),
+                ],
+            )
+            .await?;
+        let outcome = match said.as_str() {
+            "runs" => Enqueued::TooManyRuns,
+            "bytes" => Enqueued::TooManyBytes,
+            _ => Enqueued::Queued,
+        };
+        if outcome == Enqueued::Queued {
+            self.publish_event(Event::RunQueued {
+                run_id: Arc::from(id),
+            })
+            .await;
+        }
+        Ok(outcome)
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<RunRecord>, QueueError> {
@@ -421,6 +503,7 @@ impl SharedQueue {
     /// Running runs (in the order they started), then waiting ones in queue order.
     pub async fn queue_view(&self) -> Result<QueueView, QueueError> {
         let (paused, waiting, running): (bool, Vec<String>, Vec<String>) = redis::pipe()
+            .atomic()
             .exists(PAUSED)
             .lrange(ORDER, 0, -1)
             .smembers(RUNNING)
@@ -475,7 +558,8 @@ impl SharedQueue {
 
     /// Moves waiting run `id` to `position` among the waiting runs.
     pub async fn move_run(&self, id: &str, position: usize) -> Result<(), super::MoveError> {
-        let moved: i64 = self.run_script(&MOVE, &[id, &position.to_string()]).await?;
+        let position = position.min(MAX_POSITION).to_string();
+        let moved: i64 = self.run_script(&MOVE, &[id, &position]).await?;
         if moved == 0 {
             let record = self.get(id).await?.ok_or(super::MoveError::Unknown)?;
             return Err(super::MoveError::NotQueued(record.state));
@@ -583,33 +667,48 @@ impl SharedQueue {
     }
 
     /// An entry idle for longer than `lease` (its worker died), now `worker`'s.
+    /// Redis looks at a few entries a call: the cursor is followed through
+    /// every pending entry until one is found.
     pub(crate) async fn reclaim_entry(
         &self,
         worker: &str,
         lease: Duration,
     ) -> Result<Option<String>, QueueError> {
-        let reply: redis::Value = self
-            .query(
-                redis::cmd("XAUTOCLAIM")
-                    .arg(TOKENS)
-                    .arg(GROUP)
-                    .arg(worker)
-                    .arg(lease.as_millis() as u64)
-                    .arg("0-0")
-                    .arg("COUNT")
-                    .arg(1)
-                    .arg("JUSTID"),
-            )
-            .await?;
-        // [next cursor, [ids], (Redis 7: deleted ids)]
-        let redis::Value::Array(parts) = reply else {
-            return Ok(None);
-        };
-        let ids: Vec<String> = match parts.get(1) {
-            Some(v) => redis::from_redis_value(v).map_err(|e| self.error(e))?,
-            None => Vec::new(),
-        };
-        Ok(ids.into_iter().next())
+        let mut cursor = "0-0".to_string();
+        loop {
+            let reply: redis::Value = self
+                .query(
+                    redis::cmd("XAUTOCLAIM")
+                        .arg(TOKENS)
+                        .arg(GROUP)
+                        .arg(worker)
+                        .arg(lease.as_millis() as u64)
+                        .arg(&cursor)
+                        .arg("COUNT")
+                        .arg(1)
+                        .arg("JUSTID"),
+                )
+                .await?;
+            // [next cursor, [ids], (Redis 7: deleted ids)]
+            let redis::Value::Array(parts) = reply else {
+                return Ok(None);
+            };
+            let next: String = match parts.first() {
+                Some(v) => redis::from_redis_value(v).map_err(|e| self.error(e))?,
+                None => return Ok(None),
+            };
+            let ids: Vec<String> = match parts.get(1) {
+                Some(v) => redis::from_redis_value(v).map_err(|e| self.error(e))?,
+                None => Vec::new(),
+            };
+            if let Some(id) = ids.into_iter().next() {
+                return Ok(Some(id));
+            }
+            if next == "0-0" {
+                return Ok(None);
+            }
+            cursor = next;
+        }
     }
 
     /// Takes the run stream entry `entry` stands for (see [`CLAIM`]).
@@ -618,8 +717,15 @@ impl SharedQueue {
         Ok(match what.as_str() {
             "new" => Claim::New(id),
             "takeover" => Claim::Takeover(id),
+            "cancelled" => Claim::Cancelled(id),
             _ => Claim::Nothing,
         })
+    }
+
+    /// Takes `consumer` out of the group when nothing is pending for it.
+    pub(crate) async fn forget_consumer(&self, consumer: &str) -> Result<(), QueueError> {
+        self.run_script::<i64>(&FORGET, &[consumer]).await?;
+        Ok(())
     }
 
     /// What was submitted as run `id`.

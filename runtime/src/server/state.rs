@@ -2,7 +2,7 @@
 
 use super::execute::{execute_run, file_ref, load_request, out_root};
 use super::journal::Journal;
-use super::shared::{QueueError, SharedQueue};
+use super::shared::{Enqueued, QueueError, SharedQueue};
 use crate::events::Event;
 use crate::executor::Executor;
 use crate::registry::Registry;
@@ -470,16 +470,22 @@ impl State {
         wf: &Workflow,
     ) -> Result<String, SubmitError> {
         let unavailable = |e: QueueError| SubmitError::Unavailable(e.to_string());
-        let waiting = queue.waiting().await.map_err(unavailable)?;
-        if waiting >= MAX_QUEUED {
-            return Err(SubmitError::QueueFull(format!(
-                "{MAX_QUEUED} runs are already waiting"
-            )));
-        }
         let id = queue.next_id().await.map_err(unavailable)?;
         let record = new_record(&id, wf, &req);
-        queue.enqueue(&record, &req).await.map_err(unavailable)?;
-        Ok(id)
+        match queue
+            .enqueue(&record, &req, MAX_QUEUED, MAX_QUEUED_BYTES)
+            .await
+            .map_err(unavailable)?
+        {
+            Enqueued::Queued => Ok(id),
+            Enqueued::TooManyRuns => Err(SubmitError::QueueFull(format!(
+                "{MAX_QUEUED} runs are already waiting"
+            ))),
+            Enqueued::TooManyBytes => Err(SubmitError::QueueFull(format!(
+                "the waiting runs' workflows already hold {} MiB",
+                MAX_QUEUED_BYTES >> 20
+            ))),
+        }
     }
 
     fn submit_local(&self, req: RunRequest, wf: Workflow) -> Result<String, SubmitError> {
@@ -918,7 +924,7 @@ fn new_record(id: &str, wf: &Workflow, req: &RunRequest) -> RunRecord {
 }
 
 /// Events the event streams may fall behind by before they are told they lagged.
-const EVENT_BACKLOG: usize = 1024;
+const EVENT_BACKLOG: usize = 4096;
 
 /// The `queue_changed` notice of the event stream.
 pub(crate) fn queue_changed_event(paused: bool) -> Arc<str> {

@@ -69,8 +69,17 @@ pub async fn run_worker(
         queue,
         disk,
     });
+    // Each slot is its own consumer and owner in the queue; the nonce keeps two
+    // processes given one `--name` apart.
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id();
     let slots: Vec<_> = (0..worker.config.parallel_runs.max(1))
-        .map(|_| tokio::spawn(worker.clone().slot(stop.clone())))
+        .map(|i| {
+            let consumer = format!("{}#{i}-{nonce:08x}", worker.config.name);
+            tokio::spawn(worker.clone().slot(consumer, stop.clone()))
+        })
         .collect();
     for slot in slots {
         let _ = slot.await;
@@ -100,66 +109,95 @@ async fn publish_events(
 
 impl Worker {
     /// One run at a time: takes a run (one of a dead worker first), executes
-    /// it, records it; again until `stop`.
-    async fn slot(self: Arc<Self>, stop: CancellationToken) {
-        let name = self.config.name.clone();
+    /// it, records it; again until `stop`. `consumer` names this slot in the
+    /// queue (unique: two slots never pass for each other).
+    async fn slot(self: Arc<Self>, consumer: String, stop: CancellationToken) {
         let mut reading = None;
         while !stop.is_cancelled() {
-            let taken = tokio::select! {
-                taken = self.next_run(&mut reading) => taken,
+            // Only the wait for an entry yields to `stop`: an entry read as it
+            // stops stays pending and another worker claims it after the lease.
+            let entry = tokio::select! {
+                entry = self.next_entry(&consumer, &mut reading) => entry,
                 _ = stop.cancelled() => break,
             };
-            match taken {
-                Ok(Some((entry, claim))) => {
-                    let (id, takeover) = match claim {
-                        Claim::New(id) => (id, false),
-                        Claim::Takeover(id) => (id, true),
-                        Claim::Nothing => continue,
-                    };
-                    if let Err(e) = self.execute(&entry, &id, takeover).await {
-                        tracing::warn!("run {id}: {e}");
-                    }
+            let taken = match entry {
+                Ok(Some(entry)) => self
+                    .queue
+                    .claim(&entry, &consumer)
+                    .await
+                    .map(|claim| Some((entry, claim))),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            };
+            let ended = match taken {
+                Ok(Some((entry, Claim::New(id)))) => {
+                    self.execute(&consumer, &entry, &id, false).await
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!("{e}; trying again in a second");
-                    reading = None;
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok(Some((entry, Claim::Takeover(id)))) => {
+                    self.execute(&consumer, &entry, &id, true).await
+                }
+                Ok(Some((entry, Claim::Cancelled(id)))) => {
+                    self.end_unstarted(&consumer, &entry, &id).await
+                }
+                Ok(Some((_, Claim::Nothing)) | None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = ended {
+                tracing::warn!("{e}; trying again in a second");
+                reading = None;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                // Redis may have restarted empty: the group is made again.
+                if let Err(e) = self.queue.ensure_group().await {
+                    tracing::warn!("{e}");
                 }
             }
         }
-        tracing::info!("worker {name}: a slot stopped");
+        if let Err(e) = self.queue.forget_consumer(&consumer).await {
+            tracing::warn!("{e}");
+        }
     }
 
-    /// A stream entry and the run it stands for: a dead worker's first, else a
-    /// new one (waiting up to a second for it).
-    async fn next_run(
+    /// A stream entry: a dead worker's first, else a new one (waiting up to
+    /// [`READ_BLOCK`](super::shared::READ_BLOCK) for it).
+    async fn next_entry(
         &self,
+        consumer: &str,
         reading: &mut Option<redis::aio::ConnectionManager>,
-    ) -> Result<Option<(String, Claim)>, QueueError> {
-        let name = &self.config.name;
-        let entry = match self.queue.reclaim_entry(name, self.config.lease).await? {
-            Some(entry) => Some(entry),
-            None => {
-                if reading.is_none() {
-                    *reading = Some(self.queue.blocking_connection().await?);
-                }
-                match reading.as_mut() {
-                    Some(con) => self.queue.read_entry(con, name).await?,
-                    None => None,
-                }
-            }
+    ) -> Result<Option<String>, QueueError> {
+        if let Some(entry) = self
+            .queue
+            .reclaim_entry(consumer, self.config.lease)
+            .await?
+        {
+            return Ok(Some(entry));
+        }
+        if reading.is_none() {
+            *reading = Some(self.queue.blocking_connection().await?);
+        }
+        match reading.as_mut() {
+            Some(con) => self.queue.read_entry(con, consumer).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Ends run `id`, cancelled while its dead worker held it, without running it.
+    async fn end_unstarted(&self, consumer: &str, entry: &str, id: &str) -> Result<(), QueueError> {
+        let Some(mut record) = self.queue.get(id).await? else {
+            return Ok(());
         };
-        let Some(entry) = entry else {
-            return Ok(None);
-        };
-        let claim = self.queue.claim(&entry, name).await?;
-        Ok(Some((entry, claim)))
+        record.state = RunState::Cancelled;
+        record.finished_at = Some(now_millis());
+        self.record_end(&record, consumer, entry).await
     }
 
     /// Executes run `id` (held through stream entry `entry`) and records its end.
-    async fn execute(&self, entry: &str, id: &str, takeover: bool) -> Result<(), QueueError> {
-        let name = self.config.name.as_str();
+    async fn execute(
+        &self,
+        consumer: &str,
+        entry: &str,
+        id: &str,
+        takeover: bool,
+    ) -> Result<(), QueueError> {
         let queue = &self.queue;
         let Some(mut record) = queue.get(id).await? else {
             tracing::warn!("run {id} has no record in the queue; skipped");
@@ -169,7 +207,7 @@ impl Worker {
         record.state = RunState::Running;
         record.started_at = Some(now_millis());
         record.finished_at = None;
-        record.worker = Some(name.to_string());
+        record.worker = Some(self.config.name.clone());
         record.attempts += 1;
         if takeover {
             tracing::info!(
@@ -177,28 +215,31 @@ impl Worker {
                 record.attempts
             );
         }
-        if !queue.save(&record, name).await? {
+        if !queue.save(&record, consumer).await? {
             return Ok(());
         }
 
         let cancel = CancellationToken::new();
         let lost = Arc::new(AtomicBool::new(false));
+        // Held until the end is recorded (which may be retried), not just run.
         let holding = tokio::spawn(hold(
             queue.clone(),
             id.to_string(),
-            name.to_string(),
+            consumer.to_string(),
             entry.to_string(),
             cancel.clone(),
             lost.clone(),
         ));
         let outcome = self.outcome(id, request, cancel).await;
-        holding.abort();
         if lost.load(Ordering::SeqCst) {
+            holding.abort();
             tracing::warn!("run {id} was taken over by another worker; its result here is dropped");
             return Ok(());
         }
         outcome.apply(&mut record, now_millis());
-        self.record_end(&record, entry).await
+        let recorded = self.record_end(&record, consumer, entry).await;
+        holding.abort();
+        recorded
     }
 
     async fn outcome(
@@ -245,15 +286,16 @@ impl Worker {
 
     /// Writes the run's end, trying again while the queue cannot be reached
     /// (for up to twice the lease: past it, another worker runs it again anyway).
-    async fn record_end(&self, record: &RunRecord, entry: &str) -> Result<(), QueueError> {
+    async fn record_end(
+        &self,
+        record: &RunRecord,
+        consumer: &str,
+        entry: &str,
+    ) -> Result<(), QueueError> {
         let give_up = tokio::time::Instant::now() + 2 * self.config.lease;
         loop {
             let limit = self.config.server.history_limit;
-            match self
-                .queue
-                .finish(record, &self.config.name, entry, limit)
-                .await
-            {
+            match self.queue.finish(record, consumer, entry, limit).await {
                 Ok(true) => return Ok(()),
                 Ok(false) => {
                     tracing::warn!(
