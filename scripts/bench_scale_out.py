@@ -2,7 +2,7 @@
 """Throughput of the shared queue (pixart serve --queue + pixart worker) against
 the in-process server, and the time for a dead worker's run to be taken over.
 
-    scripts/bench_scale_out.py [--pixart target/release/pixart] [--runs 24] [--workers 1,2,4]
+    scripts/bench_scale_out.py [--pixart target/release/pixart] [--runs 96] [--tiny-runs 200] [--workers 1,2,4]
 
 Runs from the repository root (the workflows read models/pixart-shapes). Starts its
 own redis-server on a free loopback port; everything it starts is stopped at the
@@ -155,6 +155,37 @@ def throughput(args, folder, label, requests, workers):
         stack.stop()
 
 
+def latency(args, folder, workers, n=100):
+    """Milliseconds from submit to end of a run that waits for nothing (one at a
+    time, the tiny workflow), from the run records' own times: the queue's cost."""
+    stack = Stack()
+    try:
+        out = tempfile.mkdtemp(dir=folder)
+        if workers is None:
+            port = start_front(stack, args.pixart, out)
+        else:
+            queue = start_redis(stack, out)
+            port = start_front(stack, args.pixart, out, queue)
+            start_workers(stack, args.pixart, queue, out, workers)
+        spans = []
+        for i in range(n + 5):
+            run = call(port, "POST", "/api/runs", {"workflow": TINY, "params": {"seed": i}})["run_id"]
+            while True:
+                r = call(port, "GET", f"/api/runs/{run}")
+                if r["state"] not in ("queued", "running"):
+                    break
+                time.sleep(0.002)
+            if i >= 5:  # the first few warm up
+                spans.append(r["finished_at"] - r["submitted_at"])
+        spans.sort()
+        result = {"measure": "latency", "workers": workers if workers is not None else "in-process",
+                  "runs": n, "median_ms": spans[len(spans) // 2], "p90_ms": spans[int(len(spans) * 0.9)]}
+        print(json.dumps(result), flush=True)
+        return result
+    finally:
+        stack.stop()
+
+
 def takeover(args, folder, lease):
     """Seconds from a SIGKILL of the worker holding a run until another starts it."""
     stack = Stack()
@@ -191,13 +222,15 @@ def takeover(args, folder, lease):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pixart", default=os.path.join(REPO, "target/release/pixart"))
-    ap.add_argument("--runs", type=int, default=24)
+    ap.add_argument("--runs", type=int, default=96)
     ap.add_argument("--tiny-runs", type=int, default=200)
     ap.add_argument("--workers", default="1,2,4")
     args = ap.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
     results = []
     with tempfile.TemporaryDirectory() as folder:
+        results.append(latency(args, folder, None))
+        results.append(latency(args, folder, 1))
         results.append(throughput(args, folder, "tiny", tiny_requests(args.tiny_runs), None))
         results.append(throughput(args, folder, "tiny", tiny_requests(args.tiny_runs), 1))
         results.append(throughput(args, folder, "txt2img", txt2img_requests(args.runs), None))
@@ -209,7 +242,10 @@ def main():
     print("| measure | workers | runs | s | runs/min | ms/run |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        if r["measure"] == "takeover":
+        if r["measure"] == "latency":
+            print(f"| submit → end, one run at a time | {r['workers']} | {r['runs']} | "
+                  f"median {r['median_ms']} ms, p90 {r['p90_ms']} ms | | |")
+        elif r["measure"] == "takeover":
             print(f"| takeover (lease {r['lease_s']} s) | 2 | 1 | {r['seconds']} | | |")
         else:
             print(f"| {r['measure']} | {r['workers']} | {r['runs']} | {r['seconds']} | "
