@@ -284,8 +284,19 @@ async fn run(
         // Nodes one at a time, in the workflow's order: the training nodes'
         // collectives then meet in the same order on every rank.
         executor = executor.with_max_parallel(1);
+        let trainers = trainer_nodes(&wf, &targets)?;
+        if !trainers.is_empty() {
+            let needed = wf.needed(&trainers).map_err(anyhow::Error::msg)?;
+            pixart_nodes::distributed::set_nodes_on_every_rank(
+                wf.nodes
+                    .iter()
+                    .zip(needed)
+                    .filter(|(_, needed)| *needed)
+                    .map(|(n, _)| n.id.to_string()),
+            );
+        }
         if w.rank() != 0 {
-            match RankJob::new(&wf, &targets, &out)? {
+            match RankJob::new(trainers, &out)? {
                 Some(job) => rank_job = Some(job),
                 None => {
                     w.finalize().map_err(anyhow::Error::msg)?;
@@ -407,16 +418,21 @@ struct RankJob {
     scratch: tempfile::TempDir,
 }
 
+/// The `train.pixart` nodes among what a run of `targets` produces: under MPI
+/// every rank runs these and what they need.
+fn trainer_nodes(wf: &Workflow, targets: &[String]) -> Result<Vec<String>> {
+    let needed = wf.needed(targets).map_err(anyhow::Error::msg)?;
+    Ok(wf
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, n)| needed[*i] && n.node.spec().name == "train.pixart")
+        .map(|(_, n)| n.id.to_string())
+        .collect())
+}
+
 impl RankJob {
-    fn new(wf: &Workflow, targets: &[String], out: &Path) -> Result<Option<RankJob>> {
-        let needed = wf.needed(targets).map_err(anyhow::Error::msg)?;
-        let trainers: Vec<String> = wf
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(i, n)| needed[*i] && n.node.spec().name == "train.pixart")
-            .map(|(_, n)| n.id.to_string())
-            .collect();
+    fn new(trainers: Vec<String>, out: &Path) -> Result<Option<RankJob>> {
         if trainers.is_empty() {
             eprintln!("this workflow trains nothing: rank 0 runs it alone");
             return Ok(None);

@@ -373,7 +373,13 @@ fn two_mpi_ranks_train_as_one_process() {
     let two = tmp.path().join("two");
     std::fs::create_dir(&two).unwrap();
     let o = mpirun(2, &wf, &two).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{said}");
+    // Rank 0 made the feature cache once; rank 1 read it.
+    assert!(
+        said.contains("rank 1: `feats` uses rank 0's feature cache at "),
+        "{said}"
+    );
     let (a, b) = (losses(&one.join("run")), losses(&two.join("run")));
     assert_eq!(a.len(), 20);
     assert_eq!(a.len(), b.len());

@@ -70,6 +70,21 @@ pub fn init_from_env() -> Result<Option<&'static World>, String> {
     Ok(world)
 }
 
+/// The nodes that run on every rank (the training nodes and what they need):
+/// only these may take part in collectives, so that the ranks' collectives meet
+/// in the same order. Set once by the CLI, on every rank alike.
+static JOINED: OnceLock<std::collections::HashSet<String>> = OnceLock::new();
+
+pub fn set_nodes_on_every_rank(ids: impl IntoIterator<Item = String>) {
+    let _ = JOINED.set(ids.into_iter().collect());
+}
+
+/// The world, when node `id` runs on every rank of it (see
+/// [`set_nodes_on_every_rank`]); `None` otherwise, and without a world.
+pub fn world_for(id: &str) -> Option<&'static World> {
+    world().filter(|_| JOINED.get().is_some_and(|ids| ids.contains(id)))
+}
+
 /// The job this process is a rank of, when it has more than one.
 pub fn world() -> Option<&'static World> {
     WORLD.get().and_then(Option::as_ref).filter(|w| w.size > 1)
@@ -110,6 +125,16 @@ impl World {
         let mut bytes = value.to_le_bytes();
         self.timed(what, || self.mpi.broadcast(&mut bytes))?;
         Ok(u64::from_le_bytes(bytes))
+    }
+
+    /// Rank 0's bytes into `data` on every rank (at most 1 MiB).
+    pub fn broadcast_bytes(&self, data: &mut Vec<u8>, what: &str) -> Result<(), String> {
+        let len = self.broadcast_u64(data.len() as u64, what)?;
+        if len > 1 << 20 {
+            return Err(format!("{what}: rank 0 sent {len} bytes, more than 1 MiB"));
+        }
+        data.resize(len as usize, 0);
+        self.timed(what, || self.mpi.broadcast(data))
     }
 
     pub fn barrier(&self, what: &str) -> Result<(), String> {

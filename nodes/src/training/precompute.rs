@@ -380,7 +380,36 @@ impl Node for Precompute {
         };
         let handle =
             |f: Features| Value::Handle(Handle::new(PortType::Features, f.files.len() * 64, f));
+        // Across MPI ranks, rank 0 makes the cache and the others use it where
+        // they can read it (one machine, or a shared filesystem).
+        let world = crate::distributed::world_for(ctx.node_id());
+        let mut cache_turn = world.map(|w| CacheTurn::new(w, ctx.node_id()));
+        if let Some(turn) = cache_turn.as_mut().filter(|t| t.world.rank() != 0) {
+            if let Some(dir) = turn.wait_for_rank0()? {
+                if let Some(shared) = rank0_cache(&dir, &key, &features) {
+                    eprintln!(
+                        "rank {}: `{}` uses rank 0's feature cache at {}",
+                        turn.world.rank(),
+                        ctx.node_id(),
+                        dir.display()
+                    );
+                    return Ok(
+                        Outputs::one("features", handle(shared)).with("computed", Value::Int(0))
+                    );
+                }
+                eprintln!(
+                    "rank {}: rank 0's feature cache at {} cannot be read here (no shared \
+                     filesystem?): this rank makes its own",
+                    turn.world.rank(),
+                    dir.display()
+                );
+            }
+            cache_turn = None;
+        }
         if reusable {
+            if let Some(turn) = &mut cache_turn {
+                turn.announce(&dir)?;
+            }
             return Ok(Outputs::one("features", handle(features)).with("computed", Value::Int(0)));
         }
         let device = enc.device().clone();
@@ -426,11 +455,108 @@ impl Node for Precompute {
                 .map_err(|e| NodeError::msg(format!("cannot serialise features: {e}")))?;
             atomic_write(ctx, file, &bytes)?;
             ctx.progress(i as u64 + 1, n as u64);
+            if let Some(turn) = &mut cache_turn {
+                turn.still_working()?;
+            }
         }
         let index = serde_json::json!({ "key": key, "count": n, "resolution": ds.resolution, "max_length": max_length });
         atomic_write(ctx, &index_path, index.to_string().as_bytes())?;
+        if let Some(turn) = &mut cache_turn {
+            turn.announce(&dir)?;
+        }
         Ok(Outputs::one("features", handle(features)).with("computed", Value::Int(n as i64)))
     }
+}
+
+/// Rank 0 making the feature cache while the other ranks wait for it. Rank 0
+/// says "still working" every few seconds (so that the others' wait, one
+/// collective at a time, stays under the collective timeout however long the
+/// cache takes), then "done" and where the cache is.
+struct CacheTurn {
+    world: &'static crate::distributed::World,
+    what: String,
+    last: std::time::Instant,
+}
+
+/// How often rank 0 tells the others it is still making the cache.
+const STILL_WORKING_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl CacheTurn {
+    fn new(world: &'static crate::distributed::World, node: &str) -> CacheTurn {
+        CacheTurn {
+            world,
+            what: format!("waiting for rank 0's feature cache (`{node}`)"),
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn fail(&self, e: String) -> NodeError {
+        NodeError::msg(e)
+    }
+
+    /// Rank 0, between items.
+    fn still_working(&mut self) -> Result<(), NodeError> {
+        if self.last.elapsed() >= STILL_WORKING_EVERY {
+            self.world
+                .broadcast_u64(0, &self.what)
+                .map_err(|e| self.fail(e))?;
+            self.last = std::time::Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Rank 0, with the cache complete in `dir`.
+    fn announce(&mut self, dir: &Path) -> Result<(), NodeError> {
+        self.world
+            .broadcast_u64(1, &self.what)
+            .map_err(|e| self.fail(e))?;
+        let resolved = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+        let mut bytes = resolved.to_string_lossy().into_owned().into_bytes();
+        self.world
+            .broadcast_bytes(&mut bytes, &self.what)
+            .map_err(|e| self.fail(e))
+    }
+
+    /// The other ranks: waits until rank 0 is done; where its cache is.
+    fn wait_for_rank0(&mut self) -> Result<Option<PathBuf>, NodeError> {
+        while self
+            .world
+            .broadcast_u64(0, &self.what)
+            .map_err(|e| self.fail(e))?
+            == 0
+        {}
+        let mut bytes = Vec::new();
+        self.world
+            .broadcast_bytes(&mut bytes, &self.what)
+            .map_err(|e| self.fail(e))?;
+        Ok(String::from_utf8(bytes).ok().map(PathBuf::from))
+    }
+}
+
+/// Rank 0's cache at `dir` as this rank's features, when this rank can read it
+/// and it was made from the same data and models (its key is this rank's).
+fn rank0_cache(dir: &Path, key: &str, own: &Features) -> Option<Features> {
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("index.json")).ok()?).ok()?;
+    if index["key"] != key {
+        return None;
+    }
+    let files: Vec<PathBuf> = (0..own.files.len())
+        .map(|i| dir.join(format!("item-{i:06}.safetensors")))
+        .collect();
+    if !files.iter().all(|f| f.is_file()) {
+        return None;
+    }
+    Some(Features {
+        dir: dir.to_path_buf(),
+        files,
+        resolution: own.resolution,
+        max_length: own.max_length,
+        scaling_factor: own.scaling_factor,
+        vae_scale: own.vae_scale,
+        key: own.key.clone(),
+        control: own.control,
+    })
 }
 
 pub fn nodes() -> Vec<Arc<dyn Node>> {
