@@ -102,6 +102,18 @@ def start_workers(stack, pixart, queue, out, n, lease=30):
                         "--lease-secs", str(lease)) for i in range(n)]
 
 
+def start_service(stack, args, folder, workers):
+    """The in-process server (`workers` None), or Redis, a front end and
+    `workers` workers, on a fresh output folder; the front end's port."""
+    out = tempfile.mkdtemp(dir=folder)
+    if workers is None:
+        return start_front(stack, args.pixart, out)
+    queue = start_redis(stack, out)
+    port = start_front(stack, args.pixart, out, queue)
+    start_workers(stack, args.pixart, queue, out, workers)
+    return port
+
+
 def submit_and_wait(port, requests):
     """Submits every request, waits for all to end; seconds from the first
     submit to the last end, and the records."""
@@ -135,13 +147,7 @@ def throughput(args, folder, label, requests, workers):
     """Runs per minute: `workers` None is the in-process server."""
     stack = Stack()
     try:
-        out = tempfile.mkdtemp(dir=folder)
-        if workers is None:
-            port = start_front(stack, args.pixart, out)
-        else:
-            queue = start_redis(stack, out)
-            port = start_front(stack, args.pixart, out, queue)
-            start_workers(stack, args.pixart, queue, out, workers)
+        port = start_service(stack, args, folder, workers)
         # One run first: loads the model (cached per process) and warms up.
         submit_and_wait(port, requests[:max(1, workers or 1)])
         elapsed, _ = submit_and_wait(port, requests)
@@ -160,13 +166,7 @@ def latency(args, folder, workers, n=100):
     time, the tiny workflow), from the run records' own times: the queue's cost."""
     stack = Stack()
     try:
-        out = tempfile.mkdtemp(dir=folder)
-        if workers is None:
-            port = start_front(stack, args.pixart, out)
-        else:
-            queue = start_redis(stack, out)
-            port = start_front(stack, args.pixart, out, queue)
-            start_workers(stack, args.pixart, queue, out, workers)
+        port = start_service(stack, args, folder, workers)
         spans = []
         for i in range(n + 5):
             run = call(port, "POST", "/api/runs", {"workflow": TINY, "params": {"seed": i}})["run_id"]
