@@ -11,13 +11,17 @@ mod progress;
 mod serve;
 
 use clap::Parser;
+use pixart_models::mapped::MappedAware;
 use std::process::ExitCode;
 
 /// Tensors are large and short-lived: glibc maps every buffer over 32 MiB fresh
 /// and faults in zeroed pages on each allocation (a 512 px VAE decode spent 12%
 /// of its time zeroing pages); mimalloc keeps freed memory for the next tensor.
+/// Wrapped so that weights can stay in their mapped files (see
+/// `pixart_models::mapped`): their vectors' pointers are not mimalloc's.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// SAFETY: the global allocator, as `MappedAware::new` asks.
+static ALLOCATOR: MappedAware<mimalloc::MiMalloc> = unsafe { MappedAware::new(mimalloc::MiMalloc) };
 
 /// How long freed memory stays with the process before mimalloc returns it.
 const PURGE_DELAY_MS: std::ffi::c_long = 5_000;
@@ -52,6 +56,8 @@ fn main() -> ExitCode {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    // SAFETY: ALLOCATOR is a MappedAware.
+    unsafe { pixart_models::mapped::enable() };
     let args = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -11,6 +11,7 @@ pub mod clip_image;
 pub mod kernels;
 pub mod llava;
 pub mod lora;
+pub mod mapped;
 pub mod pixart;
 pub mod safetensors_reader;
 pub mod schedulers;

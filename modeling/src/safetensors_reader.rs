@@ -13,7 +13,7 @@ struct Entry {
     name: String,
     dtype: DType,
     shape: Vec<usize>,
-    /// Byte range within the data section.
+    /// Its byte range within the data section.
     start: u64,
     end: u64,
 }
@@ -93,47 +93,83 @@ fn header(file: &mut std::fs::File, len: u64) -> Result<(Vec<Entry>, u64), Strin
     }
     // In file order: one forward pass over the file.
     entries.sort_by_key(|e| e.start);
+    // Two tensors over the same bytes would be two owners of one mapped buffer.
+    for pair in entries.windows(2) {
+        if pair[1].start < pair[0].end {
+            return Err(format!(
+                "tensors {} and {} overlap in the file",
+                pair[0].name, pair[1].name
+            ));
+        }
+    }
     Ok((entries, data_start))
 }
 
-/// `n` elements of `T` read from `file` into a vector of their own.
-fn read_vec<T: Copy + Default>(file: &mut std::fs::File, n: usize) -> std::io::Result<Vec<T>> {
-    if cfg!(target_endian = "big") {
-        return Err(std::io::Error::other(
-            "safetensors are little-endian; this machine is not",
-        ));
-    }
-    let mut v = vec![T::default(); n];
-    // SAFETY: the vector's memory is n initialised elements of a plain-data type
-    // (floats and integers), viewed as bytes only to be overwritten.
-    let bytes = unsafe {
-        std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), n * std::mem::size_of::<T>())
-    };
-    file.read_exact(bytes)?;
-    Ok(v)
+/// Where tensors' bytes come from: the file mapped where the process allows it
+/// (see [`crate::mapped`]), else read.
+struct Source {
+    file: std::fs::File,
+    mapping: Option<crate::mapped::Mapping>,
+    data_start: u64,
 }
 
-fn read_tensor(file: &mut std::fs::File, e: &Entry) -> Result<Tensor, String> {
-    let n = e.shape.iter().product::<usize>();
-    let io = |err: std::io::Error| format!("tensor {}: {err}", e.name);
-    let shape = e.shape.as_slice();
-    let cpu = &Device::Cpu;
-    let t = match e.dtype {
-        DType::F32 => Tensor::from_vec(read_vec::<f32>(file, n).map_err(io)?, shape, cpu),
-        DType::F16 => Tensor::from_vec(read_vec::<half::f16>(file, n).map_err(io)?, shape, cpu),
-        DType::BF16 => Tensor::from_vec(read_vec::<half::bf16>(file, n).map_err(io)?, shape, cpu),
-        DType::F64 => Tensor::from_vec(read_vec::<f64>(file, n).map_err(io)?, shape, cpu),
-        DType::I64 => Tensor::from_vec(read_vec::<i64>(file, n).map_err(io)?, shape, cpu),
-        DType::U32 => Tensor::from_vec(read_vec::<u32>(file, n).map_err(io)?, shape, cpu),
-        DType::U8 => Tensor::from_vec(read_vec::<u8>(file, n).map_err(io)?, shape, cpu),
-        other => {
-            return Err(format!(
-                "tensor {}: dtype {other:?} is not supported",
-                e.name
-            ))
+impl Source {
+    /// `n` elements of `T` at `e`: a vector over the mapping when there is one
+    /// and they are aligned for `T`, else read into a vector of their own.
+    fn vec<T: crate::mapped::Plain + Default>(
+        &mut self,
+        e: &Entry,
+        n: usize,
+    ) -> std::io::Result<Vec<T>> {
+        if cfg!(target_endian = "big") {
+            return Err(std::io::Error::other(
+                "safetensors are little-endian; this machine is not",
+            ));
         }
-    };
-    t.map_err(|err| format!("tensor {}: {err}", e.name))
+        let offset = self.data_start + e.start;
+        if let Some(v) = self
+            .mapping
+            .as_ref()
+            .and_then(|m| m.vec::<T>(usize::try_from(offset).ok()?, n))
+        {
+            return Ok(v);
+        }
+        self.file.seek(SeekFrom::Start(offset))?;
+        let mut v = vec![T::default(); n];
+        // SAFETY: the vector's memory is n initialised elements of a plain-data type
+        // (floats and integers), viewed as bytes only to be overwritten.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(
+                v.as_mut_ptr().cast::<u8>(),
+                n * std::mem::size_of::<T>(),
+            )
+        };
+        self.file.read_exact(bytes)?;
+        Ok(v)
+    }
+
+    fn tensor(&mut self, e: &Entry) -> Result<Tensor, String> {
+        let n = e.shape.iter().product::<usize>();
+        let io = |err: std::io::Error| format!("tensor {}: {err}", e.name);
+        let shape = e.shape.as_slice();
+        let cpu = &Device::Cpu;
+        let t = match e.dtype {
+            DType::F32 => Tensor::from_vec(self.vec::<f32>(e, n).map_err(io)?, shape, cpu),
+            DType::F16 => Tensor::from_vec(self.vec::<half::f16>(e, n).map_err(io)?, shape, cpu),
+            DType::BF16 => Tensor::from_vec(self.vec::<half::bf16>(e, n).map_err(io)?, shape, cpu),
+            DType::F64 => Tensor::from_vec(self.vec::<f64>(e, n).map_err(io)?, shape, cpu),
+            DType::I64 => Tensor::from_vec(self.vec::<i64>(e, n).map_err(io)?, shape, cpu),
+            DType::U32 => Tensor::from_vec(self.vec::<u32>(e, n).map_err(io)?, shape, cpu),
+            DType::U8 => Tensor::from_vec(self.vec::<u8>(e, n).map_err(io)?, shape, cpu),
+            other => {
+                return Err(format!(
+                    "tensor {}: dtype {other:?} is not supported",
+                    e.name
+                ))
+            }
+        };
+        t.map_err(|err| format!("tensor {}: {err}", e.name))
+    }
 }
 
 /// The header's `__metadata__` (string to string), empty when it has none.
@@ -168,7 +204,9 @@ pub fn tensor_sizes(path: &Path) -> Result<Vec<(String, DType, usize)>, String> 
 }
 
 /// Every tensor of `path`, each handed to `take(name, tensor)` as soon as it is
-/// read (on the CPU, in the file's dtype): `take` converts and keeps it.
+/// read (on the CPU, in the file's dtype): `take` converts and keeps it. Where
+/// the process maps weights ([`crate::mapped`]), a tensor kept as it is stays
+/// in the mapped file; one converted is read from the mapping once.
 pub fn for_each_tensor(
     path: &Path,
     mut take: impl FnMut(String, Tensor) -> Result<(), String>,
@@ -176,14 +214,14 @@ pub fn for_each_tensor(
     let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let len = file.metadata().map_err(|e| e.to_string())?.len();
     let (entries, data_start) = header(&mut file, len)?;
-    let mut at = u64::MAX;
+    let mapping = crate::mapped::Mapping::new(&file, len);
+    let mut source = Source {
+        file,
+        mapping,
+        data_start,
+    };
     for e in entries {
-        if at != data_start + e.start {
-            file.seek(SeekFrom::Start(data_start + e.start))
-                .map_err(|err| format!("tensor {}: {err}", e.name))?;
-        }
-        let t = read_tensor(&mut file, &e)?;
-        at = data_start + e.end;
+        let t = source.tensor(&e)?;
         take(e.name, t)?;
     }
     Ok(())

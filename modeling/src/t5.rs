@@ -251,26 +251,36 @@ impl Block {
 }
 
 /// How the blocks' projection weights are kept: their dtype (`U8`: 8-bit with
-/// scales, `weights::quantize_int8`), and whether the loader stored
-/// them transposed (`[in, out]`, see `weights::Keep`).
+/// scales, `weights::quantize_int8`), and whether the products read them
+/// transposed (`[in, out]`, see `weights::Keep`): stored so by the loader, or,
+/// with `late`, kept as the checkpoint has them until their first product.
 #[derive(Clone, Copy, Debug)]
 pub struct Projections {
     pub dtype: DType,
     pub transposed: bool,
+    /// Transposed at first use, not by the loader: loading then converts
+    /// nothing and the weights can stay in their mapped file until an encode
+    /// reads them (the first encode pays the copy once, as it would pay
+    /// reading the file).
+    pub late: bool,
 }
 
 /// A projection without bias. Its weight may be narrower than the activations
 /// (bf16 weights under f32 arithmetic) and stored transposed.
 struct Projection {
-    weight: Tensor,
+    /// The weight, and whether it is `[in, out]` yet (a late one becomes so at
+    /// its first product; the lock makes that happen once).
+    weight: std::sync::Mutex<(Tensor, bool)>,
     /// An 8-bit weight's scales (`weights::quantize_int8`).
     scales: Option<Tensor>,
     transposed: bool,
+    dtype: DType,
 }
 
 impl Projection {
     fn new(in_dim: usize, out_dim: usize, vb: VarBuilder, how: Projections) -> Result<Self> {
-        let shape = if how.transposed {
+        let stored_transposed = how.transposed && !how.late;
+        let shape = if stored_transposed {
             (in_dim, out_dim)
         } else {
             (out_dim, in_dim)
@@ -279,29 +289,51 @@ impl Projection {
         let scales = if how.dtype == DType::U8 {
             use crate::weights::{int8_scales_shape, INT8_SCALE_SUFFIX};
             let name = format!("weight{INT8_SCALE_SUFFIX}");
-            let shape = int8_scales_shape(in_dim, out_dim, how.transposed);
+            let shape = int8_scales_shape(in_dim, out_dim, stored_transposed);
             Some(vb.get_with_hints_dtype(shape, &name, Default::default(), DType::F32)?)
         } else {
             None
         };
+        if scales.is_some() && how.late {
+            candle_core::bail!("8-bit projections are transposed by the loader, not late");
+        }
         Ok(Projection {
-            weight,
+            dtype: weight.dtype(),
+            weight: std::sync::Mutex::new((weight, stored_transposed)),
             scales,
             transposed: how.transposed,
         })
     }
 
     fn dtype(&self) -> DType {
-        self.weight.dtype()
+        self.dtype
+    }
+
+    /// The weight in the layout the products read, transposing a late one
+    /// (outside the lock: the transposition runs on rayon's threads).
+    fn weight(&self) -> Result<Tensor> {
+        let lock = || self.weight.lock().unwrap_or_else(|e| e.into_inner());
+        let (weight, ready) = lock().clone();
+        if !self.transposed || ready {
+            return Ok(weight);
+        }
+        let t = crate::weights::transposed(&weight)?;
+        drop(weight);
+        let mut kept = lock();
+        if !kept.1 {
+            *kept = (t, true);
+        }
+        Ok(kept.0.clone())
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let weight = self.weight()?;
         if let Some(scales) = &self.scales {
-            crate::kernels::linear_int8_inference(&self.weight, scales, self.transposed, x)
+            crate::kernels::linear_int8_inference(&weight, scales, self.transposed, x)
         } else if self.transposed {
-            crate::kernels::linear_transposed_inference(&self.weight, None, x)
+            crate::kernels::linear_transposed_inference(&weight, None, x)
         } else {
-            crate::kernels::linear_inference(&Linear::new(self.weight.clone(), None), x)
+            crate::kernels::linear_inference(&Linear::new(weight, None), x)
         }
     }
 }
@@ -339,6 +371,7 @@ impl T5Encoder {
         let proj = Projections {
             dtype,
             transposed: false,
+            late: false,
         };
         T5Encoder::with_projections(vb, cfg, proj)
     }

@@ -107,7 +107,7 @@ impl Weights {
                 let t = convert(t, as_dtype, device)
                     .and_then(|t| {
                         if keep.transposed {
-                            transposed(t)
+                            transposed(&t)
                         } else {
                             Ok(t)
                         }
@@ -334,7 +334,7 @@ pub fn quantize_int8(w: &Tensor, transposed: bool) -> candle_core::Result<(Tenso
 /// buffer into the new one, in tiles that stay in cache, split over rayon's
 /// threads (candle's strided copy goes element by element through an index
 /// iterator).
-fn transposed(t: Tensor) -> candle_core::Result<Tensor> {
+pub fn transposed(t: &Tensor) -> candle_core::Result<Tensor> {
     use candle_core::{CpuStorage, Storage};
     let (r, c) = t.dims2()?;
     let (storage, layout) = t.storage_and_layout();

@@ -180,8 +180,8 @@ pub fn text_encoder_keep(
         if !is_projection(name) {
             return Keep::as_is(dtype);
         }
-        // On the CPU in f32 the projections are stored transposed, the layout
-        // the product reads fastest with T5's few rows.
+        // On the CPU in f32 the products read the projections transposed, the
+        // layout gemm streams fastest with T5's few rows.
         let kept = if dtype == DType::F16 && name.ends_with("DenseReluDense.wo.weight") {
             // transformers keeps T5's `wo` in f32 in half precision.
             DType::F32
@@ -192,9 +192,11 @@ pub fn text_encoder_keep(
         } else {
             dtype
         };
+        // Transposed here only where quantizing needs it: the others are
+        // transposed at their first product (`Projections::late`).
         Keep {
             dtype: kept,
-            transposed: narrow,
+            transposed: narrow && weights == TextWeights::Int8,
         }
     }
 }
@@ -226,6 +228,7 @@ pub fn read_text_encoder(
             dtype
         },
         transposed: narrow,
+        late: narrow && weights != TextWeights::Int8,
     };
     let model = T5Encoder::with_projections(w.var_builder(), &cfg, proj)
         .map_err(|e| w.model_error("T5 encoder", e))?;
