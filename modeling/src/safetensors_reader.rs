@@ -283,4 +283,19 @@ mod tests {
         assert!(err.contains("within the file"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// Two tensors over the same bytes are refused by name, not read twice.
+    #[test]
+    fn overlapping_tensors_are_refused() {
+        let header = br#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(&[0u8; 12]);
+        let path =
+            std::env::temp_dir().join(format!("pixart-overlap-{}.safetensors", std::process::id()));
+        std::fs::write(&path, &bytes).unwrap();
+        let err = for_each_tensor(&path, |_, _| Ok(())).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.contains("a and b overlap"), "{err}");
+    }
 }
