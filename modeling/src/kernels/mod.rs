@@ -7,7 +7,7 @@
 //!
 //! One file an op family: element-wise activations, layer norm, softmax, the
 //! linear layer, adaLN modulation and gated residuals, multi-head attention,
-//! 2-D convolution; `gemm` and `reduce` hold the matrix products and token sums
+//! 2-D convolution, the optimiser's update; `gemm` and `reduce` hold the matrix products and token sums
 //! several of them share.
 
 mod activation;
@@ -17,6 +17,7 @@ mod gemm;
 mod linear;
 mod modulation;
 mod norm;
+mod optim;
 mod reduce;
 mod softmax;
 #[cfg(test)]
@@ -31,6 +32,7 @@ pub use linear::{
 };
 pub use modulation::{gated_add, modulate};
 pub use norm::{group_norm, layer_norm};
+pub use optim::{adamw_update, sum_of_squares, AdamWStep};
 pub use softmax::softmax_last_dim;
 
 use candle_core::backend::BackendStorage;

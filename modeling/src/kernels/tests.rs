@@ -428,3 +428,90 @@ fn int8_product_matches_the_dequantized_weight() {
         assert!(rel_err(&got, &want) < 1e-6);
     }
 }
+
+/// AdamW's composition of candle's ops, as the trainer ran it before the fused
+/// update (and still runs it off the CPU).
+fn composed_adamw(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, s: &AdamWStep) -> [Tensor; 3] {
+    let g = match s.grad_scale {
+        Some(k) => (g * k).unwrap(),
+        None => g.clone(),
+    };
+    let p = (p * s.decay).unwrap();
+    let m = ((m * s.beta1).unwrap() + (&g * (1.0 - s.beta1)).unwrap()).unwrap();
+    let v = ((v * s.beta2).unwrap() + (g.sqr().unwrap() * (1.0 - s.beta2)).unwrap()).unwrap();
+    let denom = ((v.sqrt().unwrap() / s.bias2.sqrt()).unwrap() + s.eps).unwrap();
+    let update = (m.div(&denom).unwrap() * s.step_size).unwrap();
+    [(p - update).unwrap(), m, v]
+}
+
+#[test]
+fn fused_adamw_gives_the_compositions_bits() {
+    // Ragged: not a multiple of the vector width nor of a task's chunk.
+    let shape = [3, 70_001];
+    for (t, scale) in [(1, None), (7, Some(0.37))] {
+        let (p0, g) = (filled(&shape, 1), filled(&shape, 2));
+        let (m, v) = (filled(&shape, 3), filled(&shape, 4).sqr().unwrap());
+        let s = AdamWStep {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-10,
+            decay: 1.0 - 2e-5 * 0.03,
+            bias2: 1.0 - 0.999f64.powi(t),
+            step_size: 2e-5 / (1.0 - 0.9f64.powi(t)),
+            grad_scale: scale,
+        };
+        let expected = composed_adamw(&p0, &g, &m, &v, &s);
+        let p = Var::from_tensor(&p0).unwrap();
+        let (m1, v1) = adamw_update(p.as_tensor(), &g, &m, &v, &s)
+            .unwrap()
+            .expect("the CPU path");
+        for (got, want) in [p.as_tensor(), &m1, &v1].into_iter().zip(&expected) {
+            let (got, want) = (got.flatten_all().unwrap(), want.flatten_all().unwrap());
+            let bits = |t: &Tensor| {
+                t.to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert!(
+                bits(&got) == bits(&want),
+                "step {t}: not the composition's bits"
+            );
+        }
+    }
+    // Off the fused path: a strided gradient is left to the caller.
+    let p = Var::from_tensor(&filled(&[4, 6], 5)).unwrap();
+    let g = filled(&[6, 4], 6).t().unwrap();
+    let (m, v) = (filled(&[4, 6], 7), filled(&[4, 6], 8).sqr().unwrap());
+    let s = AdamWStep {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        decay: 1.0,
+        bias2: 0.001,
+        step_size: 1e-3,
+        grad_scale: None,
+    };
+    assert!(adamw_update(p.as_tensor(), &g, &m, &v, &s)
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn sum_of_squares_matches_a_plain_sum() {
+    let x = filled(&[5, 33_333], 9);
+    let plain: f64 = x
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum();
+    let fused = sum_of_squares(&x).expect("the CPU path");
+    assert!(
+        (fused - plain).abs() <= 1e-12 * plain,
+        "{fused} against {plain}"
+    );
+}

@@ -8,19 +8,8 @@ use candle_core::{Result, Tensor, Var};
 /// Clips the gradients of `vars` in place to a global L2 norm of at most
 /// `max_norm` (torch.nn.utils.clip_grad_norm_); returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
-    let mut total = 0f64;
-    for v in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            total += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
-        }
-    }
-    let norm = total.sqrt();
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
+    let norm = grad_norm(grads, vars)?;
+    if let Some(coef) = clip_scale(norm, max_norm) {
         for v in vars {
             if let Some(g) = grads.remove(v.as_tensor()) {
                 grads.insert(v.as_tensor(), (g * coef)?);
@@ -28,6 +17,30 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
         }
     }
     Ok(norm)
+}
+
+/// The global L2 norm of the gradients of `vars`.
+pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
+    let mut total = 0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            total += match pixart_models::kernels::sum_of_squares(g) {
+                Some(s) => s,
+                None => g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?,
+            };
+        }
+    }
+    Ok(total.sqrt())
+}
+
+/// The factor clipping multiplies the gradients by, when it clips.
+pub fn clip_scale(norm: f64, max_norm: f64) -> Option<f64> {
+    let coef = max_norm / (norm + 1e-6);
+    (coef < 1.0).then_some(coef)
 }
 
 /// AdamW with PyTorch's update order and bias corrections.
@@ -94,10 +107,31 @@ impl AdamW {
 
     /// One update of `vars` (the same list, in the same order, as at creation).
     pub fn step(&mut self, vars: &[Var], grads: &GradStore, lr: f64) -> Result<()> {
+        self.step_scaled(vars, grads, lr, None)
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by `grad_scale` first (what
+    /// clipping would have done to the gradients, without a pass of its own).
+    pub fn step_scaled(
+        &mut self,
+        vars: &[Var],
+        grads: &GradStore,
+        lr: f64,
+        grad_scale: Option<f64>,
+    ) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let bias1 = 1.0 - self.beta1.powi(t);
         let bias2 = 1.0 - self.beta2.powi(t);
+        let fused = pixart_models::kernels::AdamWStep {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            decay: 1.0 - lr * self.weight_decay,
+            bias2,
+            step_size: lr / bias1,
+            grad_scale,
+        };
         for (v, (m, s)) in vars.iter().zip(self.moments.iter_mut()) {
             let Some(g) = grads.get(v.as_tensor()) else {
                 continue;
@@ -105,6 +139,16 @@ impl AdamW {
             // A gradient made through another variable (a LoRA's B·A) carries
             // that graph: detached, the moments do not keep every step's alive.
             let g = &g.detach();
+            if let Some((m1, s1)) =
+                pixart_models::kernels::adamw_update(v.as_tensor(), g, m, s, &fused)?
+            {
+                (*m, *s) = (m1, s1);
+                continue;
+            }
+            let g = &match grad_scale {
+                Some(k) => (g * k)?,
+                None => g.clone(),
+            };
             let p = v.as_tensor().detach();
             let p = (&p * (1.0 - lr * self.weight_decay))?;
             *m = ((&*m * self.beta1)? + (g * (1.0 - self.beta1))?)?;

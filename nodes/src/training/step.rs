@@ -3,7 +3,7 @@
 //! averaged over the batch, backward, clip, AdamW.
 
 use super::loss::{Diffusion, LossTerms};
-use super::optim::{clip_grad_norm, AdamW};
+use super::optim::{clip_scale, grad_norm, AdamW};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 use pixart_models::pixart::{
@@ -258,8 +258,10 @@ pub struct Optimizer {
 impl Optimizer {
     /// Returns the gradient norm before clipping.
     pub fn apply(&mut self, grads: &mut GradStore, lr: f64) -> Result<f64> {
-        let norm = clip_grad_norm(grads, &self.vars, self.max_grad_norm)?;
-        self.adam.step(&self.vars, grads, lr)?;
+        // Clipping's scale goes into AdamW's pass instead of a pass of its own.
+        let norm = grad_norm(grads, &self.vars)?;
+        let scale = clip_scale(norm, self.max_grad_norm);
+        self.adam.step_scaled(&self.vars, grads, lr, scale)?;
         Ok(norm)
     }
 }

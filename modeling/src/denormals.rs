@@ -1,0 +1,90 @@
+//! Subnormal floats flushed to zero on the threads that run the models.
+//!
+//! Intel cores take a microcode assist, ~100+ cycles, for every vector
+//! instruction that reads or makes a subnormal f32 (AMD's Zen cores do not). A
+//! training step makes them: gradients of saturated activations and small
+//! attention weights underflow into the subnormal range, and once there they
+//! feed gemm's kernel. On a Sapphire Rapids Xeon this made `pixart bench train`
+//! 5× slower than PyTorch while the same kernel ran at full speed on random
+//! data (BENCHMARKS.md, issue 19). Values under 1.2e-38 carry nothing a model
+//! or its parity tolerances could see, so the CPU is told to treat them as zero:
+//! FTZ (results flushed) and DAZ (inputs read as zero), as oneDNN, TensorFlow
+//! and `torch.set_flush_denormal(True)` do.
+//!
+//! The control register is per thread: [`flush_to_zero`] must run on every
+//! thread that computes, which is why the CLI calls it from the start hooks of
+//! rayon's and tokio's pools. `PIXART_DENORMALS=keep` leaves the CPU as it is.
+
+/// MXCSR's flush-to-zero (bit 15) and denormals-are-zero (bit 6).
+#[cfg(target_arch = "x86_64")]
+const FTZ_DAZ: u32 = (1 << 15) | (1 << 6);
+
+/// Whether the user asked for subnormals to be kept (read once).
+fn keep() -> bool {
+    static KEEP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KEEP.get_or_init(|| std::env::var("PIXART_DENORMALS").is_ok_and(|v| v == "keep"))
+}
+
+/// Sets FTZ and DAZ on the calling thread (x86-64; a no-op elsewhere and when
+/// `PIXART_DENORMALS=keep`). Returns whether the thread now flushes.
+pub fn flush_to_zero() -> bool {
+    if keep() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut csr: u32 = 0;
+        // SAFETY: stmxcsr/ldmxcsr read and write this thread's SSE control
+        // register; setting FTZ and DAZ changes only how subnormals round.
+        unsafe {
+            std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack));
+            csr |= FTZ_DAZ;
+            std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly));
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the calling thread flushes subnormals (FTZ and DAZ both set).
+pub fn flushing() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut csr: u32 = 0;
+        // SAFETY: reads this thread's SSE control register.
+        unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack)) };
+        csr & FTZ_DAZ == FTZ_DAZ
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn subnormals_become_zero_on_a_flushing_thread() {
+        std::thread::spawn(|| {
+            let tiny = std::hint::black_box(f32::MIN_POSITIVE);
+            // A product whose exact result is subnormal. The outer black_box
+            // keeps the product from moving past the control-register write.
+            let before =
+                std::hint::black_box(std::hint::black_box(tiny) * std::hint::black_box(0.5f32));
+            if super::flush_to_zero() {
+                assert!(super::flushing());
+                let after = std::hint::black_box(tiny) * std::hint::black_box(0.5f32);
+                assert_eq!(after, 0.0);
+                // Bits, not `> 0.0`: with DAZ set a comparison reads it as zero.
+                assert!(before.to_bits() != 0 && before.is_subnormal());
+            }
+        })
+        .join()
+        .expect("test thread");
+        // Other threads are untouched.
+        assert!(!super::flushing());
+    }
+}
