@@ -54,6 +54,10 @@ pub fn adamw_update(
     // Every element is written by the update: no zeroing pass first.
     let mut new_m: Vec<f32> = Vec::with_capacity(n);
     let mut new_v: Vec<f32> = Vec::with_capacity(n);
+    // Read (and let go) before the other tensors' locks are taken.
+    let Some(weights) = buffer(&param.storage_and_layout().0) else {
+        return Ok(None);
+    };
     {
         let (gs, gl) = grad.storage_and_layout();
         let (ms, ml) = m.storage_and_layout();
@@ -63,6 +67,14 @@ pub fn adamw_update(
         else {
             return Ok(None);
         };
+        // The write lock on the weights is taken with these read locks held:
+        // weights sharing a buffer with any of them would wait on themselves.
+        if [&*gs, &*ms, &*vs]
+            .into_iter()
+            .any(|o| buffer(o).is_none_or(|o| overlaps(&o, &weights)))
+        {
+            return Ok(None);
+        }
         let op = Update {
             g,
             m: mo,
@@ -70,11 +82,15 @@ pub fn adamw_update(
             new_m: Shared(new_m.as_mut_ptr()),
             new_v: Shared(new_v.as_mut_ptr()),
             s: *s,
+            done: std::sync::atomic::AtomicBool::new(false),
         };
         param.inplace_op1(&op)?;
+        if !op.done.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(None);
+        }
     }
-    // SAFETY: the update wrote all n elements of both (it checked that the
-    // variable holds n values, and its chunks cover them).
+    // SAFETY: the update ran (`done`) and wrote all n elements of both: it
+    // checked that the weights hold n values, and its chunks cover them.
     unsafe {
         new_m.set_len(n);
         new_v.set_len(n);
@@ -120,6 +136,22 @@ pub fn sum_of_squares(t: &Tensor) -> Option<f64> {
     )
 }
 
+/// The addresses of a CPU f32 tensor's whole buffer (views of one buffer share
+/// its lock, whatever part of it each one covers).
+fn buffer(s: &Storage) -> Option<std::ops::Range<usize>> {
+    match s {
+        Storage::Cpu(CpuStorage::F32(d)) => {
+            let r = d.as_ptr_range();
+            Some(r.start as usize..r.end.max(r.start.wrapping_add(1)) as usize)
+        }
+        _ => None,
+    }
+}
+
+fn overlaps(a: &std::ops::Range<usize>, b: &std::ops::Range<usize>) -> bool {
+    a.start < b.end && b.start < a.end
+}
+
 fn cpu_slice<'a>(s: &'a Storage, l: &Layout) -> Option<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (Storage::Cpu(CpuStorage::F32(d)), Some((a, b))) => Some(&d[a..b]),
@@ -134,6 +166,8 @@ struct Update<'a> {
     new_m: Shared,
     new_v: Shared,
     s: AdamWStep,
+    /// Set once every chunk is written.
+    done: std::sync::atomic::AtomicBool,
 }
 
 impl InplaceOp1 for Update<'_> {
@@ -188,6 +222,7 @@ impl InplaceOp1 for Update<'_> {
                 )
             };
         });
+        self.done.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 }

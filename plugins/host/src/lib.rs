@@ -14,6 +14,7 @@
 mod cache;
 mod engine;
 mod error;
+mod float_env;
 mod limits;
 mod node;
 mod state;

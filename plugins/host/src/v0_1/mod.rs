@@ -52,6 +52,7 @@ impl Bindings {
     }
 
     pub(crate) fn instantiate(&self, mut store: Store<StoreState>) -> wasmtime::Result<Live> {
+        let _ieee = crate::float_env::IeeeFloats::enter();
         let plugin = self.pre.instantiate(&mut store)?;
         Ok(Live { store, plugin })
     }
@@ -65,6 +66,7 @@ pub(crate) struct Live {
 
 impl Live {
     pub(crate) fn describe(&mut self) -> wasmtime::Result<Result<Described, String>> {
+        let _ieee = crate::float_env::IeeeFloats::enter();
         let info = self
             .plugin
             .pixart_plugin_plugin()
@@ -84,10 +86,12 @@ impl Live {
                 Err(message) => return Ok(Err(RunFailure::BadInput(name, message))),
             }
         }
-        let result = self
-            .plugin
-            .pixart_plugin_plugin()
-            .call_run(&mut self.store, node, &args)?;
+        let result = {
+            let _ieee = crate::float_env::IeeeFloats::enter();
+            self.plugin
+                .pixart_plugin_plugin()
+                .call_run(&mut self.store, node, &args)?
+        };
         let state = self.store.data_mut();
         Ok(match result {
             Ok(values) => values
