@@ -32,7 +32,7 @@ pub use linear::{
 };
 pub use modulation::{gated_add, modulate};
 pub use norm::{group_norm, layer_norm};
-pub use optim::{adamw_update, sum_of_squares, AdamWStep};
+pub use optim::{adamw_update, AdamWStep};
 pub use softmax::softmax_last_dim;
 
 use candle_core::backend::BackendStorage;

@@ -1,6 +1,6 @@
 //! The optimiser's element-wise work in one pass per tensor: AdamW's update
 //! (moments, bias corrections, decoupled weight decay, a gradient scale for
-//! clipping) and the squared norm that clipping needs. As a composition of
+//! clipping). As a composition of
 //! candle's ops the update made eleven full-size temporaries per tensor and a
 //! quarter of a small model's training step (BENCHMARKS.md, issue 19); PyTorch
 //! runs it in place.
@@ -100,40 +100,6 @@ pub fn adamw_update(
         Tensor::from_vec(new_m, shape, param.device())?,
         Tensor::from_vec(new_v, shape, param.device())?,
     )))
-}
-
-/// The sum of the squares of `t`'s values (f64 sums over f32 values) on the
-/// CPU for contiguous f32; `None` elsewhere.
-pub fn sum_of_squares(t: &Tensor) -> Option<f64> {
-    use rayon::prelude::*;
-    if !(t.device().is_cpu() && t.dtype() == DType::F32) {
-        return None;
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let x = cpu_slice(&storage, layout)?;
-    Some(
-        x.par_chunks(CHUNK)
-            .map(|c| {
-                // Eight f64 lanes: the compiler vectorises them, and the
-                // rounding does not depend on the thread count.
-                let mut lanes = [0f64; 8];
-                let mut blocks = c.chunks_exact(8);
-                for b in &mut blocks {
-                    for (l, &x) in lanes.iter_mut().zip(b) {
-                        *l += (x as f64) * (x as f64);
-                    }
-                }
-                let tail: f64 = blocks
-                    .remainder()
-                    .iter()
-                    .map(|&x| (x as f64) * (x as f64))
-                    .sum();
-                lanes.iter().sum::<f64>() + tail
-            })
-            .collect::<Vec<_>>()
-            .iter()
-            .sum(),
-    )
 }
 
 /// The addresses of a CPU f32 tensor's whole buffer (views of one buffer share

@@ -497,21 +497,3 @@ fn fused_adamw_gives_the_compositions_bits() {
         .unwrap()
         .is_none());
 }
-
-#[test]
-fn sum_of_squares_matches_a_plain_sum() {
-    let x = filled(&[5, 33_333], 9);
-    let plain: f64 = x
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|&v| (v as f64) * (v as f64))
-        .sum();
-    let fused = sum_of_squares(&x).expect("the CPU path");
-    assert!(
-        (fused - plain).abs() <= 1e-12 * plain,
-        "{fused} against {plain}"
-    );
-}

@@ -24,14 +24,13 @@ pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
     let mut total = 0f64;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            total += match pixart_models::kernels::sum_of_squares(g) {
-                Some(s) => s,
-                None => g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?,
-            };
+            // f32 sums, as before the fused update: the resume test across
+            // world sizes (tests/training.rs) diverged with f64 ones.
+            total += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
         }
     }
     Ok(total.sqrt())
