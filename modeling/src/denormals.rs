@@ -42,16 +42,10 @@ pub fn flush_to_zero() -> bool {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let mut csr: u32 = 0;
-        // SAFETY: stmxcsr/ldmxcsr read and write this thread's SSE control
-        // register. FTZ and DAZ change what subnormal operands and results
+        // SAFETY: FTZ and DAZ change what subnormal operands and results
         // become, nothing else; the module's comment says what that means for
         // values the compiler folds.
-        unsafe {
-            std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags));
-            csr |= FTZ_DAZ;
-            std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly, preserves_flags));
-        }
+        unsafe { write_csr(read_csr() | FTZ_DAZ) };
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -64,17 +58,31 @@ pub fn flush_to_zero() -> bool {
 pub fn flushing() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        let mut csr: u32 = 0;
-        // SAFETY: reads this thread's SSE control register.
-        unsafe {
-            std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags))
-        };
-        csr & FTZ_DAZ == FTZ_DAZ
+        read_csr() & FTZ_DAZ == FTZ_DAZ
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
     }
+}
+
+/// This thread's SSE control and status register.
+#[cfg(target_arch = "x86_64")]
+fn read_csr() -> u32 {
+    let mut csr: u32 = 0;
+    // SAFETY: stmxcsr stores the register into `csr`.
+    unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags)) };
+    csr
+}
+
+/// Loads `csr` into this thread's SSE control and status register.
+///
+/// # Safety
+/// Only FTZ/DAZ may differ from what [`read_csr`] gave: other bits (rounding
+/// mode, exception masks) would change arithmetic the compiler relies on.
+#[cfg(target_arch = "x86_64")]
+unsafe fn write_csr(csr: u32) {
+    std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly, preserves_flags));
 }
 
 #[cfg(test)]
@@ -90,9 +98,9 @@ mod tests {
             if super::flush_to_zero() {
                 assert!(super::flushing());
                 let after = std::hint::black_box(tiny) * std::hint::black_box(0.5f32);
-                // Bits: with DAZ a comparison would read a subnormal as zero.
+                // Bits, not `== 0.0` / `> 0.0`: with DAZ set a comparison
+                // reads a subnormal as zero.
                 assert_eq!(after.to_bits(), 0);
-                // Bits, not `> 0.0`: with DAZ set a comparison reads it as zero.
                 assert!(before.to_bits() != 0 && before.is_subnormal());
             }
         })

@@ -7,8 +7,8 @@
 //!
 //! One file an op family: element-wise activations, layer norm, softmax, the
 //! linear layer, adaLN modulation and gated residuals, multi-head attention,
-//! 2-D convolution, the optimiser's update; `gemm` and `reduce` hold the matrix products and token sums
-//! several of them share.
+//! 2-D convolution, the optimiser's update; `gemm` and `reduce` hold the matrix
+//! products and token sums several of them share.
 
 mod activation;
 mod attention;

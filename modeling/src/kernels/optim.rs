@@ -1,9 +1,7 @@
-//! The optimiser's element-wise work in one pass per tensor: AdamW's update
-//! (moments, bias corrections, decoupled weight decay, a gradient scale for
-//! clipping). As a composition of
-//! candle's ops the update made eleven full-size temporaries per tensor and a
-//! quarter of a small model's training step (BENCHMARKS.md, issue 19); PyTorch
-//! runs it in place.
+//! AdamW's update in one pass per tensor: moments, bias corrections, decoupled
+//! weight decay and a gradient scale for clipping. As a composition of candle's
+//! ops it made eleven full-size temporaries per tensor and a quarter of a small
+//! model's training step (BENCHMARKS.md, issue 19); PyTorch runs it in place.
 //!
 //! The arithmetic is the composition's, operation by operation in f32 (each
 //! `affine` is `x·a + b`), so a step gives the same bits either way.

@@ -120,15 +120,13 @@ impl AdamW {
     ) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
-        let bias1 = 1.0 - self.beta1.powi(t);
-        let bias2 = 1.0 - self.beta2.powi(t);
         let fused = pixart_models::kernels::AdamWStep {
             beta1: self.beta1,
             beta2: self.beta2,
             eps: self.eps,
             decay: 1.0 - lr * self.weight_decay,
-            bias2,
-            step_size: lr / bias1,
+            bias2: 1.0 - self.beta2.powi(t),
+            step_size: lr / (1.0 - self.beta1.powi(t)),
             grad_scale,
         };
         for (v, (m, s)) in vars.iter().zip(self.moments.iter_mut()) {
@@ -149,11 +147,11 @@ impl AdamW {
                 None => g.clone(),
             };
             let p = v.as_tensor().detach();
-            let p = (&p * (1.0 - lr * self.weight_decay))?;
+            let p = (&p * fused.decay)?;
             *m = ((&*m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             *s = ((&*s * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let denom = ((s.sqrt()? / bias2.sqrt())? + self.eps)?;
-            let update = (m.div(&denom)? * (lr / bias1))?;
+            let denom = ((s.sqrt()? / fused.bias2.sqrt())? + self.eps)?;
+            let update = (m.div(&denom)? * fused.step_size)?;
             v.set(&(p - update)?)?;
         }
         Ok(())

@@ -19,16 +19,11 @@ impl IeeeFloats {
     pub(crate) fn enter() -> IeeeFloats {
         #[cfg(target_arch = "x86_64")]
         {
-            let mut saved: u32 = 0;
-            // SAFETY: reads and writes this thread's SSE control register; the
-            // value written differs only in FTZ/DAZ, cleared as in the default
-            // environment the compiler assumes.
-            unsafe {
-                std::arch::asm!("stmxcsr [{}]", in(reg) &mut saved, options(nostack, preserves_flags));
-                if saved & FTZ_DAZ != 0 {
-                    let cleared = saved & !FTZ_DAZ;
-                    std::arch::asm!("ldmxcsr [{}]", in(reg) &cleared, options(nostack, readonly, preserves_flags));
-                }
+            let saved = read_csr();
+            if saved & FTZ_DAZ != 0 {
+                // SAFETY: only FTZ/DAZ change, cleared as in the default
+                // environment the compiler assumes.
+                unsafe { write_csr(saved & !FTZ_DAZ) };
             }
             IeeeFloats { saved }
         }
@@ -43,11 +38,27 @@ impl Drop for IeeeFloats {
         if self.saved & FTZ_DAZ != 0 {
             // SAFETY: puts back the value `enter` read; the guard lives on the
             // stack of the guest call it wraps, on that thread.
-            unsafe {
-                std::arch::asm!("ldmxcsr [{}]", in(reg) &self.saved, options(nostack, readonly, preserves_flags));
-            }
+            unsafe { write_csr(self.saved) };
         }
     }
+}
+
+/// This thread's SSE control and status register.
+#[cfg(target_arch = "x86_64")]
+fn read_csr() -> u32 {
+    let mut csr: u32 = 0;
+    // SAFETY: stmxcsr stores the register into `csr`.
+    unsafe { std::arch::asm!("stmxcsr [{}]", in(reg) &mut csr, options(nostack, preserves_flags)) };
+    csr
+}
+
+/// Loads `csr` into this thread's SSE control and status register.
+///
+/// # Safety
+/// Only FTZ/DAZ may differ from what [`read_csr`] gave.
+#[cfg(target_arch = "x86_64")]
+unsafe fn write_csr(csr: u32) {
+    std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly, preserves_flags));
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
@@ -55,32 +66,21 @@ mod tests {
     use super::*;
     use std::hint::black_box;
 
-    fn csr() -> u32 {
-        let mut c: u32 = 0;
-        // SAFETY: reads this thread's SSE control register.
-        unsafe {
-            std::arch::asm!("stmxcsr [{}]", in(reg) &mut c, options(nostack, preserves_flags))
-        };
-        c
-    }
-
     #[test]
     fn a_guest_call_keeps_subnormals_and_the_caller_gets_its_setting_back() {
         std::thread::spawn(|| {
-            let flushed = csr() | FTZ_DAZ;
+            let flushed = read_csr() | FTZ_DAZ;
             // SAFETY: sets FTZ/DAZ on this test thread only.
-            unsafe {
-                std::arch::asm!("ldmxcsr [{}]", in(reg) &flushed, options(nostack, readonly))
-            };
+            unsafe { write_csr(flushed) };
             let half_min = || black_box(black_box(f32::MIN_POSITIVE) * black_box(0.5f32));
             assert_eq!(half_min().to_bits(), 0);
             {
                 let _ieee = IeeeFloats::enter();
-                assert_eq!(csr() & FTZ_DAZ, 0);
+                assert_eq!(read_csr() & FTZ_DAZ, 0);
                 assert!(half_min().is_subnormal());
             }
             // The control bits; the low six are sticky exception flags.
-            assert_eq!(csr() & !0x3f, flushed & !0x3f);
+            assert_eq!(read_csr() & !0x3f, flushed & !0x3f);
             assert_eq!(half_min().to_bits(), 0);
         })
         .join()
