@@ -60,12 +60,12 @@ fn main() -> ExitCode {
     unsafe { pixart_models::mapped::enable() };
     // Subnormal floats cost Intel cores a microcode assist per instruction (a
     // training step ran 5× slower on a Xeon); every thread that computes flushes
-    // them (`pixart_models::denormals`). rayon's pool is built here so its
+    // them (`pixart_runtime::float_env`). rayon's pool is built here so its
     // threads start that way; a pool that exists already is left as it is.
-    pixart_models::denormals::flush_to_zero();
+    pixart_runtime::float_env::flush_to_zero();
     let _ = rayon::ThreadPoolBuilder::new()
         .start_handler(|_| {
-            pixart_models::denormals::flush_to_zero();
+            pixart_runtime::float_env::flush_to_zero();
         })
         .build_global();
     let args = cli::Cli::parse();
@@ -79,7 +79,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_start(|| {
-            pixart_models::denormals::flush_to_zero();
+            pixart_runtime::float_env::flush_to_zero();
         })
         .build()
     {

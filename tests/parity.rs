@@ -712,8 +712,8 @@ fn training_loss_matches_the_official_objective() {
 
 #[test]
 fn training_forward_equals_inference_and_every_parameter_gets_a_gradient() {
-    // As the CLI runs training: subnormals flushed (pixart_models::denormals).
-    pixart_models::denormals::flush_to_zero();
+    // As the CLI runs training: subnormals flushed (pixart_runtime::float_env).
+    pixart_runtime::float_env::flush_to_zero();
     use pixart_models::pixart::PixArtTransformer;
     use pixart_nodes::training::loss::Diffusion;
     use pixart_runtime::candle_core::Var;
@@ -810,8 +810,8 @@ fn training_forward_equals_inference_and_every_parameter_gets_a_gradient() {
 
 #[test]
 fn optimiser_step_matches_pytorch() {
-    // As the CLI runs training: subnormals flushed (pixart_models::denormals).
-    pixart_models::denormals::flush_to_zero();
+    // As the CLI runs training: subnormals flushed (pixart_runtime::float_env).
+    pixart_runtime::float_env::flush_to_zero();
     use pixart_nodes::training::optim::{clip_grad_norm, warmup_lr, AdamW, Ema};
     use pixart_runtime::candle_core::backprop::GradStore;
     use pixart_runtime::candle_core::Var;
@@ -867,8 +867,8 @@ fn optimiser_step_matches_pytorch() {
 
 #[test]
 fn two_training_steps_match_the_official_loop() {
-    // As the CLI runs training: subnormals flushed (pixart_models::denormals).
-    pixart_models::denormals::flush_to_zero();
+    // As the CLI runs training: subnormals flushed (pixart_runtime::float_env).
+    pixart_runtime::float_env::flush_to_zero();
     use pixart_nodes::training::loss::Diffusion;
     use pixart_nodes::training::model::{Start, TrainModel};
     use pixart_nodes::training::optim::AdamW;

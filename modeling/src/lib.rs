@@ -8,7 +8,6 @@
 //! what the folder layout only suggests).
 
 pub mod clip_image;
-pub mod denormals;
 pub mod kernels;
 pub mod llava;
 pub mod lora;

@@ -6,6 +6,7 @@ pub mod confine;
 pub mod events;
 pub mod executor;
 pub mod export;
+pub mod float_env;
 pub mod fsutil;
 pub mod node;
 pub mod registry;

@@ -14,7 +14,6 @@
 mod cache;
 mod engine;
 mod error;
-mod float_env;
 mod limits;
 mod node;
 mod state;

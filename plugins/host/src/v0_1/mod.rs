@@ -52,7 +52,7 @@ impl Bindings {
     }
 
     pub(crate) fn instantiate(&self, mut store: Store<StoreState>) -> wasmtime::Result<Live> {
-        let _ieee = crate::float_env::IeeeFloats::enter();
+        let _ieee = pixart_runtime::float_env::IeeeFloats::enter();
         let plugin = self.pre.instantiate(&mut store)?;
         Ok(Live { store, plugin })
     }
@@ -66,7 +66,7 @@ pub(crate) struct Live {
 
 impl Live {
     pub(crate) fn describe(&mut self) -> wasmtime::Result<Result<Described, String>> {
-        let _ieee = crate::float_env::IeeeFloats::enter();
+        let _ieee = pixart_runtime::float_env::IeeeFloats::enter();
         let info = self
             .plugin
             .pixart_plugin_plugin()
@@ -87,7 +87,7 @@ impl Live {
             }
         }
         let result = {
-            let _ieee = crate::float_env::IeeeFloats::enter();
+            let _ieee = pixart_runtime::float_env::IeeeFloats::enter();
             self.plugin
                 .pixart_plugin_plugin()
                 .call_run(&mut self.store, node, &args)?

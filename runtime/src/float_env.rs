@@ -1,4 +1,5 @@
-//! Subnormal floats flushed to zero on the threads that run the models.
+//! The threads' floating-point environment: subnormal floats flushed to zero
+//! on the threads that run the models, and kept for WebAssembly guests.
 //!
 //! Intel cores take a microcode assist, ~100+ cycles, for every vector
 //! instruction that reads or makes a subnormal f32 (AMD's Zen cores do not). A
@@ -21,8 +22,9 @@
 //! it folds at compile time keeps a subnormal that the same operation at run
 //! time would flush. Every library that sets FTZ takes that on (PyTorch's
 //! `set_flush_denormal`, oneDNN); here it can move a value under 1.2e-38, no
-//! more. WebAssembly plugins run with the default restored
-//! (`pixart-plugins`' `float_env`).
+//! more. WebAssembly's floats are IEEE 754's, subnormals included, and wasmtime
+//! compiles them to the same SSE instructions: a plugin call runs inside
+//! [`IeeeFloats`], which clears FTZ and DAZ for it and restores them after.
 
 /// MXCSR's flush-to-zero (bit 15) and denormals-are-zero (bit 6).
 #[cfg(target_arch = "x86_64")]
@@ -85,8 +87,46 @@ unsafe fn write_csr(csr: u32) {
     std::arch::asm!("ldmxcsr [{}]", in(reg) &csr, options(nostack, readonly, preserves_flags));
 }
 
+/// While alive, the thread keeps subnormals; dropping it restores the control
+/// register as it was.
+pub struct IeeeFloats {
+    #[cfg(target_arch = "x86_64")]
+    saved: u32,
+}
+
+impl IeeeFloats {
+    pub fn enter() -> IeeeFloats {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let saved = read_csr();
+            if saved & FTZ_DAZ != 0 {
+                // SAFETY: only FTZ/DAZ change, cleared as in the default
+                // environment the compiler assumes.
+                unsafe { write_csr(saved & !FTZ_DAZ) };
+            }
+            IeeeFloats { saved }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        IeeeFloats {}
+    }
+}
+
+impl Drop for IeeeFloats {
+    fn drop(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        if self.saved & FTZ_DAZ != 0 {
+            // SAFETY: puts back the value `enter` read; the guard lives on the
+            // stack of the guest call it wraps, on that thread.
+            unsafe { write_csr(self.saved) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::hint::black_box;
+
     #[test]
     fn subnormals_become_zero_on_a_flushing_thread() {
         std::thread::spawn(|| {
@@ -95,8 +135,8 @@ mod tests {
             // keeps the product from moving past the control-register write.
             let before =
                 std::hint::black_box(std::hint::black_box(tiny) * std::hint::black_box(0.5f32));
-            if super::flush_to_zero() {
-                assert!(super::flushing());
+            if flush_to_zero() {
+                assert!(flushing());
                 let after = std::hint::black_box(tiny) * std::hint::black_box(0.5f32);
                 // Bits, not `== 0.0` / `> 0.0`: with DAZ set a comparison
                 // reads a subnormal as zero.
@@ -107,6 +147,28 @@ mod tests {
         .join()
         .expect("test thread");
         // Other threads are untouched.
-        assert!(!super::flushing());
+        assert!(!flushing());
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn a_guest_call_keeps_subnormals_and_the_caller_gets_its_setting_back() {
+        std::thread::spawn(|| {
+            let flushed = read_csr() | FTZ_DAZ;
+            // SAFETY: sets FTZ/DAZ on this test thread only.
+            unsafe { write_csr(flushed) };
+            let half_min = || black_box(black_box(f32::MIN_POSITIVE) * black_box(0.5f32));
+            assert_eq!(half_min().to_bits(), 0);
+            {
+                let _ieee = IeeeFloats::enter();
+                assert_eq!(read_csr() & FTZ_DAZ, 0);
+                assert!(half_min().is_subnormal());
+            }
+            // The control bits; the low six are sticky exception flags.
+            assert_eq!(read_csr() & !0x3f, flushed & !0x3f);
+            assert_eq!(half_min().to_bits(), 0);
+        })
+        .join()
+        .expect("test thread");
     }
 }
