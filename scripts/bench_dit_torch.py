@@ -16,6 +16,7 @@ import statistics
 import time
 
 import torch
+import torch_precision
 
 
 def build_model():
@@ -62,9 +63,11 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    torch_precision.add_argument(ap)
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
+    torch_precision.apply(args)
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
 
@@ -90,6 +93,7 @@ def main():
         "bench": "pixart_dit_forward_torch",
         "config": "12 layers, hidden 384 (6x64), 32x32 latents, patch 2, caption 4096, batch 2, 120 tokens (20/120 valid), f32",
         "threads": args.threads,
+        "fp32_precision": args.fp32_precision,
         "repeat": args.repeat,
         "warmup": args.warmup,
         "median_ms": round(statistics.median(times), 2),

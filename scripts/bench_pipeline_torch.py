@@ -19,6 +19,7 @@ import statistics
 import time
 
 import torch
+import torch_precision
 
 
 def main():
@@ -34,9 +35,11 @@ def main():
         help="drop the text encoder once the prompts are encoded (del + gc, as low-memory users do)",
     )
     ap.add_argument("--prompt", default="a small cactus with a happy face in the sahara desert")
+    torch_precision.add_argument(ap)
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
+    torch_precision.apply(args)
     torch.set_num_interop_threads(1)
     from diffusers import PixArtAlphaPipeline
 
@@ -93,6 +96,7 @@ def main():
                 "size": args.size,
                 "steps": args.steps,
                 "threads": args.threads,
+                "fp32_precision": args.fp32_precision,
                 "release_text_encoder": args.release_text_encoder,
                 "load_s": round(load_s, 3),
                 "t5_s": round(t5_s, 3),

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch_precision
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "fixtures")]
@@ -36,12 +37,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    torch_precision.add_argument(ap)
     args = ap.parse_args()
 
     # The fixture module sets one interop thread on import (it may be set only once).
     from generate import OfficialIDDPM, official_training_losses
 
     torch.set_num_threads(args.threads)
+    torch_precision.apply(args)
     torch.use_deterministic_algorithms(False)  # the fixtures want it; a benchmark should not
     torch.manual_seed(0)
 
@@ -81,6 +84,7 @@ def main():
         "bench": "pixart_train_step_torch",
         "config": "12 layers, hidden 384 (6x64), 32x32 latents, patch 2, caption 4096, batch 2, 120 tokens, f32",
         "threads": args.threads,
+        "fp32_precision": args.fp32_precision,
         "repeat": args.repeat,
         "median_ms": round(statistics.median(times), 2),
         "min_ms": round(min(times), 2),

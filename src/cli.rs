@@ -24,6 +24,25 @@ pub struct Cli {
     /// $PIXART_PLUGINS, else ~/.local/share/pixart/plugins when it exists.
     #[arg(long, global = true, value_name = "DIR")]
     plugins: Option<PathBuf>,
+    /// How the CPU computes f32 matrix products: `f32` (the default, what the
+    /// parity tests hold), or `bf16`: operands rounded to bf16, sums in f32, on
+    /// AMX tiles (Intel Sapphire Rapids and later; f32 elsewhere), as PyTorch's
+    /// `fp32_precision = "bf16"`. Default: $PIXART_MATMUL_PRECISION, else f32.
+    #[arg(long, global = true, value_name = "f32|bf16")]
+    matmul_precision: Option<String>,
+}
+
+/// The `--matmul-precision` in force: the flag, else the environment, else f32.
+fn matmul_precision(flag: Option<String>) -> Result<pixart_models::kernels::MatmulPrecision> {
+    use pixart_models::kernels::MatmulPrecision;
+    let value = flag.or_else(|| std::env::var("PIXART_MATMUL_PRECISION").ok());
+    match value.as_deref().map(str::trim) {
+        None | Some("") | Some("f32") | Some("highest") => Ok(MatmulPrecision::F32),
+        Some("bf16") => Ok(MatmulPrecision::Bf16),
+        Some(other) => anyhow::bail!(
+            "matmul precision {other:?}: expected f32 or bf16 (--matmul-precision or PIXART_MATMUL_PRECISION)"
+        ),
+    }
 }
 
 #[derive(Subcommand)]
@@ -101,6 +120,13 @@ pub fn registry() -> Registry {
 
 pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
     crate::plugins::set_dir(cli.plugins).map_err(anyhow::Error::msg)?;
+    let precision = matmul_precision(cli.matmul_precision)?;
+    if precision == pixart_models::kernels::MatmulPrecision::Bf16
+        && !pixart_models::kernels::bf16_tiles_available()
+    {
+        tracing::warn!("bf16 matmul precision asked for, but this CPU has no AMX bf16 tiles: products stay f32");
+    }
+    pixart_models::kernels::set_matmul_precision(precision);
     match cli.command {
         Command::Run {
             workflow,

@@ -1,6 +1,45 @@
 //! The matrix product the fused ops are built on: gemm's kernels on raw strided
 //! buffers, split over rayon's threads when large or run on the calling thread
-//! (inside a task that already owns one block of a parallel loop).
+//! (inside a task that already owns one block of a parallel loop); or, where the
+//! process asked for bf16 products and the CPU has AMX, on bf16 tiles.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// How the kernels compute f32 matrix products: PyTorch's `fp32_precision`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    /// f32 throughout: what the parity tests hold the models to.
+    F32,
+    /// Operands rounded to bf16 (8 significant bits), products and sums in f32,
+    /// on AMX tiles where the CPU has them (Intel Sapphire Rapids and later);
+    /// elsewhere the products stay f32. Weights and activations stay f32 in
+    /// memory: only the inputs of each product are rounded.
+    Bf16,
+}
+
+static PRECISION: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the precision of every later product in this process.
+pub fn set_matmul_precision(precision: MatmulPrecision) {
+    PRECISION.store(precision as u8, Ordering::Relaxed);
+}
+
+/// The precision products run at now.
+pub fn matmul_precision() -> MatmulPrecision {
+    match PRECISION.load(Ordering::Relaxed) {
+        0 => MatmulPrecision::F32,
+        _ => MatmulPrecision::Bf16,
+    }
+}
+
+/// Whether [`MatmulPrecision::Bf16`] has bf16 tiles to run on here; without
+/// them it computes in f32.
+pub fn bf16_tiles_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::amx::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
 
 /// Who computes a product.
 #[derive(Clone, Copy, PartialEq)]
@@ -54,6 +93,22 @@ pub(super) unsafe fn matmul(
     (rhs_rs, rhs_cs): (usize, usize),
     how: Product,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if matmul_precision() == MatmulPrecision::Bf16
+        && super::amx::worth_it(m, n, k)
+        && super::amx::available()
+    {
+        return super::amx::matmul(
+            (m, n, k),
+            dst,
+            (dst_rs, dst_cs),
+            lhs,
+            (lhs_rs, lhs_cs),
+            rhs,
+            (rhs_rs, rhs_cs),
+            how,
+        );
+    }
     let threads = rayon::current_num_threads();
     let parallelism = if how.threads == Threads::Split && threads > 1 && m * n * k >= 1 << 18 {
         gemm::Parallelism::Rayon(threads)

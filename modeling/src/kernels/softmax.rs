@@ -70,7 +70,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Row-wise softmax of `p` (rows of `width`) after adding `bias` to each row.
-/// Max and sum in eight lanes so the compiler vectorises them. With `inverse`,
+/// Max and sum in sixteen lanes so the compiler vectorises them (one AVX-512
+/// register, two AVX2 ones). With `inverse`,
 /// the rows are left as exp(s − max) and each row's 1/Σ goes into `inverse`
 /// instead (the caller scales something smaller than the row: attention's
 /// output row), saving a pass over the scores.
@@ -81,10 +82,10 @@ fn softmax_rows(p: &mut [f32], width: usize, bias: Option<&[f32]>, inverse: Opti
         if let Some(bias) = bias {
             row.iter_mut().zip(bias).for_each(|(s, b)| *s += b);
         }
-        let mut lanes = [f32::NEG_INFINITY; 8];
-        let mut chunks = row.chunks_exact(8);
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let mut chunks = row.chunks_exact(LANES);
         for c in &mut chunks {
-            for i in 0..8 {
+            for i in 0..LANES {
                 lanes[i] = lanes[i].max(c[i]);
             }
         }
@@ -94,10 +95,10 @@ fn softmax_rows(p: &mut [f32], width: usize, bias: Option<&[f32]>, inverse: Opti
             .chain(&lanes)
             .copied()
             .fold(f32::NEG_INFINITY, f32::max);
-        let mut sums = [0f32; 8];
-        let mut chunks = row.chunks_exact_mut(8);
+        let mut sums = [0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
         for c in &mut chunks {
-            for i in 0..8 {
+            for i in 0..LANES {
                 c[i] = exp_f32(c[i] - max);
                 sums[i] += c[i];
             }
@@ -113,6 +114,19 @@ fn softmax_rows(p: &mut [f32], width: usize, bias: Option<&[f32]>, inverse: Opti
             None => row.iter_mut().for_each(|s| *s *= inv),
         }
     }
+}
+
+const LANES: usize = 16;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn softmax_rows_avx512(
+    p: &mut [f32],
+    width: usize,
+    bias: Option<&[f32]>,
+    inverse: Option<&mut [f32]>,
+) {
+    softmax_rows(p, width, bias, inverse)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -147,6 +161,11 @@ fn softmax_rows_with(
     bias: Option<&[f32]>,
     inverse: Option<&mut [f32]>,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports the features the function was compiled for.
+        return unsafe { softmax_rows_avx512(p, width, bias, inverse) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports the features the function was compiled for.

@@ -497,3 +497,16 @@ fn fused_adamw_gives_the_compositions_bits() {
         .unwrap()
         .is_none());
 }
+
+#[test]
+fn fast_exp_is_within_a_few_ulp_of_exp() {
+    let mut worst = 0f64;
+    for i in 0..=200_000 {
+        let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+        let exact = (x as f64).exp();
+        worst = worst.max((activation::exp_f32(x) as f64 - exact).abs() / exact);
+    }
+    assert!(worst < 4e-7, "relative error {worst:e}");
+    assert_eq!(activation::exp_f32(0.0), 1.0);
+    assert_eq!(activation::exp_f32(-1000.0), activation::exp_f32(-87.0));
+}
