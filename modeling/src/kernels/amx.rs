@@ -132,122 +132,154 @@ impl Strided {
     }
 }
 
-/// Packs rows `r0..r0+16` (those below `m`) of A `[m×k]` into `panel`: one 16×32
-/// bf16 tile per 32 columns of k, rows 64 bytes apart, zeros past the matrix.
+/// Packs one tile of A `[m×k]`: rows `r0..r0+16` (`r0 < m`), depth tile `kt`;
+/// 16 rows of 32 bf16, 64 bytes apart, zeros past the matrix.
 ///
 /// # Safety
-/// `a` must address an `m×k` matrix; `panel` holds `k_tiles` tiles.
+/// `a` must address an `m×k` matrix; `tile` holds [`TILE_ELEMS`] values.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_a_panel(a: Strided, m: usize, k: usize, r0: usize, panel: &mut [u16]) {
+unsafe fn pack_a_tile(a: Strided, (m, k): (usize, usize), r0: usize, kt: usize, tile: &mut [u16]) {
     let rows = (m - r0).min(TILE_ROWS);
-    let k_tiles = k.div_ceil(TILE_K);
-    if !(a.cs == 1 && rows == TILE_ROWS) {
-        // Only full rows read along k write every element, padding included.
-        panel.fill(0);
-    }
+    let k0 = kt * TILE_K;
     if a.cs == 1 {
-        for r in 0..rows {
-            let src = a.ptr.add((r0 + r) * a.rs);
-            for kt in 0..k_tiles {
-                let k0 = kt * TILE_K;
+        for r in 0..TILE_ROWS {
+            let row = if r < rows {
+                let src = a.ptr.add((r0 + r) * a.rs);
                 let lo = load_f32x16(src.wrapping_add(k0), k.saturating_sub(k0));
                 let hi = load_f32x16(src.wrapping_add(k0 + 16), k.saturating_sub(k0 + 16));
-                let packed = _mm512_cvtne2ps_pbh(hi, lo);
-                let dst = panel.as_mut_ptr().add(kt * TILE_ELEMS + r * TILE_K);
-                _mm512_storeu_si512(dst.cast(), std::mem::transmute::<__m512bh, __m512i>(packed));
-            }
+                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+            } else {
+                _mm512_setzero_si512()
+            };
+            _mm512_storeu_si512(tile.as_mut_ptr().add(r * TILE_K).cast(), row);
         }
     } else if a.rs == 1 {
         // Columns are contiguous (a transposed operand, as dyᵀ in a weight
-        // gradient): convert 16 rows of one column at a time.
-        let mut column = [0u16; 16];
-        for c in 0..k {
-            let v = load_f32x16(a.ptr.add(r0 + c * a.cs), rows);
-            let h = _mm512_cvtneps_pbh(v);
-            _mm256_storeu_si256(
-                column.as_mut_ptr().cast(),
-                std::mem::transmute::<__m256bh, __m256i>(h),
-            );
-            let base = (c / TILE_K) * TILE_ELEMS + c % TILE_K;
-            for (r, &x) in column.iter().take(rows).enumerate() {
-                panel[base + r * TILE_K] = x;
+        // gradient): two columns make one pair per row; 16 pairs of 16 rows
+        // are transposed into the tile's rows.
+        let interleave = interleave_pairs();
+        let column = |c: usize| {
+            if c < k {
+                load_f32x16(a.ptr.add(r0 + c * a.cs), rows)
+            } else {
+                _mm512_setzero_ps()
             }
+        };
+        let mut pairs = [_mm512_setzero_si512(); 16];
+        for (p, pair) in pairs.iter_mut().enumerate() {
+            let c = k0 + 2 * p;
+            let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(
+                column(c + 1),
+                column(c),
+            ));
+            *pair = _mm512_permutexvar_epi16(interleave, both);
+        }
+        for (r, row) in transpose_16x16(pairs).iter().enumerate() {
+            _mm512_storeu_si512(tile.as_mut_ptr().add(r * TILE_K).cast(), *row);
         }
     } else {
+        tile.fill(0);
         for r in 0..rows {
-            for c in 0..k {
-                panel[(c / TILE_K) * TILE_ELEMS + r * TILE_K + c % TILE_K] =
-                    to_bf16(a.at(r0 + r, c));
+            for (j, c) in (k0..k.min(k0 + TILE_K)).enumerate() {
+                tile[r * TILE_K + j] = to_bf16(a.at(r0 + r, c));
             }
         }
     }
 }
 
-/// Packs columns `c0..c0+16` (those below `n`) of B `[k×n]` into `panel` in the
-/// pair-interleaved order `tdpbf16ps` reads: per 32 rows of k, a tile whose row
-/// `p` holds, for each column, the bf16 pair (B[2p][c], B[2p+1][c]).
+/// Packs one tile of B `[k×n]`: columns `c0..c0+16` (`c0 < n`), depth tile
+/// `kt`, in the pair-interleaved order `tdpbf16ps` reads: tile row `p` holds,
+/// for each column, the bf16 pair (B[2p][c], B[2p+1][c]) of the tile's rows.
 ///
 /// # Safety
-/// `b` must address a `k×n` matrix; `panel` holds `k_tiles` tiles.
+/// `b` must address a `k×n` matrix; `tile` holds [`TILE_ELEMS`] values.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn pack_b_panel(b: Strided, k: usize, n: usize, c0: usize, panel: &mut [u16]) {
+unsafe fn pack_b_tile(b: Strided, (k, n): (usize, usize), c0: usize, kt: usize, tile: &mut [u16]) {
     let cols = (n - c0).min(TILE_ROWS);
-    let k_tiles = k.div_ceil(TILE_K);
-    if !(b.cs == 1 || (b.rs == 1 && cols == TILE_ROWS)) {
-        // The other paths leave the padding as it was.
-        panel.fill(0);
-    }
+    let k0 = kt * TILE_K;
     if b.rs == 1 {
         // Each column is contiguous along k (a weight `[O, K]` read as Wᵀ): 32
-        // values of a column make the 16 pairs of one tile column.
-        let pair_rows = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(TILE_ROWS as i32),
-        );
-        for c in 0..cols {
+        // values of a column are its 16 pairs; 16 columns are transposed into
+        // the tile's rows.
+        let mut columns = [_mm512_setzero_si512(); 16];
+        for (c, column) in columns.iter_mut().take(cols).enumerate() {
             let src = b.ptr.add((c0 + c) * b.cs);
-            for kt in 0..k_tiles {
-                let k0 = kt * TILE_K;
-                let lo = load_f32x16(src.wrapping_add(k0), k.saturating_sub(k0));
-                let hi = load_f32x16(src.wrapping_add(k0 + 16), k.saturating_sub(k0 + 16));
-                let pairs = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-                let dst = panel.as_mut_ptr().add(kt * TILE_ELEMS + 2 * c);
-                _mm512_i32scatter_epi32::<4>(dst.cast(), pair_rows, pairs);
-            }
+            let lo = load_f32x16(src.wrapping_add(k0), k.saturating_sub(k0));
+            let hi = load_f32x16(src.wrapping_add(k0 + 16), k.saturating_sub(k0 + 16));
+            *column = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+        }
+        for (p, row) in transpose_16x16(columns).iter().enumerate() {
+            _mm512_storeu_si512(tile.as_mut_ptr().add(p * TILE_K).cast(), *row);
         }
     } else if b.cs == 1 {
         // Rows are contiguous along n: two rows of k interleave into one tile row.
-        let interleave = _mm512_set_epi16(
-            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
-            4, 19, 3, 18, 2, 17, 1, 16, 0,
-        );
-        for kt in 0..k_tiles {
-            for p in 0..TILE_ROWS {
-                let r = kt * TILE_K + 2 * p;
-                let even = if r < k {
-                    load_f32x16(b.ptr.add(r * b.rs + c0), cols)
-                } else {
-                    _mm512_setzero_ps()
-                };
-                let odd = if r + 1 < k {
-                    load_f32x16(b.ptr.add((r + 1) * b.rs + c0), cols)
-                } else {
-                    _mm512_setzero_ps()
-                };
-                let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(odd, even));
-                let row = _mm512_permutexvar_epi16(interleave, both);
-                let dst = panel.as_mut_ptr().add(kt * TILE_ELEMS + p * TILE_K);
-                _mm512_storeu_si512(dst.cast(), row);
+        let interleave = interleave_pairs();
+        let row = |r: usize| {
+            if r < k {
+                load_f32x16(b.ptr.add(r * b.rs + c0), cols)
+            } else {
+                _mm512_setzero_ps()
             }
+        };
+        for p in 0..TILE_ROWS {
+            let r = k0 + 2 * p;
+            let both =
+                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(row(r + 1), row(r)));
+            let pairs = _mm512_permutexvar_epi16(interleave, both);
+            _mm512_storeu_si512(tile.as_mut_ptr().add(p * TILE_K).cast(), pairs);
         }
     } else {
-        for r in 0..k {
+        tile.fill(0);
+        for r in k0..k.min(k0 + TILE_K) {
             for c in 0..cols {
-                panel[(r / TILE_K) * TILE_ELEMS + (r % TILE_K) / 2 * TILE_K + 2 * c + r % 2] =
-                    to_bf16(b.at(r, c0 + c));
+                tile[(r - k0) / 2 * TILE_K + 2 * c + (r - k0) % 2] = to_bf16(b.at(r, c0 + c));
             }
         }
     }
+}
+
+/// The index vector that interleaves two 16-value halves: (x0, y0, x1, y1, …)
+/// from (x0…x15, y0…y15).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn interleave_pairs() -> __m512i {
+    _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    )
+}
+
+/// The transpose of a 16×16 matrix of 32-bit values held one row a register:
+/// pairs within 128-bit lanes, then quadruples, then the lanes themselves.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose_16x16(rows: [__m512i; 16]) -> [__m512i; 16] {
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(rows[2 * i], rows[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(rows[2 * i], rows[2 * i + 1]);
+    }
+    // u[4i + j], lane l: column 4l + j of rows 4i..4i+4.
+    let mut u = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    let mut out = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        // Lanes (0, 2) and (1, 3) of rows 0–7, then of rows 8–15.
+        let v0 = _mm512_shuffle_i32x4::<0x88>(u[j], u[4 + j]);
+        let v1 = _mm512_shuffle_i32x4::<0xDD>(u[j], u[4 + j]);
+        let w0 = _mm512_shuffle_i32x4::<0x88>(u[8 + j], u[12 + j]);
+        let w1 = _mm512_shuffle_i32x4::<0xDD>(u[8 + j], u[12 + j]);
+        out[j] = _mm512_shuffle_i32x4::<0x88>(v0, w0);
+        out[4 + j] = _mm512_shuffle_i32x4::<0x88>(v1, w1);
+        out[8 + j] = _mm512_shuffle_i32x4::<0xDD>(v0, w0);
+        out[12 + j] = _mm512_shuffle_i32x4::<0xDD>(v1, w1);
+    }
+    out
 }
 
 /// Up to 16 f32 from `src` (the first `available` of them), zeros after.
@@ -425,9 +457,10 @@ pub(super) unsafe fn matmul(
                 rs: rhs_rs,
                 cs: rhs_cs,
             };
-            let packed_b = pack(packed_b, nb, kb, parallel, |panel, c0| {
-                // SAFETY: the caller's matrix; the panel is this column tile's.
-                unsafe { pack_b_panel(b, kb, nb, c0, panel) }
+            let along_depth = b.cs == 1 && b.rs != 1;
+            let packed_b = pack(packed_b, (nb, kb), parallel, along_depth, |tile, c0, kt| {
+                // SAFETY: the caller's matrix; the tile is this block's.
+                unsafe { pack_b_tile(b, (kb, nb), c0, kt, tile) }
             });
             for m0 in (0..m).step_by(BLOCK_M) {
                 let mb = BLOCK_M.min(m - m0);
@@ -436,9 +469,10 @@ pub(super) unsafe fn matmul(
                     rs: lhs_rs,
                     cs: lhs_cs,
                 };
-                let packed_a = pack(packed_a, mb, kb, parallel, |panel, r0| {
-                    // SAFETY: as above, for a row tile of A.
-                    unsafe { pack_a_panel(a, mb, kb, r0, panel) }
+                let along_depth = a.rs == 1 && a.cs != 1;
+                let packed_a = pack(packed_a, (mb, kb), parallel, along_depth, |tile, r0, kt| {
+                    // SAFETY: as above, for a tile of A.
+                    unsafe { pack_a_tile(a, (mb, kb), r0, kt, tile) }
                 });
                 let out = Dst {
                     ptr: dst.wrapping_add(m0 * dst_rs + n0 * dst_cs),
@@ -453,30 +487,76 @@ pub(super) unsafe fn matmul(
 
 /// Packs the `tiles` side (rows of A or columns of B) of a `tiles × depth`
 /// operand block, 16 at a time, into whole 32-wide panels of `buffer`; returns
-/// the part used.
+/// the part used. `along_depth`: the operand's memory rows run along the depth
+/// (dyᵀ, or B stored row by row), so tiles go depth tile by depth tile, each
+/// reading the same 32 memory rows from start to end, instead of panel by panel
+/// down every row.
 fn pack(
     buffer: &mut [u16],
-    tiles: usize,
-    depth: usize,
+    (tiles, depth): (usize, usize),
     parallel: bool,
-    pack_tile: impl Fn(&mut [u16], usize) + Sync,
+    along_depth: bool,
+    pack_tile: impl Fn(&mut [u16], usize, usize) + Sync,
 ) -> &[u16] {
     use rayon::prelude::*;
-    let tile_len = depth.div_ceil(TILE_K) * TILE_ELEMS;
-    let used = &mut buffer[..tiles.div_ceil(PANEL) * 2 * tile_len];
-    let one = |(i, tile): (usize, &mut [u16])| {
+    let k_tiles = depth.div_ceil(TILE_K);
+    let panel_len = k_tiles * TILE_ELEMS;
+    let used = &mut buffer[..tiles.div_ceil(PANEL) * 2 * panel_len];
+    let one = |tile: &mut [u16], i: usize, kt: usize| {
         if i * TILE_ROWS < tiles {
-            pack_tile(tile, i * TILE_ROWS)
+            pack_tile(tile, i * TILE_ROWS, kt)
         } else {
             tile.fill(0);
         }
     };
-    if parallel {
-        used.par_chunks_mut(tile_len).enumerate().for_each(one);
+    if along_depth {
+        let count = used.len() / panel_len;
+        let base = SharedMut(used.as_mut_ptr());
+        let depth_tile = |kt: usize| {
+            for i in 0..count {
+                // SAFETY: tile (i, kt) lies in `used`, and only this task
+                // writes it.
+                let tile = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        base.ptr().add(i * panel_len + kt * TILE_ELEMS),
+                        TILE_ELEMS,
+                    )
+                };
+                one(tile, i, kt);
+            }
+        };
+        if parallel {
+            (0..k_tiles).into_par_iter().for_each(depth_tile);
+        } else {
+            (0..k_tiles).for_each(depth_tile);
+        }
     } else {
-        used.chunks_mut(tile_len).enumerate().for_each(one);
+        let panel = |(i, panel): (usize, &mut [u16])| {
+            for (kt, tile) in panel.chunks_mut(TILE_ELEMS).enumerate() {
+                one(tile, i, kt);
+            }
+        };
+        if parallel {
+            used.par_chunks_mut(panel_len).enumerate().for_each(panel);
+        } else {
+            used.chunks_mut(panel_len).enumerate().for_each(panel);
+        }
     }
     used
+}
+
+/// The packing buffer, shared by tasks that write disjoint tiles of it.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut u16);
+// SAFETY: each task writes only its own tiles.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// A method, so closures capture the whole (Send) wrapper.
+    fn ptr(&self) -> *mut u16 {
+        self.0
+    }
 }
 
 /// `dst (+)= beta·A·B` for packed blocks A `m×k` and B `k×n` (`k ≥ 1`), in jobs
