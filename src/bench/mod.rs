@@ -336,7 +336,8 @@ fn dit(repeat: usize, device: &str) -> Result<ExitCode> {
     let min = *times.iter().min().unwrap_or(&Duration::ZERO);
     let med = median(times);
     println!(
-        "{{\"bench\": \"pixart_dit_forward\", \"device\": \"{device}\", \"threads\": {threads}, \"repeat\": {repeat}, \"median_ms\": {:.2}, \"min_ms\": {:.2}}}",
+        "{{\"bench\": \"pixart_dit_forward\", \"device\": \"{device}\", \"threads\": {threads}, \"matmul_precision\": \"{}\", \"repeat\": {repeat}, \"median_ms\": {:.2}, \"min_ms\": {:.2}}}",
+        precision_label(),
         med.as_secs_f64() * 1e3,
         min.as_secs_f64() * 1e3
     );
@@ -478,12 +479,13 @@ fn train(args: &BenchArgs) -> Result<ExitCode> {
     let min = *times.iter().min().unwrap_or(&Duration::ZERO);
     let med = median(times);
     println!(
-        "{{\"bench\": \"pixart_train_step\", \"config\": \"{}\", \"lora_rank\": {}, \"batch\": {}, \"accumulate\": {}, \"grad_checkpoint\": {}, \"trainable\": {trainable}, \"device\": \"{device}\", \"threads\": {threads}, \"repeat\": {repeat}, \"median_ms\": {:.2}, \"min_ms\": {:.2}, \"peak_rss_mib\": {:.0}, \"rss_before_steps_mib\": {before:.0}}}",
+        "{{\"bench\": \"pixart_train_step\", \"config\": \"{}\", \"lora_rank\": {}, \"batch\": {}, \"accumulate\": {}, \"grad_checkpoint\": {}, \"trainable\": {trainable}, \"device\": \"{device}\", \"threads\": {threads}, \"matmul_precision\": \"{}\", \"repeat\": {repeat}, \"median_ms\": {:.2}, \"min_ms\": {:.2}, \"peak_rss_mib\": {:.0}, \"rss_before_steps_mib\": {before:.0}}}",
         args.train_config,
         args.lora_rank,
         args.batch.max(1),
         plan.micro_batches,
         plan.checkpoint,
+        precision_label(),
         med.as_secs_f64() * 1e3,
         min.as_secs_f64() * 1e3,
         peak_rss_mib(),
@@ -609,4 +611,14 @@ fn caption(model: &std::path::Path, tokens: usize, repeat: usize) -> Result<Exit
         })
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The matmul precision the figures were measured at, as the JSON records it.
+pub(crate) fn precision_label() -> &'static str {
+    use pixart_models::kernels::{bf16_tiles_available, matmul_precision, MatmulPrecision};
+    match matmul_precision() {
+        MatmulPrecision::F32 => "f32",
+        MatmulPrecision::Bf16 if bf16_tiles_available() => "bf16",
+        MatmulPrecision::Bf16 => "f32 (bf16 asked for; no AMX)",
+    }
 }

@@ -116,6 +116,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         "text_weights": args.text_weights,
         "memory": args.memory,
         "device": args.device,
+        "matmul_precision": super::precision_label(),
         "threads": threads,
         "load_s": round(load_s),
         "t5_s": round(t5_s),

@@ -38,6 +38,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         "dtype": args.dtype,
         "text_weights": args.text_weights,
         "device": args.device,
+        "matmul_precision": super::precision_label(),
         "threads": pixart_runtime::candle_core::utils::get_num_threads(),
         "load_s": round(load_s),
         "t5_s": round(t5_s),
