@@ -327,6 +327,19 @@ impl Projection {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.transposed && self.scales.is_none() && crate::kernels::bf16_products() {
+            // bf16 tiles pack the stored `[out, in]` layout as fast as the
+            // transposed one: a late transposition would only cost time and a
+            // second copy of the weights.
+            let (weight, ready) = self
+                .weight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if !ready {
+                return crate::kernels::linear_inference(&Linear::new(weight, None), x);
+            }
+        }
         let weight = self.weight()?;
         if let Some(scales) = &self.scales {
             crate::kernels::linear_int8_inference(&weight, scales, self.transposed, x)

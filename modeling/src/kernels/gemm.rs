@@ -32,6 +32,12 @@ pub fn matmul_precision() -> MatmulPrecision {
     }
 }
 
+/// Whether large products run on bf16 tiles now: [`MatmulPrecision::Bf16`] is
+/// set and the CPU has them.
+pub fn bf16_products() -> bool {
+    matmul_precision() == MatmulPrecision::Bf16 && bf16_tiles_available()
+}
+
 /// Whether [`MatmulPrecision::Bf16`] has bf16 tiles to run on here; without
 /// them it computes in f32.
 pub fn bf16_tiles_available() -> bool {

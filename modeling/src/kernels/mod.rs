@@ -29,7 +29,9 @@ mod winograd;
 pub use activation::{gelu, gelu_inference};
 pub use attention::{attention, attention_composed};
 pub use conv::{conv2d, conv2d_upsampled};
-pub use gemm::{bf16_tiles_available, matmul_precision, set_matmul_precision, MatmulPrecision};
+pub use gemm::{
+    bf16_products, bf16_tiles_available, matmul_precision, set_matmul_precision, MatmulPrecision,
+};
 pub use linear::{
     dequantize_int8, linear, linear_inference, linear_int8_inference, linear_transposed_inference,
 };
