@@ -122,9 +122,11 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
     crate::plugins::set_dir(cli.plugins).map_err(anyhow::Error::msg)?;
     let precision = matmul_precision(cli.matmul_precision)?;
     if precision == pixart_models::kernels::MatmulPrecision::Bf16
-        && !pixart_models::kernels::bf16_tiles_available()
+        && pixart_models::kernels::bf16_engine().is_none()
     {
-        tracing::warn!("bf16 matmul precision asked for, but this CPU has no AMX bf16 tiles: products stay f32");
+        tracing::warn!(
+            "bf16 matmul precision asked for, but this CPU has no AMX tiles: products stay f32"
+        );
     }
     pixart_models::kernels::set_matmul_precision(precision);
     match cli.command {

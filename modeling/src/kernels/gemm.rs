@@ -1,7 +1,7 @@
 //! The matrix product the fused ops are built on: gemm's kernels on raw strided
 //! buffers, split over rayon's threads when large or run on the calling thread
 //! (inside a task that already owns one block of a parallel loop); or, where the
-//! process asked for bf16 products and the CPU has AMX, on bf16 tiles.
+//! process asked for bf16 products and the CPU has an engine for them, in bf16.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -12,7 +12,8 @@ pub enum MatmulPrecision {
     F32,
     /// Operands rounded to bf16 (8 significant bits), products and sums in f32,
     /// on AMX tiles where the CPU has them (Intel Sapphire Rapids and later);
-    /// elsewhere the products stay f32. Weights and activations stay f32 in
+    /// elsewhere the products stay f32 (unless `PIXART_BF16_ENGINE=avx512_bf16`
+    /// asks for AVX512_BF16 dot products). Weights and activations stay f32 in
     /// memory: only the inputs of each product are rounded.
     Bf16,
 }
@@ -32,19 +33,19 @@ pub fn matmul_precision() -> MatmulPrecision {
     }
 }
 
-/// Whether large products run on bf16 tiles now: [`MatmulPrecision::Bf16`] is
-/// set and the CPU has them.
+/// Whether large products run in bf16 now: [`MatmulPrecision::Bf16`] is set
+/// and the CPU has an engine for it.
 pub fn bf16_products() -> bool {
-    matmul_precision() == MatmulPrecision::Bf16 && bf16_tiles_available()
+    matmul_precision() == MatmulPrecision::Bf16 && bf16_engine().is_some()
 }
 
-/// Whether [`MatmulPrecision::Bf16`] has bf16 tiles to run on here; without
-/// them it computes in f32.
-pub fn bf16_tiles_available() -> bool {
+/// What runs [`MatmulPrecision::Bf16`] products here: `"AMX"` (tiles),
+/// `"AVX512_BF16"` (dot products), or `None`, where they stay f32.
+pub fn bf16_engine() -> Option<&'static str> {
     #[cfg(target_arch = "x86_64")]
-    return super::amx::available();
+    return super::bf16::engine().map(super::bf16::Engine::name);
     #[cfg(not(target_arch = "x86_64"))]
-    false
+    None
 }
 
 /// Who computes a product.
@@ -100,20 +101,20 @@ pub(super) unsafe fn matmul(
     how: Product,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if matmul_precision() == MatmulPrecision::Bf16
-        && super::amx::worth_it(m, n, k)
-        && super::amx::available()
-    {
-        return super::amx::matmul(
-            (m, n, k),
-            dst,
-            (dst_rs, dst_cs),
-            lhs,
-            (lhs_rs, lhs_cs),
-            rhs,
-            (rhs_rs, rhs_cs),
-            how,
-        );
+    if matmul_precision() == MatmulPrecision::Bf16 && super::bf16::worth_it(m, n, k) {
+        if let Some(engine) = super::bf16::engine() {
+            return super::bf16::matmul(
+                engine,
+                (m, n, k),
+                dst,
+                (dst_rs, dst_cs),
+                lhs,
+                (lhs_rs, lhs_cs),
+                rhs,
+                (rhs_rs, rhs_cs),
+                how,
+            );
+        }
     }
     let threads = rayon::current_num_threads();
     let parallelism = if how.threads == Threads::Split && threads > 1 && m * n * k >= 1 << 18 {

@@ -11,9 +11,9 @@
 //! products and token sums several of them share.
 
 mod activation;
-#[cfg(target_arch = "x86_64")]
-mod amx;
 mod attention;
+#[cfg(target_arch = "x86_64")]
+mod bf16;
 mod conv;
 mod gemm;
 mod linear;
@@ -30,7 +30,7 @@ pub use activation::{gelu, gelu_inference};
 pub use attention::{attention, attention_composed};
 pub use conv::{conv2d, conv2d_upsampled};
 pub use gemm::{
-    bf16_products, bf16_tiles_available, matmul_precision, set_matmul_precision, MatmulPrecision,
+    bf16_engine, bf16_products, matmul_precision, set_matmul_precision, MatmulPrecision,
 };
 pub use linear::{
     dequantize_int8, linear, linear_inference, linear_int8_inference, linear_transposed_inference,

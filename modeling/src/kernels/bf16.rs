@@ -1,13 +1,18 @@
-//! Matrix products in bf16 on Intel's AMX tiles, with f32 accumulation: the
-//! `bf16` [`MatmulPrecision`](super::MatmulPrecision), PyTorch's
+//! Matrix products in bf16 with f32 accumulation: the `bf16`
+//! [`MatmulPrecision`](super::MatmulPrecision), PyTorch's
 //! `fp32_precision = "bf16"` for oneDNN. Both operands are rounded to bf16
-//! (nearest even) while they are packed into tile order; every product and sum
-//! after that is f32, so the result is the f32 product of the rounded operands up
-//! to summation order.
+//! (nearest even) while they are packed; every product and sum after that is
+//! f32, so the result is the f32 product of the rounded operands up to
+//! summation order.
 //!
-//! A tile multiply (`tdpbf16ps`) does 16×16×32 multiply-adds. A Sapphire Rapids
-//! core runs it at about 3.8 TFLOP/s, twenty times its f32 FMA peak; what is left
-//! to pay is packing the operands, O(m·k + k·n) against O(m·n·k).
+//! Two engines read the same packed operands:
+//! - AMX tiles (Intel Sapphire Rapids and later): one `tdpbf16ps` does
+//!   16×16×32 multiply-adds; a Sapphire Rapids core runs it at about
+//!   3.8 TFLOP/s, twenty times its f32 FMA peak.
+//! - AVX512_BF16 dot products, on request only (see [`engine`]): one
+//!   `vdpbf16ps` does 16×2 multiply-adds, twice an f32 FMA's.
+//!
+//! What is left to pay is packing the operands, O(m·k + k·n) against O(m·n·k).
 
 use super::gemm::Product;
 use std::arch::asm;
@@ -32,18 +37,60 @@ const BLOCK_M: usize = 512;
 const BLOCK_K: usize = 2048;
 const BLOCK_N: usize = 2048;
 
-/// Whether this CPU and OS run AMX bf16 products (checked once). Linux hands the
-/// 8 KiB tile state only to processes that ask for it, so asking is part of it.
-pub(super) fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(detect)
+/// What computes bf16 products on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Engine {
+    /// AMX tiles.
+    Tiles,
+    /// AVX512_BF16 dot products in zmm registers.
+    Dot,
 }
 
-#[cfg(target_os = "linux")]
-fn detect() -> bool {
-    if !is_x86_feature_detected!("avx512bf16") || !is_x86_feature_detected!("avx512bw") {
-        return false;
+impl Engine {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Engine::Tiles => "AMX",
+            Engine::Dot => "AVX512_BF16",
+        }
     }
+}
+
+/// The engine this CPU and OS offer, if any (checked once): AMX where the CPU
+/// has it and Linux grants the tile state. The AVX512_BF16 dot products only
+/// where `PIXART_BF16_ENGINE=avx512_bf16` asks for them. On a Sapphire Rapids
+/// core they ran `bench dit` 1.5× slower than f32, since one `vdpbf16ps` a cycle
+/// is no more multiply-adds than two f32 FMAs. They are not yet measured on the
+/// AMD cores (Zen 4, Zen 5) that could run them at twice f32's rate.
+pub(super) fn engine() -> Option<Engine> {
+    static ENGINE: OnceLock<Option<Engine>> = OnceLock::new();
+    *ENGINE.get_or_init(detect)
+}
+
+fn detect() -> Option<Engine> {
+    if !is_x86_feature_detected!("avx512bf16") || !is_x86_feature_detected!("avx512bw") {
+        return None;
+    }
+    let dot_asked = std::env::var("PIXART_BF16_ENGINE")
+        .is_ok_and(|v| v.trim().eq_ignore_ascii_case("avx512_bf16"));
+    if dot_asked {
+        Some(Engine::Dot)
+    } else if tiles_granted() {
+        Some(Engine::Tiles)
+    } else {
+        None
+    }
+}
+
+/// Whether the CPU has AVX512_BF16, which [`Engine::Dot`] needs (tests).
+#[cfg(test)]
+fn dot_available() -> bool {
+    is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw")
+}
+
+/// Whether the CPU has AMX-BF16 and the OS lets this process use the tiles:
+/// Linux hands the 8 KiB tile state only to processes that ask for it.
+#[cfg(target_os = "linux")]
+fn tiles_granted() -> bool {
     // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
     let leaf = __cpuid_count(7, 0);
     if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
@@ -62,7 +109,7 @@ fn detect() -> bool {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn detect() -> bool {
+fn tiles_granted() -> bool {
     false
 }
 
@@ -410,9 +457,11 @@ unsafe impl Sync for Dst {}
 /// most) whatever the matrices.
 ///
 /// # Safety
-/// As for [`super::gemm::matmul`]; and [`available`] must have returned true.
+/// As for [`super::gemm::matmul`]; and `engine` must be what [`engine`]
+/// returned (or [`Engine::Dot`] where it returned [`Engine::Tiles`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn matmul(
+    engine: Engine,
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     (dst_rs, dst_cs): (usize, usize),
@@ -479,7 +528,14 @@ pub(super) unsafe fn matmul(
                     rs: dst_rs,
                     cs: dst_cs,
                 };
-                multiply(packed_a, packed_b, (mb, nb, kb), out, how, parallel);
+                multiply(
+                    engine,
+                    (packed_a, packed_b),
+                    (mb, nb, kb),
+                    out,
+                    how,
+                    parallel,
+                );
             }
         }
     }
@@ -562,8 +618,8 @@ impl SharedMut {
 /// `dst (+)= beta·A·B` for packed blocks A `m×k` and B `k×n` (`k ≥ 1`), in jobs
 /// of 128 rows × 256 columns.
 fn multiply(
-    packed_a: &[u16],
-    packed_b: &[u16],
+    engine: Engine,
+    (packed_a, packed_b): (&[u16], &[u16]),
     (m, n, k): (usize, usize, usize),
     out: Dst,
     how: Product,
@@ -579,34 +635,69 @@ fn multiply(
     let job = |j: usize| {
         let (jm, jn) = (j % jobs_m, j / jobs_m);
         let mut block = [0f32; PANEL * PANEL];
-        // SAFETY: AMX is available (the caller's contract); the configuration
-        // is loaded on the thread that runs the tiles and released after. The
-        // packed blocks hold whole panels of k_tiles tiles; this job writes
-        // only its own block of the result.
+        // SAFETY: the engine is this CPU's (the caller's contract); AMX's
+        // configuration is loaded on the thread that runs the tiles and
+        // released after. The packed blocks hold whole panels of k_tiles
+        // tiles; this job writes only its own block of the result.
         unsafe {
-            asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack));
+            if engine == Engine::Tiles {
+                asm!("ldtilecfg [{}]", in(reg) &CONFIG as *const TileConfig, options(nostack));
+            }
             for pn in jn * JOB_N_PANELS..((jn + 1) * JOB_N_PANELS).min(n_panels) {
                 let b0 = packed_b.as_ptr().add(2 * pn * tile_len);
                 for pm in jm * JOB_M_PANELS..((jm + 1) * JOB_M_PANELS).min(m_panels) {
                     let a0 = packed_a.as_ptr().add(2 * pm * tile_len);
-                    micro_kernel(
-                        a0,
-                        a0.add(tile_len),
-                        b0,
-                        b0.add(tile_len),
-                        k_tiles,
-                        &mut block,
-                    );
+                    let (a1, b1) = (a0.add(tile_len), b0.add(tile_len));
+                    match engine {
+                        Engine::Tiles => micro_kernel(a0, a1, b0, b1, k_tiles, &mut block),
+                        Engine::Dot => {
+                            let c = block.as_mut_ptr();
+                            dot_kernel(a0, b0, k_tiles, c);
+                            dot_kernel(a0, b1, k_tiles, c.add(16));
+                            dot_kernel(a1, b0, k_tiles, c.add(16 * PANEL));
+                            dot_kernel(a1, b1, k_tiles, c.add(16 * PANEL + 16));
+                        }
+                    }
                     write_block(&block, out, (pm * PANEL, pn * PANEL), (m, n), how);
                 }
             }
-            asm!("tilerelease", options(nostack));
+            if engine == Engine::Tiles {
+                asm!("tilerelease", options(nostack));
+            }
         }
     };
     if parallel {
         (0..jobs_m * jobs_n).into_par_iter().for_each(job);
     } else {
         (0..jobs_m * jobs_n).for_each(job);
+    }
+}
+
+/// A 16×16 block of A·B with AVX512_BF16 from one packed A tile column `a` and
+/// one packed B tile column `b` (`k_tiles` tiles each), into `out` (rows
+/// [`PANEL`] apart). Each of the 16 accumulators is one row of the block: per
+/// k-pair, `vdpbf16ps` adds that row's pair of A, broadcast, times the B tile
+/// row holding the pair for every column.
+///
+/// # Safety
+/// `a` and `b` must hold `k_tiles ≥ 1` tiles; `out` 16 rows of 16.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dot_kernel(a: *const u16, b: *const u16, k_tiles: usize, out: *mut f32) {
+    let mut acc = [_mm512_setzero_ps(); TILE_ROWS];
+    for kt in 0..k_tiles {
+        let (at, bt) = (a.add(kt * TILE_ELEMS), b.add(kt * TILE_ELEMS));
+        for p in 0..TILE_ROWS {
+            let column_pairs = _mm512_loadu_si512(bt.add(p * TILE_K).cast());
+            let column_pairs = std::mem::transmute::<__m512i, __m512bh>(column_pairs);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let pair = at.add(r * TILE_K + 2 * p).cast::<i32>().read_unaligned();
+                let row_pair = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair));
+                *acc = _mm512_dpbf16_ps(*acc, row_pair, column_pairs);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out.add(r * PANEL), *acc);
     }
 }
 
@@ -692,18 +783,38 @@ mod tests {
         f32::from_bits((to_bf16(x) as u32) << 16) as f64
     }
 
-    /// Every element of the tile product equals the product of the operands
-    /// rounded to bf16, summed in f64, up to f32 summation error (relative to
-    /// Σ|a·b| of that element); and the rounding itself costs about 2⁻⁸.
-    fn check(
+    /// The engines this CPU can run: AMX tiles where it has them, and the
+    /// AVX512_BF16 dot products wherever the CPU has that (every AMX CPU does).
+    fn engines() -> Vec<Engine> {
+        let mut engines = Vec::new();
+        if engine() == Some(Engine::Tiles) {
+            engines.push(Engine::Tiles);
+        }
+        if dot_available() {
+            engines.push(Engine::Dot);
+        }
+        if engines.is_empty() {
+            eprintln!("no AMX or AVX512_BF16 on this CPU: bf16 products not exercised");
+        }
+        engines
+    }
+
+    /// For each engine, every element of the product equals the product of the
+    /// operands rounded to bf16, summed in f64, up to f32 summation error
+    /// (relative to Σ|a·b| of that element); and the rounding itself costs
+    /// about 2⁻⁸.
+    fn check(dims: (usize, usize, usize), layout: (bool, bool, usize), how: Product) {
+        for engine in engines() {
+            check_engine(engine, dims, layout, how);
+        }
+    }
+
+    fn check_engine(
+        engine: Engine,
         (m, n, k): (usize, usize, usize),
         (a_col_major, b_col_major, gap): (bool, bool, usize),
         how: Product,
     ) {
-        if !available() {
-            eprintln!("no AMX bf16 tiles on this CPU: tile products not exercised");
-            return;
-        }
         let a = Matrix::new(m, k, a_col_major, gap, 1);
         let b = Matrix::new(k, n, b_col_major, gap, 2);
         let (dst_rs, dst_cs) = if gap > 1 { (1, m + 3) } else { (n, 1) };
@@ -717,6 +828,7 @@ mod tests {
         // SAFETY: every matrix lies in its buffer at its strides.
         unsafe {
             matmul(
+                engine,
                 (m, n, k),
                 dst.as_mut_ptr(),
                 (dst_rs, dst_cs),
@@ -756,7 +868,7 @@ mod tests {
     }
 
     #[test]
-    fn tile_products_equal_the_rounded_f32_product() {
+    fn bf16_products_equal_the_rounded_f32_product() {
         let plain = Product {
             beta: 1.0,
             accumulate: false,
