@@ -616,9 +616,11 @@ fn caption(model: &std::path::Path, tokens: usize, repeat: usize) -> Result<Exit
 /// The matmul precision the figures were measured at, as the JSON records it.
 pub(crate) fn precision_label() -> String {
     use pixart_models::kernels::{bf16_engine, matmul_precision, MatmulPrecision};
-    match (matmul_precision(), bf16_engine()) {
-        (MatmulPrecision::F32, _) => "f32".into(),
-        (MatmulPrecision::Bf16, Some(engine)) => format!("bf16 ({engine})"),
-        (MatmulPrecision::Bf16, None) => "f32 (bf16 asked for; no AMX)".into(),
+    match matmul_precision() {
+        MatmulPrecision::F32 => "f32".into(),
+        MatmulPrecision::Bf16 => match bf16_engine() {
+            Some(engine) => format!("bf16 ({engine})"),
+            None => "f32 (bf16 asked for; no AMX)".into(),
+        },
     }
 }

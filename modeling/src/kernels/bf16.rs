@@ -906,6 +906,18 @@ mod tests {
         check((600, 40, 2100), (false, true, 1), plain);
         check((40, 2100, 40), (false, false, 1), plain);
         check((33, 35, 2100), (true, false, 1), scaled_sum);
+        // Larger than a block with each operand read across its rows, no unit
+        // stride over several depth blocks, and depth-major packing on one thread.
+        check((600, 40, 70), (true, false, 1), plain);
+        check((40, 2100, 40), (false, true, 1), plain);
+        check((40, 40, 2100), (false, false, 2), plain);
+        check((45, 37, 130), (true, false, 1), one);
+        // A scale without accumulation (attention's 1/√d).
+        let scaled = Product {
+            beta: 0.125,
+            ..plain
+        };
+        check((64, 100, 72), (false, true, 1), scaled);
         check((3, 2, 0), (false, false, 1), plain);
         check((3, 2, 0), (false, false, 1), scaled_sum);
         check((45, 37, 130), (false, true, 2), scaled_sum);
