@@ -14,10 +14,19 @@
 //!
 //! What is left to pay is packing the operands, O(m·k + k·n) against O(m·n·k).
 
-use super::gemm::Product;
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
+
+/// How a product is written: `dst = beta·A·B`, or with `accumulate`
+/// `dst += beta·A·B`; `parallel` splits it over rayon's threads. (The caller's
+/// `Product`, seen from here: this module imports nothing of its caller.)
+#[derive(Clone, Copy)]
+pub(super) struct Write {
+    pub beta: f32,
+    pub accumulate: bool,
+    pub parallel: bool,
+}
 
 /// Rows of an A or C tile, and k-pairs of a B tile.
 const TILE_ROWS: usize = 16;
@@ -451,13 +460,13 @@ unsafe impl Send for Dst {}
 unsafe impl Sync for Dst {}
 
 /// `dst[m×n] (+)= beta·lhs[m×k]·rhs[k×n]` in bf16 tiles, as `how` says; the
-/// same contract as [`super::gemm::matmul`]. Blocked as GotoBLAS does: a block
+/// same contract as the kernels' `gemm::matmul`. Blocked as GotoBLAS does: a block
 /// of B (`BLOCK_K × BLOCK_N`) is packed once and multiplied by each block of A
 /// (`BLOCK_M × BLOCK_K`) in turn, so the packed copies stay small (10 MiB at
 /// most) whatever the matrices.
 ///
 /// # Safety
-/// As for [`super::gemm::matmul`]; and `engine` must be what [`engine`]
+/// As for the kernels' `gemm::matmul`; and `engine` must be what [`engine`]
 /// returned (or [`Engine::Dot`] where it returned [`Engine::Tiles`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn matmul(
@@ -469,7 +478,7 @@ pub(super) unsafe fn matmul(
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: *const f32,
     (rhs_rs, rhs_cs): (usize, usize),
-    how: Product,
+    how: Write,
 ) {
     if k == 0 {
         // An empty sum: zeros, or the destination as it is.
@@ -482,7 +491,7 @@ pub(super) unsafe fn matmul(
         }
         return;
     }
-    let parallel = how.threads == super::gemm::Threads::Split && rayon::current_num_threads() > 1;
+    let parallel = how.parallel && rayon::current_num_threads() > 1;
     let a_panel_len = BLOCK_K.min(k).div_ceil(TILE_K) * TILE_ELEMS;
     let a_len = BLOCK_M.min(m).div_ceil(PANEL) * 2 * a_panel_len;
     let b_len = BLOCK_N.min(n).div_ceil(PANEL) * 2 * a_panel_len;
@@ -496,7 +505,7 @@ pub(super) unsafe fn matmul(
             let how = if k0 == 0 {
                 how
             } else {
-                Product {
+                Write {
                     accumulate: true,
                     ..how
                 }
@@ -622,7 +631,7 @@ fn multiply(
     (packed_a, packed_b): (&[u16], &[u16]),
     (m, n, k): (usize, usize, usize),
     out: Dst,
-    how: Product,
+    how: Write,
     parallel: bool,
 ) {
     use rayon::prelude::*;
@@ -711,7 +720,7 @@ unsafe fn write_block(
     dst: Dst,
     (r0, c0): (usize, usize),
     (m, n): (usize, usize),
-    how: Product,
+    how: Write,
 ) {
     let rows = (m - r0).min(PANEL);
     let cols = (n - c0).min(PANEL);
@@ -745,7 +754,6 @@ unsafe fn write_block(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::gemm::Threads;
 
     /// A matrix stored in a buffer at strides (rs, cs), filled with values of
     /// mixed sign and magnitude.
@@ -803,7 +811,7 @@ mod tests {
     /// operands rounded to bf16, summed in f64, up to f32 summation error
     /// (relative to Σ|a·b| of that element); and the rounding itself costs
     /// about 2⁻⁸.
-    fn check(dims: (usize, usize, usize), layout: (bool, bool, usize), how: Product) {
+    fn check(dims: (usize, usize, usize), layout: (bool, bool, usize), how: Write) {
         for engine in engines() {
             check_engine(engine, dims, layout, how);
         }
@@ -813,7 +821,7 @@ mod tests {
         engine: Engine,
         (m, n, k): (usize, usize, usize),
         (a_col_major, b_col_major, gap): (bool, bool, usize),
-        how: Product,
+        how: Write,
     ) {
         let a = Matrix::new(m, k, a_col_major, gap, 1);
         let b = Matrix::new(k, n, b_col_major, gap, 2);
@@ -869,19 +877,19 @@ mod tests {
 
     #[test]
     fn bf16_products_equal_the_rounded_f32_product() {
-        let plain = Product {
+        let plain = Write {
             beta: 1.0,
             accumulate: false,
-            threads: Threads::Split,
+            parallel: true,
         };
-        let one = Product {
-            threads: Threads::One,
+        let one = Write {
+            parallel: false,
             ..plain
         };
-        let scaled_sum = Product {
+        let scaled_sum = Write {
             beta: -0.5,
             accumulate: true,
-            threads: Threads::Split,
+            parallel: true,
         };
         // Square, ragged in every direction, one element, and longer than a job.
         for dims in [
@@ -913,7 +921,7 @@ mod tests {
         check((40, 40, 2100), (false, false, 2), plain);
         check((45, 37, 130), (true, false, 1), one);
         // A scale without accumulation (attention's 1/√d).
-        let scaled = Product {
+        let scaled = Write {
             beta: 0.125,
             ..plain
         };

@@ -112,7 +112,11 @@ pub(super) unsafe fn matmul(
                 (lhs_rs, lhs_cs),
                 rhs,
                 (rhs_rs, rhs_cs),
-                how,
+                super::bf16::Write {
+                    beta: how.beta,
+                    accumulate: how.accumulate,
+                    parallel: how.threads == Threads::Split,
+                },
             );
         }
     }
