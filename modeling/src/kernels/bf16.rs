@@ -14,6 +14,7 @@
 //!
 //! What is left to pay is packing the operands, O(m·k + k·n) against O(m·n·k).
 
+use super::Shared;
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
@@ -576,7 +577,7 @@ fn pack(
     };
     if along_depth {
         let count = used.len() / panel_len;
-        let base = SharedMut(used.as_mut_ptr());
+        let base = Shared(used.as_mut_ptr());
         let depth_tile = |kt: usize| {
             for i in 0..count {
                 // SAFETY: tile (i, kt) lies in `used`, and only this task
@@ -608,20 +609,6 @@ fn pack(
         }
     }
     used
-}
-
-/// The packing buffer, shared by tasks that write disjoint tiles of it.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut u16);
-// SAFETY: each task writes only its own tiles.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// A method, so closures capture the whole (Send) wrapper.
-    fn ptr(&self) -> *mut u16 {
-        self.0
-    }
 }
 
 /// `dst (+)= beta·A·B` for packed blocks A `m×k` and B `k×n` (`k ≥ 1`), in jobs

@@ -96,15 +96,21 @@ fn bnd(l: &Layout) -> Result<(usize, usize, usize)> {
 }
 
 /// A raw pointer shared by tasks that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
+struct Shared<T = f32>(*mut T);
 // SAFETY: users give each task a part of the buffer no other task touches.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
 
-impl Shared {
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Shared<T> {}
+
+impl<T> Shared<T> {
     /// A method, so closures capture the whole (Send) wrapper, not the bare pointer.
-    fn ptr(&self) -> *mut f32 {
+    fn ptr(&self) -> *mut T {
         self.0
     }
 }
