@@ -19,21 +19,25 @@ import torch
 import torch_precision
 
 
-def build_model():
+# The benchmark transformer, and PixArt-XL/2 (as `pixart bench train --train-config xl`).
+CONFIGS = {
+    "dit": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, cross_attention_dim=384),
+    "xl": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, cross_attention_dim=1152),
+}
+
+
+def build_model(config="dit", sample_size=32):
     """The benchmark transformer, random weights everywhere (the zero-initialised layers too)."""
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(0)
     model = PixArtTransformer2DModel(
-        sample_size=32,
-        num_layers=12,
-        num_attention_heads=6,
-        attention_head_dim=64,
+        sample_size=sample_size,
+        **CONFIGS[config],
         in_channels=4,
         out_channels=8,
         patch_size=2,
         caption_channels=4096,
-        cross_attention_dim=384,
         norm_type="ada_norm_single",
         norm_elementwise_affine=False,
         norm_eps=1e-6,
@@ -47,9 +51,9 @@ def build_model():
     return model
 
 
-def inputs():
+def inputs(latent=32):
     """Latents [2, 4, 32, 32], text [2, 120, 4096] with 20 and 120 valid tokens, t = [999, 500]."""
-    x = torch.randn(2, 4, 32, 32)
+    x = torch.randn(2, 4, latent, latent)
     text = torch.randn(2, 120, 4096)
     mask = torch.zeros(2, 120, dtype=torch.int64)
     mask[0, :20] = 1

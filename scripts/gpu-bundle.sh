@@ -6,18 +6,20 @@
 #
 # build needs: nvcc on PATH (e.g. `pip install nvidia-cuda-nvcc==13.0.88
 # nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime~=13.0.0
-# nvidia-cuda-cccl~=13.0.0 nvidia-curand==10.4.0.35` in a venv outside the repo);
+# nvidia-cuda-cccl~=13.0.0 nvidia-curand==10.4.0.35 nvidia-cublas~=13.0.0
+# nvidia-cuda-nvrtc~=13.0.0 nvidia-nccl-cu13` in a venv outside the repo);
 # match nvcc to the GPU machine's driver: PTX from a newer nvcc does not load on an
 # older driver. CUDA_LIBS: directories holding libcublas.so.13, libcublasLt.so.13,
-# libnvrtc.so.13, libcurand.so.10 and libcudart.so.13 (a toolkit's lib64, or the
-# nvidia/cu13/lib of pip wheels). libcuda.so.1 comes with the driver, which a
+# libnvrtc.so.13, libcurand.so.10, libcudart.so.13 and libnccl.so.2 (a toolkit's
+# lib64, or the nvidia/cu13/lib and nvidia/nccl/lib of pip wheels). The bundle is
+# built with the `nccl` feature (multi-GPU training's gradient sums). libcuda.so.1 comes with the driver, which a
 # GPU-less machine lacks: we link against a stub (empty functions, soname
 # libcuda.so.1); the real driver library is loaded on the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target-cuda}
 bundle=$CARGO_TARGET_DIR/bundle
-libs="libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13 libcurand.so.10 libcudart.so.13"
+libs="libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13 libcurand.so.10 libcudart.so.13 libnccl.so.2"
 # findlib NAME DIR...: the first DIR/NAME that exists.
 findlib() { local so=$1 d; shift; for d; do [ -e "$d/$so" ] && echo "$d/$so" && return; done; return 1; }
 
@@ -41,9 +43,9 @@ build() {
     sort -u >"$link/stubs/libcuda_stub.c"
   cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$link/stubs/libcuda.so" "$link/stubs/libcuda_stub.c"
 
-  cargo build --release --features cuda
+  cargo build --release --features nccl
   # The test binary's path is printed as JSON; keep the executable.
-  test_exe=$(cargo test --release --features cuda --test parity --no-run --message-format=json |
+  test_exe=$(cargo test --release --features nccl --test parity --no-run --message-format=json |
     grep '"kind":\["test"\]' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
   # Stripped, each is ~57 MB (33 MB of it candle's sm_XX kernels): gzip keeps the
   # two under a 64 MiB transfer (~15 MB each).
@@ -77,6 +79,18 @@ run() {
   "$bundle/pixart" bench dit --device cuda --repeat "${REPEAT_CUDA:-20}" || st=$?
   echo "== bench train (forward, loss, backward, clip, AdamW), cuda"
   "$bundle/pixart" bench train --device cuda --repeat "${REPEAT_CUDA:-20}" || st=$?
+  echo "== bench train: PixArt-XL/2 at 512 px, batch 2, f32 and bf16 mixed precision, cuda"
+  for mp in no bf16; do
+    "$bundle/pixart" bench train --device cuda --train-config xl --train-size 512 --batch 2 \
+      --mixed-precision "$mp" --repeat "${REPEAT_XL:-10}" || st=$?
+  done
+  if python3 -c 'import torch, diffusers; assert torch.cuda.is_available()' 2>/dev/null; then
+    echo "== the same steps in PyTorch (diffusers; autocast bf16 for mixed precision)"
+    for mp in no bf16; do
+      python3 scripts/bench_train_torch.py --device cuda --config xl --size 512 --batch 2 \
+        --mixed-precision "$mp" --repeat "${REPEAT_XL:-10}" || st=$?
+    done
+  fi
   echo "== bench dit, cpu"
   RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-$(nproc)} "$bundle/pixart" bench dit --device cpu --repeat "${REPEAT_CPU:-5}" || st=$?
   echo "== txt2img on cuda"

@@ -992,6 +992,138 @@ fn accumulated_and_checkpointed_steps_equal_the_plain_step() {
     }
 }
 
+/// Mixed precision (issue 24): a step computed in bf16 from the f32 master
+/// weights is the f32 step up to bf16's rounding. The gradients arrive in f32
+/// on the f32 variables, and they differ from f32's (bf16 did run).
+///
+/// Bounds: bf16 keeps 8 significant bits (relative rounding 2⁻⁹ ≈ 2e-3 per
+/// value); through the tiny transformer's layers and the backward pass that
+/// grows to a few times that, most in the queries' and keys' gradients (the
+/// softmax's backward subtracts nearly equal terms). PyTorch's autocast to
+/// bf16 on this fixture: loss 3e-4 from f32's, gradients up to 2.5e-2 (to_q).
+/// Ours: loss 1e-3, gradients up to 2.1e-2 (4.6e-2 for the ControlNet's to_q).
+/// The loss is held within 2⁻⁶ and every gradient within 2⁻⁴ of its largest.
+#[test]
+fn a_bf16_mixed_precision_step_is_the_f32_step_up_to_bf16_rounding() {
+    use pixart_nodes::training::model::{Start, TrainModel};
+    use pixart_nodes::training::step::StepPlan;
+    let (cfg, weights) = tiny_transformer();
+    let tm = TrainModel::new(&cfg, Start::Tensors(&weights), 0, 0, &[], &dev()).unwrap();
+    let batch = fixture_batch(&reference("train_step.safetensors"));
+    for checkpoint in [false, true] {
+        let plan = StepPlan {
+            micro_batches: 1,
+            checkpoint,
+        };
+        assert_bf16_step_near_f32(&format!("checkpoint {checkpoint}"), &tm, &batch, plan);
+    }
+}
+
+/// Mixed precision for what trains beside a frozen transformer: a LoRA's and a
+/// ControlNet's bf16 steps are their f32 steps within the bounds above.
+#[test]
+fn lora_and_controlnet_bf16_mixed_precision_steps_are_their_f32_steps_up_to_bf16_rounding() {
+    use pixart_nodes::training::model::{LoraSpec, TrainModel};
+    let (cfg, weights) = tiny_transformer();
+    let mut batch = fixture_batch(&reference("train_step.safetensors"));
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: 4.0,
+        targets: ["to_q", "to_k", "to_v", "to_out.0"]
+            .map(String::from)
+            .to_vec(),
+    };
+    let lora = TrainModel::new_lora(&cfg, &weights, &spec, None, 0, &dev()).unwrap();
+    // B starts at zero, which would leave A without a gradient: give it values.
+    fill(&lora, "lora_B.weight", 0.1);
+    assert_bf16_step_near_f32("LoRA", &lora, &batch, Default::default());
+    let controlnet = TrainModel::new_controlnet(&cfg, &weights, 1, None, &dev()).unwrap();
+    // So do the zero-initialised projections for the copied block.
+    fill(&controlnet, "_proj.", 0.2);
+    batch.control = Some((&batch.x0 * 0.5).unwrap());
+    assert_bf16_step_near_f32("ControlNet", &controlnet, &batch, Default::default());
+}
+
+/// Sets the parameters whose names contain `part` to spread values in ±scale/2.
+fn fill(tm: &pixart_nodes::training::model::TrainModel, part: &str, scale: f32) {
+    for p in tm.params.iter().filter(|p| p.name.contains(part)) {
+        let t = p.var.as_tensor();
+        let v: Vec<f32> = (0..t.elem_count())
+            .map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * scale)
+            .collect();
+        p.var
+            .set(&Tensor::from_vec(v, t.shape(), &dev()).unwrap())
+            .unwrap();
+    }
+}
+
+/// `tm`'s step on `batch` computed in bf16 (its `compute_copy`) against the
+/// same step in f32: loss within 2⁻⁶, gradients f32 and within 2⁻⁴ of their
+/// largest value, and not all equal.
+fn assert_bf16_step_near_f32(
+    what: &str,
+    tm: &pixart_nodes::training::model::TrainModel,
+    batch: &pixart_nodes::training::step::Batch,
+    plan: pixart_nodes::training::step::StepPlan,
+) {
+    use pixart_nodes::training::loss::Diffusion;
+    use pixart_nodes::training::step::share_gradients;
+    let diffusion = Diffusion::linear(1e-4, 0.02, 1000);
+    let (b, vars) = (batch.t.len(), tm.trainable());
+    let step = |model, net| share_gradients(model, net, &diffusion, batch, b, &vars, plan).unwrap();
+    let (f32_terms, f32_loss, f32_grads) = step(&tm.model, tm.controlnet.as_ref());
+    let (model, net) = tm.compute_copy(DType::BF16).unwrap();
+    assert_eq!(model.dtype(), DType::BF16, "{what}");
+    assert_eq!(net.is_some(), tm.controlnet.is_some(), "{what}");
+    let (terms, loss, grads) = step(&model, net.as_ref());
+    let tol = 1.0 / 64.0;
+    assert!(
+        (loss / f32_loss - 1.0).abs() < tol,
+        "{what}: loss {loss} vs f32 {f32_loss}"
+    );
+    assert_close(
+        &format!("{what}: per-sample loss"),
+        &terms.loss,
+        &f32_terms.loss,
+        tol as f32,
+    );
+    let mut largest = 0f32;
+    for p in &tm.params {
+        assert_eq!(
+            p.var.dtype(),
+            DType::F32,
+            "{what}: master weight {}",
+            p.name
+        );
+        let g = grads.get(p.var.as_tensor()).unwrap();
+        assert_eq!(g.dtype(), DType::F32, "{what}: gradient of {}", p.name);
+        let want = f32_grads.get(p.var.as_tensor()).unwrap();
+        if analytically_zero(&p.name) {
+            continue;
+        }
+        assert!(
+            common::abs_max(want) > 0.0,
+            "{what}: {} has no gradient",
+            p.name
+        );
+        let e = common::rel_err(g, want);
+        largest = largest.max(e);
+        assert!(
+            e <= 1.0 / 16.0,
+            "{what}: gradient of {}: relative error {e:e}",
+            p.name
+        );
+    }
+    assert!(
+        largest > 0.0,
+        "{what}: the gradients equal f32's: bf16 did not run"
+    );
+    eprintln!(
+        "{what}: bf16 loss {:e} from f32's, largest gradient error {largest:e}",
+        loss / f32_loss - 1.0
+    );
+}
+
 /// The training fixture's batch (`train_step.safetensors`).
 fn fixture_batch(r: &HashMap<String, Tensor>) -> pixart_nodes::training::step::Batch {
     pixart_nodes::training::step::Batch {
@@ -1192,4 +1324,42 @@ fn dmd_one_step_matches_diffusers() {
     // More than one step is a clear error, not a silently wrong picture.
     let err = choice.config.start("dmd", 20).err().unwrap();
     assert!(err.contains("exactly one step"), "{err}");
+}
+
+/// The NCCL path of multi-GPU training (issue 24) on a machine with one GPU: a
+/// communicator of this process alone sums tensors in place (a whole buffer and
+/// a slice of one, as the gradients' flat buffer is), which leaves their values
+/// as they are; what it cannot sum is refused with a message.
+#[cfg(feature = "nccl")]
+#[test]
+fn nccl_sums_on_the_gpu_in_a_communicator_of_one() {
+    use pixart_nodes::distributed::Nccl;
+    let Device::Cuda(cuda) = dev() else {
+        eprintln!("skipped: NCCL needs PIXART_TEST_DEVICE=cuda");
+        return;
+    };
+    let nccl = Nccl::single(&cuda).unwrap();
+    let values: Vec<f32> = (0..4099).map(|i| i as f32 * 0.25 - 300.0).collect();
+    let whole = Tensor::from_vec(values.clone(), values.len(), &dev()).unwrap();
+    nccl.sum_in_place(&whole).unwrap();
+    assert_eq!(whole.to_vec1::<f32>().unwrap(), values);
+    let part = whole.narrow(0, 1000, 77).unwrap();
+    nccl.sum_in_place(&part).unwrap();
+    assert_eq!(part.to_vec1::<f32>().unwrap(), values[1000..1077]);
+    let strided = whole
+        .narrow(0, 0, 4096)
+        .unwrap()
+        .reshape((64, 64))
+        .unwrap()
+        .t()
+        .unwrap();
+    assert!(nccl
+        .sum_in_place(&strided)
+        .unwrap_err()
+        .contains("contiguous f32"));
+    let half = whole.to_dtype(DType::F16).unwrap();
+    assert!(nccl
+        .sum_in_place(&half)
+        .unwrap_err()
+        .contains("contiguous f32"));
 }

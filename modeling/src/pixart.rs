@@ -935,6 +935,30 @@ impl PixArtTransformer {
         Ok(pos)
     }
 
+    /// The latents `[B, C, H, W]` as patch tokens `[B, H/p · W/p, D]`: the
+    /// patch embedding, a convolution with stride = kernel = p.
+    fn patch_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        if !(x.dtype() == DType::BF16 && x.device().is_cpu()) {
+            return self.proj.forward(x)?.flatten_from(2)?.transpose(1, 2);
+        }
+        // candle's CPU convolution has no bf16 kernel, while its matmul has one:
+        // the same convolution as patches times the flattened kernel.
+        let (b, c, h, w) = x.dims4()?;
+        let p = self.cfg.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        let patches = x
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b, gh * gw, c * p * p))?;
+        let weight = self.proj.weight();
+        let kernel = weight.reshape((weight.dim(0)?, c * p * p))?;
+        let tokens = patches.broadcast_matmul(&kernel.t()?)?;
+        match self.proj.bias() {
+            Some(bias) => tokens.broadcast_add(bias),
+            None => Ok(tokens),
+        }
+    }
+
     pub fn config(&self) -> &Config {
         &self.cfg
     }
@@ -1077,7 +1101,7 @@ impl PixArtTransformer {
         let (gh, gw) = (h / p, w / p);
         let x = x.to_dtype(self.dtype)?;
 
-        let tokens = self.proj.forward(&x)?.flatten_from(2)?.transpose(1, 2)?; // [B, gh·gw, D]
+        let tokens = self.patch_tokens(&x)?; // [B, gh·gw, D]
         let mut x = tokens.broadcast_add(&self.position_embedding(gh, gw)?)?;
 
         let (t6, embedded_t) = self.adaln_single.forward(t, sizes, self.dtype)?;
@@ -1096,11 +1120,7 @@ impl PixArtTransformer {
                         ctl.latents.dims()
                     );
                 }
-                let c = self
-                    .proj
-                    .forward(&ctl.latents.to_dtype(self.dtype)?)?
-                    .flatten_from(2)?
-                    .transpose(1, 2)?;
+                let c = self.patch_tokens(&ctl.latents.to_dtype(self.dtype)?)?;
                 Some(c.broadcast_add(&self.position_embedding(gh, gw)?)?)
             }
             None => None,
@@ -1206,7 +1226,7 @@ impl PixArtTransformer {
         let x = x.to_dtype(self.dtype)?;
         // The embeddings keep their graph for the last backward; the blocks
         // and the head see them as leaves.
-        let tokens = self.proj.forward(&x)?.flatten_from(2)?.transpose(1, 2)?;
+        let tokens = self.patch_tokens(&x)?;
         let x0 = tokens.broadcast_add(&self.position_embedding(grid.0, grid.1)?)?;
         let (t6, embedded_t) = self.adaln_single.forward(t, sizes, self.dtype)?;
         let text = self.embed_caption(text, true)?;

@@ -21,7 +21,8 @@ pub fn device(name: &str) -> Result<Device, String> {
     };
     match name {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => cuda(0),
+        // One GPU per rank when a launcher started several (`mpirun`, `srun`).
+        "cuda" => cuda(crate::distributed::local_gpu()),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(ordinal)) => cuda(ordinal),
             _ => Err(format!("unknown device {other:?} (cpu, cuda, cuda:N)")),

@@ -91,6 +91,13 @@ pub struct BenchArgs {
     /// For `train`: samples per step (the benchmark inputs repeated).
     #[arg(long, default_value_t = 2)]
     batch: usize,
+    /// For `train`: image pixels (latents of size / 8; 512 for PixArt-XL-2-512).
+    #[arg(long, default_value_t = 256)]
+    train_size: usize,
+    /// For `train`: `bf16` computes the transformer in bfloat16 from f32 master
+    /// weights (`train.pixart`'s `mixed_precision`; for GPUs).
+    #[arg(long, default_value = "no")]
+    mixed_precision: String,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -296,6 +303,40 @@ fn bench_inputs(
     Ok([x, t, text, mask])
 }
 
+/// The most GPU memory this process's allocations have held at once (the CUDA
+/// default memory pool's high-water mark, which stream-ordered allocations such
+/// as candle's come from; PyTorch's `max_memory_allocated`); `None` on the CPU.
+#[cfg(feature = "cuda")]
+fn gpu_max_allocated_mib(dev: &pixart_runtime::candle_core::Device) -> Option<f64> {
+    use pixart_runtime::candle_core::cuda_backend::cudarc::driver::sys;
+    let pixart_runtime::candle_core::Device::Cuda(cuda) = dev else {
+        return None;
+    };
+    cuda.cuda_stream().synchronize().ok()?;
+    let mut pool = std::ptr::null_mut();
+    let mut high = 0u64;
+    // SAFETY: the device handle is the context's own, the out-pointers are live
+    // locals of the types the calls write (a pool handle, a cuuint64_t).
+    unsafe {
+        let device = cuda.cuda_stream().context().cu_device();
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, device) != sys::CUresult::CUDA_SUCCESS {
+            return None;
+        }
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        if sys::cuMemPoolGetAttribute(pool, attr, (&mut high as *mut u64).cast())
+            != sys::CUresult::CUDA_SUCCESS
+        {
+            return None;
+        }
+    }
+    Some(high as f64 / (1024.0 * 1024.0))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_max_allocated_mib(_: &pixart_runtime::candle_core::Device) -> Option<f64> {
+    None
+}
+
 /// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
 pub(crate) fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -400,11 +441,22 @@ fn train(args: &BenchArgs) -> Result<ExitCode> {
     use pixart_runtime::candle_core::Tensor;
 
     let (repeat, device) = (args.repeat.max(1), args.device.as_str());
+    anyhow::ensure!(
+        args.train_size >= 64 && args.train_size.is_multiple_of(16),
+        "--train-size {}: a multiple of 16, at least 64",
+        args.train_size
+    );
+    let latent = args.train_size / 8;
+    let compute = match args.mixed_precision.as_str() {
+        "no" => None,
+        "bf16" => Some(pixart_runtime::candle_core::DType::BF16),
+        other => anyhow::bail!("--mixed-precision {other}: no or bf16"),
+    };
     let cfg = match args.train_config.as_str() {
         "dit" => bench_config()?,
         "xl" => serde_json::from_value(serde_json::json!({
             "num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4,
-            "out_channels": 8, "num_layers": 28, "sample_size": 32, "patch_size": 2,
+            "out_channels": 8, "num_layers": 28, "sample_size": latent, "patch_size": 2,
             "caption_channels": 4096, "cross_attention_dim": 1152, "norm_type": "ada_norm_single"
         }))?,
         other => anyhow::bail!("--train-config {other}: dit or xl"),
@@ -434,6 +486,17 @@ fn train(args: &BenchArgs) -> Result<ExitCode> {
     }
     let vars = tm.trainable();
     let [x, _, text, mask] = bench_inputs(&dev)?;
+    let x = match latent {
+        32 => x,
+        _ => {
+            let n = 2 * 4 * latent * latent;
+            Tensor::from_vec(
+                pixart_nodes::noise::gaussian(1, n),
+                (2, 4, latent, latent),
+                &dev,
+            )?
+        }
+    };
     // The two benchmark samples, repeated to `--batch`.
     let copies = args.batch.max(1).div_ceil(2);
     let take = |t: Tensor| -> Result<Tensor> {
@@ -468,8 +531,11 @@ fn train(args: &BenchArgs) -> Result<ExitCode> {
     for i in 0..repeat + 2 {
         let start = Instant::now();
         let b = batch.t.len();
+        let copy = compute.map(|dtype| tm.compute_copy(dtype)).transpose()?;
+        let model = copy.as_ref().map_or(&tm.model, |(m, _)| m);
         let (_, loss, mut grads) =
-            share_gradients(&tm.model, None, &diffusion, &batch, b, &opt.vars, plan)?;
+            share_gradients(model, None, &diffusion, &batch, b, &opt.vars, plan)?;
+        drop(copy);
         opt.apply(&mut grads, 2e-5)?;
         anyhow::ensure!(loss.is_finite(), "loss {loss}");
         if i >= 2 {
@@ -479,16 +545,19 @@ fn train(args: &BenchArgs) -> Result<ExitCode> {
     let min = *times.iter().min().unwrap_or(&Duration::ZERO);
     let med = median(times);
     println!(
-        "{{\"bench\": \"pixart_train_step\", \"config\": \"{}\", \"lora_rank\": {}, \"batch\": {}, \"accumulate\": {}, \"grad_checkpoint\": {}, \"trainable\": {trainable}, \"device\": \"{device}\", \"threads\": {threads}, \"matmul_precision\": \"{}\", \"repeat\": {repeat}, \"median_ms\": {:.2}, \"min_ms\": {:.2}, \"peak_rss_mib\": {:.0}, \"rss_before_steps_mib\": {before:.0}}}",
+        "{{\"bench\": \"pixart_train_step\", \"config\": \"{}\", \"size\": {}, \"lora_rank\": {}, \"batch\": {}, \"accumulate\": {}, \"grad_checkpoint\": {}, \"mixed_precision\": \"{}\", \"trainable\": {trainable}, \"device\": \"{device}\", \"threads\": {threads}, \"matmul_precision\": \"{}\", \"repeat\": {repeat}, \"median_ms\": {:.2}, \"min_ms\": {:.2}, \"peak_rss_mib\": {:.0}, \"rss_before_steps_mib\": {before:.0}, \"gpu_max_allocated_mib\": {}}}",
         args.train_config,
+        args.train_size,
         args.lora_rank,
         args.batch.max(1),
         plan.micro_batches,
         plan.checkpoint,
+        args.mixed_precision,
         precision_label(),
         med.as_secs_f64() * 1e3,
         min.as_secs_f64() * 1e3,
         peak_rss_mib(),
+        gpu_max_allocated_mib(&dev).map_or("null".into(), |m| format!("{m:.0}")),
     );
     Ok(ExitCode::SUCCESS)
 }

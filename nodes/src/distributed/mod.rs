@@ -8,6 +8,10 @@
 //! waiting forever. `PIXART_COLLECTIVE_TIMEOUT` (seconds, default 600) sets it.
 
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
+#[cfg(feature = "nccl")]
+pub use nccl::Nccl;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -16,6 +20,8 @@ use std::time::{Duration, Instant};
 pub struct World {
     rank: usize,
     size: usize,
+    /// This rank's place among the ranks on its machine: the GPU it takes.
+    local_rank: usize,
     mpi: mpi::Mpi,
     /// Milliseconds since `epoch` by which the collective under way must end;
     /// 0 when none is.
@@ -27,6 +33,9 @@ pub struct World {
     /// Nanoseconds spent in collectives so far (moving data and waiting for
     /// the other ranks).
     spent: AtomicU64,
+    /// The NCCL communicator, made at the first sum of tensors on a GPU.
+    #[cfg(feature = "nccl")]
+    nccl: OnceLock<nccl::Nccl>,
 }
 
 static WORLD: OnceLock<Option<World>> = OnceLock::new();
@@ -50,15 +59,19 @@ pub fn init_from_env() -> Result<Option<&'static World>, String> {
         .and_then(|v| v.parse::<f64>().ok())
         .filter(|s| *s > 0.0)
         .map_or(Duration::from_secs(600), Duration::from_secs_f64);
+    let local_rank = local_rank_from(|v| std::env::var(v).ok()).unwrap_or(0);
     let world = World {
         rank,
         size,
+        local_rank,
         mpi,
         deadline: AtomicU64::new(0),
         epoch: Instant::now(),
         timeout,
         current: std::sync::Mutex::new(String::new()),
         spent: AtomicU64::new(0),
+        #[cfg(feature = "nccl")]
+        nccl: OnceLock::new(),
     };
     let world = WORLD.get_or_init(|| Some(world)).as_ref();
     if let Some(w) = world {
@@ -68,6 +81,28 @@ pub fn init_from_env() -> Result<Option<&'static World>, String> {
             .map_err(|e| format!("cannot start the collective watchdog: {e}"))?;
     }
     Ok(world)
+}
+
+/// Variables in which launchers give a rank's place on its machine: Open MPI's
+/// `mpirun`, SLURM's `srun`, MPICH's and Intel MPI's Hydra, and torchrun's
+/// (for a user's wrapper script that sets it).
+const LOCAL_RANK_VARS: &[&str] = &[
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "SLURM_LOCALID",
+    "MPI_LOCALRANKID",
+    "LOCAL_RANK",
+];
+
+fn local_rank_from(get: impl Fn(&str) -> Option<String>) -> Option<usize> {
+    LOCAL_RANK_VARS
+        .iter()
+        .find_map(|v| get(v).and_then(|s| s.trim().parse().ok()))
+}
+
+/// The GPU `cuda` means for this process: its local rank in a job of several
+/// ranks (one GPU per rank, as `torch.distributed` users set it), 0 otherwise.
+pub fn local_gpu() -> usize {
+    world().map_or(0, |w| w.local_rank)
 }
 
 /// The nodes that run on every rank (the training nodes and what they need):
@@ -97,6 +132,36 @@ impl World {
 
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    pub fn local_rank(&self) -> usize {
+        self.local_rank
+    }
+
+    /// Sums the contiguous f32 tensor `t` over the ranks, in place, when NCCL can:
+    /// `t` on a GPU and pixart built with the `nccl` feature. Returns whether it
+    /// did; the caller sums through MPI otherwise. The communicator is made at
+    /// the first call, which every rank makes at the same point of the step.
+    pub fn sum_on_device(&self, t: &candle_core::Tensor, what: &str) -> Result<bool, String> {
+        #[cfg(feature = "nccl")]
+        if let candle_core::Device::Cuda(device) = t.device() {
+            let comm = match self.nccl.get() {
+                Some(comm) => comm,
+                None => {
+                    let comm = nccl::Nccl::join(self, device)?;
+                    self.nccl.get_or_init(|| comm)
+                }
+            };
+            if !candle_core::backend::BackendDevice::same_device(comm.device(), device) {
+                return Err(format!(
+                    "{what}: the tensor is on another GPU than the one this rank's NCCL communicator was made for"
+                ));
+            }
+            self.timed(what, || comm.sum_in_place(t))?;
+            return Ok(true);
+        }
+        let _ = (t, what);
+        Ok(false)
     }
 
     /// The samples `start..start + len` of a batch of `total` that this rank
@@ -193,5 +258,40 @@ impl World {
                 ));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_rank_from;
+
+    #[test]
+    fn local_rank_comes_from_the_launchers_variable() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |v: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == v)
+                    .map(|(_, x)| x.to_string())
+            }
+        };
+        assert_eq!(local_rank_from(env(&[])), None);
+        assert_eq!(
+            local_rank_from(env(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3")])),
+            Some(3)
+        );
+        assert_eq!(local_rank_from(env(&[("SLURM_LOCALID", "5")])), Some(5));
+        // mpirun's own variable wins over a stale one from the batch system.
+        assert_eq!(
+            local_rank_from(env(&[
+                ("SLURM_LOCALID", "0"),
+                ("OMPI_COMM_WORLD_LOCAL_RANK", "1")
+            ])),
+            Some(1)
+        );
+        assert_eq!(
+            local_rank_from(env(&[("LOCAL_RANK", "x"), ("MPI_LOCALRANKID", "2")])),
+            Some(2)
+        );
     }
 }

@@ -28,26 +28,7 @@ pub fn gradients(
     let (terms, share, mut grads) =
         share_gradients(model, controlnet, diffusion, &part, b, vars, plan)?;
 
-    // Every variable's gradient in one buffer, summed in one collective.
-    let sizes: Vec<usize> = vars.iter().map(|v| v.as_tensor().elem_count()).collect();
-    let mut flat = Vec::with_capacity(sizes.iter().sum());
-    for (v, &n) in vars.iter().zip(&sizes) {
-        match grads.get(v.as_tensor()) {
-            Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-            None => flat.extend(std::iter::repeat_n(0f32, n)),
-        }
-    }
-    world
-        .sum_f32(&mut flat, "summing the gradients")
-        .map_err(NodeError::msg)?;
-    let mut at = 0;
-    for (v, &n) in vars.iter().zip(&sizes) {
-        let t = v.as_tensor();
-        let g =
-            Tensor::from_slice(&flat[at..at + n], t.shape(), t.device())?.to_dtype(t.dtype())?;
-        grads.insert(t, g);
-        at += n;
-    }
+    sum_gradients(world, &mut grads, vars)?;
 
     let mut loss = [share];
     world
@@ -70,6 +51,45 @@ pub fn gradients(
         loss: term(2)?,
     };
     Ok((terms, loss[0], grads))
+}
+
+/// Every variable's gradient summed over the ranks, in one buffer and one
+/// collective: on the GPUs through NCCL when pixart has it, through MPI on the
+/// host otherwise. A variable this rank has no gradient for counts as zeros.
+fn sum_gradients(world: &World, grads: &mut GradStore, vars: &[Var]) -> Result<(), NodeError> {
+    let Some(first) = vars.first() else {
+        return Ok(());
+    };
+    let device = first.as_tensor().device().clone();
+    let parts = vars
+        .iter()
+        .map(|v| match grads.get(v.as_tensor()) {
+            Some(g) => g.to_dtype(DType::F32)?.flatten_all(),
+            None => Tensor::zeros(v.as_tensor().elem_count(), DType::F32, &device),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let flat = Tensor::cat(&parts, 0)?;
+    drop(parts);
+    let what = "summing the gradients";
+    let flat = if world.sum_on_device(&flat, what).map_err(NodeError::msg)? {
+        flat
+    } else {
+        let mut host = flat.to_vec1::<f32>()?;
+        world.sum_f32(&mut host, what).map_err(NodeError::msg)?;
+        Tensor::from_vec(host, flat.shape(), &device)?
+    };
+    let mut at = 0;
+    for v in vars {
+        let t = v.as_tensor();
+        let n = t.elem_count();
+        let g = flat
+            .narrow(0, at, n)?
+            .reshape(t.shape())?
+            .to_dtype(t.dtype())?;
+        grads.insert(t, g);
+        at += n;
+    }
+    Ok(())
 }
 
 /// `t` as rank 0 has it, on every rank.

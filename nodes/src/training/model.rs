@@ -32,6 +32,8 @@ pub struct TrainModel {
     /// ControlNet training: the network the parameters are (beside the frozen
     /// `model`).
     pub controlnet: Option<ControlNet>,
+    /// ControlNet training: the frozen base's weights `model` was built from.
+    controlnet_base: Option<HashMap<String, Tensor>>,
 }
 
 /// What a LoRA trains: `rank`, `alpha` (the update is `alpha/rank · B·A`) and
@@ -152,6 +154,7 @@ impl TrainModel {
             params,
             lora: None,
             controlnet: None,
+            controlnet_base: None,
         })
     }
 
@@ -215,6 +218,7 @@ impl TrainModel {
             params,
             lora: None,
             controlnet: Some(net),
+            controlnet_base: Some(base),
         })
     }
 
@@ -322,6 +326,7 @@ impl TrainModel {
                 modules,
             }),
             controlnet: None,
+            controlnet_base: None,
         })
     }
 
@@ -345,6 +350,72 @@ impl TrainModel {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(lora.merged(&ordered)?))
+    }
+
+    /// The model to compute a mixed-precision step with: the same parameters
+    /// cast to `dtype` (bf16), while the variables themselves stay f32 master
+    /// weights. The casts keep their graph, so the gradients of a loss computed
+    /// through this copy reach the f32 variables in f32, as PyTorch's autocast
+    /// gives them; frozen weights are cast without one. Make it again after each
+    /// optimiser step (it holds the values of the step it was made at).
+    pub fn compute_copy(&self, dtype: DType) -> Result<(PixArtTransformer, Option<ControlNet>)> {
+        let cast = |p: &Param| {
+            if p.trainable {
+                p.var.as_tensor().to_dtype(dtype)
+            } else {
+                p.var.as_tensor().detach().to_dtype(dtype)
+            }
+        };
+        let device = self.model.device();
+        let frozen = |weights: &HashMap<String, Tensor>| -> Result<HashMap<String, Tensor>> {
+            weights
+                .iter()
+                .map(|(n, t)| Ok((n.clone(), t.detach().to_dtype(dtype)?)))
+                .collect()
+        };
+        if let Some(lora) = &self.lora {
+            let adapters: Adapters = lora
+                .modules
+                .iter()
+                .zip(self.params.chunks(2))
+                .map(|(m, ab)| {
+                    let low = LowRank {
+                        a: cast(&ab[0])?,
+                        b: cast(&ab[1])?,
+                        scale: lora.spec.alpha / lora.spec.rank as f64,
+                    };
+                    Ok((m.clone(), low))
+                })
+                .collect::<Result<_>>()?;
+            let base = VarBuilder::from_tensors(frozen(&lora.base)?, dtype, device);
+            return Ok((
+                PixArtTransformer::new_adapted(base, &self.cfg, &adapters)?,
+                None,
+            ));
+        }
+        let own = self
+            .params
+            .iter()
+            .filter(|p| p.name != CLASS_TABLE)
+            .map(|p| Ok((p.name.clone(), cast(p)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        match &self.controlnet {
+            Some(net) => {
+                let base = self.controlnet_base.as_ref().ok_or_else(|| {
+                    candle_core::Error::msg("a ControlNet's frozen base is missing")
+                })?;
+                let model = PixArtTransformer::new(
+                    VarBuilder::from_tensors(frozen(base)?, dtype, device),
+                    &self.cfg,
+                )?;
+                let vb = VarBuilder::from_tensors(own, dtype, device);
+                Ok((model, Some(ControlNet::new(vb, &self.cfg, net.copies())?)))
+            }
+            None => {
+                let vb = VarBuilder::from_tensors(own, dtype, device);
+                Ok((PixArtTransformer::new(vb, &self.cfg)?, None))
+            }
+        }
     }
 
     pub fn trainable(&self) -> Vec<Var> {

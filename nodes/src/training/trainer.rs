@@ -63,6 +63,9 @@ pub struct Settings {
     /// checkpointing): not in the fingerprint, since every way gives the same
     /// step, so a run may resume with another.
     pub plan: StepPlan,
+    /// Mixed precision: the transformer computes in this dtype (bf16) from f32
+    /// master weights. Not in the fingerprint: the saved state is the same f32.
+    pub mixed_precision: Option<DType>,
 }
 
 impl Settings {
@@ -374,6 +377,16 @@ impl TrainPixArt {
                              (about a third more time, a block's activations instead of all).",
                         ),
                 )
+                .input(
+                    InputSpec::new("mixed_precision", PortType::enum_of(&["no", "bf16"]))
+                        .default("no")
+                        .describe(
+                            "bf16: the transformer's forward and backward in bfloat16, cast from f32 \
+                             master weights each step; gradients, clipping, AdamW, EMA and checkpoints \
+                             stay f32 (Accelerate's `mixed_precision: bf16`). For GPUs: on the CPU, \
+                             `--matmul-precision bf16` is the fast way.",
+                        ),
+                )
                 .input(InputSpec::new("lr", PortType::Float).default(2e-5).min(0.0).max(1.0))
                 .input(
                     InputSpec::new("scale_lr", PortType::Bool)
@@ -565,6 +578,10 @@ impl Node for TrainPixArt {
             plan: StepPlan {
                 micro_batches: inputs.int("accumulate")? as usize,
                 checkpoint: inputs.bool("grad_checkpoint")?,
+            },
+            mixed_precision: match inputs.str("mixed_precision")? {
+                "bf16" => Some(DType::BF16),
+                _ => None,
             },
         };
         if settings.plan.micro_batches > batch {
@@ -862,19 +879,27 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
             with_sizes,
             &diffusion,
         )?;
+        let compute = match s.mixed_precision {
+            Some(dtype) => Some(state.tm.compute_copy(dtype)?),
+            None => None,
+        };
+        let (model, controlnet) = match &compute {
+            Some((model, net)) => (model, net.as_ref()),
+            None => (&state.tm.model, state.tm.controlnet.as_ref()),
+        };
         let (terms, loss, mut grads) = match world {
             Some(w) => super::data_parallel::gradients(
                 w,
-                &state.tm.model,
-                state.tm.controlnet.as_ref(),
+                model,
+                controlnet,
                 &diffusion,
                 &batch,
                 &state.opt.vars,
                 s.plan,
             )?,
             None => share_gradients(
-                &state.tm.model,
-                state.tm.controlnet.as_ref(),
+                model,
+                controlnet,
                 &diffusion,
                 &batch,
                 batch.t.len(),
@@ -883,6 +908,8 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
             )?,
         };
         let lr = scheduled_lr(s.lr, step, s.steps, s.warmup, s.lr_schedule, s.decay_steps);
+        // The low-precision copy has done its work: free it before AdamW's pass.
+        drop(compute);
         let grad_norm = state.opt.apply(&mut grads, lr)?;
         if s.ema_warmup {
             state
