@@ -441,6 +441,10 @@ impl TrainPixArt {
                         .describe("Comma-separated weight-name prefixes that stay fixed (e.g. `pos_embed,adaln_single`)."),
                 )
                 .input(InputSpec::new("seed", PortType::Int).default(0).min(0.0))
+                .input(crate::device::device_input().describe(
+                    "Where a transformer trained from `config` lives (auto: what `pixart run \
+                     --device` chose); with `init`, training runs where `init` is.",
+                ))
                 .input(InputSpec::new("checkpoint_every", PortType::Int).default(500).min(0.0).max(1e9))
                 .input(InputSpec::new("out", PortType::Path).describe("The run folder: checkpoints and loss.jsonl."))
                 .input(InputSpec::new("resume", PortType::Bool).default(true))
@@ -630,7 +634,11 @@ impl Node for TrainPixArt {
         let (cfg, device) = match (init, config) {
             (Some(den), Some(cfg)) => (cfg, den.model.device().clone()),
             (Some(den), None) => (den.model.config().clone(), den.model.device().clone()),
-            (None, Some(cfg)) => (cfg, Device::Cpu),
+            (None, Some(cfg)) => {
+                let device = crate::device::device(inputs.str("device")?)
+                    .map_err(|e| NodeError::input("device", e))?;
+                (cfg, device)
+            }
             (None, None) => {
                 return Err(NodeError::input(
                     "init",
@@ -811,6 +819,13 @@ fn train(ctx: &NodeContext, run: &Run) -> Result<Outputs, NodeError> {
     let _features = ctx.reserve_memory(feature_bytes, "the training features")?;
     let data = Data::load(run.features, s.batch, run.device)?;
     check_features(run, &data)?;
+    if s.mixed_precision.is_some() && run.device.is_cpu() {
+        eprintln!(
+            "`{}`: mixed_precision bf16 on the CPU runs through candle's generic bf16 ops, \
+             about 10x slower than f32 here; on CPUs `--matmul-precision bf16` is the fast way",
+            ctx.node_id()
+        );
+    }
     let classes = if s.class_conditional {
         class_names(&data)
     } else {
