@@ -286,14 +286,16 @@ fn randomize(vars: &[pixart_runtime::candle_core::Var]) -> Result<()> {
     Ok(())
 }
 
-/// The benchmark batch: latents, timesteps [999, 500], 120-token text with 20 and
+/// The benchmark batch: latents `[2, 4, latent, latent]`, timesteps [999, 500], 120-token text with 20 and
 /// 120 valid tokens.
 fn bench_inputs(
     dev: &pixart_runtime::candle_core::Device,
+    latent: usize,
 ) -> Result<[pixart_runtime::candle_core::Tensor; 4]> {
     use pixart_nodes::noise::gaussian;
     use pixart_runtime::candle_core::Tensor;
-    let x = Tensor::from_vec(gaussian(1, 2 * 4 * 32 * 32), (2, 4, 32, 32), dev)?;
+    let n = 2 * 4 * latent * latent;
+    let x = Tensor::from_vec(gaussian(1, n), (2, 4, latent, latent), dev)?;
     let t = Tensor::new(&[999f32, 500.], dev)?;
     let text = Tensor::from_vec(gaussian(2, 2 * 120 * 4096), (2, 120, 4096), dev)?;
     let mask: Vec<f32> = (0..240)
@@ -363,7 +365,7 @@ fn dit(repeat: usize, device: &str) -> Result<ExitCode> {
         &cfg,
     )?;
     randomize(&varmap.all_vars())?;
-    let [x, t, text, mask] = bench_inputs(&dev)?;
+    let [x, t, text, mask] = bench_inputs(&dev, 32)?;
     let threads = pixart_runtime::candle_core::utils::get_num_threads();
     let mut times = Vec::new();
     for i in 0..repeat + 2 {
@@ -447,11 +449,8 @@ fn train(args: &BenchArgs) -> Result<ExitCode> {
         args.train_size
     );
     let latent = args.train_size / 8;
-    let compute = match args.mixed_precision.as_str() {
-        "no" => None,
-        "bf16" => Some(pixart_runtime::candle_core::DType::BF16),
-        other => anyhow::bail!("--mixed-precision {other}: no or bf16"),
-    };
+    let compute = pixart_nodes::training::model::mixed_precision(&args.mixed_precision)
+        .map_err(|e| anyhow::anyhow!("--mixed-precision {e}"))?;
     let cfg = match args.train_config.as_str() {
         "dit" => bench_config()?,
         "xl" => serde_json::from_value(serde_json::json!({
@@ -485,18 +484,7 @@ fn train(args: &BenchArgs) -> Result<ExitCode> {
         randomize(&b)?;
     }
     let vars = tm.trainable();
-    let [x, _, text, mask] = bench_inputs(&dev)?;
-    let x = match latent {
-        32 => x,
-        _ => {
-            let n = 2 * 4 * latent * latent;
-            Tensor::from_vec(
-                pixart_nodes::noise::gaussian(1, n),
-                (2, 4, latent, latent),
-                &dev,
-            )?
-        }
-    };
+    let [x, _, text, mask] = bench_inputs(&dev, latent)?;
     // The two benchmark samples, repeated to `--batch`.
     let copies = args.batch.max(1).div_ceil(2);
     let take = |t: Tensor| -> Result<Tensor> {

@@ -82,6 +82,18 @@ pub fn lora_param(module: &str, up: bool) -> String {
     format!("{module}.lora_{}.weight", if up { "B" } else { "A" })
 }
 
+/// The choices of `mixed_precision`.
+pub const MIXED_PRECISION: [&str; 2] = ["no", "bf16"];
+
+/// The dtype a `mixed_precision` choice computes in: `None` for `no` (f32).
+pub fn mixed_precision(name: &str) -> std::result::Result<Option<DType>, String> {
+    match name {
+        "no" => Ok(None),
+        "bf16" => Ok(Some(DType::BF16)),
+        other => Err(format!("{other:?}: one of {}", MIXED_PRECISION.join(", "))),
+    }
+}
+
 /// Where the starting values come from.
 pub enum Start<'a> {
     Tensors(&'a HashMap<String, Tensor>),

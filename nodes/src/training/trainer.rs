@@ -378,7 +378,7 @@ impl TrainPixArt {
                         ),
                 )
                 .input(
-                    InputSpec::new("mixed_precision", PortType::enum_of(&["no", "bf16"]))
+                    InputSpec::new("mixed_precision", PortType::enum_of(&super::model::MIXED_PRECISION))
                         .default("no")
                         .describe(
                             "bf16: the transformer's forward and backward in bfloat16, cast from f32 \
@@ -583,10 +583,8 @@ impl Node for TrainPixArt {
                 micro_batches: inputs.int("accumulate")? as usize,
                 checkpoint: inputs.bool("grad_checkpoint")?,
             },
-            mixed_precision: match inputs.str("mixed_precision")? {
-                "bf16" => Some(DType::BF16),
-                _ => None,
-            },
+            mixed_precision: super::model::mixed_precision(inputs.str("mixed_precision")?)
+                .map_err(|e| NodeError::input("mixed_precision", e))?,
         };
         if settings.plan.micro_batches > batch {
             return Err(NodeError::input(
